@@ -1,0 +1,3 @@
+DROP TABLE response_log;
+DROP TABLE devices;
+DROP TABLE apps;

@@ -1,0 +1,257 @@
+//! Every flag, with its environment variable and its default.
+//!
+//! Flags are global so they may stand before or after the subcommand
+//! (`call-notifier --database-url X migrate` and
+//! `call-notifier migrate --database-url X` mean the same). A bad value is
+//! rejected by clap with the flag's name; nothing here reads the environment
+//! after start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "call-notifier", version, about)]
+pub struct Cli {
+    /// What to do; `serve` when none is given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve,
+    /// Apply pending database migrations and exit (`serve` also runs them).
+    Migrate,
+    /// Manage the push apps that devices register against.
+    #[command(subcommand)]
+    App(AppCommand),
+}
+
+/// `call-notifier app ...`
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Add an app, or replace its push credentials when it exists.
+    Add(AppAdd),
+    /// List the apps, one per line.
+    List,
+    /// Remove an app (its devices stay, but cannot be pushed until it is re-added).
+    Remove {
+        /// `apns`, `android` or `gcm`.
+        #[arg(long)]
+        platform: crate::store::Platform,
+        /// The app id devices register with (the iOS bundle id / Android package name).
+        #[arg(long = "app-id")]
+        app_id: String,
+    },
+}
+
+/// `call-notifier app add`: an app and where its push credentials are.
+///
+/// Only paths and names of environment variables are stored, never a secret
+/// itself: every instance reads the files from its own disk (or a mounted
+/// secret), so several stateless instances share one database row.
+#[derive(Debug, Clone, Args)]
+pub struct AppAdd {
+    /// `apns`, `android` or `gcm`.
+    #[arg(long)]
+    pub platform: crate::store::Platform,
+    /// The app id devices register with (the iOS bundle id / Android package name).
+    #[arg(long = "app-id")]
+    pub app_id: String,
+    /// APNs token auth: path of the `.p8` signing key.
+    #[arg(long)]
+    pub apns_key: Option<PathBuf>,
+    /// APNs token auth: the key's id (10 characters).
+    #[arg(long)]
+    pub apns_key_id: Option<String>,
+    /// APNs token auth: the Apple developer team id.
+    #[arg(long)]
+    pub apns_team_id: Option<String>,
+    /// APNs certificate auth: path of the `.p12` bundle.
+    #[arg(long)]
+    pub apns_cert: Option<PathBuf>,
+    /// APNs certificate auth: name of the environment variable holding the `.p12` password.
+    #[arg(long)]
+    pub apns_cert_password_env: Option<String>,
+    /// APNs certificate auth: path of a file holding the `.p12` password.
+    #[arg(long)]
+    pub apns_cert_password_file: Option<PathBuf>,
+    /// APNs topic; `<app id>.voip` when not given.
+    #[arg(long)]
+    pub apns_topic: Option<String>,
+    /// FCM: path of the Firebase service-account JSON (its project id is read from it).
+    #[arg(long)]
+    pub fcm_service_account: Option<PathBuf>,
+}
+
+/// How a waiting call learns of its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerMode {
+    /// Event-driven: the answer is delivered the moment it is published
+    /// (in-process channel or Redis pub/sub), with the batched fallback check.
+    Pubsub,
+    /// The design this service replaces, kept only to be measured against:
+    /// every parked call reads its own state every poll interval.
+    Poll,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The settings of a running server, shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Where devices and apps live: an SQLite file path (or `sqlite://path`),
+    /// or a `postgres://` URL for PostgreSQL.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_DATABASE_URL",
+        default_value = "call-notifier.sqlite3",
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Maximum database connections per instance.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_DATABASE_POOL_SIZE",
+        default_value_t = 10,
+        global = true
+    )]
+    pub database_pool_size: u32,
+
+    /// How long a request waits for a free database connection before it is
+    /// answered 503 (or NAK for a call).
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_DATABASE_TIMEOUT_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    pub database_timeout_ms: u64,
+
+    /// Redis URL (`redis://host:port/db`). Absent: the in-process broker,
+    /// which only works when every request reaches this one instance.
+    #[arg(long, env = "CALL_NOTIFIER_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+
+    /// Maximum Redis command connections per instance (pub/sub uses one more).
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_REDIS_POOL_SIZE",
+        default_value_t = 8,
+        global = true
+    )]
+    pub redis_pool_size: u32,
+
+    /// How a parked call learns of its answer; `poll` exists for benchmarks.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_BROKER_MODE",
+        value_enum,
+        default_value = "pubsub",
+        global = true
+    )]
+    pub broker_mode: BrokerMode,
+
+    /// How long the PBX's request is held waiting for the app, in ms.
+    #[arg(long, env = "CALL_NOTIFIER_WAIT_MS", default_value_t = 4000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=120_000))]
+    pub wait_ms: u64,
+
+    /// Interval between call pushes while nobody answers, in ms.
+    #[arg(long, env = "CALL_NOTIFIER_RESEND_INTERVAL_MS", default_value_t = 1000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=120_000))]
+    pub resend_interval_ms: u64,
+
+    /// Interval of the fallback check of stored answers, in ms.
+    #[arg(long, env = "CALL_NOTIFIER_POLL_INTERVAL_MS", default_value_t = 100, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub poll_interval_ms: u64,
+
+    /// Public base URL of this service, as phones reach it; pushes carry
+    /// `<base>/api/call-response/` as `response_api`. Default: `http://<listen>`.
+    #[arg(long, env = "CALL_NOTIFIER_RESPONSE_URL", global = true)]
+    pub response_url: Option<String>,
+
+    /// Most PBX requests parked at once; beyond it a call is answered NAK at
+    /// once (and logged), so a flood cannot exhaust memory.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_MAX_PENDING_CALLS",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub max_pending_calls: usize,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The configuration `call-notifier` runs with when given no flags and no
+    /// environment: what tests start from.
+    pub fn defaults() -> Self {
+        Cli::parse_from(["call-notifier"]).config
+    }
+
+    pub fn wait(&self) -> Duration {
+        Duration::from_millis(self.wait_ms)
+    }
+
+    pub fn resend_interval(&self) -> Duration {
+        Duration::from_millis(self.resend_interval_ms)
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// Pushes of one call at most: `wait / resend_interval - 1`, at least one.
+    ///
+    /// The last interval of the wait carries no push, since a phone woken
+    /// then could not answer in time.
+    pub fn max_attempts(&self) -> u32 {
+        let slots = self.wait_ms / self.resend_interval_ms;
+        u32::try_from(slots.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    /// The full URL pushed to phones as `response_api`.
+    pub fn response_api(&self, bound: SocketAddr) -> String {
+        let base = match &self.response_url {
+            Some(url) => url.clone(),
+            None => format!("http://{bound}"),
+        };
+        format!("{}/api/call-response/", base.trim_end_matches('/'))
+    }
+}

@@ -1,0 +1,382 @@
+//! Request bodies: form or JSON in, named and checked fields out.
+//!
+//! Both encodings become one [`Fields`] map, so every endpoint validates its
+//! fields once, with one set of rules and one wording of errors, whatever
+//! the client sent. The body is bounded in size and in time before it is
+//! read whole.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::http::request::Parts;
+use hyper::Request;
+
+use super::error::ApiError;
+
+/// The largest body accepted; larger ones get 413 before being read whole.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// How long a client may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One field's value as the client sent it.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Text(String),
+    Number(serde_json::Number),
+    Bool(bool),
+    Null,
+    /// A JSON array or object where a plain value belongs.
+    Nested,
+    /// Form bytes that are not UTF-8.
+    NotUtf8,
+}
+
+/// The fields of a request, from its body (and, for DELETE, its query string).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Fields {
+    values: HashMap<String, Value>,
+}
+
+/// Where a request's fields may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Body,
+    /// The query string, then the body over it (DELETE).
+    QueryAndBody,
+}
+
+/// Reads and parses a request's fields.
+pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, Fields), ApiError> {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+    }
+    let bytes = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Err(_) => return Err(ApiError::Timeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::TooLarge(MAX_BODY_BYTES))
+        }
+        Ok(Err(e)) => return Err(ApiError::Malformed(format!("cannot read the body: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let mut fields = Fields::default();
+    if source == Source::QueryAndBody {
+        if let Some(query) = parts.uri.query() {
+            fields.extend_form(query.as_bytes())?;
+        }
+    }
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    fields.extend_body(content_type.as_deref(), &bytes)?;
+    Ok((parts, fields))
+}
+
+impl Fields {
+    /// Parses a body by its declared content type. Without one, a body that
+    /// starts with `{` is JSON, anything else a form (what curl and PBX HTTP
+    /// functions send).
+    pub fn extend_body(
+        &mut self,
+        content_type: Option<&str>,
+        body: &Bytes,
+    ) -> Result<(), ApiError> {
+        let essence = content_type.map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+        let looks_json = || body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        match essence.as_deref() {
+            Some("application/json") => self.extend_json(body),
+            Some(ct) if ct.ends_with("+json") => self.extend_json(body),
+            Some("application/x-www-form-urlencoded") => self.extend_form(body),
+            Some("") | None | Some("text/plain") => {
+                if body.is_empty() {
+                    Ok(())
+                } else if looks_json() {
+                    self.extend_json(body)
+                } else {
+                    self.extend_form(body)
+                }
+            }
+            Some(other) => Err(ApiError::UnsupportedMediaType(other.to_owned())),
+        }
+    }
+
+    fn extend_json(&mut self, body: &[u8]) -> Result<(), ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let parsed: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = parsed else {
+            return Err(ApiError::Malformed("JSON body must be an object".into()));
+        };
+        for (name, value) in map {
+            let value = match value {
+                serde_json::Value::String(s) => Value::Text(s),
+                serde_json::Value::Number(n) => Value::Number(n),
+                serde_json::Value::Bool(b) => Value::Bool(b),
+                serde_json::Value::Null => Value::Null,
+                _ => Value::Nested,
+            };
+            self.values.insert(name, value);
+        }
+        Ok(())
+    }
+
+    fn extend_form(&mut self, body: &[u8]) -> Result<(), ApiError> {
+        for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+            let (name, value) = match pair.iter().position(|b| *b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &b""[..]),
+            };
+            let name = String::from_utf8(percent_decode(name)?)
+                .map_err(|_| ApiError::Malformed("a form field name is not UTF-8".into()))?;
+            let value = match String::from_utf8(percent_decode(value)?) {
+                Ok(text) => Value::Text(text),
+                Err(_) => Value::NotUtf8,
+            };
+            self.values.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// A text field, `None` when absent or null. Numbers are taken as their
+    /// text (JSON clients send ids as numbers); longer than `max`
+    /// characters is an error.
+    pub fn text(&self, field: &'static str, max: usize) -> Result<Option<String>, ApiError> {
+        let text = match self.values.get(field) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Text(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::NotUtf8) => return Err(ApiError::invalid(field, "must be valid UTF-8")),
+            Some(Value::Bool(_) | Value::Nested) => {
+                return Err(ApiError::invalid(field, "must be a string"))
+            }
+        };
+        if text.chars().count() > max {
+            return Err(ApiError::invalid(
+                field,
+                format!("must be at most {max} characters"),
+            ));
+        }
+        if text.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(ApiError::invalid(
+                field,
+                "must not contain control characters",
+            ));
+        }
+        Ok(Some(text))
+    }
+
+    /// A required, non-blank text field.
+    pub fn required_text(&self, field: &'static str, max: usize) -> Result<String, ApiError> {
+        match self.text(field, max)? {
+            None => Err(ApiError::invalid(field, "is required")),
+            Some(text) if text.trim().is_empty() => {
+                Err(ApiError::invalid(field, "must not be blank"))
+            }
+            Some(text) => Ok(text),
+        }
+    }
+
+    /// An optional text field; blank counts as absent.
+    pub fn optional_text(
+        &self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<Option<String>, ApiError> {
+        Ok(self.text(field, max)?.filter(|t| !t.trim().is_empty()))
+    }
+
+    /// `sip_user_id`: a required positive 64-bit integer.
+    pub fn sip_user_id(&self) -> Result<i64, ApiError> {
+        const FIELD: &str = "sip_user_id";
+        const RULE: &str = "must be a positive 64-bit integer";
+        let id = match self.values.get(FIELD) {
+            None | Some(Value::Null) => return Err(ApiError::invalid(FIELD, "is required")),
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::Text(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                s.parse::<i64>().ok()
+            }
+            Some(_) => None,
+        };
+        id.filter(|id| *id > 0)
+            .ok_or_else(|| ApiError::invalid(FIELD, RULE))
+    }
+
+    /// A boolean, `default` when absent. Accepts JSON booleans, 1/0, and the
+    /// spellings true/false, yes/no, on/off in any case.
+    pub fn boolean(&self, field: &'static str, default: bool) -> Result<bool, ApiError> {
+        const RULE: &str = "must be a boolean (true/false, 1/0, yes/no, on/off)";
+        match self.values.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(1) => Ok(true),
+                Some(0) => Ok(false),
+                _ => Err(ApiError::invalid(field, RULE)),
+            },
+            Some(Value::Text(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(ApiError::invalid(field, RULE)),
+            },
+            Some(_) => Err(ApiError::invalid(field, RULE)),
+        }
+    }
+
+    /// A required finite number.
+    pub fn number(&self, field: &'static str) -> Result<f64, ApiError> {
+        const RULE: &str = "must be a finite number";
+        let value = match self.values.get(field) {
+            None | Some(Value::Null) => return Err(ApiError::invalid(field, "is required")),
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(Value::Text(s)) => s.trim().parse::<f64>().ok(),
+            Some(_) => None,
+        };
+        value
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| ApiError::invalid(field, RULE))
+    }
+}
+
+/// Decodes `+` and `%XX` escapes of a form component into bytes.
+fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter().copied();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |b: Option<u8>| b.and_then(|b| (b as char).to_digit(16));
+                match (hex(bytes.next()), hex(bytes.next())) {
+                    (Some(hi), Some(lo)) => out.push((hi * 16 + lo) as u8),
+                    _ => return Err(ApiError::Malformed("invalid %-escape in form body".into())),
+                }
+            }
+            b => out.push(b),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn form(body: &str) -> Fields {
+        let mut f = Fields::default();
+        f.extend_body(
+            Some("application/x-www-form-urlencoded"),
+            &Bytes::from(body.to_owned()),
+        )
+        .expect("valid form");
+        f
+    }
+
+    #[test]
+    fn form_and_json_give_the_same_fields() {
+        let mut json = Fields::default();
+        json.extend_body(
+            Some("application/json"),
+            &Bytes::from_static(br#"{"sip_user_id": 42, "token": "a b", "sandbox": true}"#),
+        )
+        .expect("valid json");
+        let form = form("sip_user_id=42&token=a+b&sandbox=true");
+        for f in [&json, &form] {
+            assert_eq!(f.sip_user_id().unwrap(), 42);
+            assert_eq!(f.text("token", 10).unwrap().as_deref(), Some("a b"));
+            assert!(f.boolean("sandbox", false).unwrap());
+        }
+    }
+
+    #[test]
+    fn sip_user_id_rules() {
+        for bad in ["0", "-1", "1.5", "", "abc", "99999999999999999999", " 1"] {
+            let err = form(&format!("sip_user_id={bad}"))
+                .sip_user_id()
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ApiError::Invalid {
+                        field: "sip_user_id",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            form("sip_user_id=9223372036854775807")
+                .sip_user_id()
+                .unwrap(),
+            i64::MAX
+        );
+    }
+
+    #[test]
+    fn non_utf8_form_values_name_their_field() {
+        let mut f = Fields::default();
+        f.extend_body(None, &Bytes::from_static(b"token=%FF%FE"))
+            .unwrap();
+        let err = f.text("token", 250).unwrap_err();
+        assert!(matches!(err, ApiError::Invalid { field: "token", .. }));
+    }
+
+    #[test]
+    fn numbers_reject_nan_and_infinity() {
+        for bad in ["NaN", "inf", "-inf", "1e999", "x"] {
+            assert!(form(&format!("t={bad}")).number("t").is_err(), "{bad}");
+        }
+        assert_eq!(form("t=1.25").number("t").unwrap(), 1.25);
+    }
+
+    proptest! {
+        /// Whatever bytes arrive under whatever content type, parsing and
+        /// every accessor return a value or a client error, never a panic.
+        #[test]
+        fn parsers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256),
+                               ct in prop_oneof![Just(None), Just(Some("application/json")),
+                                                 Just(Some("application/x-www-form-urlencoded")),
+                                                 Just(Some("text/plain"))]) {
+            let mut f = Fields::default();
+            if f.extend_body(ct, &Bytes::from(body)).is_ok() {
+                let _ = f.sip_user_id();
+                let _ = f.text("token", 250);
+                let _ = f.boolean("sandbox", false);
+                let _ = f.number("message_start_time");
+            }
+        }
+
+        /// Any printable value survives a form round trip unchanged.
+        #[test]
+        fn form_round_trip(value in "[ -~]{0,64}") {
+            let encoded: String = value.bytes().map(|b| format!("%{b:02X}")).collect();
+            let f = form(&format!("v={encoded}"));
+            prop_assert_eq!(f.text("v", 64).unwrap(), Some(value));
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `/api/incoming-call/` (the PBX) and `/api/call-response/` (the app).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use super::body::{self, Fields, Source};
+use super::error::ApiError;
+use super::{text, Body};
+use crate::calls::{self, IncomingCall, Outcome};
+use crate::server::AppState;
+use crate::store::{now_millis, ResponseLogEntry};
+
+/// Callers whose number is withheld: they still ring, and are pushed as given.
+const WITHHELD: [&str; 5] = [
+    "anonymous",
+    "unknown",
+    "private",
+    "restricted",
+    "unavailable",
+];
+
+/// A phone number: digits once `+ ( ) - x` and spaces are removed, or a
+/// withheld caller (empty or one of [`WITHHELD`], any case).
+fn check_phonenumber(number: &str) -> Result<(), ApiError> {
+    let trimmed = number.trim();
+    if trimmed.is_empty() || WITHHELD.iter().any(|w| trimmed.eq_ignore_ascii_case(w)) {
+        return Ok(());
+    }
+    let digits: Vec<char> = trimmed
+        .chars()
+        .filter(|c| !matches!(c, '+' | '(' | ')' | '-' | 'x' | ' '))
+        .collect();
+    if !digits.is_empty() && digits.iter().all(char::is_ascii_digit) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "phonenumber",
+            "must be digits (with + ( ) - x and spaces allowed) or a withheld caller (anonymous, unknown, private, restricted, unavailable)",
+        ))
+    }
+}
+
+fn parse_incoming_call(fields: &Fields) -> Result<IncomingCall, ApiError> {
+    let sip_user_id = fields.sip_user_id()?;
+    let phonenumber = fields
+        .text("phonenumber", 32)?
+        .ok_or_else(|| ApiError::invalid("phonenumber", "is required"))?;
+    check_phonenumber(&phonenumber)?;
+    Ok(IncomingCall {
+        sip_user_id,
+        phonenumber,
+        caller_id: fields.text("caller_id", 255)?.unwrap_or_default(),
+        call_id: fields.optional_text("call_id", 255)?,
+    })
+}
+
+/// The PBX parks here until the app answers or the wait runs out.
+pub(super) async fn incoming_call(
+    state: &Arc<AppState>,
+    _peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (_, fields) = body::read(request, Source::Body).await?;
+    let call = parse_incoming_call(&fields)?;
+    Ok(match calls::ring(state, call).await {
+        Outcome::Ack => text(StatusCode::OK, "status=ACK"),
+        Outcome::Nak(_) => text(StatusCode::OK, "status=NAK"),
+    })
+}
+
+/// `message_start_time` is ours, echoed back: Unix seconds, after 1970 and
+/// before the year 5000.
+const MAX_UNIX_SECONDS: f64 = 95_617_584_000.0;
+
+/// The app, awake and SIP-registered, says whether it takes the call.
+pub(super) async fn call_response(
+    state: &Arc<AppState>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (_, fields) = body::read(request, Source::Body).await?;
+    let unique_key = fields.required_text("unique_key", 255)?;
+    let message_start_time = fields.number("message_start_time")?;
+    if !(0.0..MAX_UNIX_SECONDS).contains(&message_start_time) {
+        return Err(ApiError::invalid(
+            "message_start_time",
+            "must be Unix seconds",
+        ));
+    }
+    let available = fields.boolean("available", true)?;
+    let roundtrip = calls::unix_seconds() - message_start_time;
+    // One 404 for unknown and too late: a prober learns nothing from it.
+    const UNKNOWN: ApiError = ApiError::NotFound("not found");
+    if roundtrip > state.config.wait().as_secs_f64() {
+        return Err(UNKNOWN);
+    }
+    let Some(before) = state.broker.answer(&unique_key, available).await? else {
+        return Err(UNKNOWN);
+    };
+    if before.answer().is_none() {
+        // The log row must not delay the answer the PBX is waiting for.
+        let store = state.store.clone();
+        let entry = ResponseLogEntry {
+            platform: before.platform(),
+            roundtrip: roundtrip.max(0.0),
+            available,
+            created_at: now_millis(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = store.log_response(entry).await {
+                tracing::warn!(error = %e, "cannot write the response log");
+            }
+        });
+    }
+    Ok(text(StatusCode::ACCEPTED, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_phonenumber;
+
+    #[test]
+    fn phone_numbers() {
+        for ok in [
+            "+31 (0)50-123 4567",
+            "0612345678",
+            "",
+            "Anonymous",
+            "UNKNOWN",
+            "private",
+            "123x45",
+        ] {
+            assert!(check_phonenumber(ok).is_ok(), "{ok}");
+        }
+        for bad in ["+", "abc", "12a", "()"] {
+            assert!(check_phonenumber(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Errors as HTTP: every handler error becomes a response here, and only here.
+//!
+//! Client mistakes name the field and the rule they broke; outages are 503;
+//! anything unexpected is logged and answered with a bare 500 that leaks
+//! nothing.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+use crate::broker::BrokerError;
+use crate::store::StoreError;
+
+/// What a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A field is missing or breaks a rule.
+    #[error("{field}: {rule}")]
+    Invalid { field: &'static str, rule: String },
+    /// The body as a whole cannot be read (malformed JSON or form).
+    #[error("malformed body: {0}")]
+    Malformed(String),
+    /// Not found; the text is what the client may know.
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("unsupported content type {0:?}; send application/x-www-form-urlencoded or application/json")]
+    UnsupportedMediaType(String),
+    #[error("request body not received in time")]
+    Timeout,
+    /// A dependency (database, Redis, account API) is down.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure; logged, never shown.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A field that breaks a rule.
+    pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            field,
+            rule: rule.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid { .. } | ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The response. JSON `{"error": ...}`, plus `"field"` when one is to blame.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = match &self {
+            ApiError::Invalid { field, rule } => serde_json::json!({
+                "error": format!("{field}: {rule}"),
+                "field": field,
+                "rule": rule,
+            }),
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(%detail, "answering 503");
+                serde_json::json!({ "error": "service temporarily unavailable" })
+            }
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "answering 500");
+                serde_json::json!({ "error": "internal server error" })
+            }
+            other => serde_json::json!({ "error": other.to_string() }),
+        };
+        let mut response = super::json(status, &body);
+        if let ApiError::MethodNotAllowed(allow) = self {
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => ApiError::Unavailable(format!("database: {detail}")),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Unavailable(detail) => ApiError::Unavailable(format!("broker: {detail}")),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! call-notifier wakes sleeping VoIP apps so they can take incoming calls.
+//!
+//! A PBX posts `/api/incoming-call/` and holds the request open; we push the
+//! phone registered for that SIP account and answer the PBX `status=ACK` the
+//! moment the app confirms through `/api/call-response/`, or `status=NAK`.
+//!
+//! The map of the crate:
+//!
+//! - [`config`]: every flag, its environment variable and its default.
+//! - [`server`]: binds the listener, builds the shared [`AppState`], runs
+//!   until told to stop. `main.rs` only parses flags and calls it.
+//! - [`http`]: hyper routing, body parsing, and the one place where errors
+//!   become HTTP responses.
+//! - [`calls`]: the wait of one incoming call: open, push and resend, outcome,
+//!   cleanup.
+//! - [`broker`]: the [`broker::CallBroker`] boundary that carries an answer
+//!   from the request that receives it to the request that waits for it
+//!   (in-process or Redis).
+//! - [`store`]: devices, apps and the response log, in SQLite or PostgreSQL.
+//! - [`push`]: the [`push::Pusher`] boundary: APNs, FCM, log-only, recording.
+
+pub mod broker;
+pub mod calls;
+pub mod config;
+pub mod http;
+pub mod push;
+pub mod server;
+pub mod store;
+
+pub use server::{AppState, Server};

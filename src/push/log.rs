@@ -1,0 +1,25 @@
+//! The pusher of apps without credentials: logs what it would send and
+//! reports it delivered. Lets a development set-up, or a PBX integration
+//! test, run the whole call path without Apple or Google.
+
+use async_trait::async_trait;
+
+use super::{redact, Payload, PushOutcome, PushTarget, Pusher};
+
+#[derive(Debug, Default, Clone)]
+pub struct LogPusher;
+
+#[async_trait]
+impl Pusher for LogPusher {
+    async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
+        tracing::info!(
+            platform = %target.platform,
+            app = %target.app_id,
+            sip_user_id = target.sip_user_id,
+            token = %redact(&target.token),
+            payload = %serde_json::Value::Object(payload.to_json()),
+            "push not sent: the app has no push credentials (log-only)"
+        );
+        PushOutcome::Delivered
+    }
+}

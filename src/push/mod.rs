@@ -1,0 +1,164 @@
+//! The [`Pusher`] boundary: send one push to one device and say what happened.
+//!
+//! Implementations: [`log::LogPusher`] (apps without credentials: the payload
+//! is only logged) and [`recording::RecordingPusher`] (tests and benchmarks).
+//! A pusher never retries and never sleeps: the resend and retry schedule is
+//! the call's ([`crate::calls`]), which knows the deadline.
+
+pub mod log;
+pub mod recording;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::store::Platform;
+
+/// Who a push goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushTarget {
+    pub platform: Platform,
+    pub token: String,
+    /// The app the device registered with: picks the credentials.
+    pub app_id: String,
+    /// APNs only: send to the sandbox environment.
+    pub sandbox: bool,
+    /// The SIP account, for logs.
+    pub sip_user_id: i64,
+}
+
+/// What a push says. Data-only on both platforms; the keys are the contract
+/// the apps read (DESIGN.md), so they are spelled out here and nowhere else.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// Wake up: a call is waiting.
+    Call {
+        unique_key: String,
+        phonenumber: String,
+        caller_id: String,
+        /// Full URL of `/api/call-response/`.
+        response_api: String,
+        /// When the first push of this call left, Unix seconds.
+        message_start_time: f64,
+        /// Which push of this call this is, from 1.
+        attempt: u32,
+    },
+    /// A text for the user, e.g. that another device took over the account.
+    Message { message: String },
+}
+
+impl Payload {
+    /// The payload as JSON values (APNs custom keys, logs).
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        match self {
+            Payload::Call {
+                unique_key,
+                phonenumber,
+                caller_id,
+                response_api,
+                message_start_time,
+                attempt,
+            } => {
+                map.insert("type".into(), "call".into());
+                map.insert("unique_key".into(), unique_key.as_str().into());
+                map.insert("phonenumber".into(), phonenumber.as_str().into());
+                map.insert("caller_id".into(), caller_id.as_str().into());
+                map.insert("response_api".into(), response_api.as_str().into());
+                map.insert("message_start_time".into(), (*message_start_time).into());
+                map.insert("attempt".into(), (*attempt).into());
+            }
+            Payload::Message { message } => {
+                map.insert("type".into(), "message".into());
+                map.insert("message".into(), message.as_str().into());
+            }
+        }
+        map
+    }
+
+    /// The payload as FCM data: every value a string, numbers as their text.
+    pub fn to_string_map(&self) -> Map<String, Value> {
+        self.to_json()
+            .into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, Value::String(text))
+            })
+            .collect()
+    }
+
+    /// The attempt number of a call push.
+    pub fn attempt(&self) -> Option<u32> {
+        match self {
+            Payload::Call { attempt, .. } => Some(*attempt),
+            Payload::Message { .. } => None,
+        }
+    }
+}
+
+/// What a push service said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushOutcome {
+    /// Accepted for delivery.
+    Delivered,
+    /// The token will never work again (app uninstalled, token rotated): the
+    /// device is forgotten and the call ends NAK at once.
+    TokenDead(String),
+    /// Refused for now (429, 5xx, timeout): try again, after `after` when the
+    /// service said so.
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Refused for good for this call (credentials, malformed request): logged
+    /// at error level, the call goes on to its timeout.
+    Failed(String),
+}
+
+/// The push boundary.
+#[async_trait]
+pub trait Pusher: Send + Sync + 'static {
+    async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome;
+}
+
+/// A token shortened for logs: enough to tell two apart, never the whole.
+pub fn redact(token: &str) -> String {
+    let head: String = token.chars().take(6).collect();
+    if token.chars().count() > 6 {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fcm_data_carries_numbers_as_text() {
+        let payload = Payload::Call {
+            unique_key: "k".into(),
+            phonenumber: "+31 6".into(),
+            caller_id: "".into(),
+            response_api: "http://x/api/call-response/".into(),
+            message_start_time: 1.5,
+            attempt: 2,
+        };
+        let data = payload.to_string_map();
+        assert_eq!(data["attempt"], "2");
+        assert_eq!(data["message_start_time"], "1.5");
+        assert_eq!(data["type"], "call");
+        assert_eq!(data.len(), 7);
+    }
+
+    #[test]
+    fn redact_keeps_only_a_prefix() {
+        assert_eq!(redact("abcdefghijkl"), "abcdef…");
+        assert_eq!(redact("abc"), "abc");
+    }
+}

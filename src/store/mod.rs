@@ -1,0 +1,85 @@
+//! Devices, push apps and the response log: the [`Store`] boundary.
+//!
+//! Owns the schema, the migrations runner and the connection pools. Two
+//! backends share one schema and one set of queries ([`sql`]): SQLite,
+//! embedded and the default, and PostgreSQL for production. It must not know
+//! about HTTP or pushes: callers get typed rows and a [`StoreError`].
+
+mod models;
+mod schema;
+mod sql;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+pub use models::{App, Credentials, Device, NewDevice, Platform, Registration, ResponseLogEntry};
+pub use sql::{migrate, open, PoolOptions};
+
+/// What went wrong talking to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection could be had in time: the database is down, far away or
+    /// saturated. Callers answer 503 (or NAK) and move on.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A query failed for another reason.
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// A stored value no longer parses (e.g. an unknown platform name).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The persistence boundary. One implementation per backend family; the rest
+/// of the code sees only this trait.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The device registered for a SIP account, if any.
+    async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError>;
+
+    /// Registers or updates the one device of a SIP account. Last write wins.
+    async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError>;
+
+    /// Deletes the device of `sip_user_id` when it matches platform, token and
+    /// app. Says whether a row went.
+    async fn delete_device(
+        &self,
+        sip_user_id: i64,
+        platform: Platform,
+        token: &str,
+        app_id: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes the device of `sip_user_id` only if it still has `token`: a
+    /// push service declared the token dead, but the phone may have
+    /// re-registered with a fresh one meanwhile.
+    async fn forget_token(&self, sip_user_id: i64, token: &str) -> Result<bool, StoreError>;
+
+    /// The app with this platform and app id, if it exists.
+    async fn app(&self, platform: Platform, app_id: &str) -> Result<Option<App>, StoreError>;
+
+    /// Every app, ordered by platform and app id.
+    async fn apps(&self) -> Result<Vec<App>, StoreError>;
+
+    /// Adds an app or replaces its credentials. Says whether it was new.
+    async fn put_app(&self, app: &App) -> Result<bool, StoreError>;
+
+    /// Removes an app. Says whether it existed.
+    async fn remove_app(&self, platform: Platform, app_id: &str) -> Result<bool, StoreError>;
+
+    /// Appends a row to the response log.
+    async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError>;
+
+    /// Answers when the database does.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the Unix epoch: how every timestamp is stored, so both
+/// backends use one plain `BIGINT` column type.
+pub fn now_millis() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,134 @@
+//! The rows the rest of the service works with.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The push platform a device registered through. `android` and `gcm` both
+/// go out through FCM HTTP v1: `gcm` is the legacy name old apps still use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Apns,
+    Android,
+    Gcm,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 3] = [Platform::Apns, Platform::Android, Platform::Gcm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Apns => "apns",
+            Platform::Android => "android",
+            Platform::Gcm => "gcm",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Platform> {
+        Platform::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// iOS VoIP pushes must each be reported to CallKit, so they are resent
+    /// only when the push service did not accept the previous one.
+    pub fn is_apns(self) -> bool {
+        self == Platform::Apns
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The one device registered for a SIP account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub sip_user_id: i64,
+    pub platform: Platform,
+    pub token: String,
+    pub app_id: String,
+    pub name: Option<String>,
+    pub os_version: Option<String>,
+    pub client_version: Option<String>,
+    pub remote_logging_id: Option<String>,
+    /// APNs only: the app was built against the sandbox environment.
+    pub sandbox: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_seen_at: i64,
+}
+
+/// A registration as the app sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDevice {
+    pub sip_user_id: i64,
+    pub platform: Platform,
+    pub token: String,
+    pub app_id: String,
+    pub name: Option<String>,
+    pub os_version: Option<String>,
+    pub client_version: Option<String>,
+    pub remote_logging_id: Option<String>,
+    pub sandbox: bool,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Registration {
+    /// The SIP account had no device.
+    Created,
+    /// The SIP account had a device, now replaced by this registration.
+    /// `previous` is what it was, so a changed token can be told it lost
+    /// the account.
+    Updated { previous: Device },
+}
+
+/// A push app, and where its credentials are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub platform: Platform,
+    pub app_id: String,
+    /// `None`: pushes for this app are only logged (development).
+    pub credentials: Option<Credentials>,
+}
+
+/// Where an app's push credentials are. Stored as JSON in `apps.credentials`;
+/// only paths and variable names, never secrets, so the database row can be
+/// shared by every instance while each reads the secret from its own disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Credentials {
+    /// APNs token-based auth with a `.p8` key.
+    ApnsToken {
+        key_path: PathBuf,
+        key_id: String,
+        team_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+    /// APNs certificate auth with a `.p12` bundle.
+    ApnsCertificate {
+        cert_path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_env: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_file: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+    /// FCM HTTP v1 with a Google service account.
+    Fcm { service_account_path: PathBuf },
+}
+
+/// One answer an app gave, for the response log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseLogEntry {
+    pub platform: Platform,
+    /// Seconds from the push leaving us to the app's answer, as the app reports it.
+    pub roundtrip: f64,
+    pub available: bool,
+    pub created_at: i64,
+}

@@ -1,0 +1,38 @@
+// The tables both backends share; see migrations/{sqlite,postgres}.
+
+diesel::table! {
+    apps (id) {
+        id -> BigInt,
+        platform -> Text,
+        app_id -> Text,
+        credentials -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    devices (sip_user_id) {
+        sip_user_id -> BigInt,
+        platform -> Text,
+        token -> Text,
+        app_id -> Text,
+        name -> Nullable<Text>,
+        os_version -> Nullable<Text>,
+        client_version -> Nullable<Text>,
+        remote_logging_id -> Nullable<Text>,
+        sandbox -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        last_seen_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    response_log (id) {
+        id -> BigInt,
+        platform -> Text,
+        roundtrip -> Double,
+        available -> Bool,
+        created_at -> BigInt,
+    }
+}

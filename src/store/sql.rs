@@ -1,0 +1,484 @@
+//! The diesel-async implementation of [`Store`], for SQLite and PostgreSQL.
+//!
+//! Every query is written once, in [`diesel_store!`], and expanded for each
+//! backend's connection type: diesel's query builder is typed per backend,
+//! and a macro keeps one text of each query without a wall of trait bounds.
+//!
+//! SQLite allows one writer at a time. Rather than let pooled connections
+//! race for the write lock and fail with `SQLITE_BUSY`, writes go through a
+//! pool of one connection (queued in process, in order), reads through a
+//! pool of several (WAL mode lets them run beside the writer). PostgreSQL
+//! uses one pool for both.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, RecyclingMethod,
+};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use futures_util::FutureExt;
+
+use super::models::*;
+use super::schema::{apps, devices, response_log};
+use super::{now_millis, Store, StoreError};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+type SqliteConn = SyncConnectionWrapper<diesel::SqliteConnection>;
+
+/// Which backend a `--database-url` names.
+enum Backend<'a> {
+    Postgres(&'a str),
+    Sqlite(&'a str),
+}
+
+fn backend(url: &str) -> Backend<'_> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Backend::Postgres(url)
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Backend::Sqlite(path)
+    } else {
+        Backend::Sqlite(url.strip_prefix("sqlite:").unwrap_or(url))
+    }
+}
+
+/// Pool settings from the flags.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    pub max_size: u32,
+    pub acquire_timeout: Duration,
+}
+
+/// Opens the store a `--database-url` names, runs pending migrations, and
+/// returns it behind the [`Store`] trait.
+pub async fn open(url: &str, options: PoolOptions) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    migrate(url).await?;
+    Ok(match backend(url) {
+        Backend::Postgres(url) => {
+            let pool = pool::<AsyncPgConnection>(url, options, setup_postgres).await?;
+            std::sync::Arc::new(PgStore {
+                read: pool.clone(),
+                write: pool,
+            })
+        }
+        Backend::Sqlite(path) => {
+            // `:memory:` is one database per connection: both pools must be
+            // the same single connection, kept forever.
+            let memory = path == ":memory:";
+            let write = pool::<SqliteConn>(
+                path,
+                PoolOptions {
+                    max_size: 1,
+                    ..options
+                },
+                setup_sqlite,
+            )
+            .await?;
+            let read = if memory {
+                write.clone()
+            } else {
+                pool::<SqliteConn>(path, options, setup_sqlite).await?
+            };
+            std::sync::Arc::new(SqliteStore { read, write })
+        }
+    })
+}
+
+/// Applies the pending migrations of the backend a URL names.
+///
+/// Migrations run on a blocking thread through diesel's sync harness: for
+/// PostgreSQL through diesel-async's wrapper, so no libpq is needed.
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let applied = match backend(&url) {
+            Backend::Postgres(url) => {
+                use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+                let mut conn: AsyncConnectionWrapper<AsyncPgConnection> =
+                    diesel::Connection::establish(url)?;
+                run_migrations(&mut conn, POSTGRES_MIGRATIONS)?
+            }
+            Backend::Sqlite(path) => {
+                let mut conn: diesel::SqliteConnection = diesel::Connection::establish(path)?;
+                diesel::connection::SimpleConnection::batch_execute(&mut conn, SQLITE_PRAGMAS)?;
+                run_migrations(&mut conn, SQLITE_MIGRATIONS)?
+            }
+        };
+        if applied > 0 {
+            tracing::info!(applied, "database migrations applied");
+        }
+        Ok(())
+    })
+    .await?
+}
+
+fn run_migrations<DB: diesel::backend::Backend>(
+    conn: &mut impl MigrationHarness<DB>,
+    migrations: EmbeddedMigrations,
+) -> anyhow::Result<usize> {
+    conn.run_pending_migrations(migrations)
+        .map(|done| done.len())
+        .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))
+}
+
+/// WAL lets readers run beside the one writer; the busy timeout covers
+/// another process (e.g. `call-notifier app add`) writing at the same time.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                              PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+
+fn setup_sqlite(url: &str) -> futures_util::future::BoxFuture<'_, ConnectionResult<SqliteConn>> {
+    async move {
+        let mut conn = SqliteConn::establish(url).await?;
+        conn.batch_execute(SQLITE_PRAGMAS)
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(conn)
+    }
+    .boxed()
+}
+
+fn setup_postgres(
+    url: &str,
+) -> futures_util::future::BoxFuture<'_, ConnectionResult<AsyncPgConnection>> {
+    AsyncPgConnection::establish(url).boxed()
+}
+
+async fn pool<C>(
+    url: &str,
+    options: PoolOptions,
+    setup: fn(&str) -> futures_util::future::BoxFuture<'_, ConnectionResult<C>>,
+) -> anyhow::Result<Pool<C>>
+where
+    AsyncDieselConnectionManager<C>: bb8::ManageConnection<Connection = C, Error = PoolError>,
+    C: diesel_async::pooled_connection::PoolableConnection + 'static,
+{
+    let mut config = ManagerConfig::<C>::default();
+    // A broken connection is noticed by the query that hits it and dropped by
+    // the pool; a health query on every checkout would double the round trips
+    // of the call path.
+    config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(setup);
+    let manager = AsyncDieselConnectionManager::<C>::new_with_config(url, config);
+    let pool = Pool::builder()
+        .max_size(options.max_size.max(1))
+        .connection_timeout(options.acquire_timeout)
+        .test_on_check_out(false)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .build(manager)
+        .await?;
+    Ok(pool)
+}
+
+fn unavailable(e: bb8::RunError<PoolError>) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Maps a query error: a lost connection is an outage (503), not a bug.
+fn query_error(e: diesel::result::Error) -> StoreError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+            StoreError::Unavailable(info.message().to_owned())
+        }
+        e => StoreError::Query(e),
+    }
+}
+
+#[derive(Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = devices)]
+#[diesel(treat_none_as_null = true)]
+struct DeviceRow {
+    sip_user_id: i64,
+    platform: String,
+    token: String,
+    app_id: String,
+    name: Option<String>,
+    os_version: Option<String>,
+    client_version: Option<String>,
+    remote_logging_id: Option<String>,
+    sandbox: bool,
+    created_at: i64,
+    updated_at: i64,
+    last_seen_at: i64,
+}
+
+impl DeviceRow {
+    fn new(d: NewDevice, now: i64) -> Self {
+        DeviceRow {
+            sip_user_id: d.sip_user_id,
+            platform: d.platform.as_str().to_owned(),
+            token: d.token,
+            app_id: d.app_id,
+            name: d.name,
+            os_version: d.os_version,
+            client_version: d.client_version,
+            remote_logging_id: d.remote_logging_id,
+            sandbox: d.sandbox,
+            created_at: now,
+            updated_at: now,
+            last_seen_at: now,
+        }
+    }
+
+    fn into_device(self) -> Result<Device, StoreError> {
+        Ok(Device {
+            platform: parse_platform(&self.platform)?,
+            sip_user_id: self.sip_user_id,
+            token: self.token,
+            app_id: self.app_id,
+            name: self.name,
+            os_version: self.os_version,
+            client_version: self.client_version,
+            remote_logging_id: self.remote_logging_id,
+            sandbox: self.sandbox,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            last_seen_at: self.last_seen_at,
+        })
+    }
+}
+
+fn parse_platform(name: &str) -> Result<Platform, StoreError> {
+    Platform::parse(name).ok_or_else(|| StoreError::Corrupt(format!("unknown platform {name:?}")))
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = apps)]
+struct AppRow {
+    platform: String,
+    app_id: String,
+    credentials: Option<String>,
+}
+
+impl AppRow {
+    fn into_app(self) -> Result<App, StoreError> {
+        let credentials = match self.credentials {
+            None => None,
+            Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+                StoreError::Corrupt(format!("credentials of app {}: {e}", self.app_id))
+            })?),
+        };
+        Ok(App {
+            platform: parse_platform(&self.platform)?,
+            app_id: self.app_id,
+            credentials,
+        })
+    }
+}
+
+fn credentials_json(app: &App) -> Option<String> {
+    app.credentials
+        .as_ref()
+        .map(|c| serde_json::to_string(c).expect("credentials serialize to JSON"))
+}
+
+/// Expands the one text of every query for one backend's connection type.
+macro_rules! diesel_store {
+    ($name:ident, $conn:ty) => {
+        /// The [`Store`] over one diesel-async backend.
+        pub struct $name {
+            /// Connections for reads.
+            read: Pool<$conn>,
+            /// Connections for writes (one, for SQLite; see the module doc).
+            write: Pool<$conn>,
+        }
+
+        #[async_trait]
+        impl Store for $name {
+            async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError> {
+                let mut conn = self.read.get().await.map_err(unavailable)?;
+                devices::table
+                    .find(sip_user_id)
+                    .select(DeviceRow::as_select())
+                    .first(&mut conn)
+                    .await
+                    .optional()
+                    .map_err(query_error)?
+                    .map(DeviceRow::into_device)
+                    .transpose()
+            }
+
+            async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let previous = devices::table
+                    .find(device.sip_user_id)
+                    .select(DeviceRow::as_select())
+                    .first(&mut conn)
+                    .await
+                    .optional()
+                    .map_err(query_error)?;
+                let row = DeviceRow::new(device, now_millis());
+                diesel::insert_into(devices::table)
+                    .values(&row)
+                    .on_conflict(devices::sip_user_id)
+                    .do_update()
+                    .set((
+                        devices::platform.eq(excluded(devices::platform)),
+                        devices::token.eq(excluded(devices::token)),
+                        devices::app_id.eq(excluded(devices::app_id)),
+                        devices::name.eq(excluded(devices::name)),
+                        devices::os_version.eq(excluded(devices::os_version)),
+                        devices::client_version.eq(excluded(devices::client_version)),
+                        devices::remote_logging_id.eq(excluded(devices::remote_logging_id)),
+                        devices::sandbox.eq(excluded(devices::sandbox)),
+                        devices::updated_at.eq(excluded(devices::updated_at)),
+                        devices::last_seen_at.eq(excluded(devices::last_seen_at)),
+                    ))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(match previous {
+                    None => Registration::Created,
+                    Some(row) => Registration::Updated {
+                        previous: row.into_device()?,
+                    },
+                })
+            }
+
+            async fn delete_device(
+                &self,
+                sip_user_id: i64,
+                platform: Platform,
+                token: &str,
+                app_id: &str,
+            ) -> Result<bool, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let deleted = diesel::delete(
+                    devices::table
+                        .filter(devices::sip_user_id.eq(sip_user_id))
+                        .filter(devices::platform.eq(platform.as_str()))
+                        .filter(devices::token.eq(token))
+                        .filter(devices::app_id.eq(app_id)),
+                )
+                .execute(&mut conn)
+                .await
+                .map_err(query_error)?;
+                Ok(deleted > 0)
+            }
+
+            async fn forget_token(
+                &self,
+                sip_user_id: i64,
+                token: &str,
+            ) -> Result<bool, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let deleted = diesel::delete(
+                    devices::table
+                        .filter(devices::sip_user_id.eq(sip_user_id))
+                        .filter(devices::token.eq(token)),
+                )
+                .execute(&mut conn)
+                .await
+                .map_err(query_error)?;
+                Ok(deleted > 0)
+            }
+
+            async fn app(
+                &self,
+                platform: Platform,
+                app_id: &str,
+            ) -> Result<Option<App>, StoreError> {
+                let mut conn = self.read.get().await.map_err(unavailable)?;
+                apps::table
+                    .filter(apps::platform.eq(platform.as_str()))
+                    .filter(apps::app_id.eq(app_id))
+                    .select(AppRow::as_select())
+                    .first(&mut conn)
+                    .await
+                    .optional()
+                    .map_err(query_error)?
+                    .map(AppRow::into_app)
+                    .transpose()
+            }
+
+            async fn apps(&self) -> Result<Vec<App>, StoreError> {
+                let mut conn = self.read.get().await.map_err(unavailable)?;
+                apps::table
+                    .order((apps::platform, apps::app_id))
+                    .select(AppRow::as_select())
+                    .load(&mut conn)
+                    .await
+                    .map_err(query_error)?
+                    .into_iter()
+                    .map(AppRow::into_app)
+                    .collect()
+            }
+
+            async fn put_app(&self, app: &App) -> Result<bool, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let credentials = credentials_json(app);
+                let updated = diesel::update(
+                    apps::table
+                        .filter(apps::platform.eq(app.platform.as_str()))
+                        .filter(apps::app_id.eq(&app.app_id)),
+                )
+                .set(apps::credentials.eq(&credentials))
+                .execute(&mut conn)
+                .await
+                .map_err(query_error)?;
+                if updated > 0 {
+                    return Ok(false);
+                }
+                diesel::insert_into(apps::table)
+                    .values((
+                        apps::platform.eq(app.platform.as_str()),
+                        apps::app_id.eq(&app.app_id),
+                        apps::credentials.eq(&credentials),
+                        apps::created_at.eq(now_millis()),
+                    ))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(true)
+            }
+
+            async fn remove_app(
+                &self,
+                platform: Platform,
+                app_id: &str,
+            ) -> Result<bool, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let deleted = diesel::delete(
+                    apps::table
+                        .filter(apps::platform.eq(platform.as_str()))
+                        .filter(apps::app_id.eq(app_id)),
+                )
+                .execute(&mut conn)
+                .await
+                .map_err(query_error)?;
+                Ok(deleted > 0)
+            }
+
+            async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                diesel::insert_into(response_log::table)
+                    .values((
+                        response_log::platform.eq(entry.platform.as_str()),
+                        response_log::roundtrip.eq(entry.roundtrip),
+                        response_log::available.eq(entry.available),
+                        response_log::created_at.eq(entry.created_at),
+                    ))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                let mut conn = self.read.get().await.map_err(unavailable)?;
+                conn.batch_execute("SELECT 1").await.map_err(query_error)
+            }
+        }
+    };
+}
+
+diesel_store!(PgStore, AsyncPgConnection);
+diesel_store!(SqliteStore, SqliteConn);
