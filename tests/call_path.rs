@@ -1,0 +1,516 @@
+//! The call path end to end: a PBX parks on `/api/incoming-call/`, the
+//! recording pusher plays APNs/FCM, the test plays the app.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use call_notifier::push::{Payload, PushOutcome};
+use common::*;
+use futures_util::future::join_all;
+use hyper::StatusCode;
+
+/// Runs `scenario` once per backend, all at once.
+async fn on_every_backend<F, Fut>(scenario: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    join_all(backends().await.into_iter().map(scenario)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_account_gets_nak_at_once_and_no_push() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let started = Instant::now();
+        let reply = server
+            .client
+            .incoming_call(&sip_user_id(), &call_id())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, "status=NAK");
+        assert!(reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        // "At once": long before the first resend would have been due.
+        assert!(
+            started.elapsed() < server.running.state.config.wait() / 2,
+            "{}",
+            backend.name()
+        );
+        assert!(server.pusher.sent().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes() {
+    on_every_backend(|backend| async move {
+        // The defaults: wait 4 s, a push every second.
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        assert_eq!(
+            server.client.register("android", &user, "tok-a").await,
+            StatusCode::CREATED
+        );
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        let first = server.pusher.wait_for("tok-a", 1).await.remove(0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&first), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{}: {}",
+            backend.name(),
+            answer.body
+        );
+        let reply = pbx.await.expect("the PBX request");
+        assert_eq!(reply.body, "status=ACK", "{}", backend.name());
+
+        let pushes = server.pusher.sent_to("tok-a");
+        let attempts: Vec<_> = pushes.iter().map(|p| p.payload.attempt()).collect();
+        assert_eq!(attempts, [Some(1), Some(2)], "{}", backend.name());
+        // The payload carries exactly the contract's keys.
+        let json = first.payload.to_json();
+        let mut keys: Vec<&str> = json.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "attempt",
+                "caller_id",
+                "message_start_time",
+                "phonenumber",
+                "response_api",
+                "type",
+                "unique_key"
+            ]
+        );
+        assert_eq!(json["type"], "call");
+        assert_eq!(json["unique_key"], key.as_str());
+        assert_eq!(json["phonenumber"], "+31 50 123 4567");
+        assert_eq!(json["caller_id"], "Alice");
+        assert_eq!(
+            json["response_api"],
+            format!("{}/api/call-response/", server.running.url())
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_not_available_is_nak() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-busy").await;
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        let push = server.pusher.wait_for("tok-busy", 1).await.remove(0);
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&push), false)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=NAK", "{}", backend.name());
+        assert_eq!(server.pusher.sent_to("tok-busy").len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_is_nak_after_the_wait_with_three_pushes() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| {
+            c.wait_ms = 2000;
+            c.resend_interval_ms = 500;
+        })
+        .await;
+        let user = sip_user_id();
+        server.client.register("gcm", &user, "tok-sleepy").await;
+        let started = Instant::now();
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK");
+        assert!(
+            started.elapsed() >= Duration::from_millis(2000),
+            "{}",
+            backend.name()
+        );
+        let attempts: Vec<_> = server
+            .pusher
+            .sent_to("tok-sleepy")
+            .iter()
+            .map(|p| p.payload.attempt())
+            .collect();
+        assert_eq!(attempts, [Some(1), Some(2), Some(3)], "{}", backend.name());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_after_the_wait_is_404_and_the_pbx_got_nak() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| {
+            c.wait_ms = 800;
+            c.resend_interval_ms = 200;
+        })
+        .await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-late").await;
+        let key = call_id();
+        let reply = server.client.incoming_call(&user, &key).await;
+        assert_eq!(reply.body, "status=NAK");
+        let push = server.pusher.sent_to("tok-late").remove(0);
+        let late = server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(late.status, StatusCode::NOT_FOUND, "{}", backend.name());
+        // Also when the app lies about when the push left.
+        let lying = server
+            .client
+            .call_response(&key, call_notifier::calls::unix_seconds(), true)
+            .await;
+        assert_eq!(lying.status, StatusCode::NOT_FOUND, "{}", backend.name());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_for_a_key_never_issued_is_404() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let reply = server
+            .client
+            .call_response(&call_id(), call_notifier::calls::unix_seconds(), true)
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", backend.name());
+        assert_eq!(reply.json()["error"], "not found");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_key_is_128_random_bits_in_hex() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-gen").await;
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let user = user.clone();
+            async move {
+                client
+                    .post(
+                        "/api/incoming-call/",
+                        &[("sip_user_id", &user), ("phonenumber", "anonymous")],
+                    )
+                    .await
+            }
+        });
+        let push = server.pusher.wait_for("tok-gen", 1).await.remove(0);
+        let Payload::Call {
+            unique_key,
+            phonenumber,
+            ..
+        } = &push.payload
+        else {
+            panic!("a call push")
+        };
+        assert_eq!(unique_key.len(), 32);
+        assert!(unique_key
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(phonenumber, "anonymous");
+        let answer = server
+            .client
+            .call_response(unique_key, start_time_of(&push), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pbx_hanging_up_leaves_nothing_behind() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-hangup").await;
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        server.pusher.wait_for("tok-hangup", 1).await;
+        let state = server.running.state.clone();
+        assert_eq!(state.parking.parked(), 1);
+        assert_eq!(state.broker.waiting(), 1);
+        // The PBX hangs up: its connection closes mid-wait.
+        pbx.abort();
+        let _ = pbx.await;
+        let clean = eventually(Duration::from_secs(2), || {
+            let state = state.clone();
+            async move { state.parking.parked() == 0 && state.broker.waiting() == 0 }
+        })
+        .await;
+        assert!(
+            clean,
+            "{}: bookkeeping left after the PBX hung up",
+            backend.name()
+        );
+        // No more pushes once the call is gone.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            server.pusher.sent_to("tok-hangup").len(),
+            1,
+            "{}",
+            backend.name()
+        );
+        if let Some(url) = backend.redis_url() {
+            let redis = redis(url).await;
+            let gone = eventually(Duration::from_secs(2), || {
+                let mut redis = redis.clone();
+                let key = key.clone();
+                async move {
+                    let exists: i64 = redis::cmd("EXISTS")
+                        .arg(format!("cn:{{{key}}}"))
+                        .query_async(&mut redis)
+                        .await
+                        .unwrap();
+                    let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(format!("cn:{{{key}}}:answer"))
+                        .query_async(&mut redis)
+                        .await
+                        .unwrap();
+                    exists == 0 && subscribers == 0
+                }
+            })
+            .await;
+            assert!(gone, "state key or subscription left in Redis");
+        }
+        // The answer that comes now finds nothing.
+        let late = server
+            .client
+            .call_response(&key, call_notifier::calls::unix_seconds(), true)
+            .await;
+        assert_eq!(late.status, StatusCode::NOT_FOUND);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_apns_push_is_never_resent() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| {
+            c.wait_ms = 2000;
+            c.resend_interval_ms = 500;
+        })
+        .await;
+        let user = sip_user_id();
+        server.client.register("apns", &user, "tok-ios").await;
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK");
+        assert_eq!(
+            server.pusher.sent_to("tok-ios").len(),
+            1,
+            "{}",
+            backend.name()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_push_is_retried_under_the_same_attempt_number() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| {
+            c.wait_ms = 2000;
+            c.resend_interval_ms = 500;
+        })
+        .await;
+        server.pusher.script([PushOutcome::Retry {
+            after: None,
+            reason: "503".into(),
+        }]);
+        let user = sip_user_id();
+        server.client.register("apns", &user, "tok-retry").await;
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        let pushes = server.pusher.wait_for("tok-retry", 2).await;
+        let attempts: Vec<_> = pushes.iter().map(|p| p.payload.attempt()).collect();
+        assert_eq!(attempts, [Some(1), Some(1)], "{}", backend.name());
+        // The retry comes sooner than the next resend would.
+        assert!(pushes[1].at - pushes[0].at < Duration::from_millis(500));
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&pushes[1]), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK");
+        // Accepted on the retry, so iOS got no resend.
+        assert_eq!(server.pusher.sent_to("tok-retry").len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_token_ends_the_call_at_once_and_forgets_the_device() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        server
+            .pusher
+            .script([PushOutcome::TokenDead("Unregistered".into())]);
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-dead").await;
+        let started = Instant::now();
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{}: NAK came at the timeout",
+            backend.name()
+        );
+        let store = server.running.state.store.clone();
+        let id: i64 = user.parse().unwrap();
+        let forgotten = eventually(Duration::from_secs(2), || {
+            let store = store.clone();
+            async move { store.device(id).await.unwrap().is_none() }
+        })
+        .await;
+        assert!(
+            forgotten,
+            "{}: the dead device is still registered",
+            backend.name()
+        );
+        // The next call finds no device.
+        assert_eq!(
+            server.client.incoming_call(&user, &call_id()).await.body,
+            "status=NAK"
+        );
+        assert_eq!(server.pusher.sent_to("tok-dead").len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_does_not_change_the_first() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-twice").await;
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        let push = server.pusher.wait_for("tok-twice", 1).await.remove(0);
+        let (first, second) = tokio::join!(
+            server
+                .client
+                .call_response(&key, start_time_of(&push), false),
+            async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                server
+                    .client
+                    .call_response(&key, start_time_of(&push), true)
+                    .await
+            }
+        );
+        assert_eq!(first.status, StatusCode::ACCEPTED);
+        // Accepted while the key lingers, unknown once the ended wait removed it.
+        assert!(
+            [StatusCode::ACCEPTED, StatusCode::NOT_FOUND].contains(&second.status),
+            "{}",
+            second.status
+        );
+        assert_eq!(pbx.await.unwrap().body, "status=NAK", "{}", backend.name());
+    })
+    .await;
+}
+
+/// Behind a load balancer the PBX's request and the app's answer reach
+/// different instances; Redis carries the answer across.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_call_through_redis() {
+    for backend in backends().await {
+        if backend.redis_url().is_none() {
+            continue; // The in-process broker is one instance by definition.
+        }
+        let a = start(&backend, |_| {}).await;
+        let b = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        // Registered through B, rung through A.
+        assert_eq!(
+            b.client.register("android", &user, "tok-lb").await,
+            StatusCode::CREATED
+        );
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = a.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        let push = a.pusher.wait_for("tok-lb", 1).await.remove(0);
+        let answer = b
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK");
+        assert_eq!(a.pusher.sent_to("tok-lb").len(), 1);
+    }
+}
+
+/// An answer whose message was lost (stored, never published) is still
+/// found by the batched fallback check well before the wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_message_is_caught_by_the_fallback_check() {
+    for backend in backends().await {
+        let Some(url) = backend.redis_url() else {
+            continue;
+        };
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        server.client.register("android", &user, "tok-lost").await;
+        let key = call_id();
+        let pbx = tokio::spawn({
+            let client = server.client.clone();
+            let (user, key) = (user.clone(), key.clone());
+            async move { client.incoming_call(&user, &key).await }
+        });
+        server.pusher.wait_for("tok-lost", 1).await;
+        let started = Instant::now();
+        let mut redis = redis(url).await;
+        let _: () = redis::cmd("SET")
+            .arg(format!("cn:{{{key}}}"))
+            .arg("available:android")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(pbx.await.unwrap().body, "status=ACK");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}

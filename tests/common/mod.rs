@@ -1,0 +1,335 @@
+//! What every black-box test shares: the backends to run against, a real
+//! server on an ephemeral port, and a real HTTP client.
+//!
+//! Every scenario runs against the embedded defaults (SQLite + in-process
+//! broker), and again against PostgreSQL + Redis when `TEST_DATABASE_URL`
+//! and `TEST_REDIS_URL` are set. A set variable whose service does not
+//! answer fails the test: nothing here skips.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use call_notifier::config::Config;
+use call_notifier::push::recording::RecordingPusher;
+use call_notifier::server::Running;
+use call_notifier::store::{App, Platform};
+use call_notifier::Server;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+/// The app id every test device registers with.
+pub const APP: &str = "com.example.softphone";
+
+/// Where a test's server keeps its state.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// SQLite in a fresh temporary file, in-process broker.
+    Embedded { dir: Arc<tempfile::TempDir> },
+    /// PostgreSQL (a fresh schema) and Redis.
+    Shared {
+        database_url: String,
+        redis_url: String,
+    },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded { .. } => "sqlite+memory",
+            Backend::Shared { .. } => "postgres+redis",
+        }
+    }
+
+    pub fn redis_url(&self) -> Option<&str> {
+        match self {
+            Backend::Embedded { .. } => None,
+            Backend::Shared { redis_url, .. } => Some(redis_url),
+        }
+    }
+
+    /// A config for a server on this backend, on an ephemeral loopback port.
+    pub fn config(&self) -> Config {
+        let mut config = Config::defaults();
+        config.listen = "127.0.0.1:0".parse().expect("an address");
+        match self {
+            Backend::Embedded { dir } => {
+                config.database_url = dir.path().join("test.sqlite3").display().to_string();
+                config.redis_url = None;
+            }
+            Backend::Shared {
+                database_url,
+                redis_url,
+            } => {
+                config.database_url = database_url.clone();
+                config.redis_url = Some(redis_url.clone());
+            }
+        }
+        config
+    }
+}
+
+/// The backends this run covers: always the embedded one, and PostgreSQL +
+/// Redis when both URLs are set.
+pub async fn backends() -> Vec<Backend> {
+    let mut all = vec![Backend::Embedded {
+        dir: Arc::new(tempfile::tempdir().expect("a temp dir")),
+    }];
+    match (
+        std::env::var("TEST_DATABASE_URL").ok(),
+        std::env::var("TEST_REDIS_URL").ok(),
+    ) {
+        (Some(database_url), Some(redis_url)) => all.push(Backend::Shared {
+            database_url: fresh_schema(&database_url).await,
+            redis_url,
+        }),
+        (None, None) => {}
+        _ => panic!("set both TEST_DATABASE_URL and TEST_REDIS_URL, or neither"),
+    }
+    all
+}
+
+/// Makes an empty PostgreSQL schema for one test and returns a URL whose
+/// connections use it, so tests never see each other's rows.
+async fn fresh_schema(url: &str) -> String {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let schema = format!("t_{}", call_notifier::calls::random_key());
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|e| panic!("TEST_DATABASE_URL is set but PostgreSQL does not answer: {e}"));
+    conn.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("create a test schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
+}
+
+/// A running server with a recording pusher, and a client for it.
+pub struct TestServer {
+    pub running: Running,
+    pub pusher: RecordingPusher,
+    pub backend: Backend,
+    pub client: TestClient,
+}
+
+/// Starts a server on `backend` with `tweak` applied to its config, and
+/// registers the test app for every platform.
+pub async fn start(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = backend.config();
+    tweak(&mut config);
+    let pusher = RecordingPusher::new();
+    let running = Server::new(config)
+        .with_pusher(Arc::new(pusher.clone()))
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()));
+    for platform in Platform::ALL {
+        running
+            .state
+            .store
+            .put_app(&App {
+                platform,
+                app_id: APP.into(),
+                credentials: None,
+            })
+            .await
+            .expect("add the test app");
+    }
+    let client = TestClient::new(running.url());
+    TestServer {
+        running,
+        pusher,
+        backend: backend.clone(),
+        client,
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A real HTTP/1.1 client pointed at one server.
+#[derive(Clone)]
+pub struct TestClient {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestClient {
+    pub fn new(base: String) -> Self {
+        TestClient {
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a raw request: method, path, content type and body bytes.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request");
+        let response = self
+            .client
+            .request(request)
+            .await
+            .expect("the server answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub async fn form(&self, method: Method, path: &str, fields: &[(&str, &str)]) -> Reply {
+        let body = serde_urlencoded::to_string(fields).expect("form-encodable");
+        self.send(
+            method,
+            path,
+            Some("application/x-www-form-urlencoded"),
+            body.into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Reply {
+        self.form(Method::POST, path, fields).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.send(
+            Method::POST,
+            path,
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(Method::GET, path, None, Vec::new()).await
+    }
+
+    /// Registers `token` for `sip_user_id` on `platform`; returns the status.
+    pub async fn register(&self, platform: &str, sip_user_id: &str, token: &str) -> StatusCode {
+        self.post(
+            &format!("/api/{platform}-device/"),
+            &[("sip_user_id", sip_user_id), ("token", token), ("app", APP)],
+        )
+        .await
+        .status
+    }
+
+    /// The PBX's request: parks until the call's outcome.
+    pub async fn incoming_call(&self, sip_user_id: &str, call_id: &str) -> Reply {
+        self.post(
+            "/api/incoming-call/",
+            &[
+                ("sip_user_id", sip_user_id),
+                ("phonenumber", "+31 50 123 4567"),
+                ("caller_id", "Alice"),
+                ("call_id", call_id),
+            ],
+        )
+        .await
+    }
+
+    /// The app's answer.
+    pub async fn call_response(
+        &self,
+        unique_key: &str,
+        message_start_time: f64,
+        available: bool,
+    ) -> Reply {
+        self.post(
+            "/api/call-response/",
+            &[
+                ("unique_key", unique_key),
+                ("message_start_time", &message_start_time.to_string()),
+                ("available", if available { "true" } else { "false" }),
+            ],
+        )
+        .await
+    }
+}
+
+/// A SIP account id no other test uses.
+pub fn sip_user_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let pid = u64::from(std::process::id());
+    (1_000_000 + pid * 10_000 + NEXT.fetch_add(1, Ordering::Relaxed)).to_string()
+}
+
+/// A call id no other test uses.
+pub fn call_id() -> String {
+    format!("test-{}", call_notifier::calls::random_key())
+}
+
+/// The `message_start_time` of a recorded call push.
+pub fn start_time_of(push: &call_notifier::push::recording::Recorded) -> f64 {
+    match &push.payload {
+        call_notifier::push::Payload::Call {
+            message_start_time, ..
+        } => *message_start_time,
+        other => panic!("not a call push: {other:?}"),
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A command connection to the test Redis.
+pub async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("TEST_REDIS_URL is set but Redis does not answer")
+}
