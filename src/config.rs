@@ -32,7 +32,7 @@ pub enum Command {
     Migrate,
     /// Manage the push apps that devices register against.
     #[command(subcommand)]
-    App(AppCommand),
+    App(Box<AppCommand>),
 }
 
 /// `call-notifier app ...`
@@ -205,6 +205,72 @@ pub struct Config {
     )]
     pub max_pending_calls: usize,
 
+    // Who may do what (issue 4).
+    /// The operator's account API that decides whether a device request's
+    /// HTTP Basic credentials own its `sip_user_id`. `{sip_user_id}` in the
+    /// URL is replaced by the id; without it, `?sip_user_id=<id>` is appended.
+    #[arg(long, env = "CALL_NOTIFIER_AUTH_URL", global = true)]
+    pub auth_url: Option<String>,
+
+    /// How long the account API may take before the device request gets 503.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_AUTH_TIMEOUT_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    pub auth_timeout_ms: u64,
+
+    /// How long a confirmed (credentials, sip_user_id) pair is trusted
+    /// without asking the account API again; 0 disables the cache.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_AUTH_CACHE_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub auth_cache_secs: u64,
+
+    /// Serve device endpoints without authentication on a non-loopback
+    /// address. Without `--auth-url` the server otherwise refuses to start
+    /// there.
+    #[arg(long, env = "CALL_NOTIFIER_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Networks (CIDR) allowed to post incoming calls; repeatable, or
+    /// comma-separated in the environment.
+    #[arg(long, env = "CALL_NOTIFIER_PBX_ALLOW", value_delimiter = ',', global = true,
+          default_values = ["127.0.0.0/8", "::1/128"])]
+    pub pbx_allow: Vec<ipnet::IpNet>,
+
+    /// Proxies (CIDR) whose `X-Forwarded-For` is believed; from anyone else
+    /// the header is ignored. Repeatable, or comma-separated in the environment.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_TRUSTED_PROXY",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxy: Vec<ipnet::IpNet>,
+
+    // Operations (issue 6).
+    /// Networks (CIDR) allowed to read `/metrics`; repeatable, or
+    /// comma-separated in the environment.
+    #[arg(long, env = "CALL_NOTIFIER_METRICS_ALLOW", value_delimiter = ',', global = true,
+          default_values = ["127.0.0.0/8", "::1/128"])]
+    pub metrics_allow: Vec<ipnet::IpNet>,
+
+    /// On SIGTERM or Ctrl-C, parked calls keep their full wait; calls still
+    /// parked this long after the signal (or at a second signal) are
+    /// answered NAK, then the process exits.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_SHUTDOWN_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub shutdown_timeout_secs: u64,
+
     /// Log line format.
     #[arg(
         long,
@@ -214,6 +280,22 @@ pub struct Config {
         global = true
     )]
     pub log_format: LogFormat,
+
+    // Push delivery (issue 3).
+    /// Base URL of the FCM HTTP v1 API; tests point it at a local stand-in.
+    #[arg(
+        long,
+        env = "CALL_NOTIFIER_FCM_BASE_URL",
+        default_value = "https://fcm.googleapis.com",
+        global = true
+    )]
+    pub fcm_base_url: String,
+
+    /// How long one push may take (token fetch, connect, send, answer)
+    /// before it counts as refused for now and is retried, in ms.
+    #[arg(long, env = "CALL_NOTIFIER_PUSH_TIMEOUT_MS", default_value_t = 2000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub push_timeout_ms: u64,
 }
 
 impl Config {
@@ -233,6 +315,10 @@ impl Config {
 
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+
+    pub fn push_timeout(&self) -> Duration {
+        Duration::from_millis(self.push_timeout_ms)
     }
 
     /// Pushes of one call at most: `wait / resend_interval - 1`, at least one.

@@ -18,11 +18,17 @@
 //!   (in-process or Redis).
 //! - [`store`]: devices, apps and the response log, in SQLite or PostgreSQL.
 //! - [`push`]: the [`push::Pusher`] boundary: APNs, FCM, log-only, recording.
+//! - [`auth`]: who may call what: device owners, PBX networks, probe limits.
+//! - [`outbound`]: the one outgoing HTTP client type (account API, FCM).
+//! - [`metrics`]: the Prometheus metrics of one server.
 
+pub mod auth;
 pub mod broker;
 pub mod calls;
 pub mod config;
 pub mod http;
+pub mod metrics;
+pub mod outbound;
 pub mod push;
 pub mod server;
 pub mod store;

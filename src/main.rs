@@ -55,36 +55,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::App(command) => app(config, command).await,
+        Command::App(command) => app(config, *command).await,
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let running = Server::new(config).start().await?;
-    running.run_until(shutdown_signal()).await;
+    running.run_until_signalled(shutdown_signals()?).await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Every Ctrl-C and SIGTERM, as a stream: the first drains, the second aborts.
+fn shutdown_signals() -> anyhow::Result<impl futures_util::Stream<Item = ()> + Unpin> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            #[cfg(unix)]
+            let term = term.recv();
+            #[cfg(not(unix))]
+            let term = std::future::pending::<Option<()>>();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
             }
-            Err(_) => std::future::pending().await,
+            if tx.send(()).is_err() {
+                return;
+            }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    });
+    Ok(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+    )))
 }
 
 async fn app(config: Config, command: AppCommand) -> anyhow::Result<()> {

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
+use crate::auth::Access;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::CallBroker;
 use crate::calls::Parking;
 use crate::config::{BrokerMode, Config};
-use crate::push::log::LogPusher;
+use crate::metrics::Metrics;
+use crate::push::router::PushRouter;
 use crate::push::Pusher;
 use crate::store::{self, Store};
 
@@ -29,6 +31,24 @@ pub struct AppState {
     pub response_api: String,
     /// The parked PBX requests, bounded by `--max-pending-calls`.
     pub parking: Parking,
+    /// Who may call what.
+    pub access: Access,
+    pub metrics: Metrics,
+    /// Where the server is in its life; parked calls and readiness watch it.
+    pub phase: watch::Sender<Phase>,
+}
+
+/// Where a server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Told to stop: readiness says 503, no new connection is accepted,
+    /// parked calls keep their full wait and get their real answer.
+    Draining,
+    /// Out of time (`--shutdown-timeout-secs`, or a second signal): calls
+    /// still parked are answered NAK now, so the PBX is never left hanging.
+    Aborting,
 }
 
 /// A server to start: the configuration plus what tests may swap in.
@@ -37,12 +57,20 @@ pub struct Server {
     pusher: Option<Arc<dyn Pusher>>,
 }
 
+/// Resolves once the phase seen through `phase` satisfies `reached`.
+/// (A helper, so no borrow of the watched value is held across an await.)
+pub async fn phase_reached(
+    phase: &mut watch::Receiver<Phase>,
+    reached: impl FnMut(&Phase) -> bool,
+) {
+    let _ = phase.wait_for(reached).await.map(|_| ());
+}
+
 /// A started server.
 pub struct Running {
     /// Where it listens (the real port when `--listen` named port 0).
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
-    stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -63,22 +91,16 @@ impl Server {
     /// Opens the store (running migrations) and the broker, binds the
     /// listener and starts serving in a task.
     pub async fn start(self) -> anyhow::Result<Running> {
+        // Refuse an unsafe set-up before anything listens.
+        let access = Access::from_config(&self.config)?;
         let listener = TcpListener::bind(self.config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
         let addr = listener.local_addr()?;
-        let state = build_state(self.config, addr, self.pusher).await?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(crate::http::serve(listener, state.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let state = build_state(self.config, addr, self.pusher, access).await?;
+        let task = tokio::spawn(crate::http::serve(listener, state.clone()));
         tracing::info!(%addr, "call-notifier listening");
-        Ok(Running {
-            addr,
-            state,
-            stop: Some(stop),
-            task,
-        })
+        Ok(Running { addr, state, task })
     }
 }
 
@@ -88,19 +110,54 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, lets the open requests finish, and returns when done.
+    /// Starts draining: see [`Phase::Draining`].
+    pub fn drain(&self) {
+        self.state.phase.send_if_modified(|phase| {
+            let first = *phase == Phase::Serving;
+            if first {
+                *phase = Phase::Draining;
+            }
+            first
+        });
+    }
+
+    /// Answers every parked call NAK now: see [`Phase::Aborting`].
+    pub fn abort(&self) {
+        self.state.phase.send_replace(Phase::Aborting);
+    }
+
+    /// Drains and returns when the last connection has finished.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.drain();
         let _ = (&mut self.task).await;
     }
 
-    /// Runs until `signal` resolves, then stops as [`Running::stop`] does.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        signal.await;
-        tracing::info!("shutting down");
-        self.stop().await;
+    /// Serves until the first `signals` item, drains, aborts at the second
+    /// (or at the shutdown timeout), and returns when everything finished.
+    pub async fn run_until_signalled(
+        mut self,
+        mut signals: impl futures_util::Stream<Item = ()> + Unpin,
+    ) {
+        use futures_util::StreamExt;
+        tokio::select! {
+            _ = &mut self.task => return,
+            _ = signals.next() => {}
+        }
+        tracing::info!(
+            parked_calls = self.state.parking.parked(),
+            "shutting down: draining parked calls (signal again to answer them NAK now)"
+        );
+        self.drain();
+        tokio::select! {
+            _ = &mut self.task => return,
+            _ = signals.next() => {}
+        }
+        tracing::warn!(
+            parked_calls = self.state.parking.parked(),
+            "second signal: answering parked calls NAK"
+        );
+        self.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -114,6 +171,7 @@ async fn build_state(
     config: Config,
     addr: SocketAddr,
     pusher: Option<Arc<dyn Pusher>>,
+    access: Access,
 ) -> anyhow::Result<Arc<AppState>> {
     let store = store::open(
         &config.database_url,
@@ -143,7 +201,7 @@ async fn build_state(
             .await?,
         ),
     };
-    let pusher = pusher.unwrap_or_else(|| Arc::new(LogPusher));
+    let pusher = pusher.unwrap_or_else(|| Arc::new(PushRouter::new(store.clone(), &config)));
     Ok(Arc::new(AppState {
         response_api: config.response_api(addr),
         config,
@@ -151,6 +209,9 @@ async fn build_state(
         broker,
         pusher,
         parking: Parking::default(),
+        access,
+        metrics: Metrics::default(),
+        phase: watch::channel(Phase::Serving).0,
     }))
 }
 

@@ -294,13 +294,7 @@ async fn the_pbx_hanging_up_leaves_nothing_behind() {
                         .query_async(&mut redis)
                         .await
                         .unwrap();
-                    let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-                        .arg("NUMSUB")
-                        .arg(format!("cn:{{{key}}}:answer"))
-                        .query_async(&mut redis)
-                        .await
-                        .unwrap();
-                    exists == 0 && subscribers == 0
+                    exists == 0 && subscribers(url, &key).await == 0
                 }
             })
             .await;

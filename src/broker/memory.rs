@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
+use super::{Answer, BrokerError, CallBroker, CallState, Release, Wait, Waiters};
 use crate::store::Platform;
 
 /// Cheap to clone; every clone shares one map.
@@ -71,7 +72,11 @@ impl CallBroker for MemoryBroker {
             before
         };
         if before.answer().is_none() {
-            self.shared.waiters.deliver(key, available);
+            let answer = Answer {
+                available,
+                received_at: Some(SystemTime::now()),
+            };
+            self.shared.waiters.deliver(key, answer);
         }
         Ok(Some(before))
     }

@@ -12,6 +12,7 @@ pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -24,6 +25,15 @@ pub enum BrokerError {
     /// The broker's backing service cannot be reached now.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+}
+
+/// An app's answer as it reaches a waiting call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answer {
+    pub available: bool,
+    /// When the answer reached a call-notifier instance, for the wake-up
+    /// latency metric; `None` when the fallback check found it.
+    pub received_at: Option<SystemTime>,
 }
 
 /// A key's stored state.
@@ -109,17 +119,19 @@ pub trait CallBroker: Send + Sync + 'static {
 /// up and hyper dropping the handler's future, an error), removes this
 /// process's bookkeeping, the subscription and the stored state.
 pub struct Wait {
-    answers: watch::Receiver<Option<bool>>,
+    answers: watch::Receiver<Option<Answer>>,
     _release: Release,
 }
 
 impl Wait {
-    /// Resolves with the answer (`true`: available) when it is delivered.
-    /// Never resolves when no answer comes: race it against the deadline.
-    pub async fn answered(&mut self) -> bool {
+    /// Resolves with the answer when it is delivered. Never resolves when no
+    /// answer comes: race it against the deadline.
+    pub async fn answered(&mut self) -> Answer {
         let answer = self.answers.wait_for(Option::is_some).await.map(|a| *a);
         match answer {
-            Ok(answer) => answer.unwrap_or(false),
+            Ok(Some(answer)) => answer,
+            // Not delivered by `wait_for(is_some)`; here for completeness.
+            Ok(None) => std::future::pending().await,
             // The broker went away; only the deadline can end the wait now.
             Err(_) => std::future::pending().await,
         }
@@ -152,14 +164,14 @@ pub(crate) struct Waiters {
 }
 
 struct Slot {
-    answers: watch::Sender<Option<bool>>,
+    answers: watch::Sender<Option<Answer>>,
     waiters: usize,
 }
 
 impl Waiters {
     /// Registers one more waiter on `key`. Says whether it is the first, i.e.
     /// whether the process must subscribe.
-    pub(crate) fn join(&self, key: &str) -> (watch::Receiver<Option<bool>>, bool) {
+    pub(crate) fn join(&self, key: &str) -> (watch::Receiver<Option<Answer>>, bool) {
         let mut slots = self.slots.lock().expect("waiters lock poisoned");
         if let Some(slot) = slots.get_mut(key) {
             slot.waiters += 1;
@@ -193,12 +205,12 @@ impl Waiters {
     }
 
     /// Hands an answer to every waiter on `key`. The first answer stands.
-    pub(crate) fn deliver(&self, key: &str, available: bool) {
+    pub(crate) fn deliver(&self, key: &str, answer: Answer) {
         let slots = self.slots.lock().expect("waiters lock poisoned");
         if let Some(slot) = slots.get(key) {
-            slot.answers.send_if_modified(|answer| {
-                if answer.is_none() {
-                    *answer = Some(available);
+            slot.answers.send_if_modified(|slot_answer| {
+                if slot_answer.is_none() {
+                    *slot_answer = Some(answer);
                     true
                 } else {
                     false
@@ -267,10 +279,18 @@ mod tests {
         let (mut a, first_a) = waiters.join("k");
         let (mut b, first_b) = waiters.join("k");
         assert!(first_a && !first_b);
-        waiters.deliver("k", false);
-        waiters.deliver("k", true);
-        assert_eq!(*a.wait_for(Option::is_some).await.unwrap(), Some(false));
-        assert_eq!(*b.wait_for(Option::is_some).await.unwrap(), Some(false));
+        let no = Answer {
+            available: false,
+            received_at: None,
+        };
+        let yes = Answer {
+            available: true,
+            received_at: None,
+        };
+        waiters.deliver("k", no);
+        waiters.deliver("k", yes);
+        assert_eq!(*a.wait_for(Option::is_some).await.unwrap(), Some(no));
+        assert_eq!(*b.wait_for(Option::is_some).await.unwrap(), Some(no));
         assert!(!waiters.leave("k"));
         assert!(waiters.leave("k"));
         assert_eq!(waiters.len(), 0);

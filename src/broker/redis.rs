@@ -1,16 +1,26 @@
 //! The Redis broker: state in keys, answers over pub/sub, so the PBX's request
 //! and the app's answer may reach different instances.
 //!
-//! Per process there is one pool of command connections (bb8-redis) and one
-//! subscriber connection that carries every channel the process waits on;
-//! never a connection per call. Three background tasks serve all waits:
+//! Two links to Redis, one behaviour:
 //!
-//! - the subscriber reads answers and hands them to the waiters; when its
-//!   connection drops it reconnects with backoff and resubscribes;
-//! - the fallback check reads, in one `MGET` per poll interval, the stored
-//!   state of every unanswered key this process waits on, so an answer whose
-//!   message was lost (published while the subscriber was reconnecting) still
-//!   ends its wait;
+//! - one server (`redis://`): a pool of command connections (bb8-redis) and
+//!   one subscriber connection that carries every channel the process waits
+//!   on, never a connection per call;
+//! - a Redis Cluster (`redis+cluster://host:port,host:port`): one cluster
+//!   connection (a multiplexed connection per node, RESP3) carries commands
+//!   and sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`), so an answer travels
+//!   only to the shard that owns its key; the redis crate follows slot moves
+//!   and failovers and resubscribes.
+//!
+//! Three background tasks serve all waits:
+//!
+//! - the subscriber reads answers and hands them to the waiters; on one
+//!   server, when its connection drops, it reconnects with backoff and
+//!   resubscribes;
+//! - the fallback check reads, in one `MGET` per poll interval (split per
+//!   slot on a cluster), the stored state of every unanswered key this
+//!   process waits on, so an answer whose message was lost (published while
+//!   the subscriber was reconnecting) still ends its wait;
 //! - the retirer deletes the keys of finished waits and unsubscribes their
 //!   channels, in batches, off the call path.
 //!
@@ -21,25 +31,29 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, PushInfo, PushKind, ScriptInvocation};
 use tokio::sync::{mpsc, watch};
 
-use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
+use super::{Answer, BrokerError, CallBroker, CallState, Release, Wait, Waiters};
 use crate::store::Platform;
 
-/// Stores an answer only over a pending state, then publishes it: one round
-/// trip, atomic, and the first answer stands. Returns the state before.
+/// Stores an answer only over a pending state, then publishes it (`PUBLISH`,
+/// or `SPUBLISH` on a cluster: ARGV[4]): one round trip, atomic, and the
+/// first answer stands. Returns the state before.
 const ANSWER_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before then return false end
 if string.sub(before, 1, 8) == 'pending:' then
   redis.call('SET', KEYS[1], ARGV[1] .. string.sub(before, 8), 'KEEPTTL')
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.call(ARGV[4], ARGV[2], ARGV[3])
 end
 return before
 "#;
@@ -64,9 +78,39 @@ fn key_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("cn:{")?.strip_suffix("}:answer")
 }
 
+/// The published message: `1` or `0` for available, a space, and when the
+/// answer reached us in Unix microseconds (for the wake-up latency metric).
+fn encode_message(available: bool, at: SystemTime) -> String {
+    let micros = at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("{} {micros}", u8::from(available))
+}
+
+fn decode_message(payload: &[u8]) -> Option<Answer> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (flag, micros) = text.split_once(' ').unwrap_or((text, ""));
+    let available = match flag {
+        "1" => true,
+        "0" => false,
+        _ => return None,
+    };
+    let received_at = micros
+        .parse::<u64>()
+        .ok()
+        .map(|m| UNIX_EPOCH + Duration::from_micros(m));
+    Some(Answer {
+        available,
+        received_at,
+    })
+}
+
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
+    /// `redis://host:port/db`, or `redis+cluster://host:port,host:port` for a
+    /// Redis Cluster (any reachable nodes; the rest are discovered).
     pub url: String,
     pub pool_size: u32,
     /// How long a command waits for a pooled connection.
@@ -89,45 +133,100 @@ pub struct RedisBroker {
 }
 
 struct Shared {
-    pool: bb8::Pool<RedisConnectionManager>,
+    link: Link,
     waiters: Waiters,
-    /// The subscriber connection's command half, while it is up.
-    sink: Mutex<Option<PubSubSink>>,
-    /// Whether the subscriber connection is up and subscribed.
-    subscribed: AtomicBool,
     /// Keys whose last local waiter left, for the retirer.
     retire: mpsc::UnboundedSender<Arc<str>>,
     options: RedisOptions,
     answer: redis::Script,
 }
 
+/// How this process reaches Redis.
+enum Link {
+    /// One Redis server.
+    Single {
+        /// Command connections.
+        pool: bb8::Pool<RedisConnectionManager>,
+        /// The subscriber connection's command half, while it is up.
+        sink: Mutex<Option<PubSubSink>>,
+        /// Whether the subscriber connection is up and subscribed.
+        subscribed: AtomicBool,
+    },
+    /// A Redis Cluster: one connection per node, commands and sharded
+    /// subscriptions alike; cheap to clone.
+    Cluster { conn: ClusterConnection },
+}
+
+/// The nodes of a `redis+cluster://a:1,b:2/...` URL, as RESP3 node URLs.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let (hosts, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("redis://{host}/{tail}"))
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
 impl RedisBroker {
-    /// Builds the broker and starts its tasks. Fails only on a malformed URL:
-    /// a Redis that is down now makes the broker unready, not the process dead.
+    /// Builds the broker and starts its tasks. On one server it fails only on
+    /// a malformed URL: a Redis that is down now makes the broker unready, not
+    /// the process dead. A cluster must answer at start-up, to learn its slots.
     pub async fn connect(options: RedisOptions) -> Result<RedisBroker, BrokerError> {
-        let client = redis::Client::open(options.url.as_str())
-            .map_err(|e| BrokerError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let manager = RedisConnectionManager::new(options.url.as_str())
-            .map_err(|e| BrokerError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let pool = bb8::Pool::builder()
-            .max_size(options.pool_size.max(1))
-            .connection_timeout(options.acquire_timeout)
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        let (retire, retired) = mpsc::unbounded_channel();
+        let bad_url =
+            |e: redis::RedisError| BrokerError::Unavailable(format!("bad Redis URL: {e}"));
         let (stop, stopped) = watch::channel(());
+        let (retire, retired) = mpsc::unbounded_channel();
+        let (link, subscriber) = match cluster_nodes(&options.url) {
+            Some(nodes) => {
+                let (pushes, pushed) = mpsc::unbounded_channel();
+                let client = ClusterClientBuilder::new(nodes)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .connection_timeout(options.acquire_timeout)
+                    .response_timeout(options.acquire_timeout)
+                    .build()
+                    .map_err(bad_url)?;
+                let conn = client.get_async_connection().await.map_err(|e| {
+                    BrokerError::Unavailable(format!("cannot reach the Redis Cluster: {e}"))
+                })?;
+                (Link::Cluster { conn }, Subscriber::Cluster(pushed))
+            }
+            None => {
+                let client = redis::Client::open(options.url.as_str()).map_err(bad_url)?;
+                let manager = RedisConnectionManager::new(options.url.as_str()).map_err(bad_url)?;
+                let pool = bb8::Pool::builder()
+                    .max_size(options.pool_size.max(1))
+                    .connection_timeout(options.acquire_timeout)
+                    .test_on_check_out(false)
+                    .build_unchecked(manager);
+                let link = Link::Single {
+                    pool,
+                    sink: Mutex::new(None),
+                    subscribed: AtomicBool::new(false),
+                };
+                (link, Subscriber::Single(client))
+            }
+        };
         let shared = Arc::new(Shared {
-            pool,
+            link,
             waiters: Waiters::default(),
-            sink: Mutex::new(None),
-            subscribed: AtomicBool::new(false),
             retire,
             answer: redis::Script::new(ANSWER_SCRIPT),
             options,
         });
         tokio::spawn(retirer(Arc::downgrade(&shared), retired));
         if shared.options.subscribe {
-            tokio::spawn(subscriber(Arc::downgrade(&shared), client, stopped.clone()));
+            let weak = Arc::downgrade(&shared);
+            match subscriber {
+                Subscriber::Single(client) => {
+                    tokio::spawn(subscriber_single(weak, client, stopped.clone()))
+                }
+                Subscriber::Cluster(pushed) => {
+                    tokio::spawn(subscriber_cluster(weak, pushed, stopped.clone()))
+                }
+            };
             tokio::spawn(fallback_check(Arc::downgrade(&shared), stopped));
         }
         Ok(RedisBroker {
@@ -137,33 +236,124 @@ impl RedisBroker {
     }
 }
 
+/// What the subscriber task reads from.
+enum Subscriber {
+    /// Connects (and reconnects) its own pub/sub connection.
+    Single(redis::Client),
+    /// Receives the cluster connection's RESP3 pushes.
+    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
 impl Shared {
-    async fn conn(&self) -> Result<bb8::PooledConnection<'_, RedisConnectionManager>, BrokerError> {
-        self.pool.get().await.map_err(unavailable)
+    /// Runs one command on whichever link this is.
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
+        let result = match &self.link {
+            Link::Single { pool, .. } => {
+                let mut conn = pool.get().await.map_err(unavailable)?;
+                cmd.query_async(&mut *conn).await
+            }
+            Link::Cluster { conn } => cmd.query_async(&mut conn.clone()).await,
+        };
+        result.map_err(unavailable)
     }
 
-    fn sink(&self) -> Option<PubSubSink> {
-        self.sink.lock().expect("sink lock poisoned").clone()
+    /// Runs the answer script on whichever link this is.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, BrokerError> {
+        let result = match &self.link {
+            Link::Single { pool, .. } => {
+                let mut conn = pool.get().await.map_err(unavailable)?;
+                script.invoke_async(&mut *conn).await
+            }
+            Link::Cluster { conn } => script.invoke_async(&mut conn.clone()).await,
+        };
+        result.map_err(unavailable)
+    }
+
+    /// The command that publishes an answer to its channel.
+    fn publish_command(&self) -> &'static str {
+        match self.link {
+            Link::Single { .. } => "PUBLISH",
+            Link::Cluster { .. } => "SPUBLISH",
+        }
+    }
+
+    /// Subscribes to one key's channel, confirmed by Redis before it returns.
+    async fn subscribe(&self, channel: String) -> Result<(), BrokerError> {
+        let subscribed =
+            match &self.link {
+                Link::Single { sink, .. } => {
+                    let mut sink = sink
+                        .lock()
+                        .expect("sink lock poisoned")
+                        .clone()
+                        .ok_or_else(|| unavailable("Redis subscriber connection is down"))?;
+                    tokio::time::timeout(SUBSCRIBER_TIMEOUT, async move {
+                        sink.subscribe(channel).await
+                    })
+                    .await
+                }
+                Link::Cluster { conn } => {
+                    let mut conn = conn.clone();
+                    tokio::time::timeout(SUBSCRIBER_TIMEOUT, async move {
+                        conn.ssubscribe(channel).await
+                    })
+                    .await
+                }
+            };
+        subscribed
+            .map_err(|_| unavailable("Redis SUBSCRIBE timed out"))?
+            .map_err(unavailable)
+    }
+
+    /// Unsubscribes from channels nobody here waits on any more.
+    async fn unsubscribe(&self, channels: Vec<String>) {
+        match &self.link {
+            Link::Single { sink, .. } => {
+                let sink = sink.lock().expect("sink lock poisoned").clone();
+                // A lost subscriber connection took its subscriptions with it.
+                if let Some(mut sink) = sink {
+                    let _ =
+                        tokio::time::timeout(SUBSCRIBER_TIMEOUT, sink.unsubscribe(&channels)).await;
+                }
+            }
+            Link::Cluster { conn } => {
+                // Sharded channels of different slots cannot share one command.
+                let unsubscribed = channels.into_iter().map(|channel| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(channel).await }
+                });
+                let _ = tokio::time::timeout(
+                    SUBSCRIBER_TIMEOUT,
+                    futures_util::future::join_all(unsubscribed),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Whether answers can reach this process now.
+    fn subscribed(&self) -> bool {
+        match &self.link {
+            Link::Single { subscribed, .. } => subscribed.load(Ordering::Acquire),
+            // The cluster connection resubscribes by itself; the fallback
+            // check covers its gaps.
+            Link::Cluster { .. } => true,
+        }
     }
 
     /// The fallback check: one `MGET` for every unanswered key waited on here.
     async fn check_stored(&self) -> Result<(), BrokerError> {
         let keys = self.waiters.unanswered();
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn().await?;
         for chunk in keys.chunks(BATCH) {
             let names: Vec<String> = chunk.iter().map(|k| state_key(k)).collect();
-            let values: Vec<Option<String>> = redis::cmd("MGET")
-                .arg(&names)
-                .query_async(&mut *conn)
-                .await
-                .map_err(unavailable)?;
+            let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
             for (key, value) in chunk.iter().zip(values) {
                 if let Some(available) = value
                     .as_deref()
@@ -171,7 +361,13 @@ impl Shared {
                     .and_then(CallState::answer)
                 {
                     tracing::debug!(unique_key = %key, "answer found by the fallback check");
-                    self.waiters.deliver(key, available);
+                    self.waiters.deliver(
+                        key,
+                        Answer {
+                            available,
+                            received_at: None,
+                        },
+                    );
                 }
             }
         }
@@ -196,25 +392,20 @@ impl CallBroker for RedisBroker {
             })
         };
         if shared.options.subscribe && first {
-            let mut sink = shared
-                .sink()
-                .ok_or_else(|| unavailable("Redis subscriber connection is down"))?;
-            tokio::time::timeout(SUBSCRIBER_TIMEOUT, sink.subscribe(channel(key)))
-                .await
-                .map_err(|_| unavailable("Redis SUBSCRIBE timed out"))?
-                .map_err(unavailable)?;
+            shared.subscribe(channel(key)).await?;
         }
-        let mut conn = shared.conn().await?;
         let ttl = u64::try_from(shared.options.state_ttl.as_millis()).unwrap_or(u64::MAX);
-        redis::cmd("SET")
-            .arg(state_key(key))
-            .arg(CallState::Pending { platform }.encode())
-            .arg("PX")
-            .arg(ttl)
-            .arg("NX")
-            .query_async::<()>(&mut *conn)
-            .await
-            .map_err(unavailable)?;
+        let pending = CallState::Pending { platform }.encode();
+        shared
+            .query::<()>(
+                redis::cmd("SET")
+                    .arg(state_key(key))
+                    .arg(pending)
+                    .arg("PX")
+                    .arg(ttl)
+                    .arg("NX"),
+            )
+            .await?;
         Ok(Wait {
             answers,
             _release: release,
@@ -222,10 +413,8 @@ impl CallBroker for RedisBroker {
     }
 
     async fn answer(&self, key: &str, available: bool) -> Result<Option<CallState>, BrokerError> {
-        let mut conn = self.shared.conn().await?;
-        let before: Option<String> = self
-            .shared
-            .answer
+        let mut script = self.shared.answer.prepare_invoke();
+        script
             .key(state_key(key))
             .arg(if available {
                 "available"
@@ -233,30 +422,23 @@ impl CallBroker for RedisBroker {
                 "unavailable"
             })
             .arg(channel(key))
-            .arg(if available { "1" } else { "0" })
-            .invoke_async(&mut *conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(encode_message(available, SystemTime::now()))
+            .arg(self.shared.publish_command());
+        let before: Option<String> = self.shared.invoke(&script).await?;
         Ok(before.as_deref().and_then(CallState::decode))
     }
 
     async fn state(&self, key: &str) -> Result<Option<CallState>, BrokerError> {
-        let mut conn = self.shared.conn().await?;
-        let value: Option<String> = redis::cmd("GET")
-            .arg(state_key(key))
-            .query_async(&mut *conn)
-            .await
-            .map_err(unavailable)?;
+        let value: Option<String> = self
+            .shared
+            .query(redis::cmd("GET").arg(state_key(key)))
+            .await?;
         Ok(value.as_deref().and_then(CallState::decode))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.shared.conn().await?;
-        redis::cmd("PING")
-            .query_async::<()>(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if self.shared.options.subscribe && !self.shared.subscribed.load(Ordering::Acquire) {
+        self.shared.query::<()>(&redis::cmd("PING")).await?;
+        if self.shared.options.subscribe && !self.shared.subscribed() {
             return Err(unavailable("Redis subscriber connection is down"));
         }
         Ok(())
@@ -275,8 +457,19 @@ async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<()>) -> bo
     }
 }
 
-/// Owns the subscriber connection: connect, resubscribe, read, repeat.
-async fn subscriber(shared: Weak<Shared>, client: redis::Client, mut stop: watch::Receiver<()>) {
+/// Hands a published message to the waiters on its key.
+fn deliver_message(shared: &Shared, channel_name: &str, payload: &[u8]) {
+    if let (Some(key), Some(answer)) = (key_of_channel(channel_name), decode_message(payload)) {
+        shared.waiters.deliver(key, answer);
+    }
+}
+
+/// One server: owns the subscriber connection: connect, resubscribe, read, repeat.
+async fn subscriber_single(
+    shared: Weak<Shared>,
+    client: redis::Client,
+    mut stop: watch::Receiver<()>,
+) {
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
     const MAX_BACKOFF: Duration = Duration::from_secs(2);
     let mut backoff = MIN_BACKOFF;
@@ -301,19 +494,28 @@ async fn subscriber(shared: Weak<Shared>, client: redis::Client, mut stop: watch
             let Some(shared) = shared.upgrade() else {
                 return;
             };
+            let Link::Single {
+                sink: current,
+                subscribed,
+                ..
+            } = &shared.link
+            else {
+                return;
+            };
             // New waits subscribe through the new sink from now on; the ones
             // already open are resubscribed here.
-            *shared.sink.lock().expect("sink lock poisoned") = Some(sink.clone());
+            *current.lock().expect("sink lock poisoned") = Some(sink.clone());
             if let Err(e) = resubscribe(&shared, sink.clone()).await {
                 tracing::warn!(error = %e, "Redis resubscribe failed");
-                *shared.sink.lock().expect("sink lock poisoned") = None;
+                *current.lock().expect("sink lock poisoned") = None;
                 drop(shared);
                 if !sleep_or_stop(backoff, &mut stop).await {
                     return;
                 }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
-            shared.subscribed.store(true, Ordering::Release);
+            subscribed.store(true, Ordering::Release);
             // Whatever was answered while we were away was published to nobody.
             if let Err(e) = shared.check_stored().await {
                 tracing::warn!(error = %e, "fallback check after resubscribe failed");
@@ -331,9 +533,7 @@ async fn subscriber(shared: Weak<Shared>, client: redis::Client, mut stop: watch
                 message = messages.next() => {
                     let Some(message) = message else { break };
                     let Some(shared) = shared.upgrade() else { return };
-                    if let Some(key) = key_of_channel(message.get_channel_name()) {
-                        shared.waiters.deliver(key, message.get_payload_bytes() == b"1");
-                    }
+                    deliver_message(&shared, message.get_channel_name(), message.get_payload_bytes());
                 }
                 _ = ping.tick() => {
                     let mut sink = sink.clone();
@@ -348,9 +548,48 @@ async fn subscriber(shared: Weak<Shared>, client: redis::Client, mut stop: watch
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.subscribed.store(false, Ordering::Release);
-        *shared.sink.lock().expect("sink lock poisoned") = None;
+        if let Link::Single {
+            sink, subscribed, ..
+        } = &shared.link
+        {
+            subscribed.store(false, Ordering::Release);
+            *sink.lock().expect("sink lock poisoned") = None;
+        }
         tracing::warn!("Redis subscriber connection lost; reconnecting");
+    }
+}
+
+/// A cluster: reads the sharded messages the cluster connection pushes.
+async fn subscriber_cluster(
+    shared: Weak<Shared>,
+    mut pushed: mpsc::UnboundedReceiver<PushInfo>,
+    mut stop: watch::Receiver<()>,
+) {
+    loop {
+        let push = tokio::select! {
+            push = pushed.recv() => push,
+            _ = stop.changed() => return,
+        };
+        let Some(push) = push else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match (push.kind, push.data.as_slice()) {
+            (PushKind::SMessage | PushKind::Message, [channel, payload]) => {
+                if let (Ok(channel), Ok(payload)) = (
+                    String::from_redis_value_ref(channel),
+                    Vec::<u8>::from_redis_value_ref(payload),
+                ) {
+                    deliver_message(&shared, &channel, &payload);
+                }
+            }
+            (PushKind::Disconnection, _) => {
+                tracing::warn!(
+                    "a Redis Cluster node connection dropped; the fallback check covers the gap"
+                );
+            }
+            _ => {}
+        }
     }
 }
 
@@ -406,24 +645,13 @@ async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Arc<
             continue;
         }
         let names: Vec<String> = batch.iter().map(|k| state_key(k)).collect();
-        match shared.conn().await {
-            Ok(mut conn) => {
-                if let Err(e) = redis::cmd("DEL")
-                    .arg(&names)
-                    .query_async::<()>(&mut *conn)
-                    .await
-                {
-                    tracing::warn!(error = %e, keys = names.len(), "Redis DEL of finished calls failed; their TTL will expire them");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Redis unavailable to delete finished calls; their TTL will expire them")
-            }
+        if let Err(e) = shared.query::<()>(redis::cmd("DEL").arg(&names)).await {
+            tracing::warn!(error = %e, keys = names.len(), "cannot delete finished calls; their TTL will expire them");
         }
-        if let Some(mut sink) = shared.options.subscribe.then(|| shared.sink()).flatten() {
-            let channels: Vec<String> = batch.iter().map(|k| channel(k)).collect();
-            // A lost subscriber connection took its subscriptions with it.
-            let _ = tokio::time::timeout(SUBSCRIBER_TIMEOUT, sink.unsubscribe(&channels)).await;
+        if shared.options.subscribe {
+            shared
+                .unsubscribe(batch.iter().map(|k| channel(k)).collect())
+                .await;
         }
     }
 }
@@ -431,6 +659,38 @@ async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_carry_the_answer_and_when_it_came() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let answer = decode_message(encode_message(true, at).as_bytes()).unwrap();
+        assert_eq!(
+            answer,
+            Answer {
+                available: true,
+                received_at: Some(at)
+            }
+        );
+        assert!(!decode_message(b"0").unwrap().available);
+        assert_eq!(decode_message(b"maybe"), None);
+    }
+
+    #[test]
+    fn cluster_urls_name_their_nodes() {
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:1,b:2/?protocol=resp3"),
+            Some(vec![
+                "redis://a:1/?protocol=resp3".to_owned(),
+                "redis://b:2/?protocol=resp3".to_owned()
+            ])
+        );
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:1"),
+            Some(vec!["redis://a:1/".to_owned()])
+        );
+        assert_eq!(cluster_nodes("redis://a:1"), None);
+        assert_eq!(cluster_nodes("redis+cluster://"), None);
+    }
 
     #[test]
     fn channel_names_give_back_their_key() {

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use crate::broker::Wait;
+use crate::broker::{Answer, Wait};
 use crate::config::BrokerMode;
 use crate::push::{Payload, PushTarget};
-use crate::server::AppState;
+use crate::server::{phase_reached, AppState, Phase};
+use crate::store::Platform;
 
 /// An incoming call as the PBX described it, already validated.
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub enum NakReason {
     Overloaded,
     /// The store or the broker could not be reached.
     Unavailable,
+    /// The server was shutting down and out of time to wait.
+    Shutdown,
 }
 
 impl NakReason {
@@ -63,6 +66,7 @@ impl NakReason {
             NakReason::Timeout => "timeout",
             NakReason::Overloaded => "overloaded",
             NakReason::Unavailable => "unavailable",
+            NakReason::Shutdown => "shutdown",
         }
     }
 }
@@ -133,51 +137,86 @@ pub fn unix_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One call's log line and metrics, written once on every way out, the PBX
+/// hanging up (this dropped mid-wait) included.
+struct CallRecord<'a> {
+    state: &'a AppState,
+    sip_user_id: i64,
+    started: Instant,
+    unique_key: Option<String>,
+    platform: Option<Platform>,
+    /// Pushes accepted so far, reported by the push schedule.
+    attempts: Option<watch::Receiver<u32>>,
+    /// `None` until the call ends; still `None` on drop: the PBX hung up.
+    outcome: Option<Outcome>,
+}
+
+impl CallRecord<'_> {
+    fn end(&mut self, outcome: Outcome) -> Outcome {
+        self.outcome = Some(outcome);
+        outcome
+    }
+}
+
+impl Drop for CallRecord<'_> {
+    fn drop(&mut self) {
+        let outcome = self.outcome.map_or("hung_up", Outcome::as_str);
+        self.state.metrics.call(outcome);
+        tracing::info!(
+            unique_key = self.unique_key.as_deref().unwrap_or(""),
+            sip_user_id = self.sip_user_id,
+            platform = self.platform.map_or("", Platform::as_str),
+            attempts = self.attempts.as_ref().map_or(0, |a| *a.borrow()),
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            outcome,
+            "call ended"
+        );
+    }
+}
+
 /// Rings the device of `call.sip_user_id` and waits for its app.
 ///
 /// Dropping this future (the PBX hung up) is a clean exit: the wait's guard
 /// removes the subscription and the state, and the pushes are aborted.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
-    let started = Instant::now();
+    let mut record = CallRecord {
+        state,
+        sip_user_id: call.sip_user_id,
+        started: Instant::now(),
+        unique_key: None,
+        platform: None,
+        attempts: None,
+        outcome: None,
+    };
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
         tracing::warn!(
-            sip_user_id = call.sip_user_id,
             max = state.config.max_pending_calls,
             "too many parked calls; answering NAK"
         );
-        return Outcome::Nak(NakReason::Overloaded);
+        return record.end(Outcome::Nak(NakReason::Overloaded));
     };
     let device = match state.store.device(call.sip_user_id).await {
         Ok(Some(device)) => device,
-        Ok(None) => {
-            tracing::info!(
-                sip_user_id = call.sip_user_id,
-                outcome = "no_device",
-                "call ended"
-            );
-            return Outcome::Nak(NakReason::NoDevice);
-        }
+        Ok(None) => return record.end(Outcome::Nak(NakReason::NoDevice)),
         Err(e) => {
+            state.metrics.error("store");
             tracing::error!(sip_user_id = call.sip_user_id, error = %e, "device lookup failed; answering NAK");
-            return Outcome::Nak(NakReason::Unavailable);
+            return record.end(Outcome::Nak(NakReason::Unavailable));
         }
     };
+    record.platform = Some(device.platform);
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
+    record.unique_key = Some(unique_key.clone());
     let mut wait = match state.broker.open(&unique_key, device.platform).await {
         Ok(wait) => wait,
         Err(e) => {
-            tracing::error!(sip_user_id = call.sip_user_id, %unique_key, error = %e, "cannot open the wait; answering NAK");
-            return Outcome::Nak(NakReason::Unavailable);
+            state.metrics.error("broker");
+            tracing::error!(%unique_key, error = %e, "cannot open the wait; answering NAK");
+            return record.end(Outcome::Nak(NakReason::Unavailable));
         }
     };
-    let deadline = tokio::time::Instant::from_std(started) + state.config.wait();
-    let target = PushTarget {
-        platform: device.platform,
-        token: device.token,
-        app_id: device.app_id,
-        sandbox: device.sandbox,
-        sip_user_id: device.sip_user_id,
-    };
+    let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
+    let target = PushTarget::from(device);
     let payload = Payload::Call {
         unique_key: unique_key.clone(),
         phonenumber: call.phonenumber,
@@ -187,52 +226,52 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         attempt: 1,
     };
     let (dead_token, token_died) = oneshot::channel();
-    let (attempts_tx, attempts) = tokio::sync::watch::channel(0u32);
+    let (attempts, attempts_seen) = watch::channel(0u32);
+    record.attempts = Some(attempts_seen);
     let _pushes = AbortOnDrop(tokio::spawn(schedule::push_until_answered(
         state.clone(),
         target,
         payload,
         schedule::Report {
             dead_token,
-            attempts: attempts_tx,
+            attempts,
         },
     )));
 
+    let mut phase = state.phase.subscribe();
     let outcome = tokio::select! {
-        available = answered(state, &unique_key, &mut wait) => {
-            if available { Outcome::Ack } else { Outcome::Nak(NakReason::NotAvailable) }
+        answer = answered(state, &unique_key, &mut wait) => {
+            if let Some(latency) = answer.received_at.and_then(|at| at.elapsed().ok()) {
+                state.metrics.wakeup_latency.observe(latency.as_secs_f64());
+            }
+            if answer.available { Outcome::Ack } else { Outcome::Nak(NakReason::NotAvailable) }
         }
         Ok(()) = token_died => Outcome::Nak(NakReason::TokenDead),
         _ = tokio::time::sleep_until(deadline) => Outcome::Nak(NakReason::Timeout),
+        _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => Outcome::Nak(NakReason::Shutdown),
     };
-    tracing::info!(
-        %unique_key,
-        sip_user_id = call.sip_user_id,
-        platform = %device.platform,
-        attempts = *attempts.borrow(),
-        waited_ms = started.elapsed().as_millis() as u64,
-        outcome = outcome.as_str(),
-        "call ended"
-    );
-    outcome
+    record.end(outcome)
 }
 
 /// Resolves with the app's answer: pushed to us in the `pubsub` broker mode,
 /// read every poll interval in the `poll` mode kept for comparison.
-async fn answered(state: &AppState, key: &str, wait: &mut Wait) -> bool {
+async fn answered(state: &AppState, key: &str, wait: &mut Wait) -> Answer {
     match state.config.broker_mode {
         BrokerMode::Pubsub => wait.answered().await,
         BrokerMode::Poll => {
             let mut tick = tokio::time::interval(state.config.poll_interval());
             loop {
                 tick.tick().await;
-                if let Ok(Some(answer)) = state
+                if let Ok(Some(available)) = state
                     .broker
                     .state(key)
                     .await
                     .map(|s| s.and_then(|s| s.answer()))
                 {
-                    return answer;
+                    return Answer {
+                        available,
+                        received_at: None,
+                    };
                 }
             }
         }

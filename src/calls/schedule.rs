@@ -53,7 +53,13 @@ pub(super) async fn push_until_answered(
             *number = attempt;
         }
         let sent_at = Instant::now();
-        match state.pusher.send(&target, &payload).await {
+        let outcome = state.pusher.send(&target, &payload).await;
+        state.metrics.push(
+            target.platform,
+            outcome.as_str(),
+            sent_at.elapsed().as_secs_f64(),
+        );
+        match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
                 if target.platform.is_apns() || attempt >= max_attempts {

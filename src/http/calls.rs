@@ -9,7 +9,9 @@ use hyper::{Request, Response, StatusCode};
 use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{text, Body};
+use crate::auth::AuthError;
 use crate::calls::{self, IncomingCall, Outcome};
+use crate::metrics::PlatformLabel;
 use crate::server::AppState;
 use crate::store::{now_millis, ResponseLogEntry};
 
@@ -60,9 +62,15 @@ fn parse_incoming_call(fields: &Fields) -> Result<IncomingCall, ApiError> {
 /// The PBX parks here until the app answers or the wait runs out.
 pub(super) async fn incoming_call(
     state: &Arc<AppState>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    // Checked before the body is read: a stranger gets nothing but 403.
+    let source = state.access.network.client_ip(peer.ip(), request.headers());
+    if !state.access.network.pbx_allowed(source) {
+        tracing::warn!(%source, "incoming call from outside --pbx-allow refused");
+        return Err(AuthError::Forbidden.into());
+    }
     let (_, fields) = body::read(request, Source::Body).await?;
     let call = parse_incoming_call(&fields)?;
     Ok(match calls::ring(state, call).await {
@@ -78,9 +86,20 @@ const MAX_UNIX_SECONDS: f64 = 95_617_584_000.0;
 /// The app, awake and SIP-registered, says whether it takes the call.
 pub(super) async fn call_response(
     state: &Arc<AppState>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = body::read(request, Source::Body).await?;
+    let (parts, fields) = body::read(request, Source::Body).await?;
+    let source = state.access.network.client_ip(peer.ip(), &parts.headers);
+    // One 404 for unknown and too late: a prober learns nothing from it, and
+    // is refused for a while once it has probed too often.
+    let unknown = || match state.access.probes.miss(source) {
+        Some(wait) => {
+            tracing::warn!(%source, "call-response with unknown keys too often; refusing for a while");
+            ApiError::TooManyRequests(wait)
+        }
+        None => ApiError::NotFound("not found"),
+    };
     let unique_key = fields.required_text("unique_key", 255)?;
     let message_start_time = fields.number("message_start_time")?;
     if !(0.0..MAX_UNIX_SECONDS).contains(&message_start_time) {
@@ -91,15 +110,21 @@ pub(super) async fn call_response(
     }
     let available = fields.boolean("available", true)?;
     let roundtrip = calls::unix_seconds() - message_start_time;
-    // One 404 for unknown and too late: a prober learns nothing from it.
-    const UNKNOWN: ApiError = ApiError::NotFound("not found");
     if roundtrip > state.config.wait().as_secs_f64() {
-        return Err(UNKNOWN);
+        return Err(unknown());
     }
     let Some(before) = state.broker.answer(&unique_key, available).await? else {
-        return Err(UNKNOWN);
+        return Err(unknown());
     };
     if before.answer().is_none() {
+        let platform = PlatformLabel {
+            platform: before.platform().as_str(),
+        };
+        state
+            .metrics
+            .wakeup_roundtrip
+            .get_or_create(&platform)
+            .observe(roundtrip.max(0.0));
         // The log row must not delay the answer the PBX is waiting for.
         let store = state.store.clone();
         let entry = ResponseLogEntry {

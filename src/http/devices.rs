@@ -4,11 +4,15 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
+use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 
 use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, Body};
+use crate::auth::AuthError;
+use crate::metrics::{PlatformLabel, PushLabels, ResultLabel};
 use crate::push::{Payload, PushTarget};
 use crate::server::AppState;
 use crate::store::{Device, NewDevice, Platform, Registration};
@@ -23,6 +27,36 @@ fn token(fields: &Fields) -> Result<String, ApiError> {
         return Err(ApiError::invalid("token", "must not contain whitespace"));
     }
     Ok(token)
+}
+
+/// Reads an app request and checks that its credentials own its
+/// `sip_user_id`. Missing credentials are refused before the body is read.
+pub(super) async fn read_authorized(
+    state: &AppState,
+    request: Request<Incoming>,
+    source: Source,
+) -> Result<(Parts, Fields), ApiError> {
+    if state.access.requires_credentials() && !request.headers().contains_key(AUTHORIZATION) {
+        return Err(AuthError::Missing.into());
+    }
+    let (parts, fields) = body::read(request, source).await?;
+    let verdict = state
+        .access
+        .authorize_device(&parts.headers, fields.sip_user_id()?)
+        .await;
+    let result = match &verdict {
+        Ok(how) => how,
+        Err(e) => e.as_str(),
+    };
+    if result != "open" {
+        state
+            .metrics
+            .auth_checks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+    verdict?;
+    Ok((parts, fields))
 }
 
 fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiError> {
@@ -44,7 +78,7 @@ pub(super) async fn register(
     platform: Platform,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = body::read(request, Source::Body).await?;
+    let (_, fields) = read_authorized(state, request, Source::Body).await?;
     let device = parse_device(platform, &fields)?;
     if state.store.app(platform, &device.app_id).await?.is_none() {
         return Err(ApiError::NotFound("app unknown for this platform"));
@@ -61,15 +95,20 @@ pub(super) async fn register(
         "sandbox": device.sandbox,
     });
     let token = device.token.clone();
-    let status = match state.store.register_device(device).await? {
-        Registration::Created => StatusCode::CREATED,
+    let (status, result) = match state.store.register_device(device).await? {
+        Registration::Created => (StatusCode::CREATED, "created"),
         Registration::Updated { previous } => {
             if previous.token != token {
                 notify_taken_over(state, previous);
             }
-            StatusCode::OK
+            (StatusCode::OK, "updated")
         }
     };
+    let labels = PushLabels {
+        platform: platform.as_str(),
+        outcome: result,
+    };
+    state.metrics.registrations.get_or_create(&labels).inc();
     Ok(json(status, &body))
 }
 
@@ -77,13 +116,7 @@ pub(super) async fn register(
 fn notify_taken_over(state: &Arc<AppState>, previous: Device) {
     let pusher = state.pusher.clone();
     tokio::spawn(async move {
-        let target = PushTarget {
-            platform: previous.platform,
-            token: previous.token,
-            app_id: previous.app_id,
-            sandbox: previous.sandbox,
-            sip_user_id: previous.sip_user_id,
-        };
+        let target = PushTarget::from(previous);
         let outcome = pusher
             .send(
                 &target,
@@ -105,7 +138,7 @@ pub(super) async fn unregister(
     platform: Platform,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = body::read(request, Source::QueryAndBody).await?;
+    let (_, fields) = read_authorized(state, request, Source::QueryAndBody).await?;
     let sip_user_id = fields.sip_user_id()?;
     let token = token(&fields)?;
     let app_id = fields.required_text("app", 255)?;
@@ -114,6 +147,10 @@ pub(super) async fn unregister(
         .delete_device(sip_user_id, platform, &token, &app_id)
         .await?
     {
+        let labels = PlatformLabel {
+            platform: platform.as_str(),
+        };
+        state.metrics.deletions.get_or_create(&labels).inc();
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "deleted": true }),

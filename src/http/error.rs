@@ -6,9 +6,10 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
+use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::store::StoreError;
 
@@ -32,6 +33,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("request body not received in time")]
     Timeout,
+    /// Who sent the request may not do this.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The source sent too many requests of a kind; it may retry after this long.
+    #[error("too many requests")]
+    TooManyRequests(std::time::Duration),
     /// A dependency (database, Redis, account API) is down.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -57,6 +64,10 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Auth(AuthError::Missing | AuthError::Rejected) => StatusCode::UNAUTHORIZED,
+            ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            ApiError::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,7 +82,7 @@ impl ApiError {
                 "field": field,
                 "rule": rule,
             }),
-            ApiError::Unavailable(detail) => {
+            ApiError::Unavailable(detail) | ApiError::Auth(AuthError::Unavailable(detail)) => {
                 tracing::warn!(%detail, "answering 503");
                 serde_json::json!({ "error": "service temporarily unavailable" })
             }
@@ -82,14 +93,20 @@ impl ApiError {
             other => serde_json::json!({ "error": other.to_string() }),
         };
         let mut response = super::json(status, &body);
-        if let ApiError::MethodNotAllowed(allow) = self {
-            response
-                .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static(allow));
+        let headers = response.headers_mut();
+        match self {
+            ApiError::MethodNotAllowed(allow) => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::Auth(AuthError::Missing | AuthError::Rejected) => {
+                let challenge = HeaderValue::from_static("Basic realm=\"call-notifier\"");
+                headers.insert(WWW_AUTHENTICATE, challenge);
+            }
+            ApiError::TooManyRequests(after) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            }
+            _ => {}
         }
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
 }

@@ -3,13 +3,43 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
+use super::error::ApiError;
 use super::{json, Body};
-use crate::server::AppState;
+use crate::auth::AuthError;
+use crate::server::{AppState, Phase};
 
 /// How long a dependency may take to answer a readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `/metrics`, to `--metrics-allow` networks only.
+pub(super) fn metrics(
+    state: &AppState,
+    source: std::net::IpAddr,
+) -> Result<Response<Body>, ApiError> {
+    if !state
+        .config
+        .metrics_allow
+        .iter()
+        .any(|net| net.contains(&source.to_canonical()))
+    {
+        return Err(AuthError::Forbidden.into());
+    }
+    state
+        .metrics
+        .parked
+        .set(i64::try_from(state.parking.parked()).unwrap_or(i64::MAX));
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(response)
+}
 
 pub(super) fn live() -> Response<Body> {
     json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
@@ -27,7 +57,8 @@ pub(super) async fn ready(state: &AppState) -> Response<Body> {
     };
     let store = verdict(store.map(|r| r.map_err(|e| e.to_string())));
     let broker = verdict(broker.map(|r| r.map_err(|e| e.to_string())));
-    let healthy = store == "ok" && broker == "ok";
+    let draining = *state.phase.borrow() != Phase::Serving;
+    let healthy = store == "ok" && broker == "ok" && !draining;
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -36,7 +67,7 @@ pub(super) async fn ready(state: &AppState) -> Response<Body> {
     json(
         status,
         &serde_json::json!({
-            "status": if healthy { "ok" } else { "unavailable" },
+            "status": if draining { "draining" } else if healthy { "ok" } else { "unavailable" },
             "store": store,
             "broker": broker,
             "parked_calls": state.parking.parked(),

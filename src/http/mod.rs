@@ -4,6 +4,7 @@
 //! broker, and return `Result<Response, ApiError>`; [`error`] is the one
 //! place errors become responses. No business logic lives here.
 
+mod app_events;
 mod body;
 mod calls;
 mod devices;
@@ -11,7 +12,6 @@ pub mod error;
 mod health;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,29 +30,30 @@ use tokio::net::TcpListener;
 pub use body::{Fields, MAX_BODY_BYTES};
 use error::ApiError;
 
-use crate::server::AppState;
+use crate::server::{phase_reached, AppState, Phase};
 use crate::store::Platform;
 
 /// The one response body type.
 pub type Body = Full<Bytes>;
 
+/// How long answering parked calls NAK may take once the server aborts.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections until `shutdown` resolves, then stops accepting and
-/// waits for the open connections to finish.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
+/// Accepts connections until the server leaves [`Phase::Serving`], then
+/// stops accepting and waits for the open connections: parked calls keep
+/// their full wait. At `--shutdown-timeout-secs` (or [`Phase::Aborting`])
+/// the calls still parked are answered NAK, and the wait ends soon after.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let mut phase = state.phase.subscribe();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -64,7 +65,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => break,
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
@@ -83,7 +84,25 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    let timeout = Duration::from_secs(state.config.shutdown_timeout_secs);
+    tokio::select! {
+        _ = &mut drained => return,
+        _ = tokio::time::sleep(timeout) => {
+            tracing::warn!(parked_calls = state.parking.parked(), "shutdown timeout: answering parked calls NAK");
+            state.phase.send_replace(Phase::Aborting);
+        }
+        _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => {}
+    }
+    // Every parked call answers NAK at once now; give the answers time to
+    // be written, then let go of whatever still hangs.
+    let _ = tokio::time::timeout(ABORT_GRACE, drained).await;
+}
+
+/// The readiness verdict, as `/health/ready` answers it.
+pub async fn readiness(state: &AppState) -> Response<Body> {
+    health::ready(state).await
 }
 
 /// The routes. Paths work with and without the trailing slash.
@@ -101,22 +120,59 @@ async fn route(
     let method = request.method().clone();
     let result = match (path.as_str(), &method) {
         ("/api/incoming-call", &Method::POST) => calls::incoming_call(state, peer, request).await,
-        ("/api/call-response", &Method::POST) => calls::call_response(state, request).await,
-        (device, method) if device_platform(device).is_some() => {
-            let platform = device_platform(device).expect("matched above");
-            match *method {
-                Method::POST => devices::register(state, platform, request).await,
-                Method::DELETE => devices::unregister(state, platform, request).await,
-                _ => Err(ApiError::MethodNotAllowed("POST, DELETE")),
-            }
+        ("/api/call-response", &Method::POST) => calls::call_response(state, peer, request).await,
+        ("/api/check-in", &Method::POST) => app_events::check_in(state, request).await,
+        ("/api/hangup-reason", &Method::POST) => app_events::hangup_reason(state, request).await,
+        (path, &Method::POST) if device_platform(path).is_some() => {
+            let platform = device_platform(path).expect("matched above");
+            devices::register(state, platform, request).await
+        }
+        (path, &Method::DELETE) if device_platform(path).is_some() => {
+            let platform = device_platform(path).expect("matched above");
+            devices::unregister(state, platform, request).await
         }
         ("/health" | "/health/ready", &Method::GET) => Ok(health::ready(state).await),
         ("/health/live", &Method::GET) => Ok(health::live()),
-        ("/api/incoming-call" | "/api/call-response", _) => Err(ApiError::MethodNotAllowed("POST")),
-        ("/health" | "/health/ready" | "/health/live", _) => Err(ApiError::MethodNotAllowed("GET")),
-        _ => Err(ApiError::NotFound("no such endpoint")),
+        ("/metrics", &Method::GET) => {
+            let source = state.access.network.client_ip(peer.ip(), request.headers());
+            health::metrics(state, source)
+        }
+        ("/openapi.json", &Method::GET) => Ok(openapi()),
+        (path, _) => Err(match ROUTES.iter().find(|(route, _)| *route == path) {
+            Some((_, allow)) => ApiError::MethodNotAllowed(allow),
+            None => ApiError::NotFound("no such endpoint"),
+        }),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Every route (path without its trailing slash) and the methods it answers,
+/// as an `Allow` header: what 405s are made from, and what the test of
+/// `docs/openapi.json` holds the document to.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("/api/incoming-call", "POST"),
+    ("/api/call-response", "POST"),
+    ("/api/apns-device", "POST, DELETE"),
+    ("/api/android-device", "POST, DELETE"),
+    ("/api/gcm-device", "POST, DELETE"),
+    ("/api/check-in", "POST"),
+    ("/api/hangup-reason", "POST"),
+    ("/health", "GET"),
+    ("/health/live", "GET"),
+    ("/health/ready", "GET"),
+    ("/metrics", "GET"),
+    ("/openapi.json", "GET"),
+];
+
+/// The OpenAPI 3 document of this API, kept in the repository.
+const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+fn openapi() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// The platform of a device endpoint path.

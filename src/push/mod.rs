@@ -1,19 +1,25 @@
 //! The [`Pusher`] boundary: send one push to one device and say what happened.
 //!
-//! Implementations: [`log::LogPusher`] (apps without credentials: the payload
-//! is only logged) and [`recording::RecordingPusher`] (tests and benchmarks).
+//! Implementations: [`router::PushRouter`] (the server's default: picks each
+//! push's app and sends it through [`apns`] or [`fcm`] with the app's
+//! credentials, or [`log::LogPusher`] for apps without credentials) and
+//! [`recording::RecordingPusher`] (tests and benchmarks).
 //! A pusher never retries and never sleeps: the resend and retry schedule is
 //! the call's ([`crate::calls`]), which knows the deadline.
 
+pub mod apns;
+pub mod fcm;
 pub mod log;
 pub mod recording;
+pub mod router;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use crate::store::Platform;
+use crate::store::{Device, Platform};
 
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +32,18 @@ pub struct PushTarget {
     pub sandbox: bool,
     /// The SIP account, for logs.
     pub sip_user_id: i64,
+}
+
+impl From<Device> for PushTarget {
+    fn from(device: Device) -> Self {
+        PushTarget {
+            platform: device.platform,
+            token: device.token,
+            app_id: device.app_id,
+            sandbox: device.sandbox,
+            sip_user_id: device.sip_user_id,
+        }
+    }
 }
 
 /// What a push says. Data-only on both platforms; the keys are the contract
@@ -119,10 +137,65 @@ pub enum PushOutcome {
     Failed(String),
 }
 
+impl PushOutcome {
+    /// The label of this outcome in the `pushes` metric.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PushOutcome::Delivered => "delivered",
+            PushOutcome::TokenDead(_) => "token_dead",
+            PushOutcome::Retry { .. } => "retry",
+            PushOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
 /// The push boundary.
 #[async_trait]
 pub trait Pusher: Send + Sync + 'static {
     async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome;
+}
+
+/// Why an app's push credentials cannot be used. Each instance reads the
+/// files named in the app's row from its own disk, so these are what an
+/// operator fixes on the instance that logs them.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no password for the .p12 bundle: {0}")]
+    Password(String),
+    #[error("cannot open the .p12 bundle {} (wrong password or not a PKCS#12 file): {source}", path.display())]
+    Pkcs12 {
+        path: PathBuf,
+        #[source]
+        source: p12_keystore::error::Error,
+    },
+    #[error("the .p12 bundle {} holds no private key with its certificate", .0.display())]
+    Pkcs12Empty(PathBuf),
+    #[error("unusable APNs key or certificate {}: {source}", path.display())]
+    Apns {
+        path: PathBuf,
+        #[source]
+        source: a2::Error,
+    },
+    #[error("unusable service-account file {}: {reason}", path.display())]
+    ServiceAccount { path: PathBuf, reason: String },
+    #[error("the app's credentials are not for {0}")]
+    WrongPlatform(Platform),
+}
+
+/// Reads a file an app's credentials name.
+async fn read_credentials(path: &Path) -> Result<Vec<u8>, CredentialsError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| CredentialsError::Read {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A token shortened for logs: enough to tell two apart, never the whole.

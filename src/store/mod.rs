@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-pub use models::{App, Credentials, Device, NewDevice, Platform, Registration, ResponseLogEntry};
+pub use models::{
+    App, Credentials, Device, HangupReason, NewDevice, Platform, Registration, ResponseLogEntry,
+};
 pub use sql::{migrate, open, PoolOptions};
 
 /// What went wrong talking to the database.
@@ -67,6 +69,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes an app. Says whether it existed.
     async fn remove_app(&self, platform: Platform, app_id: &str) -> Result<bool, StoreError>;
+
+    /// Marks the device of `sip_user_id` as seen now. Says whether it exists.
+    async fn touch_device(&self, sip_user_id: i64) -> Result<bool, StoreError>;
+
+    /// Records why a call ended on the phone.
+    async fn record_hangup(&self, hangup: HangupReason) -> Result<(), StoreError>;
 
     /// Appends a row to the response log.
     async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError>;

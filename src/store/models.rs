@@ -132,3 +132,12 @@ pub struct ResponseLogEntry {
     pub available: bool,
     pub created_at: i64,
 }
+
+/// Why a call ended on the phone, as the app reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HangupReason {
+    pub sip_user_id: i64,
+    pub unique_key: String,
+    pub reason: String,
+    pub created_at: i64,
+}

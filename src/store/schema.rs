@@ -36,3 +36,13 @@ diesel::table! {
         created_at -> BigInt,
     }
 }
+
+diesel::table! {
+    hangup_reasons (id) {
+        id -> BigInt,
+        sip_user_id -> BigInt,
+        unique_key -> Text,
+        reason -> Text,
+        created_at -> BigInt,
+    }
+}

@@ -25,7 +25,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::FutureExt;
 
 use super::models::*;
-use super::schema::{apps, devices, response_log};
+use super::schema::{apps, devices, hangup_reasons, response_log};
 use super::{now_millis, Store, StoreError};
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -455,6 +455,31 @@ macro_rules! diesel_store {
                 .await
                 .map_err(query_error)?;
                 Ok(deleted > 0)
+            }
+
+            async fn touch_device(&self, sip_user_id: i64) -> Result<bool, StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let touched = diesel::update(devices::table.find(sip_user_id))
+                    .set(devices::last_seen_at.eq(now_millis()))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(touched > 0)
+            }
+
+            async fn record_hangup(&self, hangup: HangupReason) -> Result<(), StoreError> {
+                let mut conn = self.write.get().await.map_err(unavailable)?;
+                diesel::insert_into(hangup_reasons::table)
+                    .values((
+                        hangup_reasons::sip_user_id.eq(hangup.sip_user_id),
+                        hangup_reasons::unique_key.eq(&hangup.unique_key),
+                        hangup_reasons::reason.eq(&hangup.reason),
+                        hangup_reasons::created_at.eq(hangup.created_at),
+                    ))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(())
             }
 
             async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError> {

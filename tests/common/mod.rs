@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod stand_in;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +43,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Embedded { .. } => "sqlite+memory",
+            Backend::Shared { redis_url, .. } if is_cluster(redis_url) => "postgres+redis-cluster",
             Backend::Shared { .. } => "postgres+redis",
         }
     }
@@ -90,7 +93,20 @@ pub async fn backends() -> Vec<Backend> {
         (None, None) => {}
         _ => panic!("set both TEST_DATABASE_URL and TEST_REDIS_URL, or neither"),
     }
+    // A Redis Cluster, when there is one: `redis+cluster://host:port,...`.
+    if let Ok(redis_url) = std::env::var("TEST_REDIS_CLUSTER_URL") {
+        let database_url = std::env::var("TEST_DATABASE_URL")
+            .expect("TEST_REDIS_CLUSTER_URL needs TEST_DATABASE_URL too");
+        all.push(Backend::Shared {
+            database_url: fresh_schema(&database_url).await,
+            redis_url,
+        });
+    }
     all
+}
+
+pub fn is_cluster(redis_url: &str) -> bool {
+    redis_url.starts_with("redis+cluster://")
 }
 
 /// Makes an empty PostgreSQL schema for one test and returns a URL whose
@@ -181,6 +197,22 @@ impl TestClient {
         &self.base
     }
 
+    /// Sends a request as built.
+    pub async fn request(&self, request: Request<Full<Bytes>>) -> Reply {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .expect("the server answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
     /// Sends a raw request: method, path, content type and body bytes.
     pub async fn send(
         &self,
@@ -195,21 +227,12 @@ impl TestClient {
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
         }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .expect("a request");
-        let response = self
-            .client
-            .request(request)
-            .await
-            .expect("the server answers");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("a body").to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
+        self.request(
+            request
+                .body(Full::new(Bytes::from(body)))
+                .expect("a request"),
+        )
+        .await
     }
 
     pub async fn form(&self, method: Method, path: &str, fields: &[(&str, &str)]) -> Reply {
@@ -325,11 +348,121 @@ where
     }
 }
 
-/// A command connection to the test Redis.
-pub async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("a Redis URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("TEST_REDIS_URL is set but Redis does not answer")
+/// A command connection to the test Redis, one server or a cluster.
+pub async fn redis(url: &str) -> TestRedis {
+    fn unreachable<T>(url: &str) -> impl FnOnce(redis::RedisError) -> T + '_ {
+        move |e| panic!("{url} is set but Redis does not answer: {e}")
+    }
+    match url.strip_prefix("redis+cluster://") {
+        Some(hosts) => {
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .map(|h| format!("redis://{}", h.trim_end_matches('/')))
+                .collect();
+            let client = redis::cluster::ClusterClient::new(nodes).expect("cluster nodes");
+            TestRedis::Cluster(
+                client
+                    .get_async_connection()
+                    .await
+                    .unwrap_or_else(unreachable(url)),
+            )
+        }
+        None => TestRedis::Single(
+            redis::Client::open(url)
+                .expect("a Redis URL")
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(unreachable(url)),
+        ),
+    }
+}
+
+/// Either kind of Redis connection, so one test body serves both.
+#[derive(Clone)]
+pub enum TestRedis {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for TestRedis {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            TestRedis::Single(c) => c.req_packed_command(cmd),
+            TestRedis::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            TestRedis::Single(c) => c.req_packed_commands(cmd, offset, count),
+            TestRedis::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            TestRedis::Single(c) => c.get_db(),
+            TestRedis::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How many subscribers a key's answer channel has, on a server or across
+/// a cluster's nodes (sharded channels).
+pub async fn subscribers(url: &str, key: &str) -> i64 {
+    let channel = format!("cn:{{{key}}}:answer");
+    match url.strip_prefix("redis+cluster://") {
+        None => {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut redis(url).await)
+                .await
+                .expect("NUMSUB");
+            n
+        }
+        Some(hosts) => {
+            let mut total = 0;
+            for node in cluster_node_urls(hosts) {
+                let mut conn = redis(&node).await;
+                let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("SHARDNUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SHARDNUMSUB");
+                total += n;
+            }
+            total
+        }
+    }
+}
+
+/// Every node of a cluster, as plain `redis://` URLs, found through `CLUSTER NODES`.
+pub fn cluster_node_urls(hosts: &str) -> Vec<String> {
+    let first = hosts
+        .split(',')
+        .next()
+        .expect("a node")
+        .trim_end_matches('/');
+    let client = redis::Client::open(format!("redis://{first}")).expect("a node URL");
+    let mut conn = client.get_connection().expect("the cluster answers");
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query(&mut conn)
+        .expect("CLUSTER NODES");
+    nodes
+        .lines()
+        .filter(|line| !line.contains("fail"))
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .map(|addr| format!("redis://{}", addr.split('@').next().unwrap_or(addr)))
+        .collect()
 }

@@ -1,0 +1,118 @@
+//! Who may do what: the device endpoints answer only to the owner of the SIP
+//! account (HTTP Basic, checked by the operator's account API), the PBX
+//! endpoint only to PBX networks, and call-response (unauthenticated, for
+//! speed) slows down whoever keeps probing unknown keys.
+//!
+//! This module decides; it does not build responses. [`AuthError`] becomes
+//! 401/403/503 in `http::error`, like every other error.
+
+mod account_api;
+mod network;
+
+use std::time::Duration;
+
+use hyper::HeaderMap;
+
+pub use account_api::AccountApi;
+pub use network::{Network, ProbeLimiter};
+
+use crate::config::Config;
+
+/// Why a request may not go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials were sent.
+    #[error("authentication required")]
+    Missing,
+    /// The account API does not know these credentials.
+    #[error("invalid credentials")]
+    Rejected,
+    /// The credentials are valid but do not own the SIP account, or the
+    /// source address may not use this endpoint.
+    #[error("forbidden")]
+    Forbidden,
+    /// The account API did not answer in time, or answered something else.
+    #[error("account API unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The access rules of one server.
+pub struct Access {
+    /// `None`: device requests are not authenticated (development on
+    /// loopback, or `--insecure-no-auth`).
+    accounts: Option<AccountApi>,
+    pub network: Network,
+    pub probes: ProbeLimiter,
+}
+
+impl AuthError {
+    /// The label of this verdict in the `auth_checks` metric.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Rejected => "rejected",
+            AuthError::Forbidden => "forbidden",
+            AuthError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl Access {
+    /// Builds the rules from the flags, refusing an unauthenticated server
+    /// on a non-loopback address unless told to accept the risk.
+    pub fn from_config(config: &Config) -> anyhow::Result<Access> {
+        let accounts = match &config.auth_url {
+            Some(url) => Some(AccountApi::new(
+                url.clone(),
+                Duration::from_millis(config.auth_timeout_ms),
+                Duration::from_secs(config.auth_cache_secs),
+            )?),
+            None if config.listen.ip().is_loopback() => None,
+            None if config.insecure_no_auth => {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "--insecure-no-auth: anyone who reaches this address can register a phone for any SIP account"
+                );
+                None
+            }
+            None => anyhow::bail!(
+                "refusing to serve device registrations without authentication on {}: set --auth-url to the \
+                 operator's account API, or pass --insecure-no-auth to accept the risk",
+                config.listen
+            ),
+        };
+        Ok(Access {
+            accounts,
+            network: Network::new(config.pbx_allow.clone(), config.trusted_proxy.clone()),
+            probes: ProbeLimiter::default(),
+        })
+    }
+
+    /// Whether the `Authorization` header of a device request owns
+    /// `sip_user_id`. Says how it knows, for the metrics: `open` (no account
+    /// API), `cached` or `ok`.
+    pub async fn authorize_device(
+        &self,
+        headers: &HeaderMap,
+        sip_user_id: i64,
+    ) -> Result<&'static str, AuthError> {
+        match &self.accounts {
+            None => Ok("open"),
+            Some(accounts) => {
+                let header = headers
+                    .get(hyper::header::AUTHORIZATION)
+                    .ok_or(AuthError::Missing)?;
+                match accounts.authorize(header, sip_user_id).await? {
+                    true => Ok("cached"),
+                    false => Ok("ok"),
+                }
+            }
+        }
+    }
+
+    /// Whether device requests need credentials at all: they do whenever an
+    /// account API is configured. Lets handlers refuse early, before parsing.
+    pub fn requires_credentials(&self) -> bool {
+        self.accounts.is_some()
+    }
+}

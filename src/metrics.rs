@@ -1,0 +1,180 @@
+//! Prometheus metrics: what an operator pages on when phones stop ringing.
+//!
+//! One [`Metrics`] per server (not a global recorder), so several servers in
+//! one test process keep their own counts. Served at `GET /metrics` in the
+//! OpenMetrics text format, to `--metrics-allow` networks only.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::Platform;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlatformLabel {
+    pub platform: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    pub platform: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    pub component: &'static str,
+}
+
+fn platform_histogram() -> Family<PlatformLabel, Histogram> {
+    // 5 ms to ~40 s: a push that wakes a phone takes 0.2 to 5 s.
+    Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)))
+}
+
+/// Every metric the service keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Incoming calls by how they ended (`ack`, `no_device`, `not_available`,
+    /// `token_dead`, `timeout`, `overloaded`, `unavailable`, `shutdown`).
+    pub calls: Family<OutcomeLabel, Counter>,
+    /// Pushes by platform and outcome (`delivered`, `token_dead`, `retry`, `failed`).
+    pub pushes: Family<PushLabels, Counter>,
+    /// How long one push send took, by platform.
+    pub push_duration: Family<PlatformLabel, Histogram>,
+    /// Push to answer, as the app reports it (`message_start_time`), by platform.
+    pub wakeup_roundtrip: Family<PlatformLabel, Histogram>,
+    /// From the app's answer reaching a call-notifier instance to the PBX's
+    /// answer leaving this one.
+    pub wakeup_latency: Histogram,
+    /// PBX requests parked now.
+    pub parked: Gauge,
+    /// Device registrations by platform and result (`created`, `updated`).
+    pub registrations: Family<PushLabels, Counter>,
+    /// Device deletions by platform.
+    pub deletions: Family<PlatformLabel, Counter>,
+    /// Account API checks by result (`ok`, `cached`, `rejected`, `forbidden`, `unavailable`).
+    pub auth_checks: Family<ResultLabel, Counter>,
+    /// Failed store and broker operations, by component (`store`, `broker`).
+    pub errors: Family<ComponentLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("call_notifier");
+        let metrics = Metrics {
+            calls: Family::default(),
+            pushes: Family::default(),
+            push_duration: platform_histogram(),
+            wakeup_roundtrip: platform_histogram(),
+            // 10 µs to ~80 ms: pub/sub answers in well under a millisecond.
+            wakeup_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 14)),
+            parked: Gauge::default(),
+            registrations: Family::default(),
+            deletions: Family::default(),
+            auth_checks: Family::default(),
+            errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "incoming_calls",
+            "Incoming calls by outcome",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Pushes by platform and outcome",
+            metrics.pushes.clone(),
+        );
+        registry.register(
+            "push_duration_seconds",
+            "Time one push send took",
+            metrics.push_duration.clone(),
+        );
+        registry.register(
+            "wakeup_roundtrip_seconds",
+            "Push to app answer, as the app reports it",
+            metrics.wakeup_roundtrip.clone(),
+        );
+        registry.register(
+            "wakeup_latency_seconds",
+            "App answer received to PBX answer sent",
+            metrics.wakeup_latency.clone(),
+        );
+        registry.register(
+            "parked_calls",
+            "PBX requests parked now",
+            metrics.parked.clone(),
+        );
+        registry.register(
+            "device_registrations",
+            "Device registrations by platform and result",
+            metrics.registrations.clone(),
+        );
+        registry.register(
+            "device_deletions",
+            "Device deletions by platform",
+            metrics.deletions.clone(),
+        );
+        registry.register(
+            "auth_checks",
+            "Account API checks by result",
+            metrics.auth_checks.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failed store and broker operations",
+            metrics.errors.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    pub fn call(&self, outcome: &'static str) {
+        self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn push(&self, platform: Platform, outcome: &'static str, seconds: f64) {
+        self.pushes
+            .get_or_create(&PushLabels {
+                platform: platform.as_str(),
+                outcome,
+            })
+            .inc();
+        self.push_duration
+            .get_or_create(&PlatformLabel {
+                platform: platform.as_str(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn error(&self, component: &'static str) {
+        self.errors
+            .get_or_create(&ComponentLabel { component })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,602 @@
+//! APNs: VoIP pushes to iPhones through the `a2` crate.
+//!
+//! Owns what this project decides about an APNs push: the request a2 is
+//! handed ([`VoipPush`]: topic, push type, priority, expiry, payload), how an
+//! app's credentials become a2 clients ([`ApnsApp::load`], `.p12` bundles
+//! read in pure Rust), and what APNs' answers mean ([`outcome`]).
+//!
+//! a2 owns the HTTP/2 connection to Apple, and a2 0.10 cannot be pointed at
+//! another host, so the sending itself is not exercised by the tests; these
+//! three parts are. a2 also keeps the response headers to itself, so an APNs
+//! `Retry-After` cannot be honoured: refused pushes back off on the call's
+//! schedule instead.
+
+use std::path::Path;
+use std::time::Duration;
+
+use a2::request::payload::APS;
+use a2::{ClientConfig, Endpoint, ErrorReason, NotificationOptions, Priority, PushType};
+use serde_json::{Map, Value};
+
+use super::{read_credentials as read, CredentialsError, Payload, PushOutcome, PushTarget};
+use crate::store::{Credentials, Platform};
+
+/// The clients of one app: a2 binds a client to one environment, and each
+/// device says which one its build uses. Built once per credentials and
+/// reused; a2 keeps the HTTP/2 connection of each open.
+pub struct ApnsApp {
+    production: a2::Client,
+    sandbox: a2::Client,
+    /// `apns-topic`: `<app id>.voip` unless the credentials name another.
+    topic: String,
+}
+
+/// How an app proves itself to APNs, read from its files.
+enum Auth {
+    /// A `.p8` signing key: a2 signs the JWT of every request with it
+    /// (renewed every 55 minutes).
+    Token {
+        key_pem: Vec<u8>,
+        key_id: String,
+        team_id: String,
+    },
+    /// A client certificate and its key, as PEM.
+    Certificate { cert_pem: Vec<u8>, key_pem: Vec<u8> },
+}
+
+impl ApnsApp {
+    /// Reads the app's key or certificate and builds its two clients.
+    /// `timeout` bounds a2's own request timeout; the caller's is tighter.
+    pub async fn load(
+        app_id: &str,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<Self, CredentialsError> {
+        let (auth, path, topic) = match credentials {
+            Credentials::ApnsToken {
+                key_path,
+                key_id,
+                team_id,
+                topic,
+            } => {
+                let auth = Auth::Token {
+                    key_pem: read(key_path).await?,
+                    key_id: key_id.clone(),
+                    team_id: team_id.clone(),
+                };
+                (auth, key_path, topic)
+            }
+            Credentials::ApnsCertificate {
+                cert_path,
+                password_env,
+                password_file,
+                topic,
+            } => {
+                let password =
+                    certificate_password(password_env.as_deref(), password_file.as_deref()).await?;
+                let (cert_pem, key_pem) = read_p12(cert_path, &read(cert_path).await?, &password)?;
+                (Auth::Certificate { cert_pem, key_pem }, cert_path, topic)
+            }
+            Credentials::Fcm { .. } => {
+                return Err(CredentialsError::WrongPlatform(Platform::Apns));
+            }
+        };
+        let client = |endpoint| {
+            let config = ClientConfig {
+                endpoint,
+                request_timeout_secs: Some(timeout.as_secs().max(1)),
+                ..ClientConfig::default()
+            };
+            match &auth {
+                Auth::Token {
+                    key_pem,
+                    key_id,
+                    team_id,
+                } => a2::Client::token(key_pem.as_slice(), key_id, team_id, config),
+                Auth::Certificate { cert_pem, key_pem } => {
+                    a2::Client::certificate_parts(cert_pem, key_pem, config)
+                }
+            }
+            .map_err(|source| CredentialsError::Apns {
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(ApnsApp {
+            production: client(Endpoint::Production)?,
+            sandbox: client(Endpoint::Sandbox)?,
+            topic: topic.clone().unwrap_or_else(|| default_topic(app_id)),
+        })
+    }
+
+    /// Sends one VoIP push to the environment the device registered for.
+    pub async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
+        let push = VoipPush::new(target, payload, &self.topic);
+        let client = if target.sandbox {
+            &self.sandbox
+        } else {
+            &self.production
+        };
+        outcome(client.send(push.payload()).await)
+    }
+}
+
+/// The topic of an app's VoIP pushes when its credentials name none.
+pub fn default_topic(app_id: &str) -> String {
+    format!("{app_id}.voip")
+}
+
+/// One APNs push, owned; [`VoipPush::payload`] lends it to a2 as the request
+/// a2 sends: `POST /3/device/<token>` with these headers and this body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoipPush {
+    pub token: String,
+    pub topic: String,
+    /// The custom keys beside `aps`: the contract's, as JSON values.
+    pub data: Map<String, Value>,
+}
+
+impl VoipPush {
+    pub fn new(target: &PushTarget, payload: &Payload, topic: &str) -> Self {
+        VoipPush {
+            token: target.token.clone(),
+            topic: topic.to_owned(),
+            data: payload.to_json(),
+        }
+    }
+
+    /// The a2 payload: `apns-push-type: voip`, `apns-priority: 10` (a call
+    /// cannot wait for a power-saving batch), `apns-expiration: 0` (delivered
+    /// now or never: a late call push would ring for a call long gone), an
+    /// empty `aps` (PushKit wakes the app; CallKit shows the call) and the
+    /// contract's keys beside it.
+    pub fn payload(&self) -> a2::request::payload::Payload<'_> {
+        a2::request::payload::Payload {
+            options: NotificationOptions {
+                apns_push_type: Some(PushType::Voip),
+                apns_priority: Some(Priority::High),
+                apns_expiration: Some(0),
+                apns_topic: Some(&self.topic),
+                ..NotificationOptions::default()
+            },
+            device_token: &self.token,
+            aps: APS::default(),
+            data: self
+                .data
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// What an APNs answer means for the call.
+///
+/// a2 parses only the reasons it knows; a body it cannot parse (a reason
+/// added after a2 0.10, or no body) arrives without one, so the status code
+/// decides then: 410 is always a dead token, 403 a credentials problem, 429
+/// and 5xx are worth another try.
+pub fn outcome(result: Result<a2::Response, a2::Error>) -> PushOutcome {
+    use ErrorReason::*;
+    let response = match result {
+        Ok(_) => return PushOutcome::Delivered,
+        Err(a2::Error::ResponseError(response)) => response,
+        Err(
+            e @ (a2::Error::RequestTimeout(_)
+            | a2::Error::ConnectionError(_)
+            | a2::Error::ClientError(_)),
+        ) => {
+            return PushOutcome::Retry {
+                after: None,
+                reason: format!("APNs unreachable: {e}"),
+            }
+        }
+        Err(e) => return PushOutcome::Failed(format!("APNs push not sent: {e}")),
+    };
+    let code = response.code;
+    let reason = response.error.map(|body| body.reason);
+    let said = match &reason {
+        Some(reason) => format!("APNs {code} {reason:?}"),
+        None => format!("APNs {code} (no reason a2 knows)"),
+    };
+    match (code, reason) {
+        (410, _) | (_, Some(Unregistered | BadDeviceToken | DeviceTokenNotForTopic)) => {
+            PushOutcome::TokenDead(said)
+        }
+        (
+            _,
+            Some(
+                TooManyRequests
+                | TooManyProviderTokenUpdates
+                | InternalServerError
+                | ServiceUnavailable
+                | Shutdown
+                | IdleTimeout,
+            ),
+        )
+        | (429 | 500..=599, _) => PushOutcome::Retry {
+            after: None,
+            reason: said,
+        },
+        (403, _) => PushOutcome::Failed(format!("{said}: APNs rejected the app's credentials")),
+        _ => PushOutcome::Failed(said),
+    }
+}
+
+/// The `.p12` password: from the environment variable named in the
+/// credentials, else the contents of the password file (without its trailing
+/// newline), else empty.
+async fn certificate_password(
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<String, CredentialsError> {
+    match (env, file) {
+        (Some(name), _) => std::env::var(name)
+            .map_err(|e| CredentialsError::Password(format!("environment variable {name}: {e}"))),
+        (None, Some(file)) => String::from_utf8(read(file).await?)
+            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|_| CredentialsError::Password(format!("{} is not UTF-8", file.display()))),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// Opens a PKCS#12 bundle and returns its certificate chain and its private
+/// key as PEM, the form a2's `certificate_parts` takes.
+pub fn read_p12(
+    path: &Path,
+    bundle: &[u8],
+    password: &str,
+) -> Result<(Vec<u8>, Vec<u8>), CredentialsError> {
+    let store = p12_keystore::KeyStore::from_pkcs12(
+        bundle,
+        password,
+        p12_keystore::Pkcs12ImportPolicy::Strict,
+    )
+    .map_err(|source| CredentialsError::Pkcs12 {
+        path: path.to_owned(),
+        source,
+    })?;
+    let Some((_, chain)) = store.private_key_chain() else {
+        return Err(CredentialsError::Pkcs12Empty(path.to_owned()));
+    };
+    if chain.certs().is_empty() {
+        return Err(CredentialsError::Pkcs12Empty(path.to_owned()));
+    }
+    let certs: Vec<pem::Pem> = chain
+        .certs()
+        .iter()
+        .map(|cert| pem::Pem::new("CERTIFICATE", cert.as_der()))
+        .collect();
+    let key = pem::Pem::new("PRIVATE KEY", chain.key().as_der());
+    Ok((
+        pem::encode_many(&certs).into_bytes(),
+        pem::encode(&key).into_bytes(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    use a2::request::payload::PayloadLike;
+    use a2::{ErrorBody, Response};
+
+    use super::*;
+
+    fn target(sandbox: bool) -> PushTarget {
+        PushTarget {
+            platform: Platform::Apns,
+            token: "a1b2c3d4e5f6".into(),
+            app_id: "com.example.softphone".into(),
+            sandbox,
+            sip_user_id: 42,
+        }
+    }
+
+    fn call() -> Payload {
+        Payload::Call {
+            unique_key: "6f1c0a2b9e8d4c3b".into(),
+            phonenumber: "+31 50 123 4567".into(),
+            caller_id: "Alice \"A\" Ångström".into(),
+            response_api: "https://notify.example.com/api/call-response/".into(),
+            message_start_time: 1_700_000_000.25,
+            attempt: 2,
+        }
+    }
+
+    #[test]
+    fn a_call_push_is_a_voip_push_with_the_contract_keys_beside_aps() {
+        let push = VoipPush::new(
+            &target(false),
+            &call(),
+            &default_topic("com.example.softphone"),
+        );
+        let payload = push.payload();
+        assert_eq!(payload.get_device_token(), "a1b2c3d4e5f6");
+        let options = payload.get_options();
+        assert_eq!(options.apns_topic, Some("com.example.softphone.voip"));
+        assert_eq!(options.apns_push_type, Some(PushType::Voip));
+        assert_eq!(
+            options.apns_push_type.map(|t| t.to_string()),
+            Some("voip".into())
+        );
+        assert_eq!(
+            options.apns_priority.as_ref().map(|p| p.to_string()),
+            Some("10".into())
+        );
+        assert_eq!(options.apns_expiration, Some(0));
+        assert_eq!(options.apns_id, None);
+        assert!(options.apns_collapse_id.is_none());
+        assert_eq!(
+            payload.to_json_string().expect("serializable"),
+            concat!(
+                r#"{"aps":{},"attempt":2,"caller_id":"Alice \"A\" Ångström","#,
+                r#""message_start_time":1700000000.25,"phonenumber":"+31 50 123 4567","#,
+                r#""response_api":"https://notify.example.com/api/call-response/","#,
+                r#""type":"call","unique_key":"6f1c0a2b9e8d4c3b"}"#
+            )
+        );
+    }
+
+    #[test]
+    fn a_message_push_carries_type_and_message_only() {
+        let message = Payload::Message {
+            message: "Another device took over".into(),
+        };
+        let push = VoipPush::new(&target(true), &message, "custom.topic");
+        let payload = push.payload();
+        assert_eq!(payload.get_options().apns_topic, Some("custom.topic"));
+        assert_eq!(
+            payload.to_json_string().expect("serializable"),
+            r#"{"aps":{},"message":"Another device took over","type":"message"}"#
+        );
+    }
+
+    fn refused(code: u16, reason: Option<ErrorReason>) -> PushOutcome {
+        outcome(Err(a2::Error::ResponseError(Response {
+            error: reason.map(|reason| ErrorBody {
+                reason,
+                timestamp: None,
+            }),
+            apns_id: None,
+            code,
+        })))
+    }
+
+    fn is_dead(o: &PushOutcome) -> bool {
+        matches!(o, PushOutcome::TokenDead(_))
+    }
+    fn is_retry(o: &PushOutcome) -> bool {
+        matches!(o, PushOutcome::Retry { after: None, .. })
+    }
+    fn is_failed(o: &PushOutcome) -> bool {
+        matches!(o, PushOutcome::Failed(_))
+    }
+
+    #[test]
+    fn apns_answers_map_to_outcomes() {
+        let ok = Ok(Response {
+            error: None,
+            apns_id: Some("id".into()),
+            code: 200,
+        });
+        assert_eq!(outcome(ok), PushOutcome::Delivered);
+
+        use ErrorReason::*;
+        // Dead tokens.
+        assert!(is_dead(&refused(410, Some(Unregistered))));
+        assert!(is_dead(&refused(400, Some(BadDeviceToken))));
+        assert!(is_dead(&refused(400, Some(DeviceTokenNotForTopic))));
+        // Worth another try.
+        assert!(is_retry(&refused(429, Some(TooManyRequests))));
+        assert!(is_retry(&refused(500, Some(InternalServerError))));
+        assert!(is_retry(&refused(503, Some(ServiceUnavailable))));
+        assert!(is_retry(&refused(503, Some(Shutdown))));
+        // Credentials, and requests that will never pass.
+        for reason in [
+            InvalidProviderToken,
+            ExpiredProviderToken,
+            MissingProviderToken,
+            BadCertificate,
+            BadCertificateEnvironment,
+            Forbidden,
+        ] {
+            let o = refused(403, Some(reason));
+            assert!(is_failed(&o), "{o:?}");
+            let PushOutcome::Failed(text) = o else {
+                unreachable!()
+            };
+            assert!(text.contains("credentials"), "{text}");
+        }
+        assert!(is_failed(&refused(400, Some(BadTopic))));
+        assert!(is_failed(&refused(400, Some(TopicDisallowed))));
+        assert!(is_failed(&refused(413, Some(PayloadTooLarge))));
+    }
+
+    #[test]
+    fn a_reason_a2_does_not_know_is_classified_by_status() {
+        // What a2 makes of an answer whose reason it cannot parse: no body.
+        let body: Option<ErrorBody> = serde_json::from_str(r#"{"reason":"SomethingNew"}"#).ok();
+        assert!(body.is_none(), "a2 learned a new reason; pick another");
+        assert!(is_dead(&refused(410, None)));
+        assert!(is_retry(&refused(429, None)));
+        assert!(is_retry(&refused(502, None)));
+        assert!(is_failed(&refused(403, None)));
+        assert!(is_failed(&refused(400, None)));
+        assert_eq!(
+            refused(410, None),
+            PushOutcome::TokenDead("APNs 410 (no reason a2 knows)".into())
+        );
+    }
+
+    #[test]
+    fn transport_errors_are_retried_and_local_ones_fail() {
+        assert!(is_retry(&outcome(Err(a2::Error::RequestTimeout(2)))));
+        assert!(is_failed(&outcome(Err(a2::Error::InvalidOptions(
+            "bad".into()
+        )))));
+    }
+
+    /// Runs `openssl` with `args` in `dir`; panics with its stderr if it fails.
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl binary");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A self-signed certificate and its key in a `.p12`, made by `openssl
+    /// pkcs12 -export` with `options`: none for OpenSSL 3's defaults
+    /// (AES-256-CBC, PBKDF2, HMAC-SHA256), `-legacy` for what older tools
+    /// and macOS Keychain Access export (RC2-40 and 3DES, SHA-1 MAC).
+    fn p12(dir: &Path, options: &[&str]) -> PathBuf {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=VoIP Services: com.example.softphone",
+            ],
+        );
+        let mut export = vec![
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "key.pem",
+            "-in",
+            "cert.pem",
+            "-out",
+            "apns.p12",
+            "-passout",
+            "pass:secret",
+        ];
+        export.extend_from_slice(options);
+        openssl(dir, &export);
+        dir.join("apns.p12")
+    }
+
+    fn certificate(dir: &Path, password_file: PathBuf) -> Credentials {
+        Credentials::ApnsCertificate {
+            cert_path: dir.join("apns.p12"),
+            password_env: None,
+            password_file: Some(password_file),
+            topic: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_p12_from_openssl_becomes_two_clients() {
+        for options in [&[][..], &["-legacy"][..]] {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let path = p12(dir.path(), options);
+            let bundle = std::fs::read(&path).expect("the bundle");
+            let (cert, key) = read_p12(&path, &bundle, "secret")
+                .unwrap_or_else(|e| panic!("{options:?}: the right password opens it: {e}"));
+            assert!(String::from_utf8_lossy(&cert).starts_with("-----BEGIN CERTIFICATE-----"));
+            assert!(String::from_utf8_lossy(&key).starts_with("-----BEGIN PRIVATE KEY-----"));
+
+            // The password file's trailing newline is not part of the password.
+            std::fs::write(dir.path().join("password"), "secret\n").expect("write");
+            let app = ApnsApp::load(
+                "com.example.softphone",
+                &certificate(dir.path(), dir.path().join("password")),
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{options:?}: {e}"));
+            assert_eq!(app.topic, "com.example.softphone.voip");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_p12_password_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = p12(dir.path(), &[]);
+        std::fs::write(dir.path().join("password"), "not-the-secret\n").expect("write");
+        let error = ApnsApp::load(
+            "com.example.softphone",
+            &certificate(dir.path(), dir.path().join("password")),
+            Duration::from_secs(2),
+        )
+        .await
+        .err()
+        .expect("a wrong password fails");
+        assert!(
+            matches!(error, CredentialsError::Pkcs12 { .. }),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(text.contains("wrong password"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+
+        let missing = certificate(dir.path(), dir.path().join("no-such-file"));
+        let error = ApnsApp::load("x", &missing, Duration::from_secs(2))
+            .await
+            .err();
+        assert!(
+            matches!(error, Some(CredentialsError::Read { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_p8_key_becomes_a_token_client_and_a_bad_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        openssl(
+            dir.path(),
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "AuthKey_ABC123DEFG.p8",
+            ],
+        );
+        let token = |key_path: PathBuf| Credentials::ApnsToken {
+            key_path,
+            key_id: "ABC123DEFG".into(),
+            team_id: "TEAM123456".into(),
+            topic: Some("com.example.other.voip".into()),
+        };
+        let app = ApnsApp::load(
+            "com.example.softphone",
+            &token(dir.path().join("AuthKey_ABC123DEFG.p8")),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(app.topic, "com.example.other.voip");
+
+        std::fs::write(dir.path().join("garbage.p8"), "not a key").expect("write");
+        let error = ApnsApp::load(
+            "com.example.softphone",
+            &token(dir.path().join("garbage.p8")),
+            Duration::from_secs(2),
+        )
+        .await
+        .err();
+        assert!(
+            matches!(error, Some(CredentialsError::Apns { .. })),
+            "{error:?}"
+        );
+    }
+}

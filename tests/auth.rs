@@ -1,0 +1,271 @@
+//! Who may do what: device owners through the account API, PBX networks,
+//! start-up refusal without auth, and the probe limit on call-response.
+
+mod common;
+
+use std::time::Duration;
+
+use common::stand_in::{Answer, StandIn};
+use common::*;
+use hyper::{Method, StatusCode};
+
+const ALICE: &str = "Basic YWxpY2U6c2VjcmV0"; // alice:secret
+const ALICE_WRONG: &str = "Basic YWxpY2U6d3Jvbmc="; // alice:wrong
+
+/// Registers `token` for `user` with an Authorization header.
+async fn register_as(
+    client: &TestClient,
+    authorization: Option<&str>,
+    user: &str,
+    token: &str,
+) -> Reply {
+    let body = serde_urlencoded::to_string([("sip_user_id", user), ("token", token), ("app", APP)])
+        .unwrap();
+    let mut request = hyper::Request::post(format!("{}/api/android-device/", client.base()))
+        .header("content-type", "application/x-www-form-urlencoded");
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    client.request(request.body(body.into()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_api_decides_and_its_answers_map_to_statuses() {
+    let backend = backends().await.remove(0);
+    let api = StandIn::start(|_| Answer::status(200)).await;
+    let server = start(&backend, |c| {
+        c.auth_url = Some(format!("{}/api/phoneaccount/{{sip_user_id}}/", api.url()));
+        c.auth_timeout_ms = 300;
+        c.auth_cache_secs = 0;
+    })
+    .await;
+    let user = sip_user_id();
+
+    // No header: 401 with a Basic challenge, and the account API is not asked.
+    let reply = register_as(&server.client, None, &user, "t").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    assert_eq!(api.hits(), 0);
+
+    for (answer, expected) in [
+        (Answer::status(200), StatusCode::CREATED),
+        (Answer::status(401), StatusCode::UNAUTHORIZED),
+        (Answer::status(403), StatusCode::FORBIDDEN),
+        (Answer::status(500), StatusCode::SERVICE_UNAVAILABLE),
+        (Answer::status(404), StatusCode::SERVICE_UNAVAILABLE),
+        (
+            Answer::status(200).after(Duration::from_secs(2)),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ] {
+        let user = sip_user_id();
+        api.answer_with(move |_| answer.clone());
+        let reply = register_as(&server.client, Some(ALICE), &user, "t").await;
+        assert_eq!(reply.status, expected, "{}", reply.body);
+        // The caller's header and the SIP account reached the account API.
+        let asked = api.received().pop().expect("the account API was asked");
+        assert_eq!(asked.header("authorization"), Some(ALICE));
+        assert_eq!(asked.uri, format!("/api/phoneaccount/{user}/"));
+    }
+
+    // Deleting is guarded the same way.
+    api.answer_with(|_| Answer::status(403));
+    let reply = server
+        .client
+        .form(
+            Method::DELETE,
+            "/api/android-device/",
+            &[("sip_user_id", &user), ("token", "t"), ("app", APP)],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_credentials_are_cached_per_password_and_account() {
+    let backend = backends().await.remove(0);
+    let api = StandIn::start(|request| {
+        if request.header("authorization") == Some(ALICE) {
+            Answer::status(200)
+        } else {
+            Answer::status(401)
+        }
+    })
+    .await;
+    let server = start(&backend, |c| {
+        c.auth_url = Some(format!("{}/check", api.url()))
+    })
+    .await;
+    let user = sip_user_id();
+
+    assert_eq!(
+        register_as(&server.client, Some(ALICE), &user, "a")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(api.hits(), 1);
+    assert_eq!(api.received()[0].uri, format!("/check?sip_user_id={user}"));
+    // Within the TTL: no second question.
+    assert_eq!(
+        register_as(&server.client, Some(ALICE), &user, "b")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(api.hits(), 1);
+    // Another password does not ride on the cached pass.
+    assert_eq!(
+        register_as(&server.client, Some(ALICE_WRONG), &user, "c")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(api.hits(), 2);
+    // Nor does another account.
+    let other = sip_user_id();
+    assert_eq!(
+        register_as(&server.client, Some(ALICE), &other, "d")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(api.hits(), 3);
+    // The rejected attempt changed nothing.
+    let id: i64 = user.parse().unwrap();
+    assert_eq!(
+        server
+            .running
+            .state
+            .store
+            .device(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .token,
+        "b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_pbx_networks_may_post_incoming_calls() {
+    let backend = backends().await.remove(0);
+    let call = [("sip_user_id", "1"), ("phonenumber", "0612345678")];
+
+    // Loopback is not on this list.
+    let strict = start(&backend, |c| {
+        c.pbx_allow = vec!["10.0.0.0/8".parse().unwrap()]
+    })
+    .await;
+    let reply = strict.client.post("/api/incoming-call/", &call).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    // X-Forwarded-For from a proxy nobody trusts is ignored.
+    let reply = post_forwarded(&strict.client, "10.1.2.3", &call).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+
+    // Behind a trusted proxy, the forwarded address decides.
+    let proxied = start(&backend, |c| {
+        c.pbx_allow = vec!["10.0.0.0/8".parse().unwrap()];
+        c.trusted_proxy = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let reply = post_forwarded(&proxied.client, "10.1.2.3", &call).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "status=NAK")
+    );
+    let reply = post_forwarded(&proxied.client, "192.0.2.1", &call).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+
+    // The default list is loopback.
+    let default = start(&backend, |_| {}).await;
+    assert_eq!(
+        default.client.post("/api/incoming-call/", &call).await.body,
+        "status=NAK"
+    );
+}
+
+async fn post_forwarded(
+    client: &TestClient,
+    forwarded_for: &str,
+    fields: &[(&str, &str)],
+) -> Reply {
+    let body = serde_urlencoded::to_string(fields).unwrap();
+    let request = hyper::Request::post(format!("{}/api/incoming-call/", client.base()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", forwarded_for)
+        .body(body.into())
+        .unwrap();
+    client.request(request).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_on_a_public_address_refuses_to_start() {
+    let backend = backends().await.remove(0);
+    let mut config = backend.config();
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let error = call_notifier::Server::new(config.clone())
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("--auth-url") && message.contains("--insecure-no-auth"),
+        "{message}"
+    );
+
+    config.insecure_no_auth = true;
+    let running = call_notifier::Server::new(config)
+        .start()
+        .await
+        .expect("starts when told to accept the risk");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_probing_unknown_keys_is_refused_for_a_while() {
+    let backend = backends().await.remove(0);
+    let server = start(&backend, |_| {}).await;
+    let now = call_notifier::calls::unix_seconds();
+    let mut statuses = Vec::new();
+    for _ in 0..25 {
+        statuses.push(
+            server
+                .client
+                .call_response(&call_id(), now, true)
+                .await
+                .status,
+        );
+    }
+    assert!(
+        statuses[..20].iter().all(|s| *s == StatusCode::NOT_FOUND),
+        "{statuses:?}"
+    );
+    let refused = server.client.call_response(&call_id(), now, true).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers.contains_key("retry-after"));
+
+    // A live key from the same source is still answered at once.
+    let user = sip_user_id();
+    server.client.register("android", &user, "tok-probe").await;
+    let key = call_id();
+    let pbx = tokio::spawn({
+        let client = server.client.clone();
+        let (user, key) = (user.clone(), key.clone());
+        async move { client.incoming_call(&user, &key).await }
+    });
+    let push = server.pusher.wait_for("tok-probe", 1).await.remove(0);
+    assert_eq!(
+        server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(pbx.await.unwrap().body, "status=ACK");
+}

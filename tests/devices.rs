@@ -1,0 +1,261 @@
+//! Device registration: one device per SIP account, updates, platform moves,
+//! deletes, and the notice to a phone that lost its account.
+
+mod common;
+
+use call_notifier::push::Payload;
+use call_notifier::store::Platform;
+use common::*;
+use futures_util::future::join_all;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_update_move_and_delete() {
+    for backend in backends().await {
+        let server = start(&backend, |_| {}).await;
+        let client = &server.client;
+        let store = server.running.state.store.clone();
+        let user = sip_user_id();
+        let id: i64 = user.parse().unwrap();
+
+        // Register: 201, and the reply echoes the device.
+        let reply = client
+            .post(
+                "/api/apns-device/",
+                &[
+                    ("sip_user_id", &user),
+                    ("token", "ios-1"),
+                    ("app", APP),
+                    ("sandbox", "True"),
+                    ("name", "Alice's phone"),
+                ],
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "{}: {}",
+            backend.name(),
+            reply.body
+        );
+        assert_eq!(reply.json()["token"], "ios-1");
+        let device = store.device(id).await.unwrap().expect("registered");
+        assert_eq!(
+            (device.platform, device.sandbox, device.name.as_deref()),
+            (Platform::Apns, true, Some("Alice's phone"))
+        );
+
+        // The same again: an update, 200, nobody told anything.
+        assert_eq!(
+            client.register("apns", &user, "ios-1").await,
+            StatusCode::OK
+        );
+        assert!(server.pusher.sent_to("ios-1").is_empty());
+
+        // Another token: 200, and the old token hears it was replaced.
+        assert_eq!(
+            client.register("apns", &user, "ios-2").await,
+            StatusCode::OK
+        );
+        let notice = server.pusher.wait_for("ios-1", 1).await.remove(0);
+        assert!(
+            matches!(notice.payload, Payload::Message { .. }),
+            "{:?}",
+            notice.payload
+        );
+        assert_eq!(notice.payload.to_json()["type"], "message");
+
+        // Moving the account to Android and back keeps one device.
+        assert_eq!(
+            client.register("android", &user, "fcm-1").await,
+            StatusCode::OK
+        );
+        let device = store.device(id).await.unwrap().expect("still one device");
+        assert_eq!(
+            (device.platform, device.token.as_str()),
+            (Platform::Android, "fcm-1")
+        );
+        server.pusher.wait_for("ios-2", 1).await;
+        assert_eq!(
+            client.register("apns", &user, "ios-3").await,
+            StatusCode::OK
+        );
+        let device = store.device(id).await.unwrap().expect("still one device");
+        assert_eq!(
+            (device.platform, device.token.as_str(), device.sandbox),
+            (Platform::Apns, "ios-3", false)
+        );
+
+        // Delete with the wrong token or platform: 404, nothing changes.
+        let wrong = client
+            .form(
+                Method::DELETE,
+                "/api/apns-device/",
+                &[("sip_user_id", &user), ("token", "ios-2"), ("app", APP)],
+            )
+            .await;
+        assert_eq!(wrong.status, StatusCode::NOT_FOUND);
+        let wrong = client
+            .form(
+                Method::DELETE,
+                "/api/android-device/",
+                &[("sip_user_id", &user), ("token", "ios-3"), ("app", APP)],
+            )
+            .await;
+        assert_eq!(wrong.status, StatusCode::NOT_FOUND);
+        assert!(store.device(id).await.unwrap().is_some());
+
+        // Delete (fields in the query string, no trailing slash), then again.
+        let path = format!("/api/apns-device?sip_user_id={user}&token=ios-3&app={APP}");
+        assert_eq!(
+            client
+                .send(Method::DELETE, &path, None, Vec::new())
+                .await
+                .status,
+            StatusCode::OK
+        );
+        assert!(store.device(id).await.unwrap().is_none());
+        assert_eq!(
+            client
+                .send(Method::DELETE, &path, None, Vec::new())
+                .await
+                .status,
+            StatusCode::NOT_FOUND
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_and_unknown_apps() {
+    for backend in backends().await {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        let id: i64 = user.parse().unwrap();
+        let reply = server
+            .client
+            .post_json("/api/gcm-device", json!({"sip_user_id": id, "token": "gcm-1", "app": APP, "sandbox": false, "os_version": "14"}))
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        assert_eq!(reply.json()["sip_user_id"], user.as_str());
+
+        // An app registered for Android is unknown to APNs.
+        let reply = server
+            .client
+            .post(
+                "/api/apns-device/",
+                &[
+                    ("sip_user_id", &user),
+                    ("token", "x"),
+                    ("app", "com.example.other"),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", backend.name());
+        assert!(reply.json()["error"].as_str().unwrap().contains("app"));
+        let device = server
+            .running
+            .state
+            .store
+            .device(id)
+            .await
+            .unwrap()
+            .expect("unchanged");
+        assert_eq!(
+            (device.platform, device.token.as_str()),
+            (Platform::Gcm, "gcm-1")
+        );
+
+        let body = r#"{"sip_user_id": "1", "token": "t", "app": "a"}"#;
+        let reply = server
+            .client
+            .send(
+                Method::DELETE,
+                "/api/gcm-device/",
+                Some("application/json"),
+                body.into(),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    }
+}
+
+/// 200 concurrent registrations, re-registrations and deletions for one SIP
+/// account: never two devices, never a 5xx, and the row left is coherent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
+    for backend in backends().await {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        let platforms = ["apns", "android", "gcm"];
+        let replies = join_all((0..200).map(|i| {
+            let client = server.client.clone();
+            let user = user.clone();
+            async move {
+                let platform = platforms[i % 3];
+                let token = format!("tok-{i}-{platform}");
+                if i % 4 == 3 {
+                    let previous = format!("tok-{}-{}", i - 1, platforms[(i - 1) % 3]);
+                    client
+                        .form(
+                            Method::DELETE,
+                            &format!("/api/{}-device/", platforms[(i - 1) % 3]),
+                            &[("sip_user_id", &user), ("token", &previous), ("app", APP)],
+                        )
+                        .await
+                        .status
+                } else {
+                    client.register(platform, &user, &token).await
+                }
+            }
+        }))
+        .await;
+        for status in &replies {
+            assert!(
+                [StatusCode::OK, StatusCode::CREATED, StatusCode::NOT_FOUND].contains(status),
+                "{}: {status}",
+                backend.name()
+            );
+        }
+        assert!(
+            replies
+                .iter()
+                .filter(|s| **s == StatusCode::CREATED)
+                .count()
+                >= 1
+        );
+        let id: i64 = user.parse().unwrap();
+        if let Some(device) = server.running.state.store.device(id).await.unwrap() {
+            // The token names the platform it was registered on.
+            let (_, platform) = device.token.rsplit_once('-').expect("a test token");
+            assert_eq!(
+                platform,
+                device.platform.as_str(),
+                "{}: incoherent row {device:?}",
+                backend.name()
+            );
+        }
+        // A request after the storm is the last write, and wins.
+        assert_eq!(
+            server
+                .client
+                .register("android", &user, "final")
+                .await
+                .as_u16()
+                / 100,
+            2
+        );
+        assert_eq!(
+            server
+                .running
+                .state
+                .store
+                .device(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .token,
+            "final"
+        );
+    }
+}

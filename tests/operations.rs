@@ -1,0 +1,562 @@
+//! Operations: metrics after a scripted set of calls, health, graceful
+//! shutdown of a real process, the app's side endpoints, and the OpenAPI
+//! document against the routes the server has.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use call_notifier::push::PushOutcome;
+use common::stand_in::{Answer, StandIn};
+use common::*;
+use hyper::StatusCode;
+
+/// The value of one sample line of `/metrics`, e.g.
+/// `call_notifier_incoming_calls_total{outcome="ack"}`; 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+/// Parks a call for `user` and returns the PBX's pending reply.
+fn park(server: &TestServer, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
+    let client = server.client.clone();
+    let (user, key) = (user.to_owned(), key.to_owned());
+    tokio::spawn(async move { client.incoming_call(&user, &key).await })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_outcome() {
+    for backend in backends().await {
+        let server = start(&backend, |c| {
+            c.wait_ms = 600;
+            c.resend_interval_ms = 200;
+        })
+        .await;
+        let client = &server.client;
+        let (ack, busy, dead, sleepy) =
+            (sip_user_id(), sip_user_id(), sip_user_id(), sip_user_id());
+        for (user, platform, token) in [
+            (&ack, "android", "m-ack"),
+            (&busy, "apns", "m-busy"),
+            (&dead, "gcm", "m-dead"),
+            (&sleepy, "android", "m-sleepy"),
+        ] {
+            assert_eq!(
+                client.register(platform, user, token).await,
+                StatusCode::CREATED
+            );
+        }
+
+        // ACK, and NAK for: not available, no device, token dead, timeout.
+        for (user, token, available) in [(&ack, "m-ack", true), (&busy, "m-busy", false)] {
+            let key = call_id();
+            let pbx = park(&server, user, &key);
+            let push = server.pusher.wait_for(token, 1).await.remove(0);
+            client
+                .call_response(&key, start_time_of(&push), available)
+                .await;
+            pbx.await.unwrap();
+        }
+        assert_eq!(
+            client.incoming_call(&sip_user_id(), &call_id()).await.body,
+            "status=NAK"
+        );
+        server
+            .pusher
+            .script([PushOutcome::TokenDead("Unregistered".into())]);
+        assert_eq!(
+            client.incoming_call(&dead, &call_id()).await.body,
+            "status=NAK"
+        );
+        assert_eq!(
+            client.incoming_call(&sleepy, &call_id()).await.body,
+            "status=NAK"
+        );
+
+        let metrics = client.get("/metrics").await;
+        assert_eq!(metrics.status, StatusCode::OK);
+        assert!(metrics.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics-text"));
+        let m = metrics.body.as_str();
+        let calls = |outcome: &str| {
+            sample(
+                m,
+                &format!("call_notifier_incoming_calls_total{{outcome=\"{outcome}\"}}"),
+            )
+        };
+        assert_eq!(
+            [
+                calls("ack"),
+                calls("not_available"),
+                calls("no_device"),
+                calls("token_dead"),
+                calls("timeout")
+            ],
+            [1.0, 1.0, 1.0, 1.0, 1.0],
+            "{}:\n{m}",
+            backend.name()
+        );
+        // Pushes by platform and outcome: the sleepy phone got 2 (600/200 - 1).
+        let pushes = |platform: &str, outcome: &str| {
+            sample(
+                m,
+                &format!(
+                    "call_notifier_pushes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}}"
+                ),
+            )
+        };
+        assert_eq!(pushes("android", "delivered"), 3.0, "{m}");
+        assert_eq!(pushes("apns", "delivered"), 1.0);
+        assert_eq!(pushes("gcm", "token_dead"), 1.0);
+        assert_eq!(
+            sample(
+                m,
+                "call_notifier_push_duration_seconds_count{platform=\"android\"}"
+            ),
+            3.0
+        );
+        // Two answers reported their roundtrip and crossed the broker.
+        let roundtrips = sample(
+            m,
+            "call_notifier_wakeup_roundtrip_seconds_count{platform=\"android\"}",
+        ) + sample(
+            m,
+            "call_notifier_wakeup_roundtrip_seconds_count{platform=\"apns\"}",
+        );
+        assert_eq!(roundtrips, 2.0);
+        assert_eq!(
+            sample(m, "call_notifier_wakeup_latency_seconds_count"),
+            2.0,
+            "{m}"
+        );
+        assert_eq!(sample(m, "call_notifier_parked_calls"), 0.0);
+        assert_eq!(sample(m, "call_notifier_device_registrations_total{platform=\"android\",outcome=\"created\"}"), 2.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_nak_at_once_and_counted() {
+    let backend = backends().await.remove(0);
+    let server = start(&backend, |c| c.max_pending_calls = 1).await;
+    let user = sip_user_id();
+    server.client.register("android", &user, "tok-full").await;
+    let key = call_id();
+    let pbx = park(&server, &user, &key);
+    let push = server.pusher.wait_for("tok-full", 1).await.remove(0);
+    assert_eq!(
+        server.client.incoming_call(&user, &call_id()).await.body,
+        "status=NAK"
+    );
+    server
+        .client
+        .call_response(&key, start_time_of(&push), true)
+        .await;
+    assert_eq!(pbx.await.unwrap().body, "status=ACK");
+    let m = server.client.get("/metrics").await.body;
+    assert_eq!(
+        sample(
+            &m,
+            "call_notifier_incoming_calls_total{outcome=\"overloaded\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_refused_outside_the_allow_list() {
+    let backend = backends().await.remove(0);
+    let server = start(&backend, |c| {
+        c.metrics_allow = vec!["10.0.0.0/8".parse().unwrap()]
+    })
+    .await;
+    assert_eq!(
+        server.client.get("/metrics").await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        server.client.get("/health/live").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_in_and_hangup_reason() {
+    for backend in backends().await {
+        let api = StandIn::start(|request| match request.header("authorization") {
+            Some("Basic b2s6b2s=") => Answer::status(200),
+            _ => Answer::status(401),
+        })
+        .await;
+        let server = start(&backend, |c| {
+            c.auth_url = Some(format!("{}/auth", api.url()))
+        })
+        .await;
+        let user = sip_user_id();
+        let as_owner = |path: &'static str,
+                        fields: Vec<(&'static str, String)>,
+                        authorization: Option<&'static str>| {
+            let client = server.client.clone();
+            async move {
+                let body = serde_urlencoded::to_string(&fields).unwrap();
+                let mut request = hyper::Request::post(format!("{}{path}", client.base()))
+                    .header("content-type", "application/x-www-form-urlencoded");
+                if let Some(authorization) = authorization {
+                    request = request.header("authorization", authorization);
+                }
+                client.request(request.body(body.into()).unwrap()).await
+            }
+        };
+        let ok = Some("Basic b2s6b2s="); // ok:ok
+        let check_in = vec![("sip_user_id", user.clone())];
+        let hangup = vec![
+            ("sip_user_id", user.clone()),
+            ("unique_key", "k1".to_owned()),
+            ("reason", "declined by user".to_owned()),
+        ];
+
+        assert_eq!(
+            as_owner("/api/check-in/", check_in.clone(), None)
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            as_owner("/api/check-in/", check_in.clone(), Some("Basic bm86bm8="))
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            as_owner("/api/check-in/", check_in.clone(), ok)
+                .await
+                .status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            as_owner("/api/hangup-reason/", hangup.clone(), ok)
+                .await
+                .status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            as_owner("/api/hangup-reason/", hangup.clone(), None)
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+
+        let register = vec![
+            ("sip_user_id", user.clone()),
+            ("token", "t".to_owned()),
+            ("app", APP.to_owned()),
+        ];
+        assert_eq!(
+            as_owner("/api/android-device/", register, ok).await.status,
+            StatusCode::CREATED
+        );
+        let id: i64 = user.parse().unwrap();
+        let before = server
+            .running
+            .state
+            .store
+            .device(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            as_owner("/api/check-in", check_in.clone(), ok).await.status,
+            StatusCode::OK
+        );
+        let after = server
+            .running
+            .state
+            .store
+            .device(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at;
+        assert!(after > before, "{}: last-seen not updated", backend.name());
+
+        let reply = as_owner("/api/hangup-reason/", hangup.clone(), ok).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.json()["reason"], "declined by user");
+        let missing = vec![
+            ("sip_user_id", user.clone()),
+            ("unique_key", "k1".to_owned()),
+        ];
+        let reply = as_owner("/api/hangup-reason/", missing, ok).await;
+        assert_eq!(
+            (reply.status, reply.json()["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("reason"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_routes() {
+    let backend = backends().await.remove(0);
+    let server = start(&backend, |_| {}).await;
+    let served = server.client.get("/openapi.json").await;
+    assert_eq!(served.status, StatusCode::OK);
+    let kept =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap();
+    assert_eq!(
+        served.body, kept,
+        "the server serves the document kept in docs/"
+    );
+    let doc = served.json();
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((path.trim_end_matches('/').to_owned(), method.to_uppercase()));
+        }
+    }
+    let mut routed: Vec<(String, String)> = call_notifier::http::ROUTES
+        .iter()
+        .flat_map(|(path, allow)| {
+            allow
+                .split(", ")
+                .map(move |m| (path.to_string(), m.to_owned()))
+        })
+        .collect();
+    documented.sort();
+    routed.sort();
+    assert_eq!(documented, routed);
+
+    // And the server really answers every one of them.
+    for (path, method) in &routed {
+        let reply = server
+            .client
+            .send(method.parse().unwrap(), path, None, Vec::new())
+            .await;
+        let unrouted = reply.status == StatusCode::METHOD_NOT_ALLOWED
+            || (reply.status == StatusCode::NOT_FOUND && reply.body.contains("no such endpoint"));
+        assert!(
+            !unrouted,
+            "{method} {path}: {} {}",
+            reply.status, reply.body
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_while_draining() {
+    let backend = backends().await.remove(0);
+    let server = start(&backend, |_| {}).await;
+    let state = server.running.state.clone();
+    assert_eq!(
+        call_notifier::http::readiness(&state).await.status(),
+        StatusCode::OK
+    );
+    server.running.drain();
+    let ready = call_notifier::http::readiness(&state).await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // And the listener no longer accepts.
+    let refused = eventually(Duration::from_secs(2), || async {
+        tokio::net::TcpStream::connect(server.running.addr)
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(refused);
+}
+
+/// A real `call-notifier` process, its address read from its first log line.
+struct Process {
+    child: Child,
+    url: String,
+}
+
+impl Process {
+    fn start(args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_call-notifier"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("CALL_NOTIFIER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start call-notifier");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the process logs until it listens")
+                .expect("a log line");
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["message"] == "call-notifier listening" {
+                break event["addr"].as_str().expect("an address").to_owned();
+            }
+        };
+        // Keep draining its logs so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Process {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status();
+        assert!(status.expect("kill runs").success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    async fn exit_code(mut self, within: Duration) -> Option<i32> {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("the process did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Adds the test app to a database with the real CLI, as an operator would.
+fn add_app(database_url: &str) {
+    let status = Command::new(env!("CARGO_BIN_EXE_call-notifier"))
+        .args([
+            "--database-url",
+            database_url,
+            "app",
+            "add",
+            "--platform",
+            "android",
+            "--app-id",
+            APP,
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run app add");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_parked_calls_then_exits_zero() {
+    for backend in backends().await {
+        let config = backend.config();
+        add_app(&config.database_url);
+        let mut args = vec![
+            "--database-url",
+            config.database_url.as_str(),
+            "--wait-ms",
+            "2500",
+        ];
+        if let Some(url) = backend.redis_url() {
+            args.extend(["--redis-url", url]);
+        }
+        let process = Process::start(&args);
+        let client = TestClient::new(process.url.clone());
+        let users: Vec<String> = (0..3).map(|_| sip_user_id()).collect();
+        for user in &users {
+            assert_eq!(
+                client
+                    .register("android", user, &format!("tok-{user}"))
+                    .await,
+                StatusCode::CREATED
+            );
+        }
+        let keys: Vec<String> = users.iter().map(|_| call_id()).collect();
+        let parked: Vec<_> = users
+            .iter()
+            .zip(&keys)
+            .map(|(user, key)| {
+                let client = client.clone();
+                let (user, key) = (user.clone(), key.clone());
+                tokio::spawn(async move { client.incoming_call(&user, &key).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        process.signal("TERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // No new connection is accepted.
+        let refused =
+            tokio::net::TcpStream::connect(process.url.trim_start_matches("http://")).await;
+        assert!(
+            refused.is_err(),
+            "{}: a new connection was accepted while draining",
+            backend.name()
+        );
+
+        // With Redis, an answer given to another instance still reaches the
+        // draining one: its parked call gets ACK. The rest get their real
+        // answer at the end of their wait: NAK.
+        let mut expected = vec!["status=NAK"; keys.len()];
+        if backend.redis_url().is_some() {
+            let other = start(&backend, |_| {}).await;
+            let now = call_notifier::calls::unix_seconds();
+            assert_eq!(
+                other.client.call_response(&keys[0], now, true).await.status,
+                StatusCode::ACCEPTED
+            );
+            expected[0] = "status=ACK";
+        }
+        for (pbx, expected) in parked.into_iter().zip(expected) {
+            assert_eq!(pbx.await.unwrap().body, expected, "{}", backend.name());
+        }
+        assert_eq!(process.exit_code(Duration::from_secs(5)).await, Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_timeout_and_a_second_signal_answer_parked_calls_nak() {
+    let backend = backends().await.remove(0);
+    let config = backend.config();
+    add_app(&config.database_url);
+    for second_signal in [false, true] {
+        let process = Process::start(&[
+            "--database-url",
+            &config.database_url,
+            "--wait-ms",
+            "20000",
+            "--shutdown-timeout-secs",
+            "1",
+        ]);
+        let client = TestClient::new(process.url.clone());
+        let user = sip_user_id();
+        client.register("android", &user, "tok-slow").await;
+        let pbx = tokio::spawn({
+            let client = client.clone();
+            async move { client.incoming_call(&user, &call_id()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let signalled = Instant::now();
+        process.signal("TERM");
+        if second_signal {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            process.signal("INT");
+        }
+        let reply = pbx.await.unwrap();
+        assert_eq!(reply.body, "status=NAK");
+        let took = signalled.elapsed();
+        // Long before the 20 s wait; with a second signal, before the 1 s timeout.
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        if second_signal {
+            assert!(took < Duration::from_millis(900), "{took:?}");
+        }
+        assert_eq!(process.exit_code(Duration::from_secs(5)).await, Some(0));
+    }
+}

@@ -1,0 +1,676 @@
+//! FCM HTTP v1 end to end: the real server pushes through the real FCM
+//! pusher to a local stand-in for FCM, with access tokens from a local
+//! stand-in for Google's OAuth2 token endpoint, and the test plays the app.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use call_notifier::config::Config;
+use call_notifier::push::router::PushRouter;
+use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher};
+use call_notifier::server::Running;
+use call_notifier::store::{App, Credentials, Platform};
+use call_notifier::Server;
+use common::stand_in::{Answer, Received, StandIn};
+use common::*;
+use futures_util::future::join_all;
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const PROJECT: &str = "test-project";
+const CLIENT_EMAIL: &str = "pusher@test-project.iam.gserviceaccount.com";
+
+// ---------------------------------------------------------------------------
+// The stand-ins' answers.
+
+/// Answers with `first`, one per request, then with `then`; and notes when
+/// each request came in `arrivals`.
+fn script(
+    first: impl IntoIterator<Item = Answer>,
+    then: impl Fn(&Received) -> Answer + Send + Sync + 'static,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+) -> impl Fn(&Received) -> Answer + Send + Sync + 'static {
+    let first = Mutex::new(first.into_iter().collect::<VecDeque<_>>());
+    move |request| {
+        arrivals.lock().expect("lock").push(Instant::now());
+        let scripted = first.lock().expect("lock").pop_front();
+        scripted.unwrap_or_else(|| then(request))
+    }
+}
+
+/// Google's token endpoint: a fresh token per request, valid for an hour.
+fn token_endpoint() -> impl Fn(&Received) -> Answer + Send + Sync + 'static {
+    let issued = AtomicUsize::new(0);
+    move |_| {
+        let n = issued.fetch_add(1, Ordering::Relaxed) + 1;
+        Answer::json(
+            200,
+            json!({"access_token": format!("ya29.test-token-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
+        )
+    }
+}
+
+/// FCM accepting a message.
+fn fcm_accepts() -> Answer {
+    Answer::json(
+        200,
+        json!({"name": format!("projects/{PROJECT}/messages/1")}),
+    )
+}
+
+/// An FCM v1 error answer.
+fn fcm_error(status: u16, rpc_status: &str, message: &str, details: Value) -> Answer {
+    Answer::json(
+        status,
+        json!({"error": {"code": status, "message": message, "status": rpc_status, "details": details}}),
+    )
+}
+
+fn fcm_error_code(code: &str) -> Value {
+    json!([{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": code}])
+}
+
+// ---------------------------------------------------------------------------
+// The service account and the server.
+
+/// An RSA key made for this test run (PKCS#8 PEM), made once per process.
+fn rsa_key() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("the openssl binary");
+        assert!(
+            out.status.success(),
+            "openssl genpkey: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("PEM is text")
+    })
+}
+
+/// Writes a service-account file whose tokens come from `token_uri`.
+fn service_account(dir: &Path, name: &str, project: &str, token_uri: &str) -> PathBuf {
+    let path = dir.join(name);
+    let key = json!({
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": "0123456789abcdef",
+        "private_key": rsa_key(),
+        "client_email": CLIENT_EMAIL,
+        "client_id": "123456789",
+        "auth_uri": "http://127.0.0.1:9/auth",
+        "token_uri": token_uri,
+    });
+    std::fs::write(&path, key.to_string()).expect("write the service account");
+    path
+}
+
+/// A real server (no recording pusher) whose FCM is a stand-in.
+struct FcmServer {
+    running: Running,
+    client: TestClient,
+    fcm: StandIn,
+    /// When each request reached the FCM stand-in.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+    google: StandIn,
+    backend: Backend,
+    dir: tempfile::TempDir,
+}
+
+impl FcmServer {
+    async fn start(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> FcmServer {
+        let google = StandIn::start(token_endpoint()).await;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let fcm = StandIn::start(script([], |_| fcm_accepts(), arrivals.clone())).await;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let account = service_account(
+            dir.path(),
+            "service-account.json",
+            PROJECT,
+            &format!("{}/token", google.url()),
+        );
+        let mut config = backend.config();
+        config.fcm_base_url = fcm.url();
+        tweak(&mut config);
+        let running = Server::new(config)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()));
+        for platform in [Platform::Android, Platform::Gcm] {
+            running
+                .state
+                .store
+                .put_app(&App {
+                    platform,
+                    app_id: APP.into(),
+                    credentials: Some(Credentials::Fcm {
+                        service_account_path: account.clone(),
+                    }),
+                })
+                .await
+                .expect("add the app");
+        }
+        let client = TestClient::new(running.url());
+        FcmServer {
+            running,
+            client,
+            fcm,
+            arrivals,
+            google,
+            backend: backend.clone(),
+            dir,
+        }
+    }
+
+    /// FCM answers the next pushes with `answers`, then accepts again.
+    fn fcm_answers(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.fcm
+            .answer_with(script(answers, |_| fcm_accepts(), self.arrivals.clone()));
+    }
+
+    /// Waits until FCM received `count` pushes, for at most `within`.
+    async fn pushes(&self, count: usize, within: Duration) -> Vec<Received> {
+        let arrived = eventually(within, || async { self.fcm.hits() >= count }).await;
+        let received = self.fcm.received();
+        assert!(
+            arrived,
+            "{count} pushes within {within:?}: got {received:?}"
+        );
+        received
+    }
+
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The PBX's request, running beside the test.
+    fn ring(&self, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
+        let client = self.client.clone();
+        let (user, key) = (user.to_owned(), key.to_owned());
+        tokio::spawn(async move { client.incoming_call(&user, &key).await })
+    }
+
+    /// The app, woken by `push`: answers with what the push carried.
+    async fn answer(&self, push: &Received, available: bool) -> Reply {
+        let data = &push.json()["message"]["data"];
+        let text = |key: &str| data[key].as_str().expect("a string").to_owned();
+        self.client
+            .post(
+                "/api/call-response/",
+                &[
+                    ("unique_key", &text("unique_key")),
+                    ("message_start_time", &text("message_start_time")),
+                    ("available", if available { "true" } else { "false" }),
+                ],
+            )
+            .await
+    }
+}
+
+/// Runs `scenario` once per backend, all at once.
+async fn on_every_backend<F, Fut>(scenario: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    join_all(backends().await.into_iter().map(scenario)).await;
+}
+
+/// Decodes base64url (with or without padding), to read a JWT.
+fn base64url(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let (mut bits, mut count, mut out) = (0u32, 0u32, Vec::new());
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let value = ALPHABET.iter().position(|&a| a == c).expect("base64url") as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_push_reaches_fcm_as_the_contract_says_and_the_app_answers_ack() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        let user = sip_user_id();
+        assert_eq!(
+            server
+                .client
+                .register("android", &user, "fcm-token-a")
+                .await,
+            StatusCode::CREATED
+        );
+        let key = call_id();
+        let pbx = server.ring(&user, &key);
+
+        let push = server.pushes(1, Duration::from_secs(3)).await.remove(0);
+        assert_eq!(push.method, Method::POST, "{name}");
+        assert_eq!(
+            push.uri,
+            format!("/v1/projects/{PROJECT}/messages:send"),
+            "{name}"
+        );
+        assert_eq!(
+            push.header("authorization"),
+            Some("Bearer ya29.test-token-1"),
+            "{name}"
+        );
+        assert_eq!(
+            push.header("content-type"),
+            Some("application/json"),
+            "{name}"
+        );
+
+        let body = push.json();
+        let message = body["message"].as_object().expect("a message");
+        let mut fields: Vec<&str> = message.keys().map(String::as_str).collect();
+        fields.sort();
+        // Data-only: no `notification` for the system to show.
+        assert_eq!(fields, ["android", "data", "token"], "{name}: {body}");
+        assert_eq!(message["token"], "fcm-token-a");
+        assert_eq!(message["android"]["priority"], "HIGH");
+        let ttl = message["android"]["ttl"].as_str().expect("a ttl");
+        let ttl: u64 = ttl
+            .strip_suffix('s')
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("ttl {ttl:?} is not whole seconds"));
+        assert!(ttl >= 1, "{name}: ttl {ttl}");
+        assert!(
+            Duration::from_secs(ttl) <= server.running.state.config.wait(),
+            "{name}: ttl {ttl}s outlives the wait"
+        );
+
+        let data = message["data"].as_object().expect("data");
+        let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "attempt",
+                "caller_id",
+                "message_start_time",
+                "phonenumber",
+                "response_api",
+                "type",
+                "unique_key"
+            ],
+            "{name}"
+        );
+        assert!(data.values().all(Value::is_string), "{name}: {body}");
+        assert_eq!(data["type"], "call");
+        assert_eq!(data["unique_key"], key.as_str());
+        assert_eq!(data["phonenumber"], "+31 50 123 4567");
+        assert_eq!(data["caller_id"], "Alice");
+        assert_eq!(data["attempt"], "1");
+        assert_eq!(
+            data["response_api"],
+            format!("{}/api/call-response/", server.running.url())
+        );
+        let started: f64 = data["message_start_time"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .expect("message_start_time is a number as text");
+        assert!((call_notifier::calls::unix_seconds() - started).abs() < 10.0);
+
+        // The app wakes and answers with what the push told it.
+        let answer = server.answer(&push, true).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
+        let reply = pbx.await.expect("the PBX request");
+        assert_eq!(reply.body, "status=ACK", "{name}");
+
+        // The token came from the service account's token_uri, for FCM's scope.
+        let token_requests = server.google.received();
+        assert_eq!(token_requests.len(), 1, "{name}");
+        let request = &token_requests[0];
+        assert_eq!(request.uri, "/token");
+        let form: HashMap<String, String> =
+            serde_urlencoded::from_bytes(&request.body).expect("a form");
+        assert_eq!(
+            form["grant_type"],
+            "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        );
+        let claims = form["assertion"].split('.').nth(1).expect("a JWT");
+        let claims: Value = serde_json::from_slice(&base64url(claims)).expect("JWT claims");
+        assert_eq!(
+            claims["scope"],
+            "https://www.googleapis.com/auth/firebase.messaging"
+        );
+        assert_eq!(claims["iss"], CLIENT_EMAIL);
+        assert_eq!(claims["aud"], format!("{}/token", server.google.url()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_token_is_fetched_once_and_reused_across_calls() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        let first = sip_user_id();
+        let second = sip_user_id();
+        server
+            .client
+            .register("android", &first, "fcm-token-1")
+            .await;
+        // A `gcm` device goes through FCM v1 too; its app shares the
+        // service account, and so the token.
+        server.client.register("gcm", &second, "gcm-token-2").await;
+
+        for (n, user) in [&first, &second].into_iter().enumerate() {
+            let pbx = server.ring(user, &call_id());
+            let push = server.pushes(n + 1, Duration::from_secs(3)).await.remove(n);
+            assert_eq!(
+                server.answer(&push, true).await.status,
+                StatusCode::ACCEPTED
+            );
+            assert_eq!(pbx.await.expect("the PBX").body, "status=ACK", "{name}");
+        }
+        let pushes = server.fcm.received();
+        let tokens: Vec<Option<&str>> = pushes.iter().map(|p| p.header("authorization")).collect();
+        assert!(tokens.len() >= 2, "{name}");
+        assert!(
+            tokens
+                .iter()
+                .all(|t| *t == Some("Bearer ya29.test-token-1")),
+            "{name}: {tokens:?}"
+        );
+        assert_eq!(
+            server.google.received().len(),
+            1,
+            "{name}: one token request"
+        );
+        let devices: Vec<Value> = pushes
+            .iter()
+            .map(|p| p.json()["message"]["token"].clone())
+            .collect();
+        assert!(devices.contains(&json!("fcm-token-1")) && devices.contains(&json!("gcm-token-2")));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_token_forgets_the_device_and_the_pbx_gets_nak_at_once() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        server.fcm_answers([fcm_error(
+            404,
+            "NOT_FOUND",
+            "Requested entity was not found.",
+            fcm_error_code("UNREGISTERED"),
+        )]);
+        let user = sip_user_id();
+        server
+            .client
+            .register("android", &user, "fcm-token-gone")
+            .await;
+
+        let started = Instant::now();
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK", "{name}");
+        assert!(
+            started.elapsed() < server.running.state.config.wait() / 2,
+            "{name}: NAK took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            server.fcm.received().len(),
+            1,
+            "{name}: no push after a dead token"
+        );
+        let store = server.running.state.store.clone();
+        let id: i64 = user.parse().expect("a number");
+        assert!(
+            eventually(Duration::from_secs(2), || {
+                let store = store.clone();
+                async move { matches!(store.device(id).await, Ok(None)) }
+            })
+            .await,
+            "{name}: the device was not forgotten"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_after_its_retry_after_under_the_same_attempt_and_delivered() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        server.fcm_answers([fcm_error(
+            503,
+            "UNAVAILABLE",
+            "The service is currently unavailable.",
+            fcm_error_code("UNAVAILABLE"),
+        )
+        .header("retry-after", "1")]);
+        let user = sip_user_id();
+        server
+            .client
+            .register("android", &user, "fcm-token-retry")
+            .await;
+        let pbx = server.ring(&user, &call_id());
+
+        let pushes = server.pushes(2, Duration::from_secs(3)).await;
+        let arrivals = server.arrivals.lock().expect("lock").clone();
+        let attempts: Vec<Value> = pushes[..2]
+            .iter()
+            .map(|p| p.json()["message"]["data"]["attempt"].clone())
+            .collect();
+        assert_eq!(attempts, [json!("1"), json!("1")], "{name}");
+        let gap = arrivals[1] - arrivals[0];
+        assert!(
+            gap >= Duration::from_millis(900),
+            "{name}: retried after {gap:?}, before Retry-After"
+        );
+        // The retry was accepted: the app it woke answers.
+        let answer = server.answer(&pushes[1], true).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
+        assert_eq!(pbx.await.expect("the PBX").body, "status=ACK", "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_fails_the_push_and_the_call_times_out_with_nak() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |c| {
+            c.wait_ms = 1500;
+            c.resend_interval_ms = 500;
+        })
+        .await;
+        let name = server.name();
+        server.fcm_answers([fcm_error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials.",
+            json!([]),
+        )]);
+        let user = sip_user_id();
+        server
+            .client
+            .register("android", &user, "fcm-token-401")
+            .await;
+
+        let started = Instant::now();
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK", "{name}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(1400),
+            "{name}: NAK before the wait ended ({:?})",
+            started.elapsed()
+        );
+        // Refused for good: neither retried nor resent, and the device stays.
+        assert_eq!(server.fcm.received().len(), 1, "{name}");
+        let id: i64 = user.parse().expect("a number");
+        assert!(
+            matches!(server.running.state.store.device(id).await, Ok(Some(_))),
+            "{name}"
+        );
+    })
+    .await;
+}
+
+/// The router's answers, asked directly: what the call path acts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_says_what_happened_for_every_kind_of_app() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |c| c.push_timeout_ms = 300).await;
+        let name = server.name();
+        let store = server.running.state.store.clone();
+        let router = PushRouter::new(store.clone(), &server.running.state.config)
+            .with_cache_ttl(Duration::ZERO);
+        let target = |platform, app_id: &str| PushTarget {
+            platform,
+            token: "fcm-token-router".into(),
+            app_id: app_id.into(),
+            sandbox: false,
+            sip_user_id: 1,
+        };
+        let payload = Payload::Message {
+            message: "hello".into(),
+        };
+        let put = |platform, app_id: &'static str, credentials| {
+            let store = store.clone();
+            async move {
+                store
+                    .put_app(&App {
+                        platform,
+                        app_id: app_id.into(),
+                        credentials,
+                    })
+                    .await
+                    .expect("put an app")
+            }
+        };
+
+        // No such app.
+        let outcome = router.send(&target(Platform::Android, "com.example.none"), &payload).await;
+        assert_eq!(outcome, PushOutcome::Failed("unknown app".into()), "{name}");
+
+        // An app without credentials is only logged.
+        put(Platform::Android, "com.example.logonly", None).await;
+        let outcome = router.send(&target(Platform::Android, "com.example.logonly"), &payload).await;
+        assert_eq!(outcome, PushOutcome::Delivered, "{name}");
+
+        // Credentials that cannot be read: a clear failure, no panic.
+        let missing = server.dir.path().join("missing.json");
+        put(
+            Platform::Android,
+            "com.example.broken",
+            Some(Credentials::Fcm {
+                service_account_path: missing.clone(),
+            }),
+        )
+        .await;
+        let outcome = router.send(&target(Platform::Android, "com.example.broken"), &payload).await;
+        assert!(
+            matches!(&outcome, PushOutcome::Failed(reason) if reason.contains(&missing.display().to_string())),
+            "{name}: {outcome:?}"
+        );
+        // A file that is no service account.
+        let garbage = server.dir.path().join("garbage.json");
+        std::fs::write(&garbage, "{\"type\": \"nonsense\"}").expect("write");
+        put(
+            Platform::Gcm,
+            "com.example.garbage",
+            Some(Credentials::Fcm {
+                service_account_path: garbage,
+            }),
+        )
+        .await;
+        let outcome = router.send(&target(Platform::Gcm, "com.example.garbage"), &payload).await;
+        assert!(
+            matches!(&outcome, PushOutcome::Failed(reason) if reason.contains("service-account")),
+            "{name}: {outcome:?}"
+        );
+        assert!(server.fcm.received().is_empty(), "{name}");
+
+        let real = target(Platform::Android, APP);
+        // Quota: retry when FCM says.
+        server.fcm_answers([fcm_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Quota exceeded.",
+            fcm_error_code("QUOTA_EXCEEDED"),
+        )
+        .header("retry-after", "7")]);
+        let outcome = router.send(&real, &payload).await;
+        assert!(
+            matches!(outcome, PushOutcome::Retry { after: Some(after), .. } if after == Duration::from_secs(7)),
+            "{name}: {outcome:?}"
+        );
+        // A token FCM calls invalid is dead.
+        server.fcm_answers([fcm_error(
+            400,
+            "INVALID_ARGUMENT",
+            "The registration token is not a valid FCM registration token",
+            json!([{"@type": "type.googleapis.com/google.rpc.BadRequest",
+                    "fieldViolations": [{"field": "message.token", "description": "Invalid registration token"}]}]),
+        )]);
+        let outcome = router.send(&real, &payload).await;
+        assert!(matches!(outcome, PushOutcome::TokenDead(_)), "{name}: {outcome:?}");
+        // No answer within --push-timeout-ms: try again.
+        server.fcm_answers([fcm_accepts().after(Duration::from_secs(2))]);
+        let started = Instant::now();
+        let outcome = router.send(&real, &payload).await;
+        assert!(
+            matches!(&outcome, PushOutcome::Retry { after: None, reason } if reason.contains("300 ms")),
+            "{name}: {outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1), "{name}");
+
+        // New credentials (another project) are picked up once the cache
+        // expires (at once here).
+        let other = service_account(
+            server.dir.path(),
+            "other.json",
+            "other-project",
+            &format!("{}/token", server.google.url()),
+        );
+        put(
+            Platform::Android,
+            APP,
+            Some(Credentials::Fcm {
+                service_account_path: other,
+            }),
+        )
+        .await;
+        let outcome = router.send(&real, &payload).await;
+        assert_eq!(outcome, PushOutcome::Delivered, "{name}");
+        let last = server.fcm.received().pop().expect("a push");
+        assert_eq!(last.uri, "/v1/projects/other-project/messages:send", "{name}");
+    })
+    .await;
+}
