@@ -165,6 +165,13 @@ pub struct Config {
     )]
     pub redis_pool_size: u32,
 
+    /// How long a Redis command waits for a pooled connection, a connection
+    /// attempt may take, and Redis may take to answer, in ms. While Redis
+    /// cannot be reached at all, commands fail at once instead (a call: NAK).
+    #[arg(long, env = "CALL_NOTIFIER_REDIS_TIMEOUT_MS", default_value_t = 1000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_timeout_ms: u64,
+
     /// How a parked call learns of its answer; `poll` exists for benchmarks.
     #[arg(
         long,
@@ -315,6 +322,10 @@ impl Config {
 
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
     }
 
     pub fn push_timeout(&self) -> Duration {

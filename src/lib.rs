@@ -17,6 +17,8 @@
 //!   from the request that receives it to the request that waits for it
 //!   (in-process or Redis).
 //! - [`store`]: devices, apps and the response log, in SQLite or PostgreSQL.
+//! - [`pool`]: connection pools (database, Redis) that fail fast while their
+//!   service is unreachable, instead of waiting out the acquire timeout.
 //! - [`push`]: the [`push::Pusher`] boundary: APNs, FCM, log-only, recording.
 //! - [`auth`]: who may call what: device owners, PBX networks, probe limits.
 //! - [`outbound`]: the one outgoing HTTP client type (account API, FCM).
@@ -29,6 +31,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod outbound;
+pub mod pool;
 pub mod push;
 pub mod server;
 pub mod store;

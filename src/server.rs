@@ -193,7 +193,7 @@ async fn build_state(
             RedisBroker::connect(RedisOptions {
                 url: url.clone(),
                 pool_size: config.redis_pool_size,
-                acquire_timeout: Duration::from_secs(1),
+                acquire_timeout: config.redis_timeout(),
                 poll_interval: config.poll_interval(),
                 state_ttl: config.wait() + Duration::from_secs(30),
                 subscribe: config.broker_mode == BrokerMode::Pubsub,

@@ -253,11 +253,7 @@ async fn a_source_probing_unknown_keys_is_refused_for_a_while() {
     let user = sip_user_id();
     server.client.register("android", &user, "tok-probe").await;
     let key = call_id();
-    let pbx = tokio::spawn({
-        let client = server.client.clone();
-        let (user, key) = (user.clone(), key.clone());
-        async move { client.incoming_call(&user, &key).await }
-    });
+    let pbx = server.client.park(&user, &key);
     let push = server.pusher.wait_for("tok-probe", 1).await.remove(0);
     assert_eq!(
         server

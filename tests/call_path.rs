@@ -56,11 +56,7 @@ async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes
             StatusCode::CREATED
         );
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         let first = server.pusher.wait_for("tok-a", 1).await.remove(0);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let answer = server
@@ -115,11 +111,7 @@ async fn answered_not_available_is_nak() {
         let user = sip_user_id();
         server.client.register("android", &user, "tok-busy").await;
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         let push = server.pusher.wait_for("tok-busy", 1).await.remove(0);
         let answer = server
             .client
@@ -253,11 +245,7 @@ async fn the_pbx_hanging_up_leaves_nothing_behind() {
         let user = sip_user_id();
         server.client.register("android", &user, "tok-hangup").await;
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         server.pusher.wait_for("tok-hangup", 1).await;
         let state = server.running.state.clone();
         assert_eq!(state.parking.parked(), 1);
@@ -347,11 +335,7 @@ async fn a_refused_push_is_retried_under_the_same_attempt_number() {
         let user = sip_user_id();
         server.client.register("apns", &user, "tok-retry").await;
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         let pushes = server.pusher.wait_for("tok-retry", 2).await;
         let attempts: Vec<_> = pushes.iter().map(|p| p.payload.attempt()).collect();
         assert_eq!(attempts, [Some(1), Some(1)], "{}", backend.name());
@@ -415,11 +399,7 @@ async fn a_second_answer_does_not_change_the_first() {
         let user = sip_user_id();
         server.client.register("android", &user, "tok-twice").await;
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         let push = server.pusher.wait_for("tok-twice", 1).await.remove(0);
         let (first, second) = tokio::join!(
             server
@@ -462,11 +442,7 @@ async fn two_instances_share_one_call_through_redis() {
             StatusCode::CREATED
         );
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = a.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = a.client.park(&user, &key);
         let push = a.pusher.wait_for("tok-lb", 1).await.remove(0);
         let answer = b
             .client
@@ -490,11 +466,7 @@ async fn a_lost_message_is_caught_by_the_fallback_check() {
         let user = sip_user_id();
         server.client.register("android", &user, "tok-lost").await;
         let key = call_id();
-        let pbx = tokio::spawn({
-            let client = server.client.clone();
-            let (user, key) = (user.clone(), key.clone());
-            async move { client.incoming_call(&user, &key).await }
-        });
+        let pbx = server.client.park(&user, &key);
         server.pusher.wait_for("tok-lost", 1).await;
         let started = Instant::now();
         let mut redis = redis(url).await;

@@ -23,13 +23,6 @@ fn sample(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Parks a call for `user` and returns the PBX's pending reply.
-fn park(server: &TestServer, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
-    let client = server.client.clone();
-    let (user, key) = (user.to_owned(), key.to_owned());
-    tokio::spawn(async move { client.incoming_call(&user, &key).await })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_outcome() {
     for backend in backends().await {
@@ -56,7 +49,7 @@ async fn metrics_count_every_outcome() {
         // ACK, and NAK for: not available, no device, token dead, timeout.
         for (user, token, available) in [(&ack, "m-ack", true), (&busy, "m-busy", false)] {
             let key = call_id();
-            let pbx = park(&server, user, &key);
+            let pbx = server.client.park(user, &key);
             let push = server.pusher.wait_for(token, 1).await.remove(0);
             client
                 .call_response(&key, start_time_of(&push), available)
@@ -149,7 +142,7 @@ async fn overload_is_nak_at_once_and_counted() {
     let user = sip_user_id();
     server.client.register("android", &user, "tok-full").await;
     let key = call_id();
-    let pbx = park(&server, &user, &key);
+    let pbx = server.client.park(&user, &key);
     let push = server.pusher.wait_for("tok-full", 1).await.remove(0);
     assert_eq!(
         server.client.incoming_call(&user, &call_id()).await.body,
@@ -482,11 +475,7 @@ async fn sigterm_drains_parked_calls_then_exits_zero() {
         let parked: Vec<_> = users
             .iter()
             .zip(&keys)
-            .map(|(user, key)| {
-                let client = client.clone();
-                let (user, key) = (user.clone(), key.clone());
-                tokio::spawn(async move { client.incoming_call(&user, &key).await })
-            })
+            .map(|(user, key)| client.park(user, key))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         process.signal("TERM");
@@ -538,10 +527,7 @@ async fn the_shutdown_timeout_and_a_second_signal_answer_parked_calls_nak() {
         let client = TestClient::new(process.url.clone());
         let user = sip_user_id();
         client.register("android", &user, "tok-slow").await;
-        let pbx = tokio::spawn({
-            let client = client.clone();
-            async move { client.incoming_call(&user, &call_id()).await }
-        });
+        let pbx = client.park(&user, &call_id());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let signalled = Instant::now();
         process.signal("TERM");

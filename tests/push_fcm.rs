@@ -198,9 +198,7 @@ impl FcmServer {
 
     /// The PBX's request, running beside the test.
     fn ring(&self, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
-        let client = self.client.clone();
-        let (user, key) = (user.to_owned(), key.to_owned());
-        tokio::spawn(async move { client.incoming_call(&user, &key).await })
+        self.client.park(user, key)
     }
 
     /// The app, woken by `push`: answers with what the push carried.

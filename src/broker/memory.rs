@@ -33,7 +33,7 @@ impl MemoryBroker {
 #[async_trait]
 impl CallBroker for MemoryBroker {
     async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError> {
-        let (answers, _) = self.shared.waiters.join(key);
+        let (answers, _) = self.shared.waiters.join(key, platform);
         self.shared
             .states
             .lock()

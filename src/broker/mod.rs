@@ -166,12 +166,20 @@ pub(crate) struct Waiters {
 struct Slot {
     answers: watch::Sender<Option<Answer>>,
     waiters: usize,
+    /// The device's platform as the first waiter gave it: what a broker
+    /// needs to store the key's pending state again (see
+    /// [`Waiters::pending`]).
+    platform: Platform,
 }
 
 impl Waiters {
     /// Registers one more waiter on `key`. Says whether it is the first, i.e.
     /// whether the process must subscribe.
-    pub(crate) fn join(&self, key: &str) -> (watch::Receiver<Option<Answer>>, bool) {
+    pub(crate) fn join(
+        &self,
+        key: &str,
+        platform: Platform,
+    ) -> (watch::Receiver<Option<Answer>>, bool) {
         let mut slots = self.slots.lock().expect("waiters lock poisoned");
         if let Some(slot) = slots.get_mut(key) {
             slot.waiters += 1;
@@ -183,6 +191,7 @@ impl Waiters {
             Slot {
                 answers,
                 waiters: 1,
+                platform,
             },
         );
         (receiver, true)
@@ -243,6 +252,17 @@ impl Waiters {
         slots.keys().cloned().collect()
     }
 
+    /// The keys waited on, still unanswered, with their platforms: the
+    /// pending states a broker whose backing store lost them puts back.
+    pub(crate) fn pending(&self) -> Vec<(Arc<str>, Platform)> {
+        let slots = self.slots.lock().expect("waiters lock poisoned");
+        slots
+            .iter()
+            .filter(|(_, slot)| slot.answers.borrow().is_none())
+            .map(|(key, slot)| (key.clone(), slot.platform))
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.slots.lock().expect("waiters lock poisoned").len()
     }
@@ -276,8 +296,8 @@ mod tests {
     #[tokio::test]
     async fn every_waiter_on_a_key_gets_the_first_answer() {
         let waiters = Waiters::default();
-        let (mut a, first_a) = waiters.join("k");
-        let (mut b, first_b) = waiters.join("k");
+        let (mut a, first_a) = waiters.join("k", Platform::Android);
+        let (mut b, first_b) = waiters.join("k", Platform::Apns);
         assert!(first_a && !first_b);
         let no = Answer {
             available: false,

@@ -3,9 +3,10 @@
 //!
 //! Two links to Redis, one behaviour:
 //!
-//! - one server (`redis://`): a pool of command connections (bb8-redis) and
-//!   one subscriber connection that carries every channel the process waits
-//!   on, never a connection per call;
+//! - one server (`redis://`): a pool of command connections (bb8 over
+//!   multiplexed connections, see [`CommandConnections`]) and one subscriber
+//!   connection that carries every channel the process waits on, never a
+//!   connection per call;
 //! - a Redis Cluster (`redis+cluster://host:port,host:port`): one cluster
 //!   connection (a multiplexed connection per node, RESP3) carries commands
 //!   and sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`), so an answer travels
@@ -24,25 +25,39 @@
 //! - the retirer deletes the keys of finished waits and unsubscribes their
 //!   channels, in batches, off the call path.
 //!
+//! Outages. A Redis that cannot be reached makes the broker unready and
+//! every new wait fail at once (the call is answered NAK before any push):
+//! the subscriber connection is known down, and the command pool fails fast
+//! ([`Reachability`]) instead of waiting out `--redis-timeout-ms`. A command
+//! connection found dropped is replaced and the command sent once more, so a
+//! Redis that restarted costs no request an error. When the subscriber
+//! connects again it resubscribes every channel waited on, stores the
+//! pending state of every unanswered wait again (see
+//! [`restore_pending`]), and runs the fallback check once, before the broker
+//! says it is ready. A cluster connection follows failovers by itself (the
+//! redis crate refreshes its slot map on a failed or `MOVED` command and
+//! resubscribes sharded channels); the fallback check covers answers
+//! published meanwhile.
+//!
 //! Keys: `cn:{<unique_key>}` holds the state (`pending:<platform>`,
 //! `available:<platform>`, `unavailable:<platform>`), `cn:{<unique_key>}:answer`
 //! is the channel. The braces are a Redis Cluster hash tag: key and channel
 //! always share a slot.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
-use redis::aio::PubSubSink;
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSubSink};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, PushInfo, PushKind, ScriptInvocation};
+use redis::{FromRedisValue, PushInfo, PushKind, RedisFuture, ScriptInvocation, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::{Answer, BrokerError, CallBroker, CallState, Release, Wait, Waiters};
+use crate::pool::Reachability;
 use crate::store::Platform;
 
 /// Stores an answer only over a pending state, then publishes it (`PUBLISH`,
@@ -58,9 +73,6 @@ end
 return before
 "#;
 
-/// How long one subscribe or one ping of the subscriber may take before the
-/// connection counts as down.
-const SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often an idle subscriber connection is pinged, to notice a dead peer.
 const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(5);
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -113,7 +125,8 @@ pub struct RedisOptions {
     /// Redis Cluster (any reachable nodes; the rest are discovered).
     pub url: String,
     pub pool_size: u32,
-    /// How long a command waits for a pooled connection.
+    /// How long a command waits for a pooled connection, a connection
+    /// attempt may take, and Redis may take to answer one command.
     pub acquire_timeout: Duration,
     /// Interval of the fallback check.
     pub poll_interval: Duration,
@@ -146,7 +159,12 @@ enum Link {
     /// One Redis server.
     Single {
         /// Command connections.
-        pool: bb8::Pool<RedisConnectionManager>,
+        pool: bb8::Pool<CommandConnections>,
+        /// Whether Redis answers connection attempts: the pool fails fast
+        /// while it does not.
+        reach: Reachability,
+        /// The database the URL names, for [`ConnectionLike::get_db`].
+        db: i64,
         /// The subscriber connection's command half, while it is up.
         sink: Mutex<Option<PubSubSink>>,
         /// Whether the subscriber connection is up and subscribed.
@@ -195,14 +213,29 @@ impl RedisBroker {
             }
             None => {
                 let client = redis::Client::open(options.url.as_str()).map_err(bad_url)?;
-                let manager = RedisConnectionManager::new(options.url.as_str()).map_err(bad_url)?;
+                let db = client.get_connection_info().redis_settings().db();
+                let reach = Reachability::new("Redis");
+                let manager = CommandConnections {
+                    client: client.clone(),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(options.acquire_timeout))
+                        .set_response_timeout(Some(options.acquire_timeout)),
+                    generation: Arc::new(AtomicU64::new(0)),
+                };
                 let pool = bb8::Pool::builder()
                     .max_size(options.pool_size.max(1))
                     .connection_timeout(options.acquire_timeout)
-                    .test_on_check_out(false)
+                    // Only the generation is checked: no round trip.
+                    .test_on_check_out(true)
+                    .error_sink(reach.error_sink(|e: &CommandPoolError| {
+                        matches!(e, CommandPoolError::Connect(_))
+                    }))
+                    .connection_customizer(Box::new(reach.clone()))
                     .build_unchecked(manager);
                 let link = Link::Single {
                     pool,
+                    reach,
+                    db,
                     sink: Mutex::new(None),
                     subscribed: AtomicBool::new(false),
                 };
@@ -236,6 +269,190 @@ impl RedisBroker {
     }
 }
 
+/// The command connections of one Redis server, for bb8.
+///
+/// A multiplexed connection cannot say whether it is still alive short of a
+/// round trip (bb8-redis's `has_broken` always says no), so after Redis
+/// restarted every pooled connection would fail every command for good.
+/// Instead every connection carries the pool's generation from when it was
+/// made; the first command that finds its connection dropped moves the
+/// generation on ([`CommandConnection::retire_siblings`]), and bb8 then drops
+/// every connection of an older generation at checkout or when it comes
+/// back, with no round trip.
+struct CommandConnections {
+    client: redis::Client,
+    config: redis::AsyncConnectionConfig,
+    generation: Arc<AtomicU64>,
+}
+
+struct CommandConnection {
+    conn: MultiplexedConnection,
+    /// The pool's generation when this connection was made.
+    generation: u64,
+    current: Arc<AtomicU64>,
+}
+
+impl CommandConnection {
+    fn stale(&self) -> bool {
+        self.generation != self.current.load(Ordering::Acquire)
+    }
+
+    /// This connection was found dropped, and so, most likely, were the
+    /// others made before it (Redis restarted, or the network broke).
+    fn retire_siblings(&self) {
+        let _ = self.current.compare_exchange(
+            self.generation,
+            self.generation + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
+/// Why the command pool has no connection to give.
+#[derive(Debug, thiserror::Error)]
+enum CommandPoolError {
+    /// Connecting to Redis failed: it is down or unreachable.
+    #[error(transparent)]
+    Connect(redis::RedisError),
+    /// A pooled connection from before a drop was discarded.
+    #[error("connection made before Redis was lost")]
+    Stale,
+}
+
+impl bb8::ManageConnection for CommandConnections {
+    type Connection = CommandConnection;
+    type Error = CommandPoolError;
+
+    async fn connect(&self) -> Result<CommandConnection, CommandPoolError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+            .map_err(CommandPoolError::Connect)?;
+        Ok(CommandConnection {
+            conn,
+            generation,
+            current: self.generation.clone(),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut CommandConnection) -> Result<(), CommandPoolError> {
+        if conn.stale() {
+            Err(CommandPoolError::Stale)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn has_broken(&self, conn: &mut CommandConnection) -> bool {
+        conn.stale()
+    }
+}
+
+/// The one-server command link as the redis crate's commands, pipelines and
+/// scripts see it: every command takes a pooled connection (failing at once
+/// while Redis is known unreachable), and is sent once more, on a fresh
+/// connection, when the one it had turned out to be dropped before the
+/// command could be sent or answered.
+///
+/// Sending twice is safe for every command here: `SET NX`, `GET`, `MGET`,
+/// `DEL`, `PING`, and the answer script, whose first answer stands (a second
+/// run returns the answered state, so the caller only skips the response
+/// log for it).
+struct Commands<'a> {
+    pool: &'a bb8::Pool<CommandConnections>,
+    reach: &'a Reachability,
+    db: i64,
+}
+
+impl Commands<'_> {
+    async fn checkout(&self) -> redis::RedisResult<bb8::PooledConnection<'_, CommandConnections>> {
+        self.reach
+            .get(self.pool)
+            .await
+            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "Redis unavailable", e)))
+    }
+}
+
+impl ConnectionLike for Commands<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let mut conn = self.checkout().await?;
+            match conn.conn.req_packed_command(cmd).await {
+                Err(e) if e.is_connection_dropped() => {
+                    conn.retire_siblings();
+                    drop(conn);
+                    self.checkout().await?.conn.req_packed_command(cmd).await
+                }
+                result => result,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let mut conn = self.checkout().await?;
+            match conn.conn.req_packed_commands(pipeline, offset, count).await {
+                Err(e) if e.is_connection_dropped() => {
+                    conn.retire_siblings();
+                    drop(conn);
+                    self.checkout()
+                        .await?
+                        .conn
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                }
+                result => result,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+}
+
+/// Either link, for one command.
+enum Conn<'a> {
+    Single(Commands<'a>),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// What the subscriber task reads from.
 enum Subscriber {
     /// Connects (and reconnects) its own pub/sub connection.
@@ -249,31 +466,41 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl Shared {
-    /// Runs one command on whichever link this is.
-    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
-        let result = match &self.link {
-            Link::Single { pool, .. } => {
-                let mut conn = pool.get().await.map_err(unavailable)?;
-                cmd.query_async(&mut *conn).await
-            }
-            Link::Cluster { conn } => cmd.query_async(&mut conn.clone()).await,
-        };
-        result.map_err(unavailable)
+    /// Whichever link this is, as the redis crate's commands see it.
+    fn conn(&self) -> Conn<'_> {
+        match &self.link {
+            Link::Single {
+                pool, reach, db, ..
+            } => Conn::Single(Commands {
+                pool,
+                reach,
+                db: *db,
+            }),
+            Link::Cluster { conn } => Conn::Cluster(conn.clone()),
+        }
     }
 
-    /// Runs the answer script on whichever link this is.
+    /// Runs one command.
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
+        cmd.query_async(&mut self.conn()).await.map_err(unavailable)
+    }
+
+    /// Runs a pipeline (on a cluster, all of it must be in one slot).
+    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, BrokerError> {
+        pipe.query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Runs the answer script.
     async fn invoke<T: FromRedisValue>(
         &self,
         script: &ScriptInvocation<'_>,
     ) -> Result<T, BrokerError> {
-        let result = match &self.link {
-            Link::Single { pool, .. } => {
-                let mut conn = pool.get().await.map_err(unavailable)?;
-                script.invoke_async(&mut *conn).await
-            }
-            Link::Cluster { conn } => script.invoke_async(&mut conn.clone()).await,
-        };
-        result.map_err(unavailable)
+        script
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
     }
 
     /// The command that publishes an answer to its channel.
@@ -286,27 +513,26 @@ impl Shared {
 
     /// Subscribes to one key's channel, confirmed by Redis before it returns.
     async fn subscribe(&self, channel: String) -> Result<(), BrokerError> {
-        let subscribed =
-            match &self.link {
-                Link::Single { sink, .. } => {
-                    let mut sink = sink
-                        .lock()
-                        .expect("sink lock poisoned")
-                        .clone()
-                        .ok_or_else(|| unavailable("Redis subscriber connection is down"))?;
-                    tokio::time::timeout(SUBSCRIBER_TIMEOUT, async move {
-                        sink.subscribe(channel).await
-                    })
-                    .await
-                }
-                Link::Cluster { conn } => {
-                    let mut conn = conn.clone();
-                    tokio::time::timeout(SUBSCRIBER_TIMEOUT, async move {
-                        conn.ssubscribe(channel).await
-                    })
-                    .await
-                }
-            };
+        let subscribed = match &self.link {
+            Link::Single { sink, .. } => {
+                let mut sink = sink
+                    .lock()
+                    .expect("sink lock poisoned")
+                    .clone()
+                    .ok_or_else(|| unavailable("Redis subscriber connection is down"))?;
+                tokio::time::timeout(self.options.acquire_timeout, async move {
+                    sink.subscribe(channel).await
+                })
+                .await
+            }
+            Link::Cluster { conn } => {
+                let mut conn = conn.clone();
+                tokio::time::timeout(self.options.acquire_timeout, async move {
+                    conn.ssubscribe(channel).await
+                })
+                .await
+            }
+        };
         subscribed
             .map_err(|_| unavailable("Redis SUBSCRIBE timed out"))?
             .map_err(unavailable)
@@ -319,8 +545,11 @@ impl Shared {
                 let sink = sink.lock().expect("sink lock poisoned").clone();
                 // A lost subscriber connection took its subscriptions with it.
                 if let Some(mut sink) = sink {
-                    let _ =
-                        tokio::time::timeout(SUBSCRIBER_TIMEOUT, sink.unsubscribe(&channels)).await;
+                    let _ = tokio::time::timeout(
+                        self.options.acquire_timeout,
+                        sink.unsubscribe(&channels),
+                    )
+                    .await;
                 }
             }
             Link::Cluster { conn } => {
@@ -330,7 +559,7 @@ impl Shared {
                     async move { conn.sunsubscribe(channel).await }
                 });
                 let _ = tokio::time::timeout(
-                    SUBSCRIBER_TIMEOUT,
+                    self.options.acquire_timeout,
                     futures_util::future::join_all(unsubscribed),
                 )
                 .await;
@@ -379,7 +608,7 @@ impl Shared {
 impl CallBroker for RedisBroker {
     async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError> {
         let shared = &self.shared;
-        let (answers, first) = shared.waiters.join(key);
+        let (answers, first) = shared.waiters.join(key, platform);
         let release = {
             let shared = shared.clone();
             let key: Arc<str> = Arc::from(key);
@@ -470,6 +699,11 @@ async fn subscriber_single(
     client: redis::Client,
     mut stop: watch::Receiver<()>,
 ) {
+    // How long a ping of the subscriber connection may take before it
+    // counts as down: `--redis-timeout-ms`, like every other command.
+    let Some(timeout) = shared.upgrade().map(|s| s.options.acquire_timeout) else {
+        return;
+    };
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
     const MAX_BACKOFF: Duration = Duration::from_secs(2);
     let mut backoff = MIN_BACKOFF;
@@ -515,13 +749,27 @@ async fn subscriber_single(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
-            subscribed.store(true, Ordering::Release);
+            let restored = match restore_pending(&shared).await {
+                Ok(restored) => restored,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storing the pending calls again failed");
+                    *current.lock().expect("sink lock poisoned") = None;
+                    drop(shared);
+                    if !sleep_or_stop(backoff, &mut stop).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
             // Whatever was answered while we were away was published to nobody.
             if let Err(e) = shared.check_stored().await {
                 tracing::warn!(error = %e, "fallback check after resubscribe failed");
             }
+            subscribed.store(true, Ordering::Release);
             tracing::info!(
                 channels = shared.waiters.len(),
+                restored,
                 "Redis subscriber connected"
             );
         }
@@ -537,9 +785,18 @@ async fn subscriber_single(
                 }
                 _ = ping.tick() => {
                     let mut sink = sink.clone();
-                    let alive = tokio::time::timeout(SUBSCRIBER_TIMEOUT, sink.ping::<String>()).await;
-                    if !matches!(alive, Ok(Ok(_))) {
-                        break;
+                    // Any answer will do: a subscribed connection answers
+                    // PING with `["pong", ""]`, not `PONG`.
+                    match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "Redis subscriber ping failed");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!(timeout_ms = timeout.as_millis() as u64, "Redis subscriber ping timed out");
+                            break;
+                        }
                     }
                 }
                 _ = stop.changed() => return,
@@ -596,12 +853,60 @@ async fn subscriber_cluster(
 async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), BrokerError> {
     let channels: Vec<String> = shared.waiters.keys().iter().map(|k| channel(k)).collect();
     for chunk in channels.chunks(BATCH) {
-        tokio::time::timeout(SUBSCRIBER_TIMEOUT * 5, sink.subscribe(chunk))
+        tokio::time::timeout(shared.options.acquire_timeout * 5, sink.subscribe(chunk))
             .await
             .map_err(|_| unavailable("Redis SUBSCRIBE timed out"))?
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// Stores again, where Redis has none, the pending state of every wait of
+/// this process still unanswered; says how many it stored. Called each time
+/// the subscriber connects again, before the broker says it is ready.
+///
+/// Why: a Redis that restarted without persistence has lost the pending
+/// states of the calls parked here while their PBX requests still wait.
+/// Without them the app's answer gets 404 and the call ends NAK at its wait,
+/// although the app answered in time. This process knows every key it waits
+/// on and its platform ([`Waiters::pending`]), so putting them back costs one
+/// pipelined `SET NX` per parked call, once per reconnect. `NX` keeps what
+/// Redis still has (the subscriber connection dropped but Redis did not), so
+/// an answered key never turns pending again. The TTL starts afresh; the
+/// retirer still deletes the key the moment its wait ends.
+///
+/// An answer that reached Redis before it went down is lost with it: that
+/// call ends NAK at its wait unless the app answers again. A cluster is left
+/// to its replicas, which hold the states (all but the writes of the last
+/// moments before a failover).
+async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
+    let ttl = u64::try_from(shared.options.state_ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut restored = 0;
+    for chunk in shared.waiters.pending().chunks(BATCH) {
+        let mut pipe = redis::pipe();
+        for (key, platform) in chunk {
+            pipe.cmd("SET")
+                .arg(state_key(key))
+                .arg(
+                    CallState::Pending {
+                        platform: *platform,
+                    }
+                    .encode(),
+                )
+                .arg("PX")
+                .arg(ttl)
+                .arg("NX");
+        }
+        let stored: Vec<Option<String>> = shared.pipeline(&pipe).await?;
+        restored += stored.iter().filter(|s| s.is_some()).count();
+    }
+    if restored > 0 {
+        tracing::warn!(
+            restored,
+            "Redis had lost the pending state of calls parked here; stored it again"
+        );
+    }
+    Ok(restored)
 }
 
 /// Runs the fallback check every poll interval.

@@ -195,27 +195,48 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         );
         return record.end(Outcome::Nak(NakReason::Overloaded));
     };
-    let device = match state.store.device(call.sip_user_id).await {
-        Ok(Some(device)) => device,
-        Ok(None) => return record.end(Outcome::Nak(NakReason::NoDevice)),
-        Err(e) => {
+    // Nothing waits past the wait: neither a database nor a Redis that
+    // hangs (answers nothing, rather than refusing) keeps the PBX longer.
+    // One that refuses fails at once (see `crate::pool`).
+    let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
+    let looked_up = tokio::time::timeout_at(deadline, state.store.device(call.sip_user_id)).await;
+    let device = match looked_up {
+        Ok(Ok(Some(device))) => device,
+        Ok(Ok(None)) => return record.end(Outcome::Nak(NakReason::NoDevice)),
+        Ok(Err(e)) => {
             state.metrics.error("store");
             tracing::error!(sip_user_id = call.sip_user_id, error = %e, "device lookup failed; answering NAK");
+            return record.end(Outcome::Nak(NakReason::Unavailable));
+        }
+        Err(_) => {
+            state.metrics.error("store");
+            tracing::error!(
+                sip_user_id = call.sip_user_id,
+                "device lookup took the whole wait; answering NAK"
+            );
             return record.end(Outcome::Nak(NakReason::Unavailable));
         }
     };
     record.platform = Some(device.platform);
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
     record.unique_key = Some(unique_key.clone());
-    let mut wait = match state.broker.open(&unique_key, device.platform).await {
-        Ok(wait) => wait,
-        Err(e) => {
+    // The wait is open (subscribed, pending state stored) before any push:
+    // a call that cannot be answered is never rung.
+    let opened =
+        tokio::time::timeout_at(deadline, state.broker.open(&unique_key, device.platform)).await;
+    let mut wait = match opened {
+        Ok(Ok(wait)) => wait,
+        Ok(Err(e)) => {
             state.metrics.error("broker");
             tracing::error!(%unique_key, error = %e, "cannot open the wait; answering NAK");
             return record.end(Outcome::Nak(NakReason::Unavailable));
         }
+        Err(_) => {
+            state.metrics.error("broker");
+            tracing::error!(%unique_key, "opening the wait took the whole wait; answering NAK");
+            return record.end(Outcome::Nak(NakReason::Unavailable));
+        }
     };
-    let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
     let target = PushTarget::from(device);
     let payload = Payload::Call {
         unique_key: unique_key.clone(),

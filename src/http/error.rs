@@ -39,9 +39,10 @@ pub enum ApiError {
     /// The source sent too many requests of a kind; it may retry after this long.
     #[error("too many requests")]
     TooManyRequests(std::time::Duration),
-    /// A dependency (database, Redis, account API) is down.
-    #[error("service unavailable: {0}")]
-    Unavailable(String),
+    /// A dependency is down: `what` names it to the client (`database`,
+    /// `broker`), `detail` goes to the log only.
+    #[error("{what} unavailable: {detail}")]
+    Unavailable { what: &'static str, detail: String },
     /// A bug or an unexpected failure; logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -68,7 +69,7 @@ impl ApiError {
             ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
             ApiError::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,10 +83,8 @@ impl ApiError {
                 "field": field,
                 "rule": rule,
             }),
-            ApiError::Unavailable(detail) | ApiError::Auth(AuthError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "answering 503");
-                serde_json::json!({ "error": "service temporarily unavailable" })
-            }
+            ApiError::Unavailable { what, detail } => unavailable(what, detail),
+            ApiError::Auth(AuthError::Unavailable(detail)) => unavailable("account API", detail),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "answering 500");
                 serde_json::json!({ "error": "internal server error" })
@@ -111,10 +110,19 @@ impl ApiError {
     }
 }
 
+/// A 503 body that names the dependency, and a log line with the details.
+fn unavailable(what: &str, detail: &str) -> serde_json::Value {
+    tracing::warn!(dependency = what, %detail, "answering 503");
+    serde_json::json!({ "error": format!("{what} temporarily unavailable") })
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(detail) => ApiError::Unavailable(format!("database: {detail}")),
+            StoreError::Unavailable(detail) => ApiError::Unavailable {
+                what: "database",
+                detail,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -123,7 +131,10 @@ impl From<StoreError> for ApiError {
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         match e {
-            BrokerError::Unavailable(detail) => ApiError::Unavailable(format!("broker: {detail}")),
+            BrokerError::Unavailable(detail) => ApiError::Unavailable {
+                what: "broker",
+                detail,
+            },
         }
     }
 }

@@ -39,6 +39,9 @@ pub type Body = Full<Bytes>;
 /// How long answering parked calls NAK may take once the server aborts.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 
+/// The longest any request but the PBX's may take, body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,30 +121,52 @@ async fn route(
         .unwrap_or(path)
         .to_owned();
     let method = request.method().clone();
-    let result = match (path.as_str(), &method) {
-        ("/api/incoming-call", &Method::POST) => calls::incoming_call(state, peer, request).await,
-        ("/api/call-response", &Method::POST) => calls::call_response(state, peer, request).await,
-        ("/api/check-in", &Method::POST) => app_events::check_in(state, request).await,
-        ("/api/hangup-reason", &Method::POST) => app_events::hangup_reason(state, request).await,
-        (path, &Method::POST) if device_platform(path).is_some() => {
-            let platform = device_platform(path).expect("matched above");
-            devices::register(state, platform, request).await
+    // The PBX's request is bounded by its wait; every other one by this, so
+    // a database or account API that hangs costs a client 503, not forever.
+    let bounded = path != "/api/incoming-call";
+    let handled = async {
+        match (path.as_str(), &method) {
+            ("/api/incoming-call", &Method::POST) => {
+                calls::incoming_call(state, peer, request).await
+            }
+            ("/api/call-response", &Method::POST) => {
+                calls::call_response(state, peer, request).await
+            }
+            ("/api/check-in", &Method::POST) => app_events::check_in(state, request).await,
+            ("/api/hangup-reason", &Method::POST) => {
+                app_events::hangup_reason(state, request).await
+            }
+            (path, &Method::POST) if device_platform(path).is_some() => {
+                let platform = device_platform(path).expect("matched above");
+                devices::register(state, platform, request).await
+            }
+            (path, &Method::DELETE) if device_platform(path).is_some() => {
+                let platform = device_platform(path).expect("matched above");
+                devices::unregister(state, platform, request).await
+            }
+            ("/health" | "/health/ready", &Method::GET) => Ok(health::ready(state).await),
+            ("/health/live", &Method::GET) => Ok(health::live()),
+            ("/metrics", &Method::GET) => {
+                let source = state.access.network.client_ip(peer.ip(), request.headers());
+                health::metrics(state, source)
+            }
+            ("/openapi.json", &Method::GET) => Ok(openapi()),
+            (path, _) => Err(match ROUTES.iter().find(|(route, _)| *route == path) {
+                Some((_, allow)) => ApiError::MethodNotAllowed(allow),
+                None => ApiError::NotFound("no such endpoint"),
+            }),
         }
-        (path, &Method::DELETE) if device_platform(path).is_some() => {
-            let platform = device_platform(path).expect("matched above");
-            devices::unregister(state, platform, request).await
+    };
+    let result = if bounded {
+        match tokio::time::timeout(REQUEST_TIMEOUT, handled).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Unavailable {
+                what: "service",
+                detail: format!("{method} {path} took longer than {REQUEST_TIMEOUT:?}"),
+            }),
         }
-        ("/health" | "/health/ready", &Method::GET) => Ok(health::ready(state).await),
-        ("/health/live", &Method::GET) => Ok(health::live()),
-        ("/metrics", &Method::GET) => {
-            let source = state.access.network.client_ip(peer.ip(), request.headers());
-            health::metrics(state, source)
-        }
-        ("/openapi.json", &Method::GET) => Ok(openapi()),
-        (path, _) => Err(match ROUTES.iter().find(|(route, _)| *route == path) {
-            Some((_, allow)) => ApiError::MethodNotAllowed(allow),
-            None => ApiError::NotFound("no such endpoint"),
-        }),
+    } else {
+        handled.await
     };
     result.unwrap_or_else(ApiError::into_response)
 }

@@ -9,15 +9,22 @@
 //! pool of one connection (queued in process, in order), reads through a
 //! pool of several (WAL mode lets them run beside the writer). PostgreSQL
 //! uses one pool for both.
+//!
+//! Outages: a connection the server closed is noticed at checkout (a flag
+//! the connection keeps, no round trip) and replaced; a query that loses its
+//! connection, and a pool that cannot connect, are [`StoreError::Unavailable`]
+//! (503, a call: NAK); while the database cannot be reached at all, requests
+//! fail at once instead of waiting out `--database-timeout-ms`
+//! ([`Reachability`]), and the pool reconnects by itself when it returns.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
-use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, PoolError, RecyclingMethod,
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection, RecyclingMethod,
 };
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -27,6 +34,7 @@ use futures_util::FutureExt;
 use super::models::*;
 use super::schema::{apps, devices, hangup_reasons, response_log};
 use super::{now_millis, Store, StoreError};
+use crate::pool::Reachability;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -60,12 +68,14 @@ pub struct PoolOptions {
 /// returns it behind the [`Store`] trait.
 pub async fn open(url: &str, options: PoolOptions) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     migrate(url).await?;
+    let reach = Reachability::new("database");
     Ok(match backend(url) {
         Backend::Postgres(url) => {
-            let pool = pool::<AsyncPgConnection>(url, options, setup_postgres).await?;
+            let pool = pool::<AsyncPgConnection>(url, options, setup_postgres, &reach).await?;
             std::sync::Arc::new(PgStore {
                 read: pool.clone(),
                 write: pool,
+                reach,
             })
         }
         Backend::Sqlite(path) => {
@@ -79,14 +89,15 @@ pub async fn open(url: &str, options: PoolOptions) -> anyhow::Result<std::sync::
                     ..options
                 },
                 setup_sqlite,
+                &reach,
             )
             .await?;
             let read = if memory {
                 write.clone()
             } else {
-                pool::<SqliteConn>(path, options, setup_sqlite).await?
+                pool::<SqliteConn>(path, options, setup_sqlite, &reach).await?
             };
-            std::sync::Arc::new(SqliteStore { read, write })
+            std::sync::Arc::new(SqliteStore { read, write, reach })
         }
     })
 }
@@ -154,40 +165,70 @@ async fn pool<C>(
     url: &str,
     options: PoolOptions,
     setup: fn(&str) -> futures_util::future::BoxFuture<'_, ConnectionResult<C>>,
+    reach: &Reachability,
 ) -> anyhow::Result<Pool<C>>
 where
     AsyncDieselConnectionManager<C>: bb8::ManageConnection<Connection = C, Error = PoolError>,
-    C: diesel_async::pooled_connection::PoolableConnection + 'static,
+    C: PoolableConnection + 'static,
 {
     let mut config = ManagerConfig::<C>::default();
-    // A broken connection is noticed by the query that hits it and dropped by
-    // the pool; a health query on every checkout would double the round trips
-    // of the call path.
-    config.recycling_method = RecyclingMethod::Fast;
+    // A connection the server closed says so without a round trip (its
+    // driver task has ended); checking that flag on every checkout drops it
+    // before a query fails on it. A health query on every checkout would
+    // double the round trips of the call path.
+    config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn: &mut C| {
+        let broken = conn.is_broken();
+        async move {
+            if broken {
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ClosedConnection,
+                    Box::new("the server closed the connection".to_owned()),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        .boxed()
+    }));
     config.custom_setup = Box::new(setup);
     let manager = AsyncDieselConnectionManager::<C>::new_with_config(url, config);
     let pool = Pool::builder()
         .max_size(options.max_size.max(1))
         .connection_timeout(options.acquire_timeout)
-        .test_on_check_out(false)
+        .test_on_check_out(true)
         .idle_timeout(None)
         .max_lifetime(None)
+        .error_sink(reach.error_sink(|e: &PoolError| matches!(e, PoolError::ConnectionError(_))))
+        .connection_customizer(Box::new(reach.clone()))
         .build(manager)
         .await?;
     Ok(pool)
 }
 
-fn unavailable(e: bb8::RunError<PoolError>) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// A connection from `pool`, or [`StoreError::Unavailable`] (at once while
+/// the database is known unreachable).
+async fn checkout<'a, C>(
+    reach: &Reachability,
+    pool: &'a Pool<C>,
+) -> Result<PooledConnection<'a, C>, StoreError>
+where
+    AsyncDieselConnectionManager<C>: bb8::ManageConnection<Connection = C, Error = PoolError>,
+    C: PoolableConnection + 'static,
+{
+    reach.get(pool).await.map_err(StoreError::Unavailable)
 }
 
 /// Maps a query error: a lost connection is an outage (503), not a bug.
+///
+/// diesel-async reports an error without an SQLSTATE (the connection closed,
+/// the socket failed) as `UnableToSendCommand`.
 fn query_error(e: diesel::result::Error) -> StoreError {
     use diesel::result::{DatabaseErrorKind, Error};
     match e {
-        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
-            StoreError::Unavailable(info.message().to_owned())
-        }
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            info,
+        ) => StoreError::Unavailable(info.message().to_owned()),
         e => StoreError::Query(e),
     }
 }
@@ -289,12 +330,14 @@ macro_rules! diesel_store {
             read: Pool<$conn>,
             /// Connections for writes (one, for SQLite; see the module doc).
             write: Pool<$conn>,
+            /// Whether the database answers connection attempts; shared by both pools.
+            reach: Reachability,
         }
 
         #[async_trait]
         impl Store for $name {
             async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError> {
-                let mut conn = self.read.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.read).await?;
                 devices::table
                     .find(sip_user_id)
                     .select(DeviceRow::as_select())
@@ -307,7 +350,7 @@ macro_rules! diesel_store {
             }
 
             async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let previous = devices::table
                     .find(device.sip_user_id)
                     .select(DeviceRow::as_select())
@@ -350,7 +393,7 @@ macro_rules! diesel_store {
                 token: &str,
                 app_id: &str,
             ) -> Result<bool, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let deleted = diesel::delete(
                     devices::table
                         .filter(devices::sip_user_id.eq(sip_user_id))
@@ -369,7 +412,7 @@ macro_rules! diesel_store {
                 sip_user_id: i64,
                 token: &str,
             ) -> Result<bool, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let deleted = diesel::delete(
                     devices::table
                         .filter(devices::sip_user_id.eq(sip_user_id))
@@ -386,7 +429,7 @@ macro_rules! diesel_store {
                 platform: Platform,
                 app_id: &str,
             ) -> Result<Option<App>, StoreError> {
-                let mut conn = self.read.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.read).await?;
                 apps::table
                     .filter(apps::platform.eq(platform.as_str()))
                     .filter(apps::app_id.eq(app_id))
@@ -400,7 +443,7 @@ macro_rules! diesel_store {
             }
 
             async fn apps(&self) -> Result<Vec<App>, StoreError> {
-                let mut conn = self.read.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.read).await?;
                 apps::table
                     .order((apps::platform, apps::app_id))
                     .select(AppRow::as_select())
@@ -413,7 +456,7 @@ macro_rules! diesel_store {
             }
 
             async fn put_app(&self, app: &App) -> Result<bool, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let credentials = credentials_json(app);
                 let updated = diesel::update(
                     apps::table
@@ -445,7 +488,7 @@ macro_rules! diesel_store {
                 platform: Platform,
                 app_id: &str,
             ) -> Result<bool, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let deleted = diesel::delete(
                     apps::table
                         .filter(apps::platform.eq(platform.as_str()))
@@ -458,7 +501,7 @@ macro_rules! diesel_store {
             }
 
             async fn touch_device(&self, sip_user_id: i64) -> Result<bool, StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 let touched = diesel::update(devices::table.find(sip_user_id))
                     .set(devices::last_seen_at.eq(now_millis()))
                     .execute(&mut conn)
@@ -468,7 +511,7 @@ macro_rules! diesel_store {
             }
 
             async fn record_hangup(&self, hangup: HangupReason) -> Result<(), StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 diesel::insert_into(hangup_reasons::table)
                     .values((
                         hangup_reasons::sip_user_id.eq(hangup.sip_user_id),
@@ -483,7 +526,7 @@ macro_rules! diesel_store {
             }
 
             async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError> {
-                let mut conn = self.write.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.write).await?;
                 diesel::insert_into(response_log::table)
                     .values((
                         response_log::platform.eq(entry.platform.as_str()),
@@ -498,7 +541,7 @@ macro_rules! diesel_store {
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
-                let mut conn = self.read.get().await.map_err(unavailable)?;
+                let mut conn = checkout(&self.reach, &self.read).await?;
                 conn.batch_execute("SELECT 1").await.map_err(query_error)
             }
         }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod fcm;
 pub mod stand_in;
 
 use std::sync::Arc;
@@ -111,7 +113,7 @@ pub fn is_cluster(redis_url: &str) -> bool {
 
 /// Makes an empty PostgreSQL schema for one test and returns a URL whose
 /// connections use it, so tests never see each other's rows.
-async fn fresh_schema(url: &str) -> String {
+pub async fn fresh_schema(url: &str) -> String {
     use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     let schema = format!("t_{}", call_notifier::calls::random_key());
     let mut conn = AsyncPgConnection::establish(url)
@@ -286,6 +288,14 @@ impl TestClient {
             ],
         )
         .await
+    }
+
+    /// The PBX's request in its own task: the call parks while the test
+    /// plays the app.
+    pub fn park(&self, sip_user_id: &str, call_id: &str) -> tokio::task::JoinHandle<Reply> {
+        let client = self.clone();
+        let (sip_user_id, call_id) = (sip_user_id.to_owned(), call_id.to_owned());
+        tokio::spawn(async move { client.incoming_call(&sip_user_id, &call_id).await })
     }
 
     /// The app's answer.

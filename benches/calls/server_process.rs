@@ -1,0 +1,324 @@
+//! The harness's handle on one server process: start it in the server role
+//! with a configuration, route its push lines to the calls waiting for
+//! them, read its memory and CPU, and stop it, failing when it died.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::oneshot;
+
+use crate::client::{self, Http1};
+use crate::server_role::{ROLE_SERVER, ROLE_VAR};
+use crate::services::Backend;
+use crate::sys;
+
+/// How long a server may take to start (migrations included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to exit once its stdin closes.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a parked call learns of its answer: the server's `--broker-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Event-driven (the default).
+    PubSub,
+    /// Every parked call reads its state every `interval_ms`, as the
+    /// service this one replaces did.
+    Poll { interval_ms: u64 },
+}
+
+impl Mode {
+    pub fn label(self) -> String {
+        match self {
+            Mode::PubSub => "pub/sub".into(),
+            Mode::Poll { interval_ms } => format!("poll@{interval_ms}ms"),
+        }
+    }
+
+    fn args(self) -> Vec<String> {
+        match self {
+            Mode::PubSub => vec!["--broker-mode".into(), "pubsub".into()],
+            Mode::Poll { interval_ms } => vec![
+                "--broker-mode".into(),
+                "poll".into(),
+                "--poll-interval-ms".into(),
+                interval_ms.to_string(),
+            ],
+        }
+    }
+}
+
+/// What a bench server runs with.
+#[derive(Clone)]
+pub struct Settings {
+    pub backend: Backend,
+    pub mode: Mode,
+    /// `--wait-ms`: how long a PBX request is held.
+    pub wait_ms: u64,
+    /// `--resend-interval-ms`.
+    pub resend_interval_ms: u64,
+}
+
+impl Settings {
+    /// The server's defaults (4 s wait, resend every second) on `backend`.
+    pub fn defaults(backend: &Backend, mode: Mode) -> Settings {
+        Settings {
+            backend: backend.clone(),
+            mode,
+            wait_ms: 4_000,
+            resend_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The first push of a call, as the server handed it to the pipe pusher
+/// (resends are only counted).
+#[derive(Debug)]
+pub struct Push {
+    /// Exactly as pushed: the app echoes it back unchanged.
+    pub message_start_time: String,
+}
+
+/// Routes push lines to the calls waiting for them. A call registers its
+/// key before the PBX request leaves, so no push can arrive unclaimed.
+#[derive(Default)]
+pub struct Pushes {
+    waiting: Mutex<HashMap<String, oneshot::Sender<Push>>>,
+    /// Pushes with `attempt > 1`: calls not answered within a resend interval.
+    resends: AtomicU64,
+    /// First pushes nobody waited for: a call the generator never placed,
+    /// or one pushed twice. Any is a failure.
+    strays: AtomicU64,
+}
+
+impl Pushes {
+    /// Returns the receiver of the first push of `key`.
+    pub fn expect(&self, key: &str) -> oneshot::Receiver<Push> {
+        let (sender, receiver) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("push map lock")
+            .insert(key.to_owned(), sender);
+        receiver
+    }
+
+    pub fn resends(&self) -> u64 {
+        self.resends.load(Ordering::Relaxed)
+    }
+
+    pub fn strays(&self) -> u64 {
+        self.strays.load(Ordering::Relaxed)
+    }
+
+    fn deliver(&self, line: &str) -> Result<()> {
+        let mut fields = line.split(' ');
+        let (Some(key), Some(message_start_time), Some(attempt), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            bail!("malformed push line from the server: {line:?}");
+        };
+        let attempt: u32 = attempt
+            .parse()
+            .with_context(|| format!("malformed attempt in push line {line:?}"))?;
+        if attempt > 1 {
+            self.resends.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let waiter = self.waiting.lock().expect("push map lock").remove(key);
+        match waiter {
+            // A waiter that gave up already has its own error to report.
+            Some(waiter) => {
+                let _ = waiter.send(Push {
+                    message_start_time: message_start_time.to_owned(),
+                });
+            }
+            None => {
+                self.strays.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads push lines until the server closes its stdout. Dropping the
+    /// waiters then fails every call still waiting for a push.
+    async fn read(self: Arc<Self>, stdout: BufReader<ChildStdout>) {
+        let mut lines = stdout.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Err(e) = self.deliver(&line) {
+                eprintln!("bench: {e:#}");
+                self.strays.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.lock().expect("push map lock").clear();
+    }
+}
+
+/// What the calls of a scenario need of the server; cheap to clone into tasks.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub pushes: Arc<Pushes>,
+}
+
+/// One running server process.
+pub struct ServerProcess {
+    pub target: Target,
+    pub pid: u32,
+    child: Child,
+    /// Closing it tells the server to exit.
+    stdin: Option<ChildStdin>,
+    reader: tokio::task::JoinHandle<()>,
+    /// The SQLite file's directory, removed when the server is gone.
+    _dir: tempfile::TempDir,
+}
+
+/// The server's `/health` verdict, as far as the harness reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    pub parked_calls: u64,
+    pub waiting_keys: u64,
+}
+
+impl ServerProcess {
+    /// Starts a server process and waits until it listens.
+    pub async fn start(settings: &Settings) -> Result<ServerProcess> {
+        let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
+        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        args.extend(settings.backend.server_args(dir.path()));
+        args.extend(settings.mode.args());
+        args.extend([
+            "--wait-ms".into(),
+            settings.wait_ms.to_string(),
+            "--resend-interval-ms".into(),
+            settings.resend_interval_ms.to_string(),
+        ]);
+        let mut command =
+            Command::new(std::env::current_exe().context("cannot find the bench binary")?);
+        // Only the flags above configure it, whatever this shell exports.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("CALL_NOTIFIER_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .args(&args)
+            .env(ROLE_VAR, ROLE_SERVER)
+            .env("CALL_NOTIFIER_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a server process")?;
+        let pid = child.id().context("the server process has no pid")?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout pipe")?);
+        let mut first = String::new();
+        let read = tokio::time::timeout(START_TIMEOUT, stdout.read_line(&mut first)).await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            let status = child.try_wait().ok().flatten();
+            bail!(
+                "the server did not start ({}); its error is above",
+                status.map_or("no answer".to_owned(), |s| s.to_string())
+            );
+        }
+        let addr: SocketAddr = first
+            .trim()
+            .parse()
+            .with_context(|| format!("the server's first line is not an address: {first:?}"))?;
+        let pushes = Arc::new(Pushes::default());
+        let reader = tokio::spawn(pushes.clone().read(stdout));
+        Ok(ServerProcess {
+            target: Target { addr, pushes },
+            pid,
+            child,
+            stdin,
+            reader,
+            _dir: dir,
+        })
+    }
+
+    /// Resident memory now, in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        sys::rss_bytes(self.pid)
+    }
+
+    /// CPU time used so far.
+    pub fn cpu(&self) -> Result<Duration> {
+        sys::cpu_time(self.pid)
+    }
+
+    /// Fails when the server has exited, or a push came that nobody placed.
+    pub fn check(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the server process died ({status})");
+        }
+        let strays = self.target.pushes.strays();
+        if strays > 0 {
+            bail!("{strays} pushes for calls the generator never placed (or pushed twice)");
+        }
+        Ok(())
+    }
+
+    /// Asks `/health` how many calls are parked.
+    pub async fn health(&self) -> Result<Health> {
+        let mut conn = Http1::connect(self.target.addr, client::source_address(0)).await?;
+        let reply = conn.get("/health").await?;
+        let json: serde_json::Value = serde_json::from_slice(&reply.body)
+            .with_context(|| format!("/health is not JSON: {}", reply.text()))?;
+        let number = |field: &str| {
+            json[field]
+                .as_u64()
+                .with_context(|| format!("/health has no {field}: {json}"))
+        };
+        Ok(Health {
+            parked_calls: number("parked_calls")?,
+            waiting_keys: number("waiting_keys")?,
+        })
+    }
+
+    /// Waits until the server holds no call and no key, for at most
+    /// `within`: every way out of a wait must clean up after itself.
+    pub async fn wait_idle(&self, within: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let health = self.health().await?;
+            if health.parked_calls == 0 && health.waiting_keys == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!(
+                    "the server still holds {} parked calls and {} keys after {within:?}",
+                    health.parked_calls,
+                    health.waiting_keys
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Closes the server's stdin and waits for it to exit cleanly.
+    pub async fn stop(mut self) -> Result<()> {
+        self.check()?;
+        drop(self.stdin.take());
+        let status = match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the server did not exit within {STOP_TIMEOUT:?} of its stdin closing");
+            }
+        };
+        let _ = (&mut self.reader).await;
+        if !status.success() {
+            bail!("the server exited with {status}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! The backends a bench server runs on, and the harness's own view of the
+//! shared services: a fresh PostgreSQL schema for the run (dropped at the
+//! end), and Redis's counters and leftovers.
+//!
+//! Unreachable services fail the run with a message saying so and naming
+//! `--no-shared`; nothing here skips silently.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+
+/// Where the shared services run on development and CI machines.
+pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// Where a bench server keeps its state.
+#[derive(Clone)]
+pub enum Backend {
+    /// The defaults: SQLite in a fresh temporary file, in-process broker.
+    Embedded,
+    /// PostgreSQL (the run's schema) and Redis, as in production.
+    Shared(Arc<Shared>),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded => "sqlite+memory",
+            Backend::Shared(_) => "postgres+redis",
+        }
+    }
+
+    /// The flags that put a server on this backend; `dir` is the server's
+    /// own temporary directory, for the SQLite file.
+    pub fn server_args(&self, dir: &Path) -> Vec<String> {
+        match self {
+            Backend::Embedded => vec![
+                "--database-url".into(),
+                dir.join("bench.sqlite3").display().to_string(),
+            ],
+            Backend::Shared(shared) => vec![
+                "--database-url".into(),
+                shared.database_url.clone(),
+                "--redis-url".into(),
+                shared.redis_url.clone(),
+            ],
+        }
+    }
+
+    pub fn redis(&self) -> Option<&Redis> {
+        match self {
+            Backend::Embedded => None,
+            Backend::Shared(shared) => Some(&shared.redis),
+        }
+    }
+}
+
+/// PostgreSQL and Redis for one run.
+pub struct Shared {
+    /// The database URL with the run's schema as its search path.
+    pub database_url: String,
+    pub redis_url: String,
+    pub redis: Redis,
+    /// Server versions, for the table header.
+    pub versions: String,
+    admin_url: String,
+    schema: String,
+}
+
+impl Shared {
+    /// Checks both services answer and makes the run's schema.
+    pub async fn open(run_id: &str) -> Result<Shared> {
+        let redis = Redis::connect(REDIS_URL).await.with_context(|| {
+            format!("Redis at {REDIS_URL} does not answer (start it, or pass --no-shared)")
+        })?;
+        let schema = format!("bench_{run_id}");
+        let mut conn = AsyncPgConnection::establish(DATABASE_URL)
+            .await
+            .with_context(|| {
+                format!(
+                    "PostgreSQL at {DATABASE_URL} does not answer (start it, or pass --no-shared)"
+                )
+            })?;
+        conn.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .context("cannot create the run's PostgreSQL schema")?;
+        let postgres: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+            "current_setting('server_version')",
+        ))
+        .get_result(&mut conn)
+        .await
+        .context("cannot read PostgreSQL's version")?;
+        let versions = format!(
+            "PostgreSQL {postgres}, Redis {}",
+            redis.info_field("server", "redis_version").await?
+        );
+        Ok(Shared {
+            // As tests/common/mod.rs does: every connection of the server
+            // finds its tables in the run's schema.
+            database_url: format!("{DATABASE_URL}?options=-c%20search_path%3D{schema}"),
+            redis_url: REDIS_URL.into(),
+            redis,
+            versions,
+            admin_url: DATABASE_URL.into(),
+            schema,
+        })
+    }
+
+    /// Drops the run's schema and everything in it.
+    pub async fn close(&self) -> Result<()> {
+        let mut conn = AsyncPgConnection::establish(&self.admin_url)
+            .await
+            .context("PostgreSQL does not answer to drop the run's schema")?;
+        conn.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await
+            .with_context(|| format!("cannot drop the schema {}", self.schema))?;
+        Ok(())
+    }
+}
+
+/// Redis's counters as the harness samples them around a measurement window.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisCounters {
+    /// `total_commands_processed`: every command, from every client.
+    pub commands: u64,
+    /// `used_cpu_sys + used_cpu_user` of the Redis process.
+    pub cpu: Duration,
+}
+
+impl RedisCounters {
+    /// Redis's load between `before` and these counters, `window` apart.
+    pub fn load_since(&self, before: &RedisCounters, window: Duration) -> RedisLoad {
+        // Less the harness's own INFO commands (one stats, two cpu).
+        let commands = self.commands.saturating_sub(before.commands + 3);
+        RedisLoad {
+            commands: commands as f64 / window.as_secs_f64(),
+            cpu_percent: crate::stats::cpu_percent(self.cpu.saturating_sub(before.cpu), window),
+        }
+    }
+}
+
+/// Redis's load over a window.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisLoad {
+    /// Commands per second, from every client.
+    pub commands: f64,
+    /// CPU of the Redis process, % of one core.
+    pub cpu_percent: f64,
+}
+
+impl RedisLoad {
+    /// This load less `background`, floored at zero.
+    pub fn less(self, background: RedisLoad) -> RedisLoad {
+        RedisLoad {
+            commands: (self.commands - background.commands).max(0.0),
+            cpu_percent: (self.cpu_percent - background.cpu_percent).max(0.0),
+        }
+    }
+}
+
+/// The harness's own connection to Redis, for counters and leftovers.
+#[derive(Clone)]
+pub struct Redis {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl Redis {
+    async fn connect(url: &str) -> Result<Redis> {
+        let conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok(Redis { conn })
+    }
+
+    async fn info(&self, section: &str) -> Result<String> {
+        Ok(redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    async fn info_field(&self, section: &str, field: &str) -> Result<String> {
+        let info = self.info(section).await?;
+        info.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .map(|value| value.trim().to_owned())
+            .with_context(|| format!("no {field} in Redis INFO {section}"))
+    }
+
+    async fn info_number(&self, section: &str, field: &str) -> Result<f64> {
+        let text = self.info_field(section, field).await?;
+        text.parse()
+            .with_context(|| format!("Redis {field} is not a number: {text}"))
+    }
+
+    pub async fn counters(&self) -> Result<RedisCounters> {
+        let commands = self
+            .info_number("stats", "total_commands_processed")
+            .await?;
+        let cpu = self.info_number("cpu", "used_cpu_sys").await?
+            + self.info_number("cpu", "used_cpu_user").await?;
+        Ok(RedisCounters {
+            commands: commands as u64,
+            cpu: Duration::from_secs_f64(cpu),
+        })
+    }
+
+    /// Redis's load over the next `window`.
+    pub async fn load_over(&self, window: Duration) -> Result<RedisLoad> {
+        let before = self.counters().await?;
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(window).await;
+        Ok(self
+            .counters()
+            .await?
+            .load_since(&before, started.elapsed()))
+    }
+
+    /// How many state keys and answer channels of calls whose key starts
+    /// with `prefix` are still in Redis: both must reach zero once the
+    /// calls are over.
+    pub async fn leftovers(&self, prefix: &str) -> Result<(usize, usize)> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("cn:{{{prefix}*"))
+            .query_async(&mut conn)
+            .await?;
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(format!("cn:{{{prefix}*"))
+            .query_async(&mut conn)
+            .await?;
+        Ok((keys.len(), channels.len()))
+    }
+
+    /// Waits until no key or channel of `prefix` is left, for at most
+    /// `within`; returns how long that took.
+    pub async fn wait_clean(&self, prefix: &str, within: Duration) -> Result<Duration> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let (keys, channels) = self.leftovers(prefix).await?;
+            if keys == 0 && channels == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!("{keys} state keys and {channels} channels of finished calls are still in Redis after {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

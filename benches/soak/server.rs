@@ -1,0 +1,258 @@
+//! The server under soak: the bench binary re-executed as a child process
+//! that runs the real call-notifier server, so its memory is its own and
+//! the load reaches it over loopback as a PBX's and phones' would.
+//!
+//! The only thing stood in for is the push service: every call push becomes
+//! one line on the child's stdout, `unique_key message_start_time attempt`,
+//! after a first line with the bound address. The child exits when its stdin
+//! closes, so it never outlives the harness.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use call_notifier::config::Cli;
+use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher};
+use call_notifier::store::{App, Platform};
+use call_notifier::Server;
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::oneshot;
+
+/// The environment variable that selects the server role.
+pub const ROLE_VAR: &str = "CALL_NOTIFIER_SOAK_ROLE";
+/// The app every soak device registers with.
+pub const APP_ID: &str = "com.example.soak";
+
+/// Writes every call push as a line on stdout.
+struct PipePusher;
+
+#[async_trait]
+impl Pusher for PipePusher {
+    async fn send(&self, _target: &PushTarget, payload: &Payload) -> PushOutcome {
+        if let Payload::Call {
+            unique_key,
+            message_start_time,
+            attempt,
+            ..
+        } = payload
+        {
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{unique_key} {message_start_time} {attempt}"
+            );
+        }
+        PushOutcome::Delivered
+    }
+}
+
+/// The server role: serves with the given flags until stdin closes.
+pub fn role_main() -> ExitCode {
+    let args = std::iter::once("call-notifier".into()).chain(std::env::args_os().skip(1));
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("soak server: bad flags: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(serve(cli.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("soak server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: call_notifier::config::Config) -> Result<()> {
+    let running = Server::new(config)
+        .with_pusher(Arc::new(PipePusher))
+        .start()
+        .await?;
+    running
+        .state
+        .store
+        .put_app(&App {
+            platform: Platform::Android,
+            app_id: APP_ID.into(),
+            credentials: None,
+        })
+        .await
+        .context("cannot add the soak app")?;
+    writeln!(std::io::stdout().lock(), "{}", running.addr)?;
+    let (closed, on_close) = oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin().lock();
+        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+        let _ = closed.send(());
+    });
+    let _ = on_close.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), running.stop()).await;
+    Ok(())
+}
+
+/// A call push as the harness reads it.
+#[derive(Debug)]
+pub struct Push {
+    pub message_start_time: String,
+}
+
+/// Routes push lines to the calls waiting for them.
+#[derive(Default)]
+pub struct Pushes {
+    waiting: Mutex<HashMap<String, oneshot::Sender<Push>>>,
+    /// Pushes nobody waited for: a call with no device that was pushed
+    /// anyway, or a push sent twice. Any is a failure.
+    pub strays: AtomicU64,
+}
+
+impl Pushes {
+    /// The first push of `key`, once it comes.
+    pub fn expect(&self, key: &str) -> oneshot::Receiver<Push> {
+        let (sender, receiver) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("push map lock")
+            .insert(key.to_owned(), sender);
+        receiver
+    }
+
+    /// Forgets a key whose push never came (the call failed otherwise).
+    pub fn forget(&self, key: &str) {
+        self.waiting.lock().expect("push map lock").remove(key);
+    }
+
+    fn deliver(&self, line: &str) {
+        let mut fields = line.split(' ');
+        let (Some(key), Some(start), Some(attempt)) = (fields.next(), fields.next(), fields.next())
+        else {
+            eprintln!("soak: malformed push line {line:?}");
+            self.strays.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if attempt != "1" {
+            return;
+        }
+        let waiter = self.waiting.lock().expect("push map lock").remove(key);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(Push {
+                    message_start_time: start.to_owned(),
+                });
+            }
+            None => {
+                self.strays.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The running server process.
+pub struct ServerProcess {
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub pushes: Arc<Pushes>,
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl ServerProcess {
+    pub async fn start(flags: &[String]) -> Result<ServerProcess> {
+        let mut command = Command::new(std::env::current_exe()?);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("CALL_NOTIFIER_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .args(flags)
+            .env(ROLE_VAR, "server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the server process")?;
+        let pid = child.id().context("no pid")?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut first = String::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut first)).await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            bail!("the server did not start; its error is above");
+        }
+        let addr = first.trim().parse().context("the server's first line")?;
+        let pushes = Arc::new(Pushes::default());
+        tokio::spawn({
+            let pushes = pushes.clone();
+            async move {
+                let mut lines = stdout.lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    pushes.deliver(&line);
+                }
+            }
+        });
+        Ok(ServerProcess {
+            addr,
+            pid,
+            pushes,
+            child,
+            stdin,
+        })
+    }
+
+    /// Resident memory now, in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .context("cannot read the server's /proc status (did it die?)")?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kib * 1024)
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the server process died ({status})");
+        }
+        Ok(())
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("the server exited with {status}");
+                }
+                Ok(())
+            }
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the server did not exit within 10 s of its stdin closing")
+            }
+        }
+    }
+}
