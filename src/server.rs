@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::auth::Access;
@@ -19,7 +19,7 @@ use crate::config::{BrokerMode, Config};
 use crate::metrics::Metrics;
 use crate::push::router::PushRouter;
 use crate::push::Pusher;
-use crate::store::{self, Store};
+use crate::store::{self, ResponseLog, Store};
 
 /// What every handler shares: one per process, behind an `Arc`.
 pub struct AppState {
@@ -36,6 +36,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Where the server is in its life; parked calls and readiness watch it.
     pub phase: watch::Sender<Phase>,
+    /// The app's answers, written in batches off the request path.
+    pub response_log: ResponseLog,
 }
 
 /// Where a server is in its life.
@@ -93,8 +95,7 @@ impl Server {
     pub async fn start(self) -> anyhow::Result<Running> {
         // Refuse an unsafe set-up before anything listens.
         let access = Access::from_config(&self.config)?;
-        let listener = TcpListener::bind(self.config.listen)
-            .await
+        let listener = listen(self.config.listen)
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
         let addr = listener.local_addr()?;
         let state = build_state(self.config, addr, self.pusher, access).await?;
@@ -126,10 +127,12 @@ impl Running {
         self.state.phase.send_replace(Phase::Aborting);
     }
 
-    /// Drains and returns when the last connection has finished.
+    /// Drains and returns when the last connection has finished and the
+    /// response log is written.
     pub async fn stop(mut self) {
         self.drain();
         let _ = (&mut self.task).await;
+        self.state.response_log.flush().await;
     }
 
     /// Serves until the first `signals` item, drains, aborts at the second
@@ -140,24 +143,27 @@ impl Running {
     ) {
         use futures_util::StreamExt;
         tokio::select! {
-            _ = &mut self.task => return,
-            _ = signals.next() => {}
+            _ = &mut self.task => {}
+            _ = signals.next() => {
+                tracing::info!(
+                    parked_calls = self.state.parking.parked(),
+                    "shutting down: draining parked calls (signal again to answer them NAK now)"
+                );
+                self.drain();
+                tokio::select! {
+                    _ = &mut self.task => {}
+                    _ = signals.next() => {
+                        tracing::warn!(
+                            parked_calls = self.state.parking.parked(),
+                            "second signal: answering parked calls NAK"
+                        );
+                        self.abort();
+                        let _ = (&mut self.task).await;
+                    }
+                }
+            }
         }
-        tracing::info!(
-            parked_calls = self.state.parking.parked(),
-            "shutting down: draining parked calls (signal again to answer them NAK now)"
-        );
-        self.drain();
-        tokio::select! {
-            _ = &mut self.task => return,
-            _ = signals.next() => {}
-        }
-        tracing::warn!(
-            parked_calls = self.state.parking.parked(),
-            "second signal: answering parked calls NAK"
-        );
-        self.abort();
-        let _ = (&mut self.task).await;
+        self.state.response_log.flush().await;
     }
 }
 
@@ -202,6 +208,7 @@ async fn build_state(
         ),
     };
     let pusher = pusher.unwrap_or_else(|| Arc::new(PushRouter::new(store.clone(), &config)));
+    let response_log = ResponseLog::start(store.clone());
     Ok(Arc::new(AppState {
         response_api: config.response_api(addr),
         config,
@@ -212,7 +219,25 @@ async fn build_state(
         access,
         metrics: Metrics::default(),
         phase: watch::channel(Phase::Serving).0,
+        response_log,
     }))
+}
+
+/// How many connections may wait to be accepted. The default of 128 drops
+/// SYNs when a PBX cluster opens hundreds of calls at once, and a dropped
+/// SYN costs its call a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted instance may bind while the old one's sockets linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A database URL without its password, for logs and errors.

@@ -454,29 +454,60 @@ async fn two_instances_share_one_call_through_redis() {
     }
 }
 
-/// An answer whose message was lost (stored, never published) is still
-/// found by the batched fallback check well before the wait ends.
+/// Every first answer lands in the response log (platform, roundtrip,
+/// available), written in batches off the request path and flushed when the
+/// server stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_message_is_caught_by_the_fallback_check() {
-    for backend in backends().await {
-        let Some(url) = backend.redis_url() else {
-            continue;
-        };
-        let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-lost").await;
+async fn answers_are_written_to_the_response_log() {
+    use diesel::prelude::*;
+    let backend = backends().await.remove(0);
+    let Backend::Embedded { dir } = &backend else {
+        unreachable!("the first backend is embedded")
+    };
+    let server = start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    server.client.register("apns", &user, "tok-log").await;
+    for available in [true, false] {
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        server.pusher.wait_for("tok-lost", 1).await;
-        let started = Instant::now();
-        let mut redis = redis(url).await;
-        let _: () = redis::cmd("SET")
-            .arg(format!("cn:{{{key}}}"))
-            .arg("available:android")
-            .query_async(&mut redis)
+        let push = server
+            .pusher
+            .wait_for("tok-log", if available { 1 } else { 2 })
             .await
+            .pop()
             .unwrap();
-        assert_eq!(pbx.await.unwrap().body, "status=ACK");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        server
+            .client
+            .call_response(&key, start_time_of(&push), available)
+            .await;
+        pbx.await.unwrap();
     }
+    let TestServer { running, .. } = server;
+    running.stop().await;
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        platform: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        available: bool,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        roundtrip: f64,
+    }
+    let path = dir.path().join("test.sqlite3");
+    let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    let rows: Vec<Row> =
+        diesel::sql_query("SELECT platform, available, roundtrip FROM response_log ORDER BY id")
+            .load(&mut conn)
+            .unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.platform.as_str(), r.available))
+            .collect::<Vec<_>>(),
+        [("apns", true), ("apns", false)]
+    );
+    assert!(
+        rows.iter().all(|r| (0.0..5.0).contains(&r.roundtrip)),
+        "{rows:?}"
+    );
 }

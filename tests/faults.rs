@@ -164,6 +164,52 @@ async fn assert_no_bookkeeping(server: &TestServer) {
 }
 
 // ---------------------------------------------------------------------------
+// 0. A message lost while the subscriber reconnects.
+
+/// An answer stored while the subscriber connection was gone (so published
+/// to nobody) still ends its wait: the fallback check runs while the
+/// subscription is not known good, and a while after it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own redis-server: run with --include-ignored, as .ci/run does"]
+async fn a_message_lost_while_the_subscriber_reconnects_is_caught_by_the_fallback_check() {
+    let redis = RedisServer::start().await;
+    let server = start(&embedded(), |c| c.redis_url = Some(redis.url())).await;
+    let user = sip_user_id();
+    server.client.register("android", &user, "tok-lost").await;
+    ready_again(&server).await;
+    let key = call_id();
+    let pbx = server.client.park(&user, &key);
+    server.pusher.wait_for("tok-lost", 1).await;
+
+    let mut conn = common::redis(&redis.url()).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the server's one subscriber connection");
+    // The answer lands in Redis, its message reaches nobody.
+    let _: () = redis::cmd("SET")
+        .arg(format!("cn:{{{key}}}"))
+        .arg("available:android")
+        .arg("KEEPTTL")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let started = Instant::now();
+    assert_eq!(pbx.await.expect("the PBX request").body, "status=ACK");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    ready_again(&server).await;
+    assert_fresh_call_is_ack(&server, &user).await;
+}
+
+// ---------------------------------------------------------------------------
 // 1. Redis unreachable when a call arrives.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::generator::{self, Budget, Plan};
-use crate::server_process::{Mode, ServerProcess, Settings};
+use crate::server_process::{with_server, Mode, Settings};
 use crate::services::Backend;
 use crate::stats::{self, Samples};
 
@@ -71,8 +71,6 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Vec<
 }
 
 async fn one_mode(backend: &Backend, mode: Mode, key_prefix: &str, size: Size) -> Result<Samples> {
-    let mut server = ServerProcess::start(&Settings::defaults(backend, mode)).await?;
-    generator::register_devices(server.target.addr, size.devices).await?;
     let plan = |prefix: String, calls: usize| Plan {
         prefix,
         budget: Budget::Count(calls),
@@ -80,18 +78,21 @@ async fn one_mode(backend: &Backend, mode: Mode, key_prefix: &str, size: Size) -
         devices: size.devices,
         delay_period: APP_DELAY_PERIOD,
     };
-    generator::drive(
-        &server.target,
-        &plan(format!("{key_prefix}warm-"), WARM_UP_CALLS),
-    )
-    .await?;
-    let timings =
-        generator::drive(&server.target, &plan(key_prefix.to_owned(), size.calls)).await?;
-    server.check()?;
-    server.wait_idle(Duration::from_secs(5)).await?;
-    if let Some(redis) = backend.redis() {
-        redis.wait_clean(key_prefix, Duration::from_secs(5)).await?;
-    }
-    server.stop().await?;
-    Ok(Samples::new(timings.iter().map(|t| t.wake_up).collect()))
+    with_server(&Settings::defaults(backend, mode), async |server| {
+        generator::register_devices(server.target.addr, size.devices).await?;
+        generator::drive(
+            &server.target,
+            &plan(format!("{key_prefix}warm-"), WARM_UP_CALLS),
+        )
+        .await?;
+        let timings =
+            generator::drive(&server.target, &plan(key_prefix.to_owned(), size.calls)).await?;
+        server.check()?;
+        server.wait_idle(Duration::from_secs(5)).await?;
+        if let Some(redis) = backend.redis() {
+            redis.wait_clean(key_prefix, Duration::from_secs(5)).await?;
+        }
+        Ok(Samples::new(timings.iter().map(|t| t.wake_up).collect()))
+    })
+    .await
 }

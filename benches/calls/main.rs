@@ -243,6 +243,7 @@ async fn run(options: Options) -> Result<()> {
 
     let results = Results {
         machine,
+        revision: sys::revision(),
         quick: options.quick,
         flags: options.flags(),
         services: shared.as_ref().map(|s| s.versions.clone()),

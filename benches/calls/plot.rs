@@ -18,10 +18,11 @@ pub struct Curve<'a> {
     pub samples: &'a Samples,
 }
 
-const WIDTH: f64 = 880.0;
+const WIDTH: f64 = 1_080.0;
 const HEIGHT: f64 = 520.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 30.0;
+/// Room for the legend, right of the plot, where it hides no curve.
+const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
@@ -152,12 +153,11 @@ pub fn cdf_svg(title: &str, curves: &[Curve<'_>]) -> String {
         );
     }
 
-    // The legend sits bottom right, below the curves that have reached 1 there.
-    let legend_x = LEFT + plot_w - 250.0;
-    let legend_y = TOP + plot_h - 18.0 * curves.len() as f64 - 10.0;
+    let legend_x = LEFT + plot_w + 15.0;
+    let legend_y = TOP + 4.0;
     let _ = writeln!(
         svg,
-        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"240\" height=\"{:.1}\" fill=\"white\" stroke=\"#999\"/>",
+        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"225\" height=\"{:.1}\" fill=\"white\" stroke=\"#999\"/>",
         legend_x,
         legend_y - 4.0,
         18.0 * curves.len() as f64 + 6.0

@@ -26,7 +26,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::client::{self, Http1, Http2, Reply};
 use crate::generator::{self, Budget, Plan, INCOMING_CALL};
-use crate::server_process::{Mode, Push, ServerProcess, Settings, Target};
+use crate::server_process::{with_server, Mode, Push, ServerProcess, Settings, Target};
 use crate::services::{Backend, Redis, RedisLoad};
 use crate::stats::{self, Samples};
 
@@ -152,7 +152,22 @@ async fn one_run(
         resend_interval_ms: WAIT_MS,
         ..Settings::defaults(backend, mode)
     };
-    let mut server = ServerProcess::start(&settings).await?;
+    with_server(&settings, async |server| {
+        on_server(server, backend, mode, parked, key_prefix, size).await
+    })
+    .await
+}
+
+/// Parks the calls on `server`, measures them waiting, answers some, drops
+/// the rest.
+async fn on_server(
+    server: &mut ServerProcess,
+    backend: &Backend,
+    mode: Mode,
+    parked: usize,
+    key_prefix: &str,
+    size: &Size,
+) -> Result<Scale> {
     let target = server.target.clone();
     generator::register_devices(target.addr, size.devices).await?;
     generator::drive(
@@ -202,7 +217,7 @@ async fn one_run(
     }
 
     let (cpu_percent, redis) =
-        quiet_window(&server, backend.redis(), redis_background, size.window).await?;
+        quiet_window(server, backend.redis(), redis_background, size.window).await?;
     let rss_parked = server.rss()?;
 
     let (sampled, rest) = sample(calls, size.answered);
@@ -216,7 +231,7 @@ async fn one_run(
     // The PBX hangs up on the rest: their tasks and sockets go.
     let hung_up = Instant::now();
     drop(rest);
-    let cleanup = match clean_up(&server, backend.redis(), key_prefix).await {
+    let cleanup = match clean_up(server, backend.redis(), key_prefix).await {
         Ok(()) => Some(hung_up.elapsed()),
         Err(e) if !strict => {
             notes.push(format!("clean-up incomplete: {e:#}"));
@@ -225,7 +240,6 @@ async fn one_run(
         Err(e) => return Err(e),
     };
     server.check()?;
-    server.stop().await?;
     Ok(Scale {
         backend: backend.name(),
         mode,

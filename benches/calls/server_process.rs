@@ -186,6 +186,28 @@ pub struct Health {
     pub waiting_keys: u64,
 }
 
+/// Runs `scenario` on a fresh server started with `settings`, then stops the
+/// server, failing if it did not exit cleanly. When the scenario fails and
+/// the server has died, the error says that first: what the generator saw
+/// (a refused connection, a closed pipe) is only the symptom.
+pub async fn with_server<T>(
+    settings: &Settings,
+    scenario: impl AsyncFnOnce(&mut ServerProcess) -> Result<T>,
+) -> Result<T> {
+    let mut server = ServerProcess::start(settings).await?;
+    match scenario(&mut server).await {
+        Ok(result) => {
+            server.stop().await?;
+            Ok(result)
+        }
+        Err(e) => match server.child.try_wait() {
+            Ok(Some(status)) => Err(e.context(format!("the server process died ({status})"))),
+            // Dropping the server kills it.
+            _ => Err(e),
+        },
+    }
+}
+
 impl ServerProcess {
     /// Starts a server process and waits until it listens.
     pub async fn start(settings: &Settings) -> Result<ServerProcess> {

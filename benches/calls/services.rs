@@ -12,9 +12,17 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
-/// Where the shared services run on development and CI machines.
-pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+/// Where the shared services run on development and CI machines; the
+/// tests' `TEST_DATABASE_URL` and `TEST_REDIS_URL` point elsewhere.
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+fn url(variable: &str, default: &str) -> String {
+    std::env::var(variable)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
 
 /// Where a bench server keeps its state.
 #[derive(Clone)]
@@ -73,15 +81,17 @@ pub struct Shared {
 impl Shared {
     /// Checks both services answer and makes the run's schema.
     pub async fn open(run_id: &str) -> Result<Shared> {
-        let redis = Redis::connect(REDIS_URL).await.with_context(|| {
-            format!("Redis at {REDIS_URL} does not answer (start it, or pass --no-shared)")
+        let redis_url = url("TEST_REDIS_URL", REDIS_URL);
+        let database_url = url("TEST_DATABASE_URL", DATABASE_URL);
+        let redis = Redis::connect(&redis_url).await.with_context(|| {
+            format!("Redis at {redis_url} does not answer (start it, or pass --no-shared)")
         })?;
         let schema = format!("bench_{run_id}");
-        let mut conn = AsyncPgConnection::establish(DATABASE_URL)
+        let mut conn = AsyncPgConnection::establish(&database_url)
             .await
             .with_context(|| {
                 format!(
-                    "PostgreSQL at {DATABASE_URL} does not answer (start it, or pass --no-shared)"
+                    "PostgreSQL at {database_url} does not answer (start it, or pass --no-shared)"
                 )
             })?;
         conn.batch_execute(&format!("CREATE SCHEMA {schema}"))
@@ -100,11 +110,14 @@ impl Shared {
         Ok(Shared {
             // As tests/common/mod.rs does: every connection of the server
             // finds its tables in the run's schema.
-            database_url: format!("{DATABASE_URL}?options=-c%20search_path%3D{schema}"),
-            redis_url: REDIS_URL.into(),
+            database_url: format!(
+                "{database_url}{}options=-c%20search_path%3D{schema}",
+                if database_url.contains('?') { '&' } else { '?' }
+            ),
+            redis_url,
             redis,
             versions,
-            admin_url: DATABASE_URL.into(),
+            admin_url: database_url,
             schema,
         })
     }

@@ -117,6 +117,26 @@ pub fn machine_busy() -> Result<Duration> {
     Ok(ticks_to_duration(total.saturating_sub(idle)))
 }
 
+/// The code measured: the commit, and whether the work tree differed from it.
+pub fn revision() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    match (
+        git(&["rev-parse", "--short", "HEAD"]),
+        git(&["status", "--porcelain", "--untracked-files=no"]),
+    ) {
+        (Some(commit), Some(changes)) if changes.is_empty() => commit,
+        (Some(commit), Some(_)) => format!("{commit} with uncommitted changes"),
+        _ => "unknown (not a git work tree)".into(),
+    }
+}
+
 /// The machine the numbers were taken on.
 #[derive(Debug, Clone)]
 pub struct Machine {

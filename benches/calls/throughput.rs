@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::generator::{self, Budget, Plan};
-use crate::server_process::{Mode, ServerProcess, Settings};
+use crate::server_process::{with_server, Mode, ServerProcess, Settings};
 use crate::services::Backend;
 use crate::stats::{self, Samples};
 use crate::sys;
@@ -68,7 +68,19 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Thro
 }
 
 async fn measure(backend: &Backend, key_prefix: &str, size: Size) -> Result<Throughput> {
-    let mut server = ServerProcess::start(&Settings::defaults(backend, Mode::PubSub)).await?;
+    with_server(&Settings::defaults(backend, Mode::PubSub), async |server| {
+        on_server(server, backend, key_prefix, size).await
+    })
+    .await
+}
+
+/// Registers, warms up, and drives calls on `server` for the duration.
+async fn on_server(
+    server: &mut ServerProcess,
+    backend: &Backend,
+    key_prefix: &str,
+    size: Size,
+) -> Result<Throughput> {
     generator::register_devices(server.target.addr, size.devices).await?;
     let plan = |prefix: String, budget: Budget| Plan {
         prefix,
@@ -121,7 +133,6 @@ async fn measure(backend: &Backend, key_prefix: &str, size: Size) -> Result<Thro
             .wait_clean(key_prefix, Duration::from_secs(10))
             .await?;
     }
-    server.stop().await?;
 
     let rest = machine_cpu
         .saturating_sub(server_cpu)

@@ -21,7 +21,11 @@
 //! - the fallback check reads, in one `MGET` per poll interval (split per
 //!   slot on a cluster), the stored state of every unanswered key this
 //!   process waits on, so an answer whose message was lost (published while
-//!   the subscriber was reconnecting) still ends its wait;
+//!   the subscriber was reconnecting) still ends its wait. It runs only
+//!   while the subscription is not known good: while it is down, and for a
+//!   few seconds after a reconnect or a cluster node's connection dropping.
+//!   A healthy subscription loses nothing, so parked calls then cost Redis
+//!   no command at all, however many they are;
 //! - the retirer deletes the keys of finished waits and unsubscribes their
 //!   channels, in batches, off the call path.
 //!
@@ -46,7 +50,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -75,6 +79,13 @@ return before
 
 /// How often an idle subscriber connection is pinged, to notice a dead peer.
 const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(5);
+/// How often, and how far apart, a sharded unsubscribe is tried while its
+/// shard fails over (a failover takes a few seconds).
+const UNSUBSCRIBE_TRIES: u32 = 10;
+const UNSUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+/// How long after a reconnect or a dropped node connection the fallback
+/// check keeps running: covers answers published into the gap.
+const UNSURE_WINDOW: Duration = Duration::from_secs(5);
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
 const BATCH: usize = 5000;
 
@@ -152,6 +163,9 @@ struct Shared {
     retire: mpsc::UnboundedSender<Arc<str>>,
     options: RedisOptions,
     answer: redis::Script,
+    /// Until when messages may have been lost: the fallback check runs
+    /// while this lies ahead (or while the subscription is down).
+    unsure_until: Mutex<Option<Instant>>,
 }
 
 /// How this process reaches Redis.
@@ -246,6 +260,7 @@ impl RedisBroker {
             link,
             waiters: Waiters::default(),
             retire,
+            unsure_until: Mutex::new(None),
             answer: redis::Script::new(ANSWER_SCRIPT),
             options,
         });
@@ -553,16 +568,30 @@ impl Shared {
                 }
             }
             Link::Cluster { conn } => {
-                // Sharded channels of different slots cannot share one command.
+                // Sharded channels of different slots cannot share one
+                // command. One whose shard is failing over is retried a
+                // while: the redis crate would otherwise resubscribe it on
+                // the promoted replica, to nobody's use.
+                let timeout = self.options.acquire_timeout;
                 let unsubscribed = channels.into_iter().map(|channel| {
                     let mut conn = conn.clone();
-                    async move { conn.sunsubscribe(channel).await }
+                    async move {
+                        for attempt in 0..UNSUBSCRIBE_TRIES {
+                            if attempt > 0 {
+                                tokio::time::sleep(UNSUBSCRIBE_RETRY).await;
+                            }
+                            let done =
+                                tokio::time::timeout(timeout, conn.sunsubscribe(&channel)).await;
+                            if matches!(done, Ok(Ok(()))) {
+                                return;
+                            }
+                        }
+                        tracing::warn!(%channel, "cannot unsubscribe a finished call's channel");
+                    }
                 });
-                let _ = tokio::time::timeout(
-                    self.options.acquire_timeout,
-                    futures_util::future::join_all(unsubscribed),
-                )
-                .await;
+                // Off the retirer's path: a failover must not hold up the
+                // clean-up of other calls.
+                tokio::spawn(futures_util::future::join_all(unsubscribed));
             }
         }
     }
@@ -572,8 +601,34 @@ impl Shared {
         match &self.link {
             Link::Single { subscribed, .. } => subscribed.load(Ordering::Acquire),
             // The cluster connection resubscribes by itself; the fallback
-            // check covers its gaps.
+            // check covers its gaps (see `mark_unsure`).
             Link::Cluster { .. } => true,
+        }
+    }
+
+    /// Messages may have been lost just now (a reconnect, a cluster node's
+    /// connection dropping): run the fallback check for a while.
+    fn mark_unsure(&self) {
+        *self.unsure_until.lock().expect("unsure lock poisoned") =
+            Some(Instant::now() + UNSURE_WINDOW);
+    }
+
+    /// Whether the fallback check must run: only while the subscription is
+    /// not known good. A healthy subscription loses no message (Redis
+    /// delivers pub/sub over one TCP connection, in order), so parked calls
+    /// cost Redis nothing while they wait, however many there are.
+    fn needs_fallback(&self) -> bool {
+        if !self.subscribed() {
+            return true;
+        }
+        let mut unsure = self.unsure_until.lock().expect("unsure lock poisoned");
+        match *unsure {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *unsure = None;
+                false
+            }
+            None => false,
         }
     }
 
@@ -767,6 +822,7 @@ async fn subscriber_single(
                 tracing::warn!(error = %e, "fallback check after resubscribe failed");
             }
             subscribed.store(true, Ordering::Release);
+            shared.mark_unsure();
             tracing::info!(
                 channels = shared.waiters.len(),
                 restored,
@@ -841,6 +897,7 @@ async fn subscriber_cluster(
                 }
             }
             (PushKind::Disconnection, _) => {
+                shared.mark_unsure();
                 tracing::warn!(
                     "a Redis Cluster node connection dropped; the fallback check covers the gap"
                 );
@@ -924,6 +981,9 @@ async fn fallback_check(shared: Weak<Shared>, mut stop: watch::Receiver<()>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        if !shared.needs_fallback() {
+            continue;
+        }
         if let Err(e) = shared.check_stored().await {
             tracing::debug!(error = %e, "fallback check failed");
         }

@@ -125,18 +125,12 @@ pub(super) async fn call_response(
             .wakeup_roundtrip
             .get_or_create(&platform)
             .observe(roundtrip.max(0.0));
-        // The log row must not delay the answer the PBX is waiting for.
-        let store = state.store.clone();
-        let entry = ResponseLogEntry {
+        // Queued: the log row must not delay the answer the PBX waits for.
+        state.response_log.record(ResponseLogEntry {
             platform: before.platform(),
             roundtrip: roundtrip.max(0.0),
             available,
             created_at: now_millis(),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = store.log_response(entry).await {
-                tracing::warn!(error = %e, "cannot write the response log");
-            }
         });
     }
     Ok(text(StatusCode::ACCEPTED, ""))

@@ -6,6 +6,7 @@
 //! about HTTP or pushes: callers get typed rows and a [`StoreError`].
 
 mod models;
+mod response_log;
 mod schema;
 mod sql;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 pub use models::{
     App, Credentials, Device, HangupReason, NewDevice, Platform, Registration, ResponseLogEntry,
 };
+pub use response_log::ResponseLog;
 pub use sql::{migrate, open, PoolOptions};
 
 /// What went wrong talking to the database.
@@ -76,8 +78,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records why a call ended on the phone.
     async fn record_hangup(&self, hangup: HangupReason) -> Result<(), StoreError>;
 
-    /// Appends a row to the response log.
-    async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError>;
+    /// Appends rows to the response log, in one statement.
+    async fn log_responses(&self, entries: &[ResponseLogEntry]) -> Result<(), StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -341,7 +341,9 @@ macro_rules! diesel_store {
                 devices::table
                     .find(sip_user_id)
                     .select(DeviceRow::as_select())
-                    .first(&mut conn)
+                    // At most one row by primary key: no `LIMIT ?`, whose
+                    // re-bind makes SQLite re-prepare the statement each time.
+                    .get_result(&mut conn)
                     .await
                     .optional()
                     .map_err(query_error)?
@@ -354,7 +356,9 @@ macro_rules! diesel_store {
                 let previous = devices::table
                     .find(device.sip_user_id)
                     .select(DeviceRow::as_select())
-                    .first(&mut conn)
+                    // At most one row by primary key: no `LIMIT ?`, whose
+                    // re-bind makes SQLite re-prepare the statement each time.
+                    .get_result(&mut conn)
                     .await
                     .optional()
                     .map_err(query_error)?;
@@ -525,19 +529,27 @@ macro_rules! diesel_store {
                 Ok(())
             }
 
-            async fn log_response(&self, entry: ResponseLogEntry) -> Result<(), StoreError> {
+            async fn log_responses(&self, entries: &[ResponseLogEntry]) -> Result<(), StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                diesel::insert_into(response_log::table)
-                    .values((
-                        response_log::platform.eq(entry.platform.as_str()),
-                        response_log::roundtrip.eq(entry.roundtrip),
-                        response_log::available.eq(entry.available),
-                        response_log::created_at.eq(entry.created_at),
-                    ))
-                    .execute(&mut conn)
-                    .await
-                    .map_err(query_error)?;
-                Ok(())
+                // One transaction: SQLite syncs once, not once per row.
+                // (diesel's multi-row VALUES needs a DEFAULT keyword SQLite
+                // lacks, so rows go in one statement each.)
+                conn.transaction(async |conn| {
+                    for entry in entries {
+                        diesel::insert_into(response_log::table)
+                            .values((
+                                response_log::platform.eq(entry.platform.as_str()),
+                                response_log::roundtrip.eq(entry.roundtrip),
+                                response_log::available.eq(entry.available),
+                                response_log::created_at.eq(entry.created_at),
+                            ))
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok::<_, diesel::result::Error>(())
+                })
+                .await
+                .map_err(query_error)
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
