@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::http::request::Parts;
@@ -58,21 +58,9 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::TooLarge(MAX_BODY_BYTES));
-    }
-    let bytes = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(body, MAX_BODY_BYTES).collect(),
-    )
-    .await
-    {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, collect(body, declared)).await {
         Err(_) => return Err(ApiError::Timeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::TooLarge(MAX_BODY_BYTES))
-        }
-        Ok(Err(e)) => return Err(ApiError::Malformed(format!("cannot read the body: {e}"))),
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(result) => result?,
     };
     let mut fields = Fields::default();
     if source == Source::QueryAndBody {
@@ -87,6 +75,40 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
     fields.extend_body(content_type.as_deref(), &bytes)?;
     Ok((parts, fields))
 }
+
+/// Reads a body of at most [`MAX_BODY_BYTES`]. A larger one is never kept:
+/// it is read and thrown away up to [`DISCARD_BYTES`] and answered 413.
+/// Reading it out (rather than answering with it unread) lets the client
+/// see the 413: closing a socket with unread data makes the kernel reset
+/// the connection, and the client loses the answer.
+async fn collect(mut body: Incoming, declared: Option<u64>) -> Result<Bytes, ApiError> {
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    let too_large = declared.is_some_and(|n| n > MAX_BODY_BYTES as u64);
+    if declared.is_some_and(|n| n > DISCARD_BYTES as u64) {
+        return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+    }
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::Malformed(format!("cannot read the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > DISCARD_BYTES {
+            break;
+        }
+        if !too_large && seen <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if too_large || seen > MAX_BODY_BYTES {
+        return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// How much of a too-large body is read (and dropped) before answering 413.
+const DISCARD_BYTES: usize = 1024 * 1024;
 
 impl Fields {
     /// Parses a body by its declared content type. Without one, a body that
