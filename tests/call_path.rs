@@ -7,17 +7,7 @@ use std::time::{Duration, Instant};
 
 use call_notifier::push::{Payload, PushOutcome};
 use common::*;
-use futures_util::future::join_all;
 use hyper::StatusCode;
-
-/// Runs `scenario` once per backend, all at once.
-async fn on_every_backend<F, Fut>(scenario: F)
-where
-    F: Fn(Backend) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    join_all(backends().await.into_iter().map(scenario)).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_account_gets_nak_at_once_and_no_push() {

@@ -5,9 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use call_notifier::config::Config;
@@ -18,12 +16,10 @@ use call_notifier::store::{App, Credentials, Platform};
 use call_notifier::Server;
 use common::stand_in::{Answer, Received, StandIn};
 use common::*;
-use futures_util::future::join_all;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const PROJECT: &str = "test-project";
-const CLIENT_EMAIL: &str = "pusher@test-project.iam.gserviceaccount.com";
+use common::fcm::{fcm_accepts, service_account, token_endpoint, CLIENT_EMAIL, PROJECT};
 
 // ---------------------------------------------------------------------------
 // The stand-ins' answers.
@@ -43,26 +39,6 @@ fn script(
     }
 }
 
-/// Google's token endpoint: a fresh token per request, valid for an hour.
-fn token_endpoint() -> impl Fn(&Received) -> Answer + Send + Sync + 'static {
-    let issued = AtomicUsize::new(0);
-    move |_| {
-        let n = issued.fetch_add(1, Ordering::Relaxed) + 1;
-        Answer::json(
-            200,
-            json!({"access_token": format!("ya29.test-token-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
-        )
-    }
-}
-
-/// FCM accepting a message.
-fn fcm_accepts() -> Answer {
-    Answer::json(
-        200,
-        json!({"name": format!("projects/{PROJECT}/messages/1")}),
-    )
-}
-
 /// An FCM v1 error answer.
 fn fcm_error(status: u16, rpc_status: &str, message: &str, details: Value) -> Answer {
     Answer::json(
@@ -77,46 +53,6 @@ fn fcm_error_code(code: &str) -> Value {
 
 // ---------------------------------------------------------------------------
 // The service account and the server.
-
-/// An RSA key made for this test run (PKCS#8 PEM), made once per process.
-fn rsa_key() -> &'static str {
-    static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| {
-        let out = std::process::Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ])
-            .output()
-            .expect("the openssl binary");
-        assert!(
-            out.status.success(),
-            "openssl genpkey: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("PEM is text")
-    })
-}
-
-/// Writes a service-account file whose tokens come from `token_uri`.
-fn service_account(dir: &Path, name: &str, project: &str, token_uri: &str) -> PathBuf {
-    let path = dir.join(name);
-    let key = json!({
-        "type": "service_account",
-        "project_id": project,
-        "private_key_id": "0123456789abcdef",
-        "private_key": rsa_key(),
-        "client_email": CLIENT_EMAIL,
-        "client_id": "123456789",
-        "auth_uri": "http://127.0.0.1:9/auth",
-        "token_uri": token_uri,
-    });
-    std::fs::write(&path, key.to_string()).expect("write the service account");
-    path
-}
 
 /// A real server (no recording pusher) whose FCM is a stand-in.
 struct FcmServer {
@@ -216,15 +152,6 @@ impl FcmServer {
             )
             .await
     }
-}
-
-/// Runs `scenario` once per backend, all at once.
-async fn on_every_backend<F, Fut>(scenario: F)
-where
-    F: Fn(Backend) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    join_all(backends().await.into_iter().map(scenario)).await;
 }
 
 /// Decodes base64url (with or without padding), to read a JWT.

@@ -317,6 +317,15 @@ impl TestClient {
     }
 }
 
+/// Runs `scenario` once per backend, all at once.
+pub async fn on_every_backend<F, Fut>(scenario: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    futures_util::future::join_all(backends().await.into_iter().map(scenario)).await;
+}
+
 /// A SIP account id no other test uses.
 pub fn sip_user_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
