@@ -27,6 +27,13 @@
 mod load;
 mod lookup;
 mod server;
+/// The server role is the calls bench's: one copy of the child server.
+#[allow(dead_code)] // The soak uses only part of what the calls bench shares.
+#[path = "../calls/server_role.rs"]
+mod server_role;
+#[allow(dead_code)]
+#[path = "../calls/sys.rs"]
+mod sys;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -100,8 +107,8 @@ impl Options {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os(server::ROLE_VAR).is_some() {
-        return server::role_main();
+    if std::env::var_os(server_role::ROLE_VAR).is_some() {
+        return server_role::main();
     }
     let options = Options::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()

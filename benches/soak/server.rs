@@ -2,111 +2,28 @@
 //! that runs the real call-notifier server, so its memory is its own and
 //! the load reaches it over loopback as a PBX's and phones' would.
 //!
-//! The only thing stood in for is the push service: every call push becomes
-//! one line on the child's stdout, `unique_key message_start_time attempt`,
-//! after a first line with the bound address. The child exits when its stdin
-//! closes, so it never outlives the harness.
+//! The child is the calls bench's server role (`benches/calls/server_role.rs`):
+//! every call push becomes one line on its stdout, `unique_key
+//! message_start_time attempt`, after a first line with the bound address,
+//! and it exits when its stdin closes. This side starts it and routes the
+//! push lines to the calls waiting for them.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{ExitCode, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use async_trait::async_trait;
-use call_notifier::config::Cli;
-use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher};
-use call_notifier::store::{App, Platform};
-use call_notifier::Server;
-use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 
-/// The environment variable that selects the server role.
-pub const ROLE_VAR: &str = "CALL_NOTIFIER_SOAK_ROLE";
-/// The app every soak device registers with.
-pub const APP_ID: &str = "com.example.soak";
-
-/// Writes every call push as a line on stdout.
-struct PipePusher;
-
-#[async_trait]
-impl Pusher for PipePusher {
-    async fn send(&self, _target: &PushTarget, payload: &Payload) -> PushOutcome {
-        if let Payload::Call {
-            unique_key,
-            message_start_time,
-            attempt,
-            ..
-        } = payload
-        {
-            let _ = writeln!(
-                std::io::stdout().lock(),
-                "{unique_key} {message_start_time} {attempt}"
-            );
-        }
-        PushOutcome::Delivered
-    }
-}
-
-/// The server role: serves with the given flags until stdin closes.
-pub fn role_main() -> ExitCode {
-    let args = std::iter::once("call-notifier".into()).chain(std::env::args_os().skip(1));
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
-        Err(e) => {
-            eprintln!("soak server: bad flags: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match runtime.block_on(serve(cli.config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("soak server: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(config: call_notifier::config::Config) -> Result<()> {
-    let running = Server::new(config)
-        .with_pusher(Arc::new(PipePusher))
-        .start()
-        .await?;
-    running
-        .state
-        .store
-        .put_app(&App {
-            platform: Platform::Android,
-            app_id: APP_ID.into(),
-            credentials: None,
-        })
-        .await
-        .context("cannot add the soak app")?;
-    writeln!(std::io::stdout().lock(), "{}", running.addr)?;
-    let (closed, on_close) = oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = [0u8; 64];
-        let mut stdin = std::io::stdin().lock();
-        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
-        let _ = closed.send(());
-    });
-    let _ = on_close.await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), running.stop()).await;
-    Ok(())
-}
+/// The app every soak device registers with: the one the shared server
+/// role adds.
+pub use crate::server_role::APP_ID;
+use crate::server_role::{ROLE_SERVER, ROLE_VAR};
 
 /// A call push as the harness reads it.
 #[derive(Debug)]
@@ -183,7 +100,7 @@ impl ServerProcess {
         }
         let mut child = command
             .args(flags)
-            .env(ROLE_VAR, "server")
+            .env(ROLE_VAR, ROLE_SERVER)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
