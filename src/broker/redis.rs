@@ -896,6 +896,22 @@ async fn subscriber_cluster(
                     deliver_message(&shared, &channel, &payload);
                 }
             }
+            (PushKind::SSubscribe, [channel, ..]) => {
+                // After a failover the redis crate resubscribes, on the
+                // promoted replica, the channels it tracked when it refreshed
+                // its slot map, and sends them through its own queue. A wait
+                // that ended in between has already had its `SUNSUBSCRIBE`
+                // confirmed (by the new master, which had nothing to drop),
+                // so the late `SSUBSCRIBE` would strand its channel there for
+                // good. Every confirmation is seen here: one for a channel
+                // nobody here waits on is undone at once.
+                if let Ok(channel) = String::from_redis_value_ref(channel) {
+                    if key_of_channel(&channel).is_some_and(|key| !shared.waiters.contains(key)) {
+                        tracing::debug!(%channel, "undoing the resubscription of a finished call's channel");
+                        shared.unsubscribe(vec![channel]).await;
+                    }
+                }
+            }
             (PushKind::Disconnection, _) => {
                 shared.mark_unsure();
                 tracing::warn!(
