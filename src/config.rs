@@ -278,6 +278,20 @@ pub struct Config {
     )]
     pub shutdown_timeout_secs: u64,
 
+    /// How long a new connection may take, from accept, to send its first
+    /// complete request head, in ms; a connection that sends nothing is
+    /// closed then, so silent clients cannot use up the file descriptors.
+    #[arg(long, env = "CALL_NOTIFIER_HEADER_TIMEOUT_MS", default_value_t = 10_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub header_timeout_ms: u64,
+
+    /// How long a connection may stay idle between requests before it is
+    /// closed, in seconds. 75 s, as common proxies use, so a PBX's kept-alive
+    /// connection survives the pause between two calls.
+    #[arg(long, env = "CALL_NOTIFIER_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 75, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keep_alive_timeout_secs: u64,
+
     /// Log line format.
     #[arg(
         long,
@@ -330,6 +344,14 @@ impl Config {
 
     pub fn push_timeout(&self) -> Duration {
         Duration::from_millis(self.push_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    pub fn keep_alive_timeout(&self) -> Duration {
+        Duration::from_secs(self.keep_alive_timeout_secs)
     }
 
     /// Pushes of one call at most: `wait / resend_interval - 1`, at least one.

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub auth_checks: Family<ResultLabel, Counter>,
     /// Failed store and broker operations, by component (`store`, `broker`).
     pub errors: Family<ComponentLabel, Counter>,
+    /// Connections the listener failed to accept, most often for lack of
+    /// file descriptors: a sign that clients hold connections open.
+    pub accept_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -86,6 +89,7 @@ impl Default for Metrics {
             deletions: Family::default(),
             auth_checks: Family::default(),
             errors: Family::default(),
+            accept_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +141,11 @@ impl Default for Metrics {
             "errors",
             "Failed store and broker operations",
             metrics.errors.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections the listener failed to accept (e.g. out of file descriptors)",
+            metrics.accept_errors.clone(),
         );
         Metrics {
             registry,

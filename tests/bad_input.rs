@@ -382,7 +382,7 @@ async fn wrong_methods_and_paths_are_told_apart() {
     let server = start(&backend, |_| {}).await;
     let reply = server.client.get("/api/incoming-call/").await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(reply.headers["allow"], "POST");
+    assert_eq!(reply.headers["allow"], "POST, OPTIONS");
     let reply = server
         .client
         .send(Method::PUT, "/api/apns-device", None, Vec::new())

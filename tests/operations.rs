@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use call_notifier::push::PushOutcome;
+use common::process::Process;
 use common::stand_in::{Answer, StandIn};
 use common::*;
 use hyper::StatusCode;
@@ -366,65 +366,6 @@ async fn readiness_turns_503_while_draining() {
     })
     .await;
     assert!(refused);
-}
-
-/// A real `call-notifier` process, its address read from its first log line.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    fn start(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_call-notifier"))
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .env("CALL_NOTIFIER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start call-notifier");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the process logs until it listens")
-                .expect("a log line");
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if event["message"] == "call-notifier listening" {
-                break event["addr"].as_str().expect("an address").to_owned();
-            }
-        };
-        // Keep draining its logs so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Process {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status();
-        assert!(status.expect("kill runs").success());
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    async fn exit_code(mut self, within: Duration) -> Option<i32> {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!("the process did not exit within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 /// Adds the test app to a database with the real CLI, as an operator would.

@@ -95,7 +95,7 @@ impl ApiError {
         let headers = response.headers_mut();
         match self {
             ApiError::MethodNotAllowed(allow) => {
-                headers.insert(ALLOW, HeaderValue::from_static(allow));
+                headers.insert(ALLOW, super::allow(allow));
             }
             ApiError::Auth(AuthError::Missing | AuthError::Rejected) => {
                 let challenge = HeaderValue::from_static("Basic realm=\"call-notifier\"");

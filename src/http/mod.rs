@@ -10,112 +10,40 @@ mod calls;
 mod devices;
 pub mod error;
 mod health;
+mod listener;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::service::service_fn;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
 
 pub use body::{Fields, MAX_BODY_BYTES};
 use error::ApiError;
+pub use listener::serve;
 
-use crate::server::{phase_reached, AppState, Phase};
+use crate::server::AppState;
 use crate::store::Platform;
 
 /// The one response body type.
 pub type Body = Full<Bytes>;
 
-/// How long answering parked calls NAK may take once the server aborts.
-const ABORT_GRACE: Duration = Duration::from_secs(5);
-
 /// The longest any request but the PBX's may take, body included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The most a connection buffers while reading: also the largest request
-/// head accepted (larger gets 431), as in nginx's default.
-const READ_BUFFER_BYTES: usize = 8 * 1024;
-
-/// How long a client may take to send its request head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts connections until the server leaves [`Phase::Serving`], then
-/// stops accepting and waits for the open connections: parked calls keep
-/// their full wait. At `--shutdown-timeout-secs` (or [`Phase::Aborting`])
-/// the calls still parked are answered NAK, and the wait ends soon after.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        // Heads and bodies here are small; hyper's smallest read buffer
-        // keeps a parked call's connection near 15 KiB instead of 23.
-        .max_buf_size(READ_BUFFER_BYTES);
-    let graceful = GracefulShutdown::new();
-    let mut phase = state.phase.subscribe();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, usually: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state, peer, request).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    let timeout = Duration::from_secs(state.config.shutdown_timeout_secs);
-    tokio::select! {
-        _ = &mut drained => return,
-        _ = tokio::time::sleep(timeout) => {
-            tracing::warn!(parked_calls = state.parking.parked(), "shutdown timeout: answering parked calls NAK");
-            state.phase.send_replace(Phase::Aborting);
-        }
-        _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => {}
-    }
-    // Every parked call answers NAK at once now; give the answers time to
-    // be written, then let go of whatever still hangs.
-    let _ = tokio::time::timeout(ABORT_GRACE, drained).await;
-}
 
 /// The readiness verdict, as `/health/ready` answers it.
 pub async fn readiness(state: &AppState) -> Response<Body> {
     health::ready(state).await
 }
 
-/// The routes. Paths work with and without the trailing slash.
+/// The routes. Paths work with and without the trailing slash. `HEAD`
+/// answers as `GET` without the body, on either protocol; `OPTIONS` says
+/// what a path answers.
 async fn route(
     state: &Arc<AppState>,
     peer: SocketAddr,
@@ -128,11 +56,16 @@ async fn route(
         .unwrap_or(path)
         .to_owned();
     let method = request.method().clone();
+    if method == Method::OPTIONS {
+        return options(&path);
+    }
+    let head = method == Method::HEAD;
+    let routed = if head { Method::GET } else { method.clone() };
     // The PBX's request is bounded by its wait; every other one by this, so
     // a database or account API that hangs costs a client 503, not forever.
     let bounded = path != "/api/incoming-call";
     let handled = async {
-        match (path.as_str(), &method) {
+        match (path.as_str(), &routed) {
             ("/api/incoming-call", &Method::POST) => {
                 calls::incoming_call(state, peer, request).await
             }
@@ -158,8 +91,8 @@ async fn route(
                 health::metrics(state, source)
             }
             ("/openapi.json", &Method::GET) => Ok(openapi()),
-            (path, _) => Err(match ROUTES.iter().find(|(route, _)| *route == path) {
-                Some((_, allow)) => ApiError::MethodNotAllowed(allow),
+            (path, _) => Err(match methods_of(path) {
+                Some(methods) => ApiError::MethodNotAllowed(methods),
                 None => ApiError::NotFound("no such endpoint"),
             }),
         }
@@ -175,12 +108,62 @@ async fn route(
     } else {
         handled.await
     };
-    result.unwrap_or_else(ApiError::into_response)
+    let response = result.unwrap_or_else(ApiError::into_response);
+    if head {
+        without_body(response)
+    } else {
+        response
+    }
 }
 
-/// Every route (path without its trailing slash) and the methods it answers,
-/// as an `Allow` header: what 405s are made from, and what the test of
-/// `docs/openapi.json` holds the document to.
+/// The methods a route answers, as [`ROUTES`] lists them.
+fn methods_of(path: &str) -> Option<&'static str> {
+    ROUTES
+        .iter()
+        .find(|(route, _)| *route == path)
+        .map(|(_, methods)| *methods)
+}
+
+/// The `Allow` header of a route: its methods, `HEAD` wherever `GET` is,
+/// and `OPTIONS` everywhere.
+pub(crate) fn allow(methods: &str) -> HeaderValue {
+    let mut allow = methods.to_owned();
+    if methods.split(", ").any(|m| m == "GET") {
+        allow.push_str(", HEAD");
+    }
+    allow.push_str(", OPTIONS");
+    HeaderValue::from_str(&allow).expect("method names are header-safe")
+}
+
+/// `OPTIONS`: 204 with `Allow` for a route, 404 for anything else.
+fn options(path: &str) -> Response<Body> {
+    match methods_of(path) {
+        Some(methods) => {
+            let mut response = Response::new(Body::default());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response.headers_mut().insert(ALLOW, allow(methods));
+            response
+        }
+        None => ApiError::NotFound("no such endpoint").into_response(),
+    }
+}
+
+/// A `HEAD` answer: the `GET` answer's status and headers, its length, and
+/// no body. hyper drops the body of a HEAD answer over HTTP/1.1 but sends
+/// it over h2, where a HEAD answer must carry none.
+fn without_body(response: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    if let Some(length) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Response::from_parts(parts, Body::default())
+}
+
+/// Every route (path without its trailing slash) and the methods it answers
+/// (besides `HEAD` and `OPTIONS`, see [`allow`]): what 405s are made from,
+/// and what the test of `docs/openapi.json` holds the document to.
 pub const ROUTES: &[(&str, &str)] = &[
     ("/api/incoming-call", "POST"),
     ("/api/call-response", "POST"),

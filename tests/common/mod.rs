@@ -10,6 +10,7 @@
 
 pub mod fault;
 pub mod fcm;
+pub mod process;
 pub mod stand_in;
 
 use std::sync::Arc;

@@ -1,0 +1,118 @@
+//! A real `call-notifier` process: the binary as an operator runs it, for
+//! what only a process shows (signals, exit codes, its file limit).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running `call-notifier`, its address read from its first log line.
+pub struct Process {
+    child: Child,
+    pub url: String,
+    /// Every log line it wrote, as it writes them.
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn start(args: &[&str]) -> Process {
+        Process::start_limited(args, None)
+    }
+
+    /// Starts it with at most `open_files` file descriptors
+    /// (`RLIMIT_NOFILE`), when given.
+    pub fn start_limited(args: &[&str], open_files: Option<u64>) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_call-notifier"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("CALL_NOTIFIER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it only lowers the
+            // child's own limit between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start call-notifier");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the process logs until it listens")
+                .expect("a log line");
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["message"] == "call-notifier listening" {
+                break event["addr"].as_str().expect("an address").to_owned();
+            }
+        };
+        // Keep reading its logs, so it never blocks on a full pipe.
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().expect("logs lock").push(line);
+            }
+        });
+        Process {
+            child,
+            url: format!("http://{addr}"),
+            logs,
+        }
+    }
+
+    /// How many log lines so far carry `message`.
+    pub fn logged(&self, message: &str) -> usize {
+        self.logs
+            .lock()
+            .expect("logs lock")
+            .iter()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .is_ok_and(|event| event["message"].as_str() == Some(message))
+            })
+            .count()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status();
+        assert!(status.expect("kill runs").success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn exit_code(mut self, within: Duration) -> Option<i32> {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("the process did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
