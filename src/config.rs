@@ -156,17 +156,19 @@ pub struct Config {
     #[arg(long, env = "CALL_NOTIFIER_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
 
-    /// Maximum Redis command connections per instance (pub/sub uses one more).
+    /// Deprecated, and without effect: one multiplexed connection now
+    /// carries every Redis command of an instance (pub/sub uses one more).
+    /// Still accepted, so a configuration that sets it keeps starting.
     #[arg(
         long,
         env = "CALL_NOTIFIER_REDIS_POOL_SIZE",
-        default_value_t = 8,
+        hide = true,
         global = true
     )]
-    pub redis_pool_size: u32,
+    pub redis_pool_size: Option<u32>,
 
-    /// How long a Redis command waits for a pooled connection, a connection
-    /// attempt may take, and Redis may take to answer, in ms. While Redis
+    /// How long a Redis connection attempt may take, and Redis may take to
+    /// answer one command, in ms. While Redis
     /// cannot be reached at all, commands fail at once instead (a call: NAK).
     #[arg(long, env = "CALL_NOTIFIER_REDIS_TIMEOUT_MS", default_value_t = 1000, global = true,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]

@@ -193,12 +193,16 @@ async fn build_state(
             redact_url(&config.database_url)
         )
     })?;
+    if config.redis_pool_size.is_some() {
+        tracing::warn!(
+            "--redis-pool-size is deprecated and has no effect: one multiplexed connection carries every Redis command"
+        );
+    }
     let broker: Arc<dyn CallBroker> = match &config.redis_url {
         None => Arc::new(MemoryBroker::new()),
         Some(url) => Arc::new(
             RedisBroker::connect(RedisOptions {
                 url: url.clone(),
-                pool_size: config.redis_pool_size,
                 acquire_timeout: config.redis_timeout(),
                 poll_interval: config.poll_interval(),
                 state_ttl: config.wait() + Duration::from_secs(30),

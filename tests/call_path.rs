@@ -3,6 +3,7 @@
 
 mod common;
 
+use call_notifier::broker::redis::state_key;
 use std::time::{Duration, Instant};
 
 use call_notifier::push::{Payload, PushOutcome};
@@ -268,7 +269,7 @@ async fn the_pbx_hanging_up_leaves_nothing_behind() {
                 let key = key.clone();
                 async move {
                     let exists: i64 = redis::cmd("EXISTS")
-                        .arg(format!("cn:{{{key}}}"))
+                        .arg(state_key(&key))
                         .query_async(&mut redis)
                         .await
                         .unwrap();

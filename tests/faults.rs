@@ -12,6 +12,7 @@
 
 mod common;
 
+use call_notifier::broker::redis::{channel, state_key};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,7 +193,7 @@ async fn a_message_lost_while_the_subscriber_reconnects_is_caught_by_the_fallbac
     assert_eq!(killed, 1, "the server's one subscriber connection");
     // The answer lands in Redis, its message reaches nobody.
     let _: () = redis::cmd("SET")
-        .arg(format!("cn:{{{key}}}"))
+        .arg(state_key(&key))
         .arg("available:android")
         .arg("KEEPTTL")
         .query_async(&mut conn)
@@ -472,7 +473,7 @@ async fn a_cluster_failover_during_waits_ends_every_call_by_its_wait() {
     let (mut on_victim, mut elsewhere) = (Vec::new(), Vec::new());
     while on_victim.len() < 8 || elsewhere.len() < 2 {
         let key = call_id();
-        let slot = key_slot(first, &format!("cn:{{{key}}}")).await;
+        let slot = key_slot(first, &state_key(&key)).await;
         if victim.serves(slot) {
             on_victim.push(key);
         } else if elsewhere.len() < 2 {
@@ -860,7 +861,7 @@ async fn on_a_cluster_the_answer_reaches_only_the_owning_shard() {
     let mut clean_round = false;
     for round in 0..5 {
         let key = call_id();
-        let slot = key_slot(first_port, &format!("cn:{{{key}}}")).await;
+        let slot = key_slot(first_port, &state_key(&key)).await;
         let owner = masters
             .iter()
             .find(|m| m.serves(slot))
@@ -869,7 +870,7 @@ async fn on_a_cluster_the_answer_reaches_only_the_owning_shard() {
         let push = push_for(&pbx_side.pusher, &key, Duration::from_secs(3))
             .await
             .expect("a push");
-        let channel = format!("cn:{{{key}}}:answer");
+        let channel = channel(&key);
         for master in &masters {
             let (_, sharded): (String, i64) = node_command(
                 master.port,

@@ -438,7 +438,7 @@ impl redis::aio::ConnectionLike for TestRedis {
 /// How many subscribers a key's answer channel has, on a server or across
 /// a cluster's nodes (sharded channels).
 pub async fn subscribers(url: &str, key: &str) -> i64 {
-    let channel = format!("cn:{{{key}}}:answer");
+    let channel = call_notifier::broker::redis::channel(key);
     match url.strip_prefix("redis+cluster://") {
         None => {
             let (_, n): (String, i64) = redis::cmd("PUBSUB")

@@ -1,0 +1,94 @@
+//! The fallback check: one `MGET` for every unanswered key waited on here,
+//! every poll interval, but only while the subscription is not known good
+//! (down, or for [`UNSURE_WINDOW`] after a reconnect or a cluster node's
+//! connection dropping). A healthy subscription loses no message (Redis
+//! delivers pub/sub over one TCP connection, in order), so parked calls then
+//! cost Redis no command at all, however many they are.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::{keys::state_key, Shared, BATCH};
+use crate::broker::{Answer, BrokerError, CallState};
+
+/// How long after a reconnect or a dropped node connection the fallback
+/// check keeps running: covers answers published into the gap.
+const UNSURE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Runs the fallback check every poll interval while it is needed.
+pub(super) async fn fallback_check(shared: Weak<Shared>, mut stop: watch::Receiver<()>) {
+    let Some(interval) = shared.upgrade().map(|s| s.options.poll_interval) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !shared.needs_fallback() {
+            continue;
+        }
+        if let Err(e) = shared.check_stored().await {
+            tracing::debug!(error = %e, "fallback check failed");
+        }
+    }
+}
+
+impl Shared {
+    /// Messages may have been lost just now (a reconnect, a cluster node's
+    /// connection dropping): run the fallback check for a while.
+    pub(super) fn mark_unsure(&self) {
+        *self.unsure_until.lock().expect("unsure lock poisoned") =
+            Some(Instant::now() + UNSURE_WINDOW);
+    }
+
+    /// Whether the fallback check must run: only while the subscription is
+    /// not known good.
+    fn needs_fallback(&self) -> bool {
+        if !self.subscriptions.up() {
+            return true;
+        }
+        let mut unsure = self.unsure_until.lock().expect("unsure lock poisoned");
+        match *unsure {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *unsure = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The fallback check: one `MGET` for every unanswered key waited on here.
+    pub(super) async fn check_stored(&self) -> Result<(), BrokerError> {
+        let keys = self.waiters.unanswered();
+        for chunk in keys.chunks(BATCH) {
+            let names: Vec<String> = chunk.iter().map(|k| state_key(k)).collect();
+            let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
+            for (key, value) in chunk.iter().zip(values) {
+                if let Some(available) = value
+                    .as_deref()
+                    .and_then(CallState::decode)
+                    .and_then(CallState::answer)
+                {
+                    tracing::debug!(unique_key = ?key, "answer found by the fallback check");
+                    self.waiters.deliver(
+                        key,
+                        Answer {
+                            available,
+                            received_at: None,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,299 @@
+//! The Redis broker: state in keys, answers over pub/sub, so the PBX's request
+//! and the app's answer may reach different instances.
+//!
+//! Two links to Redis, one behaviour:
+//!
+//! - one server (`redis://`): one multiplexed command connection (see
+//!   [`connections`] for why the redis crate's `ConnectionManager`) and one
+//!   subscriber connection that carries every channel the process waits on,
+//!   never a connection per call;
+//! - a Redis Cluster (`redis+cluster://host:port,host:port`): one cluster
+//!   connection (a multiplexed connection per node, RESP3) carries commands
+//!   and sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`), so an answer travels
+//!   only to the shard that owns its key; the redis crate follows slot moves
+//!   and failovers and resubscribes.
+//!
+//! The jobs, a file each:
+//!
+//! - [`keys`]: key and channel names, the state's text, the message;
+//! - [`connections`]: command connections;
+//! - [`subscriber`]: subscribing, and the task that reads answers and hands
+//!   them to the waiters (on one server it reconnects with backoff,
+//!   resubscribes and stores the pending states again);
+//! - [`fallback`]: the fallback check, which reads, in one `MGET` per poll
+//!   interval (split per slot on a cluster), the stored state of every
+//!   unanswered key waited on here, while the subscription is not known
+//!   good, so an answer whose message was lost still ends its wait;
+//! - [`retire`]: deletes the keys of finished waits and unsubscribes their
+//!   channels, in batches, off the call path.
+//!
+//! Outages. A Redis that cannot be reached makes the broker unready and
+//! every new wait fail at once (the call is answered NAK before any push):
+//! the subscriber connection is known down, and a command connection that
+//! cannot reconnect fails its commands at once. A cluster connection follows
+//! failovers by itself; the fallback check covers answers published
+//! meanwhile.
+
+mod connections;
+mod fallback;
+mod keys;
+mod retire;
+mod subscriber;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use redis::cluster::ClusterClientBuilder;
+use redis::{FromRedisValue, ScriptInvocation};
+use tokio::sync::{mpsc, watch};
+
+use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
+use crate::store::Platform;
+use connections::{Link, ServerConnection};
+pub use keys::{channel, state_key};
+use subscriber::{Subscriber, Subscriptions};
+
+/// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
+const BATCH: usize = 5000;
+
+/// Settings of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port/db`, or `redis+cluster://host:port,host:port` for a
+    /// Redis Cluster (any reachable nodes; the rest are discovered).
+    pub url: String,
+    /// How long a connection attempt may take, and Redis may take to
+    /// answer one command.
+    pub acquire_timeout: Duration,
+    /// Interval of the fallback check.
+    pub poll_interval: Duration,
+    /// Lifetime of a state key: longer than any wait, so a crashed process
+    /// leaves nothing behind for long.
+    pub state_ttl: Duration,
+    /// `false` in the `poll` broker mode: no subscriber, no fallback check;
+    /// each wait reads its own state.
+    pub subscribe: bool,
+}
+
+/// The Redis [`CallBroker`]. Dropping it stops its background tasks.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    /// Dropped with the broker: the background tasks watch it to stop.
+    _stop: watch::Sender<()>,
+}
+
+/// What the broker and its tasks share.
+struct Shared {
+    link: Link,
+    subscriptions: Subscriptions,
+    waiters: Waiters,
+    /// Keys whose last local waiter left, for the retirer.
+    retire: mpsc::UnboundedSender<Arc<str>>,
+    options: RedisOptions,
+    answer: redis::Script,
+    /// Until when messages may have been lost: the fallback check runs
+    /// while this lies ahead (or while the subscription is down).
+    unsure_until: Mutex<Option<Instant>>,
+}
+
+/// The nodes of a `redis+cluster://a:1,b:2/...` URL, as RESP3 node URLs.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let (hosts, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("redis://{host}/{tail}"))
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Builds the broker and starts its tasks. On one server it fails only on
+    /// a malformed URL: a Redis that is down now makes the broker unready, not
+    /// the process dead. A cluster must answer at start-up, to learn its slots.
+    pub async fn connect(options: RedisOptions) -> Result<RedisBroker, BrokerError> {
+        let bad_url =
+            |e: redis::RedisError| BrokerError::Unavailable(format!("bad Redis URL: {e}"));
+        let (stop, stopped) = watch::channel(());
+        let (retire, retired) = mpsc::unbounded_channel();
+        let (link, subscriptions, subscriber) = match cluster_nodes(&options.url) {
+            Some(nodes) => {
+                let (pushes, pushed) = mpsc::unbounded_channel();
+                let client = ClusterClientBuilder::new(nodes)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .connection_timeout(options.acquire_timeout)
+                    .response_timeout(options.acquire_timeout)
+                    .build()
+                    .map_err(bad_url)?;
+                let conn = client.get_async_connection().await.map_err(|e| {
+                    BrokerError::Unavailable(format!("cannot reach the Redis Cluster: {e}"))
+                })?;
+                (
+                    Link::Cluster(conn.clone()),
+                    Subscriptions::Cluster(conn),
+                    Subscriber::Cluster(pushed),
+                )
+            }
+            None => {
+                let client = redis::Client::open(options.url.as_str()).map_err(bad_url)?;
+                let server =
+                    ServerConnection::new(&client, options.acquire_timeout).map_err(bad_url)?;
+                (
+                    Link::Single(server),
+                    Subscriptions::single(),
+                    Subscriber::Single(client),
+                )
+            }
+        };
+        let shared = Arc::new(Shared {
+            link,
+            subscriptions,
+            waiters: Waiters::default(),
+            retire,
+            unsure_until: Mutex::new(None),
+            answer: redis::Script::new(keys::ANSWER_SCRIPT),
+            options,
+        });
+        tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
+        if shared.options.subscribe {
+            subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
+            tokio::spawn(fallback::fallback_check(Arc::downgrade(&shared), stopped));
+        }
+        Ok(RedisBroker {
+            shared,
+            _stop: stop,
+        })
+    }
+}
+
+impl Shared {
+    /// Runs one command.
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
+        cmd.query_async(&mut self.link.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Runs a pipeline (on a cluster, all of it must be in one slot).
+    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, BrokerError> {
+        pipe.query_async(&mut self.link.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Runs the answer script.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, BrokerError> {
+        script
+            .invoke_async(&mut self.link.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The command that publishes an answer to its channel.
+    fn publish_command(&self) -> &'static str {
+        match self.link {
+            Link::Single(_) => "PUBLISH",
+            Link::Cluster(_) => "SPUBLISH",
+        }
+    }
+}
+
+#[async_trait]
+impl CallBroker for RedisBroker {
+    async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError> {
+        let shared = &self.shared;
+        let (answers, first) = shared.waiters.join(key, platform);
+        let release = {
+            let shared = shared.clone();
+            let key: Arc<str> = Arc::from(key);
+            Release::new(move || {
+                if shared.waiters.leave(&key) {
+                    // The retirer only stops when the broker is gone, and
+                    // then there is nothing left to clean.
+                    let _ = shared.retire.send(key);
+                }
+            })
+        };
+        if shared.options.subscribe && first {
+            shared
+                .subscriptions
+                .subscribe(channel(key), shared.options.acquire_timeout)
+                .await?;
+        }
+        shared
+            .query::<()>(&keys::set_pending(key, platform, shared.options.state_ttl))
+            .await?;
+        Ok(Wait {
+            answers,
+            _release: release,
+        })
+    }
+
+    async fn answer(&self, key: &str, available: bool) -> Result<Option<CallState>, BrokerError> {
+        let mut script = self.shared.answer.prepare_invoke();
+        script
+            .key(state_key(key))
+            .arg(if available {
+                "available"
+            } else {
+                "unavailable"
+            })
+            .arg(channel(key))
+            .arg(keys::encode_message(available, SystemTime::now()))
+            .arg(self.shared.publish_command());
+        let before: Option<String> = self.shared.invoke(&script).await?;
+        Ok(before.as_deref().and_then(CallState::decode))
+    }
+
+    async fn state(&self, key: &str) -> Result<Option<CallState>, BrokerError> {
+        let value: Option<String> = self
+            .shared
+            .query(redis::cmd("GET").arg(state_key(key)))
+            .await?;
+        Ok(value.as_deref().and_then(CallState::decode))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.shared.query::<()>(&redis::cmd("PING")).await?;
+        if self.shared.options.subscribe && !self.shared.subscriptions.up() {
+            return Err(unavailable("Redis subscriber connection is down"));
+        }
+        Ok(())
+    }
+
+    fn waiting(&self) -> usize {
+        self.shared.waiters.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_their_nodes() {
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:1,b:2/?protocol=resp3"),
+            Some(vec![
+                "redis://a:1/?protocol=resp3".to_owned(),
+                "redis://b:2/?protocol=resp3".to_owned()
+            ])
+        );
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:1"),
+            Some(vec!["redis://a:1/".to_owned()])
+        );
+        assert_eq!(cluster_nodes("redis://a:1"), None);
+        assert_eq!(cluster_nodes("redis+cluster://"), None);
+    }
+}
