@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::push::PushOutcome;
 use crate::store::Platform;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +28,15 @@ pub struct PlatformLabel {
 pub struct PushLabels {
     pub platform: &'static str,
     pub outcome: &'static str,
+}
+
+/// A push: its platform, its outcome and the push service's reason
+/// ([`crate::push::Reason`], a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushResultLabels {
+    pub platform: &'static str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,8 +60,10 @@ pub struct Metrics {
     /// Incoming calls by how they ended (`ack`, `no_device`, `not_available`,
     /// `token_dead`, `timeout`, `overloaded`, `unavailable`, `shutdown`).
     pub calls: Family<OutcomeLabel, Counter>,
-    /// Pushes by platform and outcome (`delivered`, `token_dead`, `retry`, `failed`).
-    pub pushes: Family<PushLabels, Counter>,
+    /// Pushes by platform, outcome (`delivered`, `token_dead`, `retry`,
+    /// `failed`) and the push service's reason (`BadDeviceToken`,
+    /// `UNREGISTERED`, ..., `other`, `none`), so an operator sees why.
+    pub pushes: Family<PushResultLabels, Counter>,
     /// How long one push send took, by platform.
     pub push_duration: Family<PlatformLabel, Histogram>,
     /// Push to answer, as the app reports it (`message_start_time`), by platform.
@@ -99,7 +111,7 @@ impl Default for Metrics {
         );
         registry.register(
             "pushes",
-            "Pushes by platform and outcome",
+            "Pushes by platform, outcome and the push service's reason",
             metrics.pushes.clone(),
         );
         registry.register(
@@ -159,11 +171,12 @@ impl Metrics {
         self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    pub fn push(&self, platform: Platform, outcome: &'static str, seconds: f64) {
+    pub fn push(&self, platform: Platform, outcome: &PushOutcome, seconds: f64) {
         self.pushes
-            .get_or_create(&PushLabels {
+            .get_or_create(&PushResultLabels {
                 platform: platform.as_str(),
-                outcome,
+                outcome: outcome.as_str(),
+                reason: outcome.reason().as_str(),
             })
             .inc();
         self.push_duration

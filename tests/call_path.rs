@@ -6,7 +6,8 @@ mod common;
 use call_notifier::broker::redis::state_key;
 use std::time::{Duration, Instant};
 
-use call_notifier::push::{Payload, PushOutcome};
+use a2::ErrorReason::ServiceUnavailable;
+use call_notifier::push::{apns, fcm, Payload, PushOutcome, Reason, Refusal};
 use common::*;
 use hyper::StatusCode;
 
@@ -298,15 +299,10 @@ async fn an_accepted_apns_push_is_never_resent() {
         })
         .await;
         let user = sip_user_id();
-        server.client.register("apns", &user, "tok-ios").await;
+        server.client.register("apns", &user, "ab01").await;
         let reply = server.client.incoming_call(&user, &call_id()).await;
         assert_eq!(reply.body, "status=NAK");
-        assert_eq!(
-            server.pusher.sent_to("tok-ios").len(),
-            1,
-            "{}",
-            backend.name()
-        );
+        assert_eq!(server.pusher.sent_to("ab01").len(), 1, "{}", backend.name());
     })
     .await;
 }
@@ -321,13 +317,13 @@ async fn a_refused_push_is_retried_under_the_same_attempt_number() {
         .await;
         server.pusher.script([PushOutcome::Retry {
             after: None,
-            reason: "503".into(),
+            refusal: Refusal::new(apns::reason_label(&ServiceUnavailable), "503"),
         }]);
         let user = sip_user_id();
-        server.client.register("apns", &user, "tok-retry").await;
+        server.client.register("apns", &user, "ab02").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        let pushes = server.pusher.wait_for("tok-retry", 2).await;
+        let pushes = server.pusher.wait_for("ab02", 2).await;
         let attempts: Vec<_> = pushes.iter().map(|p| p.payload.attempt()).collect();
         assert_eq!(attempts, [Some(1), Some(1)], "{}", backend.name());
         // The retry comes sooner than the next resend would.
@@ -339,7 +335,7 @@ async fn a_refused_push_is_retried_under_the_same_attempt_number() {
         assert_eq!(answer.status, StatusCode::ACCEPTED);
         assert_eq!(pbx.await.unwrap().body, "status=ACK");
         // Accepted on the retry, so iOS got no resend.
-        assert_eq!(server.pusher.sent_to("tok-retry").len(), 2);
+        assert_eq!(server.pusher.sent_to("ab02").len(), 2);
     })
     .await;
 }
@@ -348,9 +344,10 @@ async fn a_refused_push_is_retried_under_the_same_attempt_number() {
 async fn a_dead_token_ends_the_call_at_once_and_forgets_the_device() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        server
-            .pusher
-            .script([PushOutcome::TokenDead("Unregistered".into())]);
+        server.pusher.script([PushOutcome::TokenDead(Refusal::new(
+            Reason::bounded("UNREGISTERED", fcm::REASONS),
+            "UNREGISTERED",
+        ))]);
         let user = sip_user_id();
         server.client.register("android", &user, "tok-dead").await;
         let started = Instant::now();
@@ -457,13 +454,13 @@ async fn answers_are_written_to_the_response_log() {
     };
     let server = start(&backend, |_| {}).await;
     let user = sip_user_id();
-    server.client.register("apns", &user, "tok-log").await;
+    server.client.register("apns", &user, "ab03").await;
     for available in [true, false] {
         let key = call_id();
         let pbx = server.client.park(&user, &key);
         let push = server
             .pusher
-            .wait_for("tok-log", if available { 1 } else { 2 })
+            .wait_for("ab03", if available { 1 } else { 2 })
             .await
             .pop()
             .unwrap();

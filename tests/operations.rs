@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use call_notifier::push::PushOutcome;
+use call_notifier::push::{fcm, PushOutcome, Reason, Refusal};
 use common::process::Process;
 use common::stand_in::{Answer, StandIn};
 use common::*;
@@ -36,7 +36,7 @@ async fn metrics_count_every_outcome() {
             (sip_user_id(), sip_user_id(), sip_user_id(), sip_user_id());
         for (user, platform, token) in [
             (&ack, "android", "m-ack"),
-            (&busy, "apns", "m-busy"),
+            (&busy, "apns", "b5"),
             (&dead, "gcm", "m-dead"),
             (&sleepy, "android", "m-sleepy"),
         ] {
@@ -47,7 +47,7 @@ async fn metrics_count_every_outcome() {
         }
 
         // ACK, and NAK for: not available, no device, token dead, timeout.
-        for (user, token, available) in [(&ack, "m-ack", true), (&busy, "m-busy", false)] {
+        for (user, token, available) in [(&ack, "m-ack", true), (&busy, "b5", false)] {
             let key = call_id();
             let pbx = server.client.park(user, &key);
             let push = server.pusher.wait_for(token, 1).await.remove(0);
@@ -60,9 +60,10 @@ async fn metrics_count_every_outcome() {
             client.incoming_call(&sip_user_id(), &call_id()).await.body,
             "status=NAK"
         );
-        server
-            .pusher
-            .script([PushOutcome::TokenDead("Unregistered".into())]);
+        server.pusher.script([PushOutcome::TokenDead(Refusal::new(
+            Reason::bounded("UNREGISTERED", fcm::REASONS),
+            "UNREGISTERED",
+        ))]);
         assert_eq!(
             client.incoming_call(&dead, &call_id()).await.body,
             "status=NAK"
@@ -97,18 +98,19 @@ async fn metrics_count_every_outcome() {
             "{}:\n{m}",
             backend.name()
         );
-        // Pushes by platform and outcome: the sleepy phone got 2 (600/200 - 1).
-        let pushes = |platform: &str, outcome: &str| {
+        // Pushes by platform, outcome and the service's reason: the sleepy
+        // phone got 2 (600/200 - 1).
+        let pushes = |platform: &str, outcome: &str, reason: &str| {
             sample(
                 m,
                 &format!(
-                    "call_notifier_pushes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}}"
+                    "call_notifier_pushes_total{{platform=\"{platform}\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
                 ),
             )
         };
-        assert_eq!(pushes("android", "delivered"), 3.0, "{m}");
-        assert_eq!(pushes("apns", "delivered"), 1.0);
-        assert_eq!(pushes("gcm", "token_dead"), 1.0);
+        assert_eq!(pushes("android", "delivered", "none"), 3.0, "{m}");
+        assert_eq!(pushes("apns", "delivered", "none"), 1.0);
+        assert_eq!(pushes("gcm", "token_dead", "UNREGISTERED"), 1.0);
         assert_eq!(
             sample(
                 m,

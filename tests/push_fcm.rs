@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use call_notifier::config::Config;
 use call_notifier::push::router::PushRouter;
-use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher};
+use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher, Refusal};
 use call_notifier::server::Running;
 use call_notifier::store::{App, Credentials, Platform};
 use call_notifier::Server;
@@ -383,6 +383,42 @@ async fn an_unregistered_token_forgets_the_device_and_the_pbx_gets_nak_at_once()
     .await;
 }
 
+/// `call_notifier_pushes_total` says why a push failed: FCM's own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pushes_metric_counts_the_reason_fcm_gave() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        server.fcm_answers([fcm_error(
+            404,
+            "NOT_FOUND",
+            "Requested entity was not found.",
+            fcm_error_code("UNREGISTERED"),
+        )]);
+        let user = sip_user_id();
+        server
+            .client
+            .register("android", &user, "fcm-token-reason")
+            .await;
+        let reply = server.client.incoming_call(&user, &call_id()).await;
+        assert_eq!(reply.body, "status=NAK", "{name}");
+
+        let metrics = server.client.get("/metrics").await;
+        assert_eq!(metrics.status, StatusCode::OK, "{name}");
+        let pushes: Vec<&str> = metrics
+            .body
+            .lines()
+            .filter(|line| line.starts_with("call_notifier_pushes_total{"))
+            .collect();
+        assert_eq!(
+            pushes,
+            [r#"call_notifier_pushes_total{platform="android",outcome="token_dead",reason="UNREGISTERED"} 1"#],
+            "{name}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_retried_after_its_retry_after_under_the_same_attempt_and_delivered() {
     on_every_backend(|backend| async move {
@@ -502,7 +538,11 @@ async fn the_router_says_what_happened_for_every_kind_of_app() {
 
         // No such app.
         let outcome = router.send(&target(Platform::Android, "com.example.none"), &payload).await;
-        assert_eq!(outcome, PushOutcome::Failed("unknown app".into()), "{name}");
+        assert_eq!(
+            outcome,
+            PushOutcome::Failed(Refusal::unanswered("unknown app")),
+            "{name}"
+        );
 
         // An app without credentials is only logged.
         put(Platform::Android, "com.example.logonly", None).await;
@@ -521,7 +561,7 @@ async fn the_router_says_what_happened_for_every_kind_of_app() {
         .await;
         let outcome = router.send(&target(Platform::Android, "com.example.broken"), &payload).await;
         assert!(
-            matches!(&outcome, PushOutcome::Failed(reason) if reason.contains(&missing.display().to_string())),
+            matches!(&outcome, PushOutcome::Failed(refusal) if refusal.detail.contains(&missing.display().to_string())),
             "{name}: {outcome:?}"
         );
         // A file that is no service account.
@@ -537,7 +577,7 @@ async fn the_router_says_what_happened_for_every_kind_of_app() {
         .await;
         let outcome = router.send(&target(Platform::Gcm, "com.example.garbage"), &payload).await;
         assert!(
-            matches!(&outcome, PushOutcome::Failed(reason) if reason.contains("service-account")),
+            matches!(&outcome, PushOutcome::Failed(refusal) if refusal.detail.contains("service-account")),
             "{name}: {outcome:?}"
         );
         assert!(server.fcm.received().is_empty(), "{name}");
@@ -571,7 +611,7 @@ async fn the_router_says_what_happened_for_every_kind_of_app() {
         let started = Instant::now();
         let outcome = router.send(&real, &payload).await;
         assert!(
-            matches!(&outcome, PushOutcome::Retry { after: None, reason } if reason.contains("300 ms")),
+            matches!(&outcome, PushOutcome::Retry { after: None, refusal } if refusal.detail.contains("300 ms")),
             "{name}: {outcome:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(1), "{name}");

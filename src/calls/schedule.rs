@@ -54,11 +54,9 @@ pub(super) async fn push_until_answered(
         }
         let sent_at = Instant::now();
         let outcome = state.pusher.send(&target, &payload).await;
-        state.metrics.push(
-            target.platform,
-            outcome.as_str(),
-            sent_at.elapsed().as_secs_f64(),
-        );
+        state
+            .metrics
+            .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
@@ -69,27 +67,27 @@ pub(super) async fn push_until_answered(
                 attempt += 1;
                 tokio::time::sleep_until(sent_at + interval).await;
             }
-            PushOutcome::Retry { after, reason } => {
+            PushOutcome::Retry { after, refusal } => {
                 let delay = retry_delay(retries, after);
                 tracing::warn!(
                     platform = %target.platform,
-                    app = %target.app_id,
+                    app = ?target.app_id,
                     sip_user_id = target.sip_user_id,
                     attempt,
                     retry_in_ms = delay.as_millis() as u64,
-                    %reason,
+                    reason = %refusal,
                     "push refused for now; retrying"
                 );
                 retries += 1;
                 tokio::time::sleep(delay).await;
             }
-            PushOutcome::TokenDead(reason) => {
+            PushOutcome::TokenDead(refusal) => {
                 tracing::info!(
                     platform = %target.platform,
-                    app = %target.app_id,
+                    app = ?target.app_id,
                     sip_user_id = target.sip_user_id,
-                    token = %redact(&target.token),
-                    %reason,
+                    token = ?redact(&target.token),
+                    reason = %refusal,
                     "push token is dead; forgetting the device"
                 );
                 // Its own task: this one is aborted as soon as the call ends,
@@ -103,13 +101,13 @@ pub(super) async fn push_until_answered(
                 let _ = report.dead_token.send(());
                 return;
             }
-            PushOutcome::Failed(reason) => {
+            PushOutcome::Failed(refusal) => {
                 tracing::error!(
                     platform = %target.platform,
-                    app = %target.app_id,
+                    app = ?target.app_id,
                     sip_user_id = target.sip_user_id,
                     attempt,
-                    %reason,
+                    reason = %refusal,
                     "push failed; the call will time out"
                 );
                 return;

@@ -49,8 +49,8 @@ pub(super) async fn hangup_reason(
     }
     tracing::info!(
         sip_user_id = hangup.sip_user_id,
-        unique_key = %hangup.unique_key,
-        reason = %hangup.reason,
+        unique_key = ?hangup.unique_key,
+        reason = ?hangup.reason,
         "the app reported why a call ended"
     );
     state.store.record_hangup(hangup.clone()).await?;

@@ -10,25 +10,68 @@
 //! three parts are. a2 also keeps the response headers to itself, so an APNs
 //! `Retry-After` cannot be honoured: refused pushes back off on the call's
 //! schedule instead.
+//!
+//! `DeviceTokenNotForTopic` is the one answer that can mean either a dead
+//! token or a wrong configuration (see [`Topic`]): it forgets a device only
+//! once APNs has accepted a push under the same topic and environment.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use a2::request::payload::APS;
 use a2::{ClientConfig, Endpoint, ErrorReason, NotificationOptions, Priority, PushType};
 use serde_json::{Map, Value};
 
-use super::{read_credentials as read, CredentialsError, Payload, PushOutcome, PushTarget};
+use super::{
+    read_credentials as read, CredentialsError, Payload, PushOutcome, PushTarget, Reason, Refusal,
+};
 use crate::store::{Credentials, Platform};
 
 /// The clients of one app: a2 binds a client to one environment, and each
 /// device says which one its build uses. Built once per credentials and
 /// reused; a2 keeps the HTTP/2 connection of each open.
 pub struct ApnsApp {
-    production: a2::Client,
-    sandbox: a2::Client,
+    production: Environment,
+    sandbox: Environment,
     /// `apns-topic`: `<app id>.voip` unless the credentials name another.
     topic: String,
+}
+
+/// One APNs environment of an app.
+struct Environment {
+    client: a2::Client,
+    /// Whether the app's topic works here, as far as this client has seen.
+    topic: TopicProof,
+}
+
+/// Whether APNs accepted a push under an app's topic in one environment
+/// since the app's clients were built (at its first push, or when its
+/// credentials changed): until it has, a `DeviceTokenNotForTopic` blames the
+/// topic, not the token ([`Topic`]).
+#[derive(Debug, Default)]
+struct TopicProof(AtomicBool);
+
+impl TopicProof {
+    /// What `result` means for a push sent under `topic` in this
+    /// environment; an accepted push proves the topic.
+    fn judge(
+        &self,
+        result: Result<a2::Response, a2::Error>,
+        topic: &str,
+        sandbox: bool,
+    ) -> PushOutcome {
+        let topic = Topic {
+            name: topic,
+            sandbox,
+            proven: self.0.load(Ordering::Acquire),
+        };
+        let outcome = outcome(result, &topic);
+        if outcome == PushOutcome::Delivered {
+            self.0.store(true, Ordering::Release);
+        }
+        outcome
+    }
 }
 
 /// How an app proves itself to APNs, read from its files.
@@ -97,6 +140,10 @@ impl ApnsApp {
                     a2::Client::certificate_parts(cert_pem, key_pem, config)
                 }
             }
+            .map(|client| Environment {
+                client,
+                topic: TopicProof::default(),
+            })
             .map_err(|source| CredentialsError::Apns {
                 path: path.clone(),
                 source,
@@ -112,13 +159,33 @@ impl ApnsApp {
     /// Sends one VoIP push to the environment the device registered for.
     pub async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
         let push = VoipPush::new(target, payload, &self.topic);
-        let client = if target.sandbox {
+        let environment = if target.sandbox {
             &self.sandbox
         } else {
             &self.production
         };
-        outcome(client.send(push.payload()).await)
+        let result = environment.client.send(push.payload()).await;
+        environment.topic.judge(result, &self.topic, target.sandbox)
     }
+}
+
+/// The topic a push went out under, as [`outcome`] needs to know it.
+///
+/// APNs answers `DeviceTokenNotForTopic` both to a token of another app (a
+/// dead token here) and to every token of an app whose topic is wrong
+/// (`--apns-topic` or the app id mistyped, a certificate for another app).
+/// Forgetting the device in the second case would delete every iOS device of
+/// the app as calls come in. So the answer blames the token only once APNs
+/// has accepted a push under this topic in this environment (sandbox and
+/// production are told apart: a development build can be the only one that
+/// works). Until then the push fails, the device is kept, and the error
+/// logged with the app names the topic to check.
+#[derive(Debug, Clone, Copy)]
+pub struct Topic<'a> {
+    pub name: &'a str,
+    pub sandbox: bool,
+    /// A push under this topic was accepted in this environment.
+    pub proven: bool,
 }
 
 /// The topic of an app's VoIP pushes when its credentials name none.
@@ -170,13 +237,14 @@ impl VoipPush {
     }
 }
 
-/// What an APNs answer means for the call.
+/// What an APNs answer means for the call, for a push sent under `topic`.
 ///
 /// a2 parses only the reasons it knows; a body it cannot parse (a reason
 /// added after a2 0.10, or no body) arrives without one, so the status code
 /// decides then: 410 is always a dead token, 403 a credentials problem, 429
-/// and 5xx are worth another try.
-pub fn outcome(result: Result<a2::Response, a2::Error>) -> PushOutcome {
+/// and 5xx are worth another try. `DeviceTokenNotForTopic` is a dead token
+/// only under a proven topic ([`Topic`]).
+pub fn outcome(result: Result<a2::Response, a2::Error>, topic: &Topic) -> PushOutcome {
     use ErrorReason::*;
     let response = match result {
         Ok(_) => return PushOutcome::Delivered,
@@ -188,10 +256,12 @@ pub fn outcome(result: Result<a2::Response, a2::Error>) -> PushOutcome {
         ) => {
             return PushOutcome::Retry {
                 after: None,
-                reason: format!("APNs unreachable: {e}"),
+                refusal: Refusal::unanswered(format!("APNs unreachable: {e}")),
             }
         }
-        Err(e) => return PushOutcome::Failed(format!("APNs push not sent: {e}")),
+        Err(e) => {
+            return PushOutcome::Failed(Refusal::unanswered(format!("APNs push not sent: {e}")))
+        }
     };
     let code = response.code;
     let reason = response.error.map(|body| body.reason);
@@ -199,9 +269,26 @@ pub fn outcome(result: Result<a2::Response, a2::Error>) -> PushOutcome {
         Some(reason) => format!("APNs {code} {reason:?}"),
         None => format!("APNs {code} (no reason a2 knows)"),
     };
-    match (code, reason) {
+    let refusal = |detail: String| {
+        let label = reason.as_ref().map_or(Reason::OTHER, reason_label);
+        Refusal::new(label, detail)
+    };
+    match (code, &reason) {
+        (_, Some(DeviceTokenNotForTopic)) if !topic.proven => {
+            let environment = if topic.sandbox {
+                "sandbox"
+            } else {
+                "production"
+            };
+            PushOutcome::Failed(refusal(format!(
+                "{said}: APNs has accepted no push under the topic {:?} in {environment} yet, \
+                 so the topic is taken to be wrong, not the token; the device is kept. \
+                 Check the app's topic (its id, --apns-topic) and its key or certificate",
+                topic.name
+            )))
+        }
         (410, _) | (_, Some(Unregistered | BadDeviceToken | DeviceTokenNotForTopic)) => {
-            PushOutcome::TokenDead(said)
+            PushOutcome::TokenDead(refusal(said))
         }
         (
             _,
@@ -216,11 +303,49 @@ pub fn outcome(result: Result<a2::Response, a2::Error>) -> PushOutcome {
         )
         | (429 | 500..=599, _) => PushOutcome::Retry {
             after: None,
-            reason: said,
+            refusal: refusal(said),
         },
-        (403, _) => PushOutcome::Failed(format!("{said}: APNs rejected the app's credentials")),
-        _ => PushOutcome::Failed(said),
+        (403, _) => PushOutcome::Failed(refusal(format!(
+            "{said}: APNs rejected the app's credentials"
+        ))),
+        _ => PushOutcome::Failed(refusal(said)),
     }
+}
+
+/// The `reason` label of an APNs answer: the name of its reason, every one
+/// a2 knows spelled out so that a2 adding one fails the build here.
+pub fn reason_label(reason: &ErrorReason) -> Reason {
+    use ErrorReason::*;
+    Reason::known(match reason {
+        BadCollapseId => "BadCollapseId",
+        BadDeviceToken => "BadDeviceToken",
+        BadExpirationDate => "BadExpirationDate",
+        BadMessageId => "BadMessageId",
+        BadPriority => "BadPriority",
+        BadTopic => "BadTopic",
+        DeviceTokenNotForTopic => "DeviceTokenNotForTopic",
+        DuplicateHeaders => "DuplicateHeaders",
+        IdleTimeout => "IdleTimeout",
+        MissingDeviceToken => "MissingDeviceToken",
+        MissingTopic => "MissingTopic",
+        PayloadEmpty => "PayloadEmpty",
+        TopicDisallowed => "TopicDisallowed",
+        BadCertificate => "BadCertificate",
+        BadCertificateEnvironment => "BadCertificateEnvironment",
+        ExpiredProviderToken => "ExpiredProviderToken",
+        Forbidden => "Forbidden",
+        InvalidProviderToken => "InvalidProviderToken",
+        MissingProviderToken => "MissingProviderToken",
+        BadPath => "BadPath",
+        MethodNotAllowed => "MethodNotAllowed",
+        Unregistered => "Unregistered",
+        PayloadTooLarge => "PayloadTooLarge",
+        TooManyProviderTokenUpdates => "TooManyProviderTokenUpdates",
+        TooManyRequests => "TooManyRequests",
+        InternalServerError => "InternalServerError",
+        ServiceUnavailable => "ServiceUnavailable",
+        Shutdown => "Shutdown",
+    })
 }
 
 /// The `.p12` password: from the environment variable named in the
@@ -353,15 +478,34 @@ mod tests {
         );
     }
 
-    fn refused(code: u16, reason: Option<ErrorReason>) -> PushOutcome {
-        outcome(Err(a2::Error::ResponseError(Response {
+    const PROVEN: Topic = Topic {
+        name: "com.example.softphone.voip",
+        sandbox: false,
+        proven: true,
+    };
+
+    fn answer(code: u16, reason: Option<ErrorReason>) -> Result<Response, a2::Error> {
+        Err(a2::Error::ResponseError(Response {
             error: reason.map(|reason| ErrorBody {
                 reason,
                 timestamp: None,
             }),
             apns_id: None,
             code,
-        })))
+        }))
+    }
+
+    fn accepted() -> Result<Response, a2::Error> {
+        Ok(Response {
+            error: None,
+            apns_id: Some("id".into()),
+            code: 200,
+        })
+    }
+
+    /// What an answer means under a topic that has been proven.
+    fn refused(code: u16, reason: Option<ErrorReason>) -> PushOutcome {
+        outcome(answer(code, reason), &PROVEN)
     }
 
     fn is_dead(o: &PushOutcome) -> bool {
@@ -376,12 +520,7 @@ mod tests {
 
     #[test]
     fn apns_answers_map_to_outcomes() {
-        let ok = Ok(Response {
-            error: None,
-            apns_id: Some("id".into()),
-            code: 200,
-        });
-        assert_eq!(outcome(ok), PushOutcome::Delivered);
+        assert_eq!(outcome(accepted(), &PROVEN), PushOutcome::Delivered);
 
         use ErrorReason::*;
         // Dead tokens.
@@ -404,10 +543,10 @@ mod tests {
         ] {
             let o = refused(403, Some(reason));
             assert!(is_failed(&o), "{o:?}");
-            let PushOutcome::Failed(text) = o else {
+            let PushOutcome::Failed(refusal) = o else {
                 unreachable!()
             };
-            assert!(text.contains("credentials"), "{text}");
+            assert!(refusal.detail.contains("credentials"), "{refusal:?}");
         }
         assert!(is_failed(&refused(400, Some(BadTopic))));
         assert!(is_failed(&refused(400, Some(TopicDisallowed))));
@@ -426,16 +565,109 @@ mod tests {
         assert!(is_failed(&refused(400, None)));
         assert_eq!(
             refused(410, None),
-            PushOutcome::TokenDead("APNs 410 (no reason a2 knows)".into())
+            PushOutcome::TokenDead(Refusal::new(Reason::OTHER, "APNs 410 (no reason a2 knows)"))
         );
     }
 
     #[test]
+    fn the_reason_label_is_apns_own_name_or_other_or_none() {
+        use ErrorReason::*;
+        let label = |o: PushOutcome| o.reason().as_str();
+        assert_eq!(label(refused(400, Some(BadDeviceToken))), "BadDeviceToken");
+        assert_eq!(label(refused(410, Some(Unregistered))), "Unregistered");
+        assert_eq!(
+            label(refused(429, Some(TooManyRequests))),
+            "TooManyRequests"
+        );
+        assert_eq!(
+            label(refused(403, Some(InvalidProviderToken))),
+            "InvalidProviderToken"
+        );
+        // A reason a2 cannot parse is bounded to `other`.
+        assert_eq!(label(refused(400, None)), "other");
+        assert_eq!(label(refused(503, None)), "other");
+        // No answer, no reason.
+        assert_eq!(
+            label(outcome(Err(a2::Error::RequestTimeout(2)), &PROVEN)),
+            "none"
+        );
+        assert_eq!(label(outcome(accepted(), &PROVEN)), "none");
+        // Every name is a2's variant name, as APNs spells the reason.
+        for reason in [BadCollapseId, MissingTopic, PayloadTooLarge, Shutdown] {
+            assert_eq!(reason_label(&reason).as_str(), format!("{reason:?}"));
+        }
+    }
+
+    #[test]
+    fn device_token_not_for_topic_keeps_the_device_until_the_topic_is_proven() {
+        let unproven = Topic {
+            name: "com.example.typo.voip",
+            sandbox: true,
+            proven: false,
+        };
+        let not_for_topic = || answer(400, Some(ErrorReason::DeviceTokenNotForTopic));
+        let PushOutcome::Failed(refusal) = outcome(not_for_topic(), &unproven) else {
+            panic!("an unproven topic is blamed, not the token");
+        };
+        assert_eq!(refusal.reason.as_str(), "DeviceTokenNotForTopic");
+        assert!(
+            refusal.detail.contains("\"com.example.typo.voip\"")
+                && refusal.detail.contains("sandbox")
+                && refusal.detail.contains("device is kept"),
+            "{}",
+            refusal.detail
+        );
+        // Other answers mean what they meant, proven or not.
+        assert!(is_dead(&outcome(
+            answer(400, Some(ErrorReason::BadDeviceToken)),
+            &unproven
+        )));
+        assert!(is_dead(&outcome(
+            answer(410, Some(ErrorReason::Unregistered)),
+            &unproven
+        )));
+        // Under a proven topic the token is another app's: dead.
+        let dead = outcome(not_for_topic(), &PROVEN);
+        assert!(is_dead(&dead), "{dead:?}");
+        assert_eq!(dead.reason().as_str(), "DeviceTokenNotForTopic");
+    }
+
+    #[test]
+    fn an_accepted_push_proves_the_topic_in_its_environment_only() {
+        let not_for_topic = || answer(400, Some(ErrorReason::DeviceTokenNotForTopic));
+        let (production, sandbox) = (TopicProof::default(), TopicProof::default());
+        let topic = "com.example.softphone.voip";
+        // A topic nothing was accepted under yet: the device is kept.
+        assert!(is_failed(&production.judge(not_for_topic(), topic, false)));
+        // Refusals prove nothing.
+        production.judge(
+            answer(503, Some(ErrorReason::ServiceUnavailable)),
+            topic,
+            false,
+        );
+        production.judge(answer(400, Some(ErrorReason::BadDeviceToken)), topic, false);
+        assert!(is_failed(&production.judge(not_for_topic(), topic, false)));
+        // One accepted push proves it: from now on the token is to blame.
+        assert_eq!(
+            production.judge(accepted(), topic, false),
+            PushOutcome::Delivered
+        );
+        assert!(is_dead(&production.judge(not_for_topic(), topic, false)));
+        assert!(is_dead(&production.judge(not_for_topic(), topic, false)));
+        // The other environment has its own proof.
+        assert!(is_failed(&sandbox.judge(not_for_topic(), topic, true)));
+    }
+
+    #[test]
     fn transport_errors_are_retried_and_local_ones_fail() {
-        assert!(is_retry(&outcome(Err(a2::Error::RequestTimeout(2)))));
-        assert!(is_failed(&outcome(Err(a2::Error::InvalidOptions(
-            "bad".into()
-        )))));
+        assert!(is_retry(&outcome(
+            Err(a2::Error::RequestTimeout(2)),
+            &PROVEN
+        )));
+        assert!(is_failed(&outcome(
+            Err(a2::Error::InvalidOptions("bad".into())),
+            &PROVEN
+        )));
     }
 
     /// Runs `openssl` with `args` in `dir`; panics with its stderr if it fails.

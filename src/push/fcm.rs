@@ -25,10 +25,31 @@ use serde_json::{json, Value};
 use yup_oauth2::authenticator::Authenticator;
 use yup_oauth2::{CustomHyperClientBuilder, ServiceAccountAuthenticator};
 
-use super::{read_credentials, CredentialsError, Payload, PushOutcome, PushTarget};
+use super::{
+    read_credentials, CredentialsError, Payload, PushOutcome, PushTarget, Reason, Refusal,
+};
 
 /// The OAuth2 scope of FCM HTTP v1.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+
+/// The reasons FCM gives that the `pushes` metric names: FCM v1's error
+/// codes (`FcmError.errorCode`), then the `google.rpc` statuses FCM answers
+/// with where it gives no code (an expired access token, a wrong project).
+/// Anything else is `other`.
+pub const REASONS: &[&str] = &[
+    "UNSPECIFIED_ERROR",
+    "INVALID_ARGUMENT",
+    "UNREGISTERED",
+    "SENDER_ID_MISMATCH",
+    "QUOTA_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+    "THIRD_PARTY_AUTH_ERROR",
+    "NOT_FOUND",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+];
 
 /// The most of an FCM answer we read: error bodies are small.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -127,14 +148,18 @@ impl FcmApp {
             .body(body)
         {
             Ok(request) => request,
-            Err(e) => return PushOutcome::Failed(format!("cannot build the FCM request: {e}")),
+            Err(e) => {
+                return PushOutcome::Failed(Refusal::unanswered(format!(
+                    "cannot build the FCM request: {e}"
+                )))
+            }
         };
         let response = match self.endpoint.http.request(request).await {
             Ok(response) => response,
             Err(e) => {
                 return PushOutcome::Retry {
                     after: None,
-                    reason: format!("FCM unreachable: {e}"),
+                    refusal: Refusal::unanswered(format!("FCM unreachable: {e}")),
                 }
             }
         };
@@ -250,6 +275,15 @@ impl Status {
         self.error_codes().any(|c| c == code)
     }
 
+    /// The `reason` label: the first code FCM gave that [`REASONS`] knows
+    /// (its own error code before the generic status), else `other`.
+    fn reason(&self) -> Reason {
+        self.error_codes()
+            .map(|code| Reason::bounded(code, REASONS))
+            .find(|reason| *reason != Reason::OTHER)
+            .unwrap_or(Reason::OTHER)
+    }
+
     /// Whether an INVALID_ARGUMENT is about the registration token (dead)
     /// rather than about the rest of the message (our bug).
     fn blames_the_token(&self) -> bool {
@@ -274,20 +308,23 @@ pub fn outcome(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -
         Some(code) => format!("FCM {} {code}: {}", status.as_u16(), error.message),
         None => format!("FCM {}", status.as_u16()),
     };
+    let refusal = |detail: String| Refusal::new(error.reason(), detail);
     if error.says("UNREGISTERED")
         || (status == StatusCode::BAD_REQUEST
             && error.says("INVALID_ARGUMENT")
             && error.blames_the_token())
     {
-        return PushOutcome::TokenDead(said);
+        return PushOutcome::TokenDead(refusal(said));
     }
     match status.as_u16() {
         429 | 500..=599 => PushOutcome::Retry {
             after: retry_after,
-            reason: said,
+            refusal: refusal(said),
         },
-        401 | 403 => PushOutcome::Failed(format!("{said}: FCM rejected the app's service account")),
-        _ => PushOutcome::Failed(said),
+        401 | 403 => PushOutcome::Failed(refusal(format!(
+            "{said}: FCM rejected the app's service account"
+        ))),
+        _ => PushOutcome::Failed(refusal(said)),
     }
 }
 
@@ -299,12 +336,12 @@ fn token_outcome(e: yup_oauth2::Error) -> PushOutcome {
         HttpError(_) | HttpClientError(_) | JSONError(_) | MissingAccessToken => {
             PushOutcome::Retry {
                 after: None,
-                reason: format!("no FCM access token: {e}"),
+                refusal: Refusal::unanswered(format!("no FCM access token: {e}")),
             }
         }
-        e => PushOutcome::Failed(format!(
+        e => PushOutcome::Failed(Refusal::unanswered(format!(
             "the token endpoint refused the app's service account: {e}"
-        )),
+        ))),
     }
 }
 
@@ -378,7 +415,7 @@ mod tests {
         );
         assert!(matches!(
             outcome(StatusCode::NOT_FOUND, None, &unregistered),
-            PushOutcome::TokenDead(reason) if reason.contains("UNREGISTERED")
+            PushOutcome::TokenDead(refusal) if refusal.detail.contains("UNREGISTERED")
         ));
 
         let bad_token = error(
@@ -429,7 +466,10 @@ mod tests {
             ),
             PushOutcome::Retry {
                 after: Some(Duration::from_secs(7)),
-                reason: "FCM 429 QUOTA_EXCEEDED: quota".into()
+                refusal: Refusal::new(
+                    Reason::bounded("QUOTA_EXCEEDED", REASONS),
+                    "FCM 429 QUOTA_EXCEEDED: quota"
+                )
             }
         );
         assert!(matches!(
@@ -449,7 +489,7 @@ mod tests {
             let body = error(status.as_u16(), "UNAUTHENTICATED", "bad token", json!([]));
             assert!(matches!(
                 outcome(status, None, &body),
-                PushOutcome::Failed(reason) if reason.contains("service account")
+                PushOutcome::Failed(refusal) if refusal.detail.contains("service account")
             ));
         }
         let mismatch = error(
@@ -462,6 +502,45 @@ mod tests {
             outcome(StatusCode::FORBIDDEN, None, &mismatch),
             PushOutcome::Failed(_)
         ));
+    }
+
+    #[test]
+    fn the_reason_label_is_fcm_code_bounded_to_the_known_set() {
+        let label = |status: u16, body: &[u8]| {
+            let status = StatusCode::from_u16(status).expect("a status");
+            outcome(status, None, body).reason().as_str()
+        };
+        let with_code =
+            |status: u16, rpc: &str, code: &str| error(status, rpc, "m", fcm_error(code));
+        // FCM's own code wins over the generic status beside it.
+        assert_eq!(
+            label(404, &with_code(404, "NOT_FOUND", "UNREGISTERED")),
+            "UNREGISTERED"
+        );
+        for code in [
+            "INVALID_ARGUMENT",
+            "QUOTA_EXCEEDED",
+            "UNAVAILABLE",
+            "INTERNAL",
+            "SENDER_ID_MISMATCH",
+            "THIRD_PARTY_AUTH_ERROR",
+        ] {
+            assert_eq!(label(400, &with_code(400, "X", code)), code);
+        }
+        // Without a code, a status FCM uses.
+        assert_eq!(
+            label(401, &error(401, "UNAUTHENTICATED", "expired", json!([]))),
+            "UNAUTHENTICATED"
+        );
+        // A code nobody knows yet, and answers without one, are `other`.
+        assert_eq!(
+            label(400, &with_code(400, "FAILED_PRECONDITION", "NEW_CODE")),
+            "other"
+        );
+        assert_eq!(label(404, b"<html>not found</html>"), "other");
+        assert_eq!(label(503, b""), "other");
+        // A delivered push has none.
+        assert_eq!(label(200, b"{}"), "none");
     }
 
     /// The stand-ins of the tests are plain HTTP/1.1: a client that forced

@@ -14,10 +14,10 @@ impl Pusher for LogPusher {
     async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
         tracing::info!(
             platform = %target.platform,
-            app = %target.app_id,
+            app = ?target.app_id,
             sip_user_id = target.sip_user_id,
-            token = %redact(&target.token),
-            payload = %serde_json::Value::Object(payload.to_json()),
+            token = ?redact(&target.token),
+            payload = ?serde_json::Value::Object(payload.to_json()).to_string(),
             "push not sent: the app has no push credentials (log-only)"
         );
         PushOutcome::Delivered

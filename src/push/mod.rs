@@ -125,16 +125,16 @@ pub enum PushOutcome {
     Delivered,
     /// The token will never work again (app uninstalled, token rotated): the
     /// device is forgotten and the call ends NAK at once.
-    TokenDead(String),
+    TokenDead(Refusal),
     /// Refused for now (429, 5xx, timeout): try again, after `after` when the
     /// service said so.
     Retry {
         after: Option<Duration>,
-        reason: String,
+        refusal: Refusal,
     },
     /// Refused for good for this call (credentials, malformed request): logged
     /// at error level, the call goes on to its timeout.
-    Failed(String),
+    Failed(Refusal),
 }
 
 impl PushOutcome {
@@ -146,6 +146,80 @@ impl PushOutcome {
             PushOutcome::Retry { .. } => "retry",
             PushOutcome::Failed(_) => "failed",
         }
+    }
+
+    /// The push service's reason, [`Reason::NONE`] for a delivered push.
+    pub fn reason(&self) -> Reason {
+        match self {
+            PushOutcome::Delivered => Reason::NONE,
+            PushOutcome::TokenDead(refusal)
+            | PushOutcome::Retry { refusal, .. }
+            | PushOutcome::Failed(refusal) => refusal.reason,
+        }
+    }
+}
+
+/// Why a push was not delivered: the push service's reason code, read once
+/// where its answer is parsed so the metric never parses the text, and what
+/// was said, for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Refusal {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// A refusal no push service gave: the push got no answer (unreachable,
+    /// timed out) or never left (unknown app, unusable credentials).
+    pub fn unanswered(detail: impl Into<String>) -> Self {
+        Refusal::new(Reason::NONE, detail)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// A push service's reason code, the `reason` label of the `pushes` metric.
+///
+/// One of the codes the push modules know (a2's `ErrorReason` names for
+/// APNs, [`fcm::REASONS`] for FCM), [`Reason::OTHER`] for any other answer a
+/// service refused with (a code added later, a body that cannot be read), or
+/// [`Reason::NONE`] where the service gave none: a delivered push, or one
+/// that got no answer. Never a string taken from an answer as it came, so
+/// the metric's series stay few whatever a service (or a man in the middle)
+/// sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reason(&'static str);
+
+impl Reason {
+    pub const NONE: Reason = Reason("none");
+    pub const OTHER: Reason = Reason("other");
+
+    /// A code from a push module's fixed list.
+    const fn known(code: &'static str) -> Reason {
+        Reason(code)
+    }
+
+    /// `code` when it is one of `known`, else [`Reason::OTHER`].
+    pub fn bounded(code: &str, known: &[&'static str]) -> Reason {
+        known
+            .iter()
+            .find(|k| **k == code)
+            .map_or(Reason::OTHER, |k| Reason::known(k))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
     }
 }
 
@@ -227,6 +301,39 @@ mod tests {
         assert_eq!(data["message_start_time"], "1.5");
         assert_eq!(data["type"], "call");
         assert_eq!(data.len(), 7);
+    }
+
+    #[test]
+    fn a_reason_outside_the_known_set_is_other() {
+        const KNOWN: &[&str] = &["UNREGISTERED", "QUOTA_EXCEEDED"];
+        assert_eq!(
+            Reason::bounded("UNREGISTERED", KNOWN).as_str(),
+            "UNREGISTERED"
+        );
+        for unknown in [
+            "SOMETHING_NEW",
+            "",
+            "unregistered",
+            "UNREGISTERED ",
+            "\u{202e}x",
+        ] {
+            assert_eq!(
+                Reason::bounded(unknown, KNOWN),
+                Reason::OTHER,
+                "{unknown:?}"
+            );
+        }
+        assert_eq!(Reason::OTHER.as_str(), "other");
+        assert_eq!(PushOutcome::Delivered.reason(), Reason::NONE);
+        assert_eq!(
+            PushOutcome::Retry {
+                after: None,
+                refusal: Refusal::unanswered("timed out")
+            }
+            .reason()
+            .as_str(),
+            "none"
+        );
     }
 
     #[test]

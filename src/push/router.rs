@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use super::apns::ApnsApp;
 use super::fcm::{FcmApp, FcmEndpoint};
 use super::log::LogPusher;
-use super::{CredentialsError, Payload, PushOutcome, PushTarget, Pusher};
+use super::{CredentialsError, Payload, PushOutcome, PushTarget, Pusher, Refusal};
 use crate::config::Config;
 use crate::store::{App, Credentials, Platform, Store, StoreError};
 
@@ -94,24 +94,26 @@ impl PushRouter {
             Err(e) => {
                 return PushOutcome::Retry {
                     after: None,
-                    reason: format!("cannot look up the app: {e}"),
+                    refusal: Refusal::unanswered(format!("cannot look up the app: {e}")),
                 }
             }
         };
         let outcome = match route {
-            Route::Unknown => return PushOutcome::Failed("unknown app".into()),
+            Route::Unknown => return PushOutcome::Failed(Refusal::unanswered("unknown app")),
             Route::Broken(error) => {
-                return PushOutcome::Failed(format!("unusable push credentials: {error}"))
+                return PushOutcome::Failed(Refusal::unanswered(format!(
+                    "unusable push credentials: {error}"
+                )))
             }
             Route::LogOnly => return LogPusher.send(target, payload).await,
             Route::Apns(app) => app.send(target, payload).await,
             Route::Fcm(app) => app.send(target, payload).await,
         };
-        if let PushOutcome::Failed(reason) = &outcome {
+        if let PushOutcome::Failed(refusal) = &outcome {
             tracing::error!(
                 platform = %target.platform,
-                app = %target.app_id,
-                %reason,
+                app = ?target.app_id,
+                reason = %refusal,
                 "the push service refused the push for good"
             );
         }
@@ -142,7 +144,7 @@ impl PushRouter {
                 Some(c) => {
                     tracing::warn!(
                         %platform,
-                        app = app_id,
+                        app = ?app_id,
                         error = %e,
                         "cannot re-read the app; using the cached one"
                     );
@@ -195,13 +197,13 @@ impl PushRouter {
         };
         match built {
             Ok(route) => {
-                tracing::info!(%platform, app = app_id, "push credentials loaded");
+                tracing::info!(%platform, app = ?app_id, "push credentials loaded");
                 route
             }
             Err(e) => {
                 tracing::error!(
                     %platform,
-                    app = app_id,
+                    app = ?app_id,
                     error = %e,
                     retry_in_s = self.cache_ttl.as_secs(),
                     "cannot load the app's push credentials; its pushes fail until they are fixed"
@@ -238,7 +240,10 @@ impl Pusher for PushRouter {
             Ok(outcome) => outcome,
             Err(_) => PushOutcome::Retry {
                 after: None,
-                reason: format!("no answer within {} ms", self.timeout.as_millis()),
+                refusal: Refusal::unanswered(format!(
+                    "no answer within {} ms",
+                    self.timeout.as_millis()
+                )),
             },
         }
     }

@@ -1,0 +1,243 @@
+//! Hardening of the push side (issue #10): push tokens are checked before
+//! they reach the store, the logs or a push service, and the notice to a
+//! replaced phone is neither repeatable at will nor a VoIP push to an
+//! iPhone. (Reason labels on the pushes metric: tests/push_fcm.rs, beside
+//! the FCM stand-in.)
+
+mod common;
+
+use call_notifier::store::Platform;
+use common::*;
+use hyper::{Method, StatusCode};
+
+const PLATFORMS: [&str; 3] = ["apns", "android", "gcm"];
+
+/// Checks a 400 that names `token` and says `rule`.
+fn assert_refused(reply: &Reply, rule: &str, what: &str) {
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "{what}: {}",
+        reply.body
+    );
+    let body = reply.json();
+    assert_eq!(body["field"], "token", "{what}: {body}");
+    assert!(
+        body["rule"].as_str().is_some_and(|r| r.contains(rule)),
+        "{what}: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apns_token_that_is_not_hex_is_refused_and_changes_nothing() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("a number");
+        let store = server.running.state.store.clone();
+        // Hex in either case is a token.
+        assert_eq!(
+            server.client.register("apns", &user, "0a1B2c3D").await,
+            StatusCode::CREATED,
+            "{name}"
+        );
+        let before = store.device(id).await.expect("a lookup");
+
+        for token in ["ios-1", "0x1f", "ab:cd", "zz", "a1b2g3", "ａ1"] {
+            let reply = server
+                .client
+                .post(
+                    "/api/apns-device/",
+                    &[("sip_user_id", &user), ("token", token), ("app", APP)],
+                )
+                .await;
+            assert_refused(
+                &reply,
+                "hexadecimal",
+                &format!("{name}: register {token:?}"),
+            );
+            let reply = server
+                .client
+                .form(
+                    Method::DELETE,
+                    "/api/apns-device/",
+                    &[("sip_user_id", &user), ("token", token), ("app", APP)],
+                )
+                .await;
+            assert_refused(&reply, "hexadecimal", &format!("{name}: delete {token:?}"));
+        }
+        assert_eq!(store.device(id).await.expect("a lookup"), before, "{name}");
+
+        // Android tokens are not hex, and need not be.
+        assert_eq!(
+            server
+                .client
+                .register("android", &user, "fcm:APA91b-x_y")
+                .await,
+            StatusCode::OK,
+            "{name}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_control_or_bidi_characters_is_refused_on_every_platform() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("a number");
+        // As JSON escapes, the way the probe sent them: U+202E (right-to-left
+        // override), the other overrides, isolates and marks, and controls.
+        let invisible = [
+            r"\u202e", r"\u202a", r"\u2066", r"\u2069", r"\u200e", r"\u200f", r"\u061c", r"\u200b",
+            r"\ufeff",
+        ];
+        let controls = [r"\u0007", r"\u001b", r"\u0000", r"\u007f", r"\u0085"];
+        for platform in PLATFORMS {
+            let path = format!("/api/{platform}-device/");
+            for (escape, rule) in invisible
+                .iter()
+                .map(|e| (e, "invisible formatting"))
+                .chain(controls.iter().map(|e| (e, "control")))
+            {
+                let body =
+                    format!(r#"{{"sip_user_id": {id}, "token": "ab{escape}cd", "app": "{APP}"}}"#);
+                for method in [Method::POST, Method::DELETE] {
+                    let reply = server
+                        .client
+                        .send(
+                            method.clone(),
+                            &path,
+                            Some("application/json"),
+                            body.clone().into_bytes(),
+                        )
+                        .await;
+                    assert_refused(
+                        &reply,
+                        rule,
+                        &format!("{name}: {method} {platform} {escape}"),
+                    );
+                }
+            }
+            // The same character form-encoded.
+            let reply = server
+                .client
+                .send(
+                    Method::POST,
+                    &path,
+                    Some("application/x-www-form-urlencoded"),
+                    format!("sip_user_id={id}&token=ab%E2%80%AEcd&app={APP}").into_bytes(),
+                )
+                .await;
+            assert_refused(
+                &reply,
+                "invisible formatting",
+                &format!("{name}: form {platform}"),
+            );
+        }
+        assert_eq!(
+            server
+                .running
+                .state
+                .store
+                .device(id)
+                .await
+                .expect("a lookup"),
+            None,
+            "{name}: nothing was registered"
+        );
+    })
+    .await;
+}
+
+/// Re-registering an account to and fro within a minute tells each replaced
+/// Android token once, however often it is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_takeover_notice_goes_to_a_token_once_a_minute() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        // Tokens of this run only: a token is told at most once a minute
+        // by the whole process.
+        let [first, second, third, fourth] = ["1", "2", "3", "4"].map(|n| format!("{user}-t{n}"));
+        let register = |token: String| {
+            let (client, user) = (server.client.clone(), user.clone());
+            async move { client.register("android", &user, &token).await }
+        };
+        assert_eq!(register(first.clone()).await, StatusCode::CREATED, "{name}");
+        // `first` replaced: told.
+        assert_eq!(register(second.clone()).await, StatusCode::OK, "{name}");
+        server.pusher.wait_for(&first, 1).await;
+        // `second` replaced by `first` again: told.
+        assert_eq!(register(first.clone()).await, StatusCode::OK, "{name}");
+        server.pusher.wait_for(&second, 1).await;
+        // `first` replaced a second time within the minute: not told again.
+        assert_eq!(register(third.clone()).await, StatusCode::OK, "{name}");
+        // A notice handed over after the one `first` would have had.
+        assert_eq!(register(fourth).await, StatusCode::OK, "{name}");
+        server.pusher.wait_for(&third, 1).await;
+
+        assert_eq!(server.pusher.sent_to(&first).len(), 1, "{name}");
+        assert_eq!(server.pusher.sent_to(&second).len(), 1, "{name}");
+    })
+    .await;
+}
+
+/// iOS makes the app report every VoIP push to CallKit as a call: a
+/// takeover notice is never handed over for an `apns` device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("a number");
+        // Hex tokens of this run only (the SIP account id is all digits).
+        let (ios_1, ios_2, ios_3) = (
+            format!("{user}a1"),
+            format!("{user}a2"),
+            format!("{user}a3"),
+        );
+        let android = format!("{user}-android");
+        for (platform, token, status) in [
+            ("apns", &ios_1, StatusCode::CREATED),
+            // An iPhone replaced by an iPhone...
+            ("apns", &ios_2, StatusCode::OK),
+            // ...and by an Android phone.
+            ("android", &android, StatusCode::OK),
+            // The Android phone replaced: told, after the others would have been.
+            ("apns", &ios_3, StatusCode::OK),
+        ] {
+            assert_eq!(
+                server.client.register(platform, &user, token).await,
+                status,
+                "{name}: {platform} {token}"
+            );
+        }
+        server.pusher.wait_for(&android, 1).await;
+        assert!(server.pusher.sent_to(&ios_1).is_empty(), "{name}");
+        assert!(server.pusher.sent_to(&ios_2).is_empty(), "{name}");
+        assert_eq!(
+            server.pusher.sent().len(),
+            1,
+            "{name}: only the Android notice"
+        );
+        let device = server
+            .running
+            .state
+            .store
+            .device(id)
+            .await
+            .expect("a lookup");
+        assert_eq!(
+            device.map(|d| (d.platform, d.token)),
+            Some((Platform::Apns, ios_3.clone())),
+            "{name}"
+        );
+    })
+    .await;
+}
