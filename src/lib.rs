@@ -29,6 +29,7 @@ pub mod broker;
 pub mod calls;
 pub mod config;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;

@@ -17,6 +17,7 @@ use crate::broker::CallBroker;
 use crate::calls::Parking;
 use crate::config::{BrokerMode, Config};
 use crate::metrics::Metrics;
+use crate::push::notices::TakeoverNotices;
 use crate::push::router::PushRouter;
 use crate::push::Pusher;
 use crate::store::{self, ResponseLog, Store};
@@ -38,6 +39,8 @@ pub struct AppState {
     pub phase: watch::Sender<Phase>,
     /// The app's answers, written in batches off the request path.
     pub response_log: ResponseLog,
+    /// Which replaced phones were told so lately.
+    pub takeover_notices: TakeoverNotices,
 }
 
 /// Where a server is in its life.
@@ -224,6 +227,7 @@ async fn build_state(
         metrics: Metrics::default(),
         phase: watch::channel(Phase::Serving).0,
         response_log,
+        takeover_notices: TakeoverNotices::default(),
     }))
 }
 

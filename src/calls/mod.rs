@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::broker::{Answer, Wait};
 use crate::config::BrokerMode;
+use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
 use crate::server::{phase_reached, AppState, Phase};
 use crate::store::Platform;
@@ -163,7 +164,7 @@ impl Drop for CallRecord<'_> {
         let outcome = self.outcome.map_or("hung_up", Outcome::as_str);
         self.state.metrics.call(outcome);
         tracing::info!(
-            unique_key = ?self.unique_key.as_deref().unwrap_or(""),
+            unique_key = %Escaped(self.unique_key.as_deref().unwrap_or("")),
             sip_user_id = self.sip_user_id,
             platform = self.platform.map_or("", Platform::as_str),
             attempts = self.attempts.as_ref().map_or(0, |a| *a.borrow()),
@@ -228,13 +229,13 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         Ok(Ok(wait)) => wait,
         Ok(Err(e)) => {
             state.metrics.error("broker");
-            tracing::error!(?unique_key, error = %e, "cannot open the wait; answering NAK");
+            tracing::error!(unique_key = %Escaped(&unique_key), error = %e, "cannot open the wait; answering NAK");
             return record.end(Outcome::Nak(NakReason::Unavailable));
         }
         Err(_) => {
             state.metrics.error("broker");
             tracing::error!(
-                ?unique_key,
+                unique_key = %Escaped(&unique_key),
                 "opening the wait took the whole wait; answering NAK"
             );
             return record.end(Outcome::Nak(NakReason::Unavailable));

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::push::{redact, Payload, PushOutcome, PushTarget};
+use crate::logs::{redact, Escaped};
+use crate::push::{Payload, PushOutcome, PushTarget};
 use crate::server::AppState;
 
 /// What the schedule tells the waiting call.
@@ -71,7 +72,7 @@ pub(super) async fn push_until_answered(
                 let delay = retry_delay(retries, after);
                 tracing::warn!(
                     platform = %target.platform,
-                    app = ?target.app_id,
+                    app = %Escaped(&target.app_id),
                     sip_user_id = target.sip_user_id,
                     attempt,
                     retry_in_ms = delay.as_millis() as u64,
@@ -84,9 +85,9 @@ pub(super) async fn push_until_answered(
             PushOutcome::TokenDead(refusal) => {
                 tracing::info!(
                     platform = %target.platform,
-                    app = ?target.app_id,
+                    app = %Escaped(&target.app_id),
                     sip_user_id = target.sip_user_id,
-                    token = ?redact(&target.token),
+                    token = %redact(&target.token),
                     reason = %refusal,
                     "push token is dead; forgetting the device"
                 );
@@ -104,7 +105,7 @@ pub(super) async fn push_until_answered(
             PushOutcome::Failed(refusal) => {
                 tracing::error!(
                     platform = %target.platform,
-                    app = ?target.app_id,
+                    app = %Escaped(&target.app_id),
                     sip_user_id = target.sip_user_id,
                     attempt,
                     reason = %refusal,

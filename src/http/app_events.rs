@@ -11,6 +11,7 @@ use super::body::Source;
 use super::devices::read_authorized;
 use super::error::ApiError;
 use super::{json, Body};
+use crate::logs::Escaped;
 use crate::server::AppState;
 use crate::store::{now_millis, HangupReason};
 
@@ -49,8 +50,8 @@ pub(super) async fn hangup_reason(
     }
     tracing::info!(
         sip_user_id = hangup.sip_user_id,
-        unique_key = ?hangup.unique_key,
-        reason = ?hangup.reason,
+        unique_key = %Escaped(&hangup.unique_key),
+        reason = %Escaped(&hangup.reason),
         "the app reported why a call ended"
     );
     state.store.record_hangup(hangup.clone()).await?;

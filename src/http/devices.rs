@@ -1,10 +1,7 @@
 //! `POST` / `DELETE /api/{apns,android,gcm}-device/`: the app registers the
 //! push token that wakes it for its SIP account's calls.
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
@@ -15,8 +12,9 @@ use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, Body};
 use crate::auth::AuthError;
+use crate::logs::{is_invisible_format, redact};
 use crate::metrics::{PlatformLabel, PushLabels, ResultLabel};
-use crate::push::{redact, Payload, PushTarget};
+use crate::push::{Payload, PushTarget};
 use crate::server::AppState;
 use crate::store::{Device, NewDevice, Platform, Registration};
 
@@ -47,26 +45,6 @@ fn token(platform: Platform, fields: &Fields) -> Result<String, ApiError> {
         ));
     }
     Ok(token)
-}
-
-/// Unicode format characters that change how the text around them is shown
-/// without showing themselves: the soft hyphen, the bidirectional marks
-/// (U+061C, U+200E, U+200F), embeddings and overrides (U+202A to U+202E)
-/// and isolates (U+2066 to U+2069), and the zero-width and other invisible
-/// ones (U+180E, U+200B to U+200D, U+2060 to U+206F, U+FEFF, U+FFF9 to
-/// U+FFFB).
-fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-    )
 }
 
 /// Reads an app request and checks that its credentials own its
@@ -158,26 +136,22 @@ pub(super) async fn register(
 /// a call, and stops waking an app that does not, so a takeover notice must
 /// not be a VoIP push. It would be an alert push to the app's regular token,
 /// which devices do not register yet; until they do, an `apns` device is not
-/// told. Each token is told at most once per [`NOTICE_INTERVAL`], so an
+/// told. Each token is told at most once a minute ([`crate::push::notices`]), so an
 /// account re-registered in a loop does not push the phone it replaced in a
 /// loop.
 fn notify_taken_over(state: &Arc<AppState>, previous: Device) {
     if previous.platform.is_apns() {
         tracing::info!(
             sip_user_id = previous.sip_user_id,
-            token = ?redact(&previous.token),
+            token = %redact(&previous.token),
             "the previous device is an iOS device without an alert token; it is not told it was replaced"
         );
         return;
     }
-    if !RECENT_NOTICES
-        .lock()
-        .expect("the notice lock is never poisoned")
-        .first_within_interval(&previous.token, Instant::now())
-    {
+    if !state.takeover_notices.may_tell(&previous.token) {
         tracing::info!(
             sip_user_id = previous.sip_user_id,
-            token = ?redact(&previous.token),
+            token = %redact(&previous.token),
             "the previous device was told it was replaced within the minute; not telling it again"
         );
         return;
@@ -225,106 +199,5 @@ pub(super) async fn unregister(
         ))
     } else {
         Err(ApiError::NotFound("no such device"))
-    }
-}
-
-/// How often one token may be told that another device took over.
-const NOTICE_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The most tokens [`RecentNotices`] remembers: 10,000 takeovers a minute is
-/// far beyond any real traffic, and about 400 KiB.
-const MAX_RECENT_NOTICES: usize = 10_000;
-
-/// The tokens told within the last [`NOTICE_INTERVAL`] that they were
-/// replaced. One per process: a process is one server outside the tests.
-static RECENT_NOTICES: LazyLock<Mutex<RecentNotices>> =
-    LazyLock::new(|| Mutex::new(RecentNotices::new(MAX_RECENT_NOTICES)));
-
-/// Recently told tokens, oldest first, as hashes (keyed per process, so
-/// nobody can pick tokens that collide; a collision would only hold back a
-/// notice). Bounded: when it holds `capacity` tokens all told within the
-/// interval, further notices are held back rather than an entry forgotten,
-/// so a flood of takeovers cannot buy a second notice for a token.
-struct RecentNotices {
-    hasher: RandomState,
-    capacity: usize,
-    order: VecDeque<(Instant, u64)>,
-    told: HashSet<u64>,
-}
-
-impl RecentNotices {
-    fn new(capacity: usize) -> Self {
-        RecentNotices {
-            hasher: RandomState::new(),
-            capacity,
-            order: VecDeque::new(),
-            told: HashSet::new(),
-        }
-    }
-
-    /// Whether `token` may be told now, noting it if so.
-    fn first_within_interval(&mut self, token: &str, now: Instant) -> bool {
-        while let Some(&(at, hash)) = self.order.front() {
-            if now.saturating_duration_since(at) < NOTICE_INTERVAL {
-                break;
-            }
-            self.order.pop_front();
-            self.told.remove(&hash);
-        }
-        let hash = self.hasher.hash_one(token);
-        if self.told.contains(&hash) || self.order.len() >= self.capacity {
-            return false;
-        }
-        self.order.push_back((now, hash));
-        self.told.insert(hash);
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_token_is_told_once_per_interval() {
-        let mut recent = RecentNotices::new(100);
-        let start = Instant::now();
-        assert!(recent.first_within_interval("a", start));
-        assert!(!recent.first_within_interval("a", start));
-        assert!(recent.first_within_interval("b", start));
-        let later = start + NOTICE_INTERVAL - Duration::from_millis(1);
-        assert!(!recent.first_within_interval("a", later));
-        assert!(recent.first_within_interval("a", start + NOTICE_INTERVAL));
-        assert!(!recent.first_within_interval("a", start + NOTICE_INTERVAL));
-    }
-
-    #[test]
-    fn a_full_table_holds_notices_back_and_frees_up_as_entries_age() {
-        let mut recent = RecentNotices::new(3);
-        let start = Instant::now();
-        for token in ["a", "b", "c"] {
-            assert!(recent.first_within_interval(token, start));
-        }
-        // Full: nobody new is told, and nobody told is forgotten.
-        assert!(!recent.first_within_interval("d", start));
-        assert!(!recent.first_within_interval("a", start));
-        assert_eq!(recent.order.len(), 3);
-        // Once the oldest have aged out there is room again.
-        let later = start + NOTICE_INTERVAL;
-        assert!(recent.first_within_interval("d", later));
-        assert_eq!((recent.order.len(), recent.told.len()), (1, 1));
-    }
-
-    #[test]
-    fn invisible_formatting_characters_are_recognised() {
-        for c in [
-            '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
-            '\u{200B}', '\u{FEFF}',
-        ] {
-            assert!(is_invisible_format(c), "{c:?}");
-        }
-        for c in ['a', '0', '-', ':', '_', 'é', '\u{05D0}'] {
-            assert!(!is_invisible_format(c), "{c:?}");
-        }
     }
 }

@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 
-use super::{redact, Payload, PushOutcome, PushTarget, Pusher};
+use super::{Payload, PushOutcome, PushTarget, Pusher};
+use crate::logs::{redact, Escaped};
 
 #[derive(Debug, Default, Clone)]
 pub struct LogPusher;
@@ -14,10 +15,10 @@ impl Pusher for LogPusher {
     async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
         tracing::info!(
             platform = %target.platform,
-            app = ?target.app_id,
+            app = %Escaped(&target.app_id),
             sip_user_id = target.sip_user_id,
-            token = ?redact(&target.token),
-            payload = ?serde_json::Value::Object(payload.to_json()).to_string(),
+            token = %redact(&target.token),
+            payload = %Escaped(&serde_json::Value::Object(payload.to_json()).to_string()),
             "push not sent: the app has no push credentials (log-only)"
         );
         PushOutcome::Delivered

@@ -10,6 +10,7 @@
 pub mod apns;
 pub mod fcm;
 pub mod log;
+pub mod notices;
 pub mod recording;
 pub mod router;
 
@@ -272,16 +273,6 @@ async fn read_credentials(path: &Path) -> Result<Vec<u8>, CredentialsError> {
         })
 }
 
-/// A token shortened for logs: enough to tell two apart, never the whole.
-pub fn redact(token: &str) -> String {
-    let head: String = token.chars().take(6).collect();
-    if token.chars().count() > 6 {
-        format!("{head}…")
-    } else {
-        head
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,11 +325,5 @@ mod tests {
             .as_str(),
             "none"
         );
-    }
-
-    #[test]
-    fn redact_keeps_only_a_prefix() {
-        assert_eq!(redact("abcdefghijkl"), "abcdef…");
-        assert_eq!(redact("abc"), "abc");
     }
 }

@@ -23,6 +23,7 @@ use super::fcm::{FcmApp, FcmEndpoint};
 use super::log::LogPusher;
 use super::{CredentialsError, Payload, PushOutcome, PushTarget, Pusher, Refusal};
 use crate::config::Config;
+use crate::logs::Escaped;
 use crate::store::{App, Credentials, Platform, Store, StoreError};
 
 /// How long an app's row is trusted before it is read again.
@@ -112,7 +113,7 @@ impl PushRouter {
         if let PushOutcome::Failed(refusal) = &outcome {
             tracing::error!(
                 platform = %target.platform,
-                app = ?target.app_id,
+                app = %Escaped(&target.app_id),
                 reason = %refusal,
                 "the push service refused the push for good"
             );
@@ -144,7 +145,7 @@ impl PushRouter {
                 Some(c) => {
                     tracing::warn!(
                         %platform,
-                        app = ?app_id,
+                        app = %Escaped(app_id),
                         error = %e,
                         "cannot re-read the app; using the cached one"
                     );
@@ -197,13 +198,13 @@ impl PushRouter {
         };
         match built {
             Ok(route) => {
-                tracing::info!(%platform, app = ?app_id, "push credentials loaded");
+                tracing::info!(%platform, app = %Escaped(app_id), "push credentials loaded");
                 route
             }
             Err(e) => {
                 tracing::error!(
                     %platform,
-                    app = ?app_id,
+                    app = %Escaped(app_id),
                     error = %e,
                     retry_in_s = self.cache_ttl.as_secs(),
                     "cannot load the app's push credentials; its pushes fail until they are fixed"

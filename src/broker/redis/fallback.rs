@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::{keys::state_key, Shared, BATCH};
 use crate::broker::{Answer, BrokerError, CallState};
+use crate::logs::Escaped;
 
 /// How long after a reconnect or a dropped node connection the fallback
 /// check keeps running: covers answers published into the gap.
@@ -78,7 +79,7 @@ impl Shared {
                     .and_then(CallState::decode)
                     .and_then(CallState::answer)
                 {
-                    tracing::debug!(unique_key = ?key, "answer found by the fallback check");
+                    tracing::debug!(unique_key = %Escaped(key), "answer found by the fallback check");
                     self.waiters.deliver(
                         key,
                         Answer {

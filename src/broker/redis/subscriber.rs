@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use super::keys::{self, channel, key_of_channel};
 use super::{unavailable, Shared, BATCH};
 use crate::broker::BrokerError;
+use crate::logs::Escaped;
 
 /// How often an idle subscriber connection is pinged, to notice a dead peer.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -132,7 +133,7 @@ impl Subscriptions {
                                 return;
                             }
                         }
-                        tracing::warn!(%channel, "cannot unsubscribe a finished call's channel");
+                        tracing::warn!(channel = %Escaped(&channel), "cannot unsubscribe a finished call's channel");
                     }
                 });
                 // Off the retirer's path: a failover must not hold up the
@@ -328,7 +329,7 @@ async fn cluster(
                 // nobody here waits on is undone at once.
                 if let Ok(channel) = String::from_redis_value_ref(channel) {
                     if key_of_channel(&channel).is_some_and(|key| !shared.waiters.contains(key)) {
-                        tracing::debug!(%channel, "undoing the resubscription of a finished call's channel");
+                        tracing::debug!(channel = %Escaped(&channel), "undoing the resubscription of a finished call's channel");
                         shared
                             .subscriptions
                             .unsubscribe(vec![channel], shared.options.acquire_timeout)

@@ -1,0 +1,92 @@
+//! What a log line may carry from a client: text escaped so that it cannot
+//! forge or hide another line, and tokens shortened.
+//!
+//! A control character (a newline, an escape sequence) in a client's field
+//! could start a fake log line or repaint a terminal; an invisible
+//! formatting character (U+202E, the right-to-left override, above all)
+//! reorders how the rest of the line is shown. [`Escaped`] writes both as
+//! `\u{…}` and everything else as is, without the quotes `Debug` would add,
+//! so text and JSON logs keep their plain values.
+
+use std::fmt::{self, Display, Write};
+
+/// Unicode format characters that change how the text around them is shown
+/// without showing themselves: the soft hyphen, the bidirectional marks
+/// (U+061C, U+200E, U+200F), embeddings and overrides (U+202A to U+202E)
+/// and isolates (U+2066 to U+2069), and the zero-width and other invisible
+/// ones (U+180E, U+200B to U+200D, U+2060 to U+206F, U+FEFF, U+FFF9 to
+/// U+FFFB).
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
+/// A client's text, for a log field: `%Escaped(&text)`.
+pub struct Escaped<'a>(pub &'a str);
+
+impl Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() || is_invisible_format(c) {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A token shortened (and escaped) for logs: enough to tell two apart,
+/// never the whole.
+pub fn redact(token: &str) -> String {
+    let head: String = token.chars().take(6).collect();
+    let head = Escaped(&head);
+    if token.chars().count() > 6 {
+        format!("{head}…")
+    } else {
+        head.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_invisible_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(
+            Escaped("call\n\u{202E}evil é-1").to_string(),
+            "call\\u{a}\\u{202e}evil é-1"
+        );
+        assert_eq!(Escaped("plain").to_string(), "plain");
+    }
+
+    #[test]
+    fn redact_keeps_only_a_prefix() {
+        assert_eq!(redact("abcdefghijkl"), "abcdef…");
+        assert_eq!(redact("abc"), "abc");
+    }
+
+    #[test]
+    fn invisible_formatting_characters_are_recognised() {
+        for c in [
+            '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
+            '\u{200B}', '\u{FEFF}',
+        ] {
+            assert!(is_invisible_format(c), "{c:?}");
+        }
+        for c in ['a', '0', '-', ':', '_', 'é', '\u{05D0}'] {
+            assert!(!is_invisible_format(c), "{c:?}");
+        }
+    }
+}
