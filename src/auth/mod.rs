@@ -4,17 +4,18 @@
 //! speed) slows down whoever keeps probing unknown keys.
 //!
 //! This module decides; it does not build responses. [`AuthError`] becomes
-//! 401/403/503 in `http::error`, like every other error.
+//! 401/403/429/503 in `http::error`, like every other error.
 
 mod account_api;
 mod network;
+mod windows;
 
 use std::time::Duration;
 
 use hyper::HeaderMap;
 
 pub use account_api::AccountApi;
-pub use network::{Network, ProbeLimiter};
+pub use network::{ClientAddr, Network, ProbeLimiter};
 
 use crate::config::Config;
 
@@ -34,6 +35,13 @@ pub enum AuthError {
     /// The account API did not answer in time, or answered something else.
     #[error("account API unavailable: {0}")]
     Unavailable(String),
+    /// The source (or the account) is over a limit; `rule` names it to the
+    /// client, who may try again after `retry_after`.
+    #[error("too many requests: {rule}")]
+    Throttled {
+        rule: &'static str,
+        retry_after: Duration,
+    },
 }
 
 /// The access rules of one server.
@@ -53,6 +61,7 @@ impl AuthError {
             AuthError::Rejected => "rejected",
             AuthError::Forbidden => "forbidden",
             AuthError::Unavailable(_) => "unavailable",
+            AuthError::Throttled { .. } => "throttled",
         }
     }
 }
