@@ -2,8 +2,9 @@
 //! SIP account?", asked over HTTP and remembered for a while.
 //!
 //! The contract (README, "Authentication"): `GET <auth-url>` with the
-//! caller's `Authorization` header forwarded and the SIP account in the URL.
-//! 200 means yes; 401 and 403 pass through; anything else, or no answer
+//! caller's `Authorization` header forwarded, the SIP account in the URL,
+//! and the client's address as `X-Forwarded-For` (when known), so the
+//! account API can tell our clients apart. 200 means yes; 401 and 403 pass through; anything else, or no answer
 //! within the timeout, is an outage (503).
 //!
 //! Confirmed pairs are cached under a SHA-256 of header and id, never the
@@ -19,7 +20,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Request, StatusCode};
 
-use super::AuthError;
+use super::{AuthError, ClientAddr};
 use crate::outbound::{self, HttpClient};
 
 /// Most cached pairs; beyond it expired ones are dropped, then all.
@@ -75,11 +76,12 @@ impl AccountApi {
     }
 
     /// Says whether `header` owns `sip_user_id`; `Ok(true)` when the
-    /// answer came from the cache.
+    /// answer came from the cache. `client` is who asks, for the account API.
     pub async fn authorize(
         &self,
         header: &HeaderValue,
         sip_user_id: i64,
+        client: ClientAddr,
     ) -> Result<bool, AuthError> {
         let key = Self::cache_key(header, sip_user_id);
         let now = Instant::now();
@@ -92,7 +94,7 @@ impl AccountApi {
         {
             return Ok(true);
         }
-        self.ask(header, sip_user_id).await?;
+        self.ask(header, sip_user_id, client).await?;
         if !self.ttl.is_zero() {
             let mut confirmed = self.confirmed.lock().expect("auth cache lock");
             if confirmed.len() >= CACHE_CAP {
@@ -106,10 +108,19 @@ impl AccountApi {
         Ok(false)
     }
 
-    async fn ask(&self, header: &HeaderValue, sip_user_id: i64) -> Result<(), AuthError> {
-        let request = Request::get(self.url_for(sip_user_id))
+    async fn ask(
+        &self,
+        header: &HeaderValue,
+        sip_user_id: i64,
+        client: ClientAddr,
+    ) -> Result<(), AuthError> {
+        let mut request = Request::get(self.url_for(sip_user_id))
             .header(AUTHORIZATION, header.clone())
-            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::ACCEPT, "application/json");
+        if let Some(ip) = client.ip() {
+            request = request.header("x-forwarded-for", ip.to_string());
+        }
+        let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| AuthError::Unavailable(format!("cannot build the request: {e}")))?;
         let status = match tokio::time::timeout(self.timeout, self.client.request(request)).await {

@@ -1,20 +1,24 @@
 //! Who may do what: the device endpoints answer only to the owner of the SIP
-//! account (HTTP Basic, checked by the operator's account API), the PBX
-//! endpoint only to PBX networks, and call-response (unauthenticated, for
-//! speed) slows down whoever keeps probing unknown keys.
+//! account (HTTP Basic, checked by the operator's account API) and slow down
+//! whoever keeps failing, the PBX endpoint only to PBX networks, and
+//! call-response (unauthenticated, for speed) slows down whoever keeps
+//! probing unknown keys.
 //!
 //! This module decides; it does not build responses. [`AuthError`] becomes
-//! 401/403/503 in `http::error`, like every other error.
+//! 401/403/429/503 in `http::error`, like every other error.
 
 mod account_api;
+mod logins;
 mod network;
+mod windows;
 
 use std::time::Duration;
 
 use hyper::HeaderMap;
 
 pub use account_api::AccountApi;
-pub use network::{Network, ProbeLimiter};
+pub use logins::LoginLimiter;
+pub use network::{ClientAddr, Network, ProbeLimiter};
 
 use crate::config::Config;
 
@@ -34,6 +38,13 @@ pub enum AuthError {
     /// The account API did not answer in time, or answered something else.
     #[error("account API unavailable: {0}")]
     Unavailable(String),
+    /// The source (or the account) is over a limit; `rule` names it to the
+    /// client, who may try again after `retry_after`.
+    #[error("too many requests: {rule}")]
+    Throttled {
+        rule: &'static str,
+        retry_after: Duration,
+    },
 }
 
 /// The access rules of one server.
@@ -43,6 +54,7 @@ pub struct Access {
     accounts: Option<AccountApi>,
     pub network: Network,
     pub probes: ProbeLimiter,
+    pub logins: LoginLimiter,
 }
 
 impl AuthError {
@@ -53,6 +65,7 @@ impl AuthError {
             AuthError::Rejected => "rejected",
             AuthError::Forbidden => "forbidden",
             AuthError::Unavailable(_) => "unavailable",
+            AuthError::Throttled { .. } => "throttled",
         }
     }
 }
@@ -85,29 +98,37 @@ impl Access {
             accounts,
             network: Network::new(config.pbx_allow.clone(), config.trusted_proxy.clone()),
             probes: ProbeLimiter::default(),
+            logins: LoginLimiter::default(),
         })
     }
 
-    /// Whether the `Authorization` header of a device request owns
-    /// `sip_user_id`. Says how it knows, for the metrics: `open` (no account
-    /// API), `cached` or `ok`.
+    /// Whether the `Authorization` header of a device request from `client`
+    /// owns `sip_user_id`. Says how it knows, for the metrics: `open` (no
+    /// account API), `cached` or `ok`. A source or account over its limit
+    /// of failed logins is refused before the account API is asked (or the
+    /// cache looked at, which would tell a guesser a right password).
     pub async fn authorize_device(
         &self,
         headers: &HeaderMap,
         sip_user_id: i64,
+        client: ClientAddr,
     ) -> Result<&'static str, AuthError> {
-        match &self.accounts {
-            None => Ok("open"),
-            Some(accounts) => {
-                let header = headers
-                    .get(hyper::header::AUTHORIZATION)
-                    .ok_or(AuthError::Missing)?;
-                match accounts.authorize(header, sip_user_id).await? {
-                    true => Ok("cached"),
-                    false => Ok("ok"),
-                }
+        let Some(accounts) = &self.accounts else {
+            return Ok("open");
+        };
+        let header = headers
+            .get(hyper::header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)?;
+        self.logins.attempt(client, sip_user_id)?;
+        let verdict = accounts.authorize(header, sip_user_id, client).await;
+        match &verdict {
+            Ok(_) => self.logins.succeeded(client, sip_user_id),
+            Err(AuthError::Rejected | AuthError::Forbidden) => {
+                self.logins.failed(client, sip_user_id)
             }
+            Err(_) => self.logins.undecided(client, sip_user_id),
         }
+        Ok(if verdict? { "cached" } else { "ok" })
     }
 
     /// Whether device requests need credentials at all: they do whenever an

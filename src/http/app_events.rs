@@ -2,6 +2,7 @@
 //! authenticated like the device endpoints: `/api/check-in/` (the app is
 //! alive) and `/api/hangup-reason/` (why a call ended on the phone).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -20,9 +21,10 @@ const NO_DEVICE: ApiError = ApiError::NotFound("no device for this sip_user_id")
 /// Updates the device's last-seen time.
 pub(super) async fn check_in(
     state: &Arc<AppState>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = read_authorized(state, request, Source::Body).await?;
+    let (_, fields) = read_authorized(state, peer, request, Source::Body).await?;
     let sip_user_id = fields.sip_user_id()?;
     if !state.store.touch_device(sip_user_id).await? {
         return Err(NO_DEVICE);
@@ -36,9 +38,10 @@ pub(super) async fn check_in(
 /// Records and logs why a call ended on the phone.
 pub(super) async fn hangup_reason(
     state: &Arc<AppState>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = read_authorized(state, request, Source::Body).await?;
+    let (_, fields) = read_authorized(state, peer, request, Source::Body).await?;
     let hangup = HangupReason {
         sip_user_id: fields.sip_user_id()?,
         unique_key: fields.required_text("unique_key", 255)?,

@@ -94,11 +94,8 @@ pub(super) async fn call_response(
     // One 404 for unknown and too late: a prober learns nothing from it, and
     // is refused for a while once it has probed too often.
     let unknown = || match state.access.probes.miss(source) {
-        Some(wait) => {
-            tracing::warn!(%source, "call-response with unknown keys too often; refusing for a while");
-            ApiError::TooManyRequests(wait)
-        }
-        None => ApiError::NotFound("not found"),
+        Err(refused) => ApiError::from(refused),
+        Ok(()) => ApiError::NotFound("not found"),
     };
     let unique_key = fields.required_text("unique_key", 255)?;
     let message_start_time = fields.number("message_start_time")?;

@@ -1,6 +1,7 @@
 //! `POST` / `DELETE /api/{apns,android,gcm}-device/`: the app registers the
 //! push token that wakes it for its SIP account's calls.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -51,16 +52,18 @@ fn token(platform: Platform, fields: &Fields) -> Result<String, ApiError> {
 /// `sip_user_id`. Missing credentials are refused before the body is read.
 pub(super) async fn read_authorized(
     state: &AppState,
+    peer: SocketAddr,
     request: Request<Incoming>,
     source: Source,
 ) -> Result<(Parts, Fields), ApiError> {
     if state.access.requires_credentials() && !request.headers().contains_key(AUTHORIZATION) {
         return Err(AuthError::Missing.into());
     }
+    let client = state.access.network.client_ip(peer.ip(), request.headers());
     let (parts, fields) = body::read(request, source).await?;
     let verdict = state
         .access
-        .authorize_device(&parts.headers, fields.sip_user_id()?)
+        .authorize_device(&parts.headers, fields.sip_user_id()?, client)
         .await;
     let result = match &verdict {
         Ok(how) => how,
@@ -93,10 +96,11 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
 
 pub(super) async fn register(
     state: &Arc<AppState>,
+    peer: SocketAddr,
     platform: Platform,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = read_authorized(state, request, Source::Body).await?;
+    let (_, fields) = read_authorized(state, peer, request, Source::Body).await?;
     let device = parse_device(platform, &fields)?;
     if state.store.app(platform, &device.app_id).await?.is_none() {
         return Err(ApiError::NotFound("app unknown for this platform"));
@@ -177,10 +181,11 @@ fn notify_taken_over(state: &Arc<AppState>, previous: Device) {
 
 pub(super) async fn unregister(
     state: &Arc<AppState>,
+    peer: SocketAddr,
     platform: Platform,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, fields) = read_authorized(state, request, Source::QueryAndBody).await?;
+    let (_, fields) = read_authorized(state, peer, request, Source::QueryAndBody).await?;
     let sip_user_id = fields.sip_user_id()?;
     let token = token(platform, &fields)?;
     let app_id = fields.required_text("app", 255)?;

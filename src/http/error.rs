@@ -33,12 +33,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("request body not received in time")]
     Timeout,
-    /// Who sent the request may not do this.
+    /// Who sent the request may not do this, or not now (a limit: 429).
     #[error(transparent)]
     Auth(#[from] AuthError),
-    /// The source sent too many requests of a kind; it may retry after this long.
-    #[error("too many requests")]
-    TooManyRequests(std::time::Duration),
     /// A dependency is down: `what` names it to the client (`database`,
     /// `broker`), `detail` goes to the log only.
     #[error("{what} unavailable: {detail}")]
@@ -68,7 +65,7 @@ impl ApiError {
             ApiError::Auth(AuthError::Missing | AuthError::Rejected) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
             ApiError::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Auth(AuthError::Throttled { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -85,6 +82,10 @@ impl ApiError {
             }),
             ApiError::Unavailable { what, detail } => unavailable(what, detail),
             ApiError::Auth(AuthError::Unavailable(detail)) => unavailable("account API", detail),
+            ApiError::Auth(AuthError::Throttled { rule, .. }) => serde_json::json!({
+                "error": self.to_string(),
+                "rule": rule,
+            }),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "answering 500");
                 serde_json::json!({ "error": "internal server error" })
@@ -101,8 +102,10 @@ impl ApiError {
                 let challenge = HeaderValue::from_static("Basic realm=\"call-notifier\"");
                 headers.insert(WWW_AUTHENTICATE, challenge);
             }
-            ApiError::TooManyRequests(after) => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            ApiError::Auth(AuthError::Throttled { retry_after, .. }) => {
+                // Whole seconds, rounded up: a client retrying on time is let in.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
             _ => {}
         }

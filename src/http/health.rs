@@ -10,23 +10,15 @@ use hyper::{Response, StatusCode};
 
 use super::error::ApiError;
 use super::{json, Body};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, ClientAddr};
 use crate::server::{AppState, Phase};
 
 /// How long a dependency may take to answer a readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `/metrics`, to `--metrics-allow` networks only.
-pub(super) fn metrics(
-    state: &AppState,
-    source: std::net::IpAddr,
-) -> Result<Response<Body>, ApiError> {
-    if !state
-        .config
-        .metrics_allow
-        .iter()
-        .any(|net| net.contains(&source.to_canonical()))
-    {
+pub(super) fn metrics(state: &AppState, source: ClientAddr) -> Result<Response<Body>, ApiError> {
+    if !source.within(&state.config.metrics_allow) {
         return Err(AuthError::Forbidden.into());
     }
     state

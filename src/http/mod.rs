@@ -72,17 +72,17 @@ async fn route(
             ("/api/call-response", &Method::POST) => {
                 calls::call_response(state, peer, request).await
             }
-            ("/api/check-in", &Method::POST) => app_events::check_in(state, request).await,
+            ("/api/check-in", &Method::POST) => app_events::check_in(state, peer, request).await,
             ("/api/hangup-reason", &Method::POST) => {
-                app_events::hangup_reason(state, request).await
+                app_events::hangup_reason(state, peer, request).await
             }
             (path, &Method::POST) if device_platform(path).is_some() => {
                 let platform = device_platform(path).expect("matched above");
-                devices::register(state, platform, request).await
+                devices::register(state, peer, platform, request).await
             }
             (path, &Method::DELETE) if device_platform(path).is_some() => {
                 let platform = device_platform(path).expect("matched above");
-                devices::unregister(state, platform, request).await
+                devices::unregister(state, peer, platform, request).await
             }
             ("/health" | "/health/ready", &Method::GET) => Ok(health::ready(state).await),
             ("/health/live", &Method::GET) => Ok(health::live()),
