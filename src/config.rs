@@ -45,12 +45,21 @@ pub enum AppCommand {
     /// Remove an app (its devices stay, but cannot be pushed until it is re-added).
     Remove {
         /// `apns`, `android` or `gcm`.
-        #[arg(long)]
+        #[arg(long, value_parser = platform_arg())]
         platform: crate::store::Platform,
         /// The app id devices register with (the iOS bundle id / Android package name).
         #[arg(long = "app-id")]
         app_id: String,
     },
+}
+
+/// `--platform`: one of the store's platforms by name. Parsed here, so the
+/// store's type carries no command-line concern.
+fn platform_arg() -> impl clap::builder::TypedValueParser<Value = crate::store::Platform> {
+    use crate::store::Platform;
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Platform::ALL.map(Platform::as_str))
+        .map(|name| Platform::parse(&name).expect("one of the possible values"))
 }
 
 /// `call-notifier app add`: an app and where its push credentials are.
@@ -61,7 +70,7 @@ pub enum AppCommand {
 #[derive(Debug, Clone, Args)]
 pub struct AppAdd {
     /// `apns`, `android` or `gcm`.
-    #[arg(long)]
+    #[arg(long, value_parser = platform_arg())]
     pub platform: crate::store::Platform,
     /// The app id devices register with (the iOS bundle id / Android package name).
     #[arg(long = "app-id")]
@@ -214,7 +223,7 @@ pub struct Config {
     )]
     pub max_pending_calls: usize,
 
-    // Who may do what (issue 4).
+    // Who may do what.
     /// The operator's account API that decides whether a device request's
     /// HTTP Basic credentials own its `sip_user_id`. `{sip_user_id}` in the
     /// URL is replaced by the id; without it, `?sip_user_id=<id>` is appended.
@@ -262,7 +271,7 @@ pub struct Config {
     )]
     pub trusted_proxy: Vec<ipnet::IpNet>,
 
-    // Operations (issue 6).
+    // Operations.
     /// Networks (CIDR) allowed to read `/metrics`; repeatable, or
     /// comma-separated in the environment.
     #[arg(long, env = "CALL_NOTIFIER_METRICS_ALLOW", value_delimiter = ',', global = true,
@@ -304,7 +313,7 @@ pub struct Config {
     )]
     pub log_format: LogFormat,
 
-    // Push delivery (issue 3).
+    // Push delivery.
     /// Base URL of the FCM HTTP v1 API; tests point it at a local stand-in.
     #[arg(
         long,

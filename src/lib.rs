@@ -7,21 +7,26 @@
 //! The map of the crate:
 //!
 //! - [`config`]: every flag, its environment variable and its default.
-//! - [`server`]: binds the listener, builds the shared [`AppState`], runs
-//!   until told to stop. `main.rs` only parses flags and calls it.
-//! - [`http`]: hyper routing, body parsing, and the one place where errors
-//!   become HTTP responses.
+//! - [`server`]: start-up only: builds the shared [`AppState`], binds the
+//!   listener, runs until told to stop. `main.rs` only parses flags and
+//!   calls it; nothing below imports it.
+//! - [`state`]: the [`AppState`] every handler shares.
+//! - [`shutdown`]: the server's phase (serving, draining, aborting) and how
+//!   a task waits for one.
+//! - [`http`]: the accept loop and connection limits, hyper routing, body
+//!   parsing, and the one place where errors become HTTP responses.
 //! - [`calls`]: the wait of one incoming call: open, push and resend, outcome,
 //!   cleanup.
 //! - [`broker`]: the [`broker::CallBroker`] boundary that carries an answer
 //!   from the request that receives it to the request that waits for it
 //!   (in-process or Redis).
 //! - [`store`]: devices, apps and the response log, in SQLite or PostgreSQL.
-//! - [`pool`]: connection pools (database, Redis) that fail fast while their
-//!   service is unreachable, instead of waiting out the acquire timeout.
+//! - [`pool`]: the database pools' fail-fast layer: no waiting out the
+//!   acquire timeout while the database is unreachable.
 //! - [`push`]: the [`push::Pusher`] boundary: APNs, FCM, log-only, recording.
 //! - [`auth`]: who may call what: device owners, PBX networks, probe limits.
 //! - [`outbound`]: the one outgoing HTTP client type (account API, FCM).
+//! - [`logs`]: client text escaped for log lines, tokens shortened.
 //! - [`metrics`]: the Prometheus metrics of one server.
 
 pub mod auth;
@@ -35,6 +40,9 @@ pub mod outbound;
 pub mod pool;
 pub mod push;
 pub mod server;
+pub mod shutdown;
+pub mod state;
 pub mod store;
 
-pub use server::{AppState, Server};
+pub use server::Server;
+pub use state::AppState;

@@ -24,8 +24,10 @@ pub struct PlatformLabel {
     pub platform: &'static str,
 }
 
+/// A device registration: its platform, and whether it made a device or
+/// updated one (`created`, `updated`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PushLabels {
+pub struct RegistrationLabels {
     pub platform: &'static str,
     pub outcome: &'static str,
 }
@@ -74,7 +76,7 @@ pub struct Metrics {
     /// PBX requests parked now.
     pub parked: Gauge,
     /// Device registrations by platform and result (`created`, `updated`).
-    pub registrations: Family<PushLabels, Counter>,
+    pub registrations: Family<RegistrationLabels, Counter>,
     /// Device deletions by platform.
     pub deletions: Family<PlatformLabel, Counter>,
     /// Account API checks by result (`ok`, `cached`, `rejected`, `forbidden`, `unavailable`).
@@ -180,6 +182,40 @@ impl Metrics {
             })
             .inc();
         self.push_duration
+            .get_or_create(&PlatformLabel {
+                platform: platform.as_str(),
+            })
+            .observe(seconds);
+    }
+
+    /// A device registration: `created` or `updated`.
+    pub fn registration(&self, platform: Platform, outcome: &'static str) {
+        self.registrations
+            .get_or_create(&RegistrationLabels {
+                platform: platform.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn deletion(&self, platform: Platform) {
+        self.deletions
+            .get_or_create(&PlatformLabel {
+                platform: platform.as_str(),
+            })
+            .inc();
+    }
+
+    /// An account-API verdict, or the throttle's refusal.
+    pub fn auth_check(&self, result: &'static str) {
+        self.auth_checks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// A first answer's roundtrip, push to answer, as the app reports it.
+    pub fn wakeup_roundtrip(&self, platform: Platform, seconds: f64) {
+        self.wakeup_roundtrip
             .get_or_create(&PlatformLabel {
                 platform: platform.as_str(),
             })

@@ -12,18 +12,24 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// A pooled client for `http://` and `https://` URLs.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// How every outgoing client connects: rustls over TCP, or plain TCP.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// A pooled client for `http://` and `https://` URLs, sending bodies of
+/// type `B` (yup-oauth2, for FCM, takes a `String`-bodied one).
+pub type HttpClient<B = Full<Bytes>> = Client<Connector, B>;
 
 /// Builds a client. Cheap to clone: clones share the connection pool, so
 /// build one per purpose and keep it.
-pub fn client() -> HttpClient {
+pub fn client<B>() -> HttpClient<B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
     Client::builder(TokioExecutor::new()).build(connector())
 }
 
-/// The connector every outgoing client is built on, for a client whose body
-/// type must differ (yup-oauth2 takes a `String`-bodied one for FCM's tokens).
-pub fn connector() -> HttpsConnector<HttpConnector> {
+fn connector() -> Connector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()

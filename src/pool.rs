@@ -1,9 +1,9 @@
 //! Connection pools that fail fast while their service is unreachable.
 //!
 //! bb8 retries a failed connect until the acquire timeout runs out, and a
-//! `get()` waits all that time: with the database or Redis down, every
-//! request would hang for the whole `--database-timeout-ms` or
-//! `--redis-timeout-ms` before it is answered 503 (a call: NAK). A
+//! `get()` waits all that time: with the database down, every request
+//! would hang for the whole `--database-timeout-ms` before it is answered
+//! 503 (a call: NAK). A
 //! [`Reachability`] learns from the pool's error sink that a connection
 //! attempt failed, and from its connection customizer that one succeeded.
 //! [`Reachability::get`] then:
@@ -15,8 +15,10 @@
 //! - otherwise waits for a connection as bb8 does (a busy pool is not an
 //!   outage), but gives up the moment a connect attempt fails.
 //!
-//! Used by the store's pools and the Redis broker's command pool; this module
-//! knows nothing about either.
+//! Used by the store's pools (PostgreSQL, SQLite); this module knows
+//! nothing about either. (The Redis broker needs none of it: the redis
+//! crate's `ConnectionManager` fails fast by itself, see
+//! `broker::redis::connections`.)
 
 use std::fmt::Display;
 use std::future::Future;
@@ -32,7 +34,7 @@ use tokio::sync::Notify;
 pub struct Reachability(Arc<Inner>);
 
 struct Inner {
-    /// The service, for logs: `"database"`, `"Redis"`.
+    /// The service, for logs: `"database"`.
     service: &'static str,
     /// The last connection attempt failed, and none has succeeded since.
     down: AtomicBool,

@@ -20,55 +20,14 @@ use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
 use crate::push::router::PushRouter;
 use crate::push::Pusher;
-use crate::store::{self, ResponseLog, Store};
-
-/// What every handler shares: one per process, behind an `Arc`.
-pub struct AppState {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub broker: Arc<dyn CallBroker>,
-    pub pusher: Arc<dyn Pusher>,
-    /// The `response_api` URL put into call pushes, computed once.
-    pub response_api: String,
-    /// The parked PBX requests, bounded by `--max-pending-calls`.
-    pub parking: Parking,
-    /// Who may call what.
-    pub access: Access,
-    pub metrics: Metrics,
-    /// Where the server is in its life; parked calls and readiness watch it.
-    pub phase: watch::Sender<Phase>,
-    /// The app's answers, written in batches off the request path.
-    pub response_log: ResponseLog,
-    /// Which replaced phones were told so lately.
-    pub takeover_notices: TakeoverNotices,
-}
-
-/// Where a server is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Accepting and serving.
-    Serving,
-    /// Told to stop: readiness says 503, no new connection is accepted,
-    /// parked calls keep their full wait and get their real answer.
-    Draining,
-    /// Out of time (`--shutdown-timeout-secs`, or a second signal): calls
-    /// still parked are answered NAK now, so the PBX is never left hanging.
-    Aborting,
-}
+use crate::shutdown::Phase;
+use crate::state::AppState;
+use crate::store::{self, ResponseLog};
 
 /// A server to start: the configuration plus what tests may swap in.
 pub struct Server {
     config: Config,
     pusher: Option<Arc<dyn Pusher>>,
-}
-
-/// Resolves once the phase seen through `phase` satisfies `reached`.
-/// (A helper, so no borrow of the watched value is held across an await.)
-pub async fn phase_reached(
-    phase: &mut watch::Receiver<Phase>,
-    reached: impl FnMut(&Phase) -> bool,
-) {
-    let _ = phase.wait_for(reached).await.map(|_| ());
 }
 
 /// A started server.

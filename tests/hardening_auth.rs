@@ -1,4 +1,4 @@
-//! Issue 10, items 2 to 4, from the outside: `X-Forwarded-For` tricks do
+//! Source addresses and logins from the outside: `X-Forwarded-For` tricks do
 //! not get past the allow-lists, and failed logins are throttled before the
 //! account API sees them.
 //!

@@ -1,4 +1,4 @@
-//! Hardening of the push side (issue #10): push tokens are checked before
+//! Hardening of the push side: push tokens are checked before
 //! they reach the store, the logs or a push service, and the notice to a
 //! replaced phone is neither repeatable at will nor a VoIP push to an
 //! iPhone. (Reason labels on the pushes metric: tests/push_fcm.rs, beside

@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Request, StatusCode};
 
-use super::{AuthError, ClientAddr};
+use super::{AuthError, Authorized, ClientAddr};
 use crate::outbound::{self, HttpClient};
 
 /// Most cached pairs; beyond it expired ones are dropped, then all.
@@ -75,14 +75,13 @@ impl AccountApi {
         key
     }
 
-    /// Says whether `header` owns `sip_user_id`; `Ok(true)` when the
-    /// answer came from the cache. `client` is who asks, for the account API.
+    /// Says whether `header` owns `sip_user_id`, and whether the cache knew. `client` is who asks, for the account API.
     pub async fn authorize(
         &self,
         header: &HeaderValue,
         sip_user_id: i64,
         client: ClientAddr,
-    ) -> Result<bool, AuthError> {
+    ) -> Result<Authorized, AuthError> {
         let key = Self::cache_key(header, sip_user_id);
         let now = Instant::now();
         if self
@@ -92,7 +91,7 @@ impl AccountApi {
             .get(&key)
             .is_some_and(|until| *until > now)
         {
-            return Ok(true);
+            return Ok(Authorized::Cached);
         }
         self.ask(header, sip_user_id, client).await?;
         if !self.ttl.is_zero() {
@@ -105,7 +104,7 @@ impl AccountApi {
             }
             confirmed.insert(key, now + self.ttl);
         }
-        Ok(false)
+        Ok(Authorized::Confirmed)
     }
 
     async fn ask(

@@ -47,6 +47,28 @@ pub enum AuthError {
     },
 }
 
+/// How a device request was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authorized {
+    /// No account API is configured: device requests are not authenticated.
+    Open,
+    /// The account API confirmed these credentials for this account lately.
+    Cached,
+    /// The account API confirmed them just now.
+    Confirmed,
+}
+
+impl Authorized {
+    /// The label of this verdict in the `auth_checks` metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Authorized::Open => "open",
+            Authorized::Cached => "cached",
+            Authorized::Confirmed => "ok",
+        }
+    }
+}
+
 /// The access rules of one server.
 pub struct Access {
     /// `None`: device requests are not authenticated (development on
@@ -103,8 +125,7 @@ impl Access {
     }
 
     /// Whether the `Authorization` header of a device request from `client`
-    /// owns `sip_user_id`. Says how it knows, for the metrics: `open` (no
-    /// account API), `cached` or `ok`. A source or account over its limit
+    /// owns `sip_user_id`, and how it knows ([`Authorized`]). A source or account over its limit
     /// of failed logins is refused before the account API is asked (or the
     /// cache looked at, which would tell a guesser a right password).
     pub async fn authorize_device(
@@ -112,9 +133,9 @@ impl Access {
         headers: &HeaderMap,
         sip_user_id: i64,
         client: ClientAddr,
-    ) -> Result<&'static str, AuthError> {
+    ) -> Result<Authorized, AuthError> {
         let Some(accounts) = &self.accounts else {
-            return Ok("open");
+            return Ok(Authorized::Open);
         };
         let header = headers
             .get(hyper::header::AUTHORIZATION)
@@ -128,7 +149,7 @@ impl Access {
             }
             Err(_) => self.logins.undecided(client, sip_user_id),
         }
-        Ok(if verdict? { "cached" } else { "ok" })
+        verdict
     }
 
     /// Whether device requests need credentials at all: they do whenever an

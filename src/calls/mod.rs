@@ -5,7 +5,10 @@
 //! call knows its deadline. Must not know about HTTP: the PBX endpoint turns
 //! an [`Outcome`] into `status=ACK` / `status=NAK`.
 
+mod answer;
 mod schedule;
+
+pub use answer::{answer, Answered, AppAnswer};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +20,8 @@ use crate::broker::{Answer, Wait};
 use crate::config::BrokerMode;
 use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
-use crate::server::{phase_reached, AppState, Phase};
+use crate::shutdown::{phase_reached, Phase};
+use crate::state::AppState;
 use crate::store::Platform;
 
 /// An incoming call as the PBX described it, already validated.
@@ -196,50 +200,25 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         );
         return record.end(Outcome::Nak(NakReason::Overloaded));
     };
-    // Nothing waits past the wait: neither a database nor a Redis that
-    // hangs (answers nothing, rather than refusing) keeps the PBX longer.
-    // One that refuses fails at once (see `crate::pool`).
+    // Nothing waits past the wait (see `within`); a database or Redis that
+    // refuses fails at once.
     let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
-    let looked_up = tokio::time::timeout_at(deadline, state.store.device(call.sip_user_id)).await;
-    let device = match looked_up {
-        Ok(Ok(Some(device))) => device,
-        Ok(Ok(None)) => return record.end(Outcome::Nak(NakReason::NoDevice)),
-        Ok(Err(e)) => {
-            state.metrics.error("store");
-            tracing::error!(sip_user_id = call.sip_user_id, error = %e, "device lookup failed; answering NAK");
-            return record.end(Outcome::Nak(NakReason::Unavailable));
-        }
-        Err(_) => {
-            state.metrics.error("store");
-            tracing::error!(
-                sip_user_id = call.sip_user_id,
-                "device lookup took the whole wait; answering NAK"
-            );
-            return record.end(Outcome::Nak(NakReason::Unavailable));
-        }
+    let looked_up = state.store.device(call.sip_user_id);
+    let device = match within(state, &call, deadline, "store", "device lookup", looked_up).await {
+        Ok(Some(device)) => device,
+        Ok(None) => return record.end(Outcome::Nak(NakReason::NoDevice)),
+        Err(outcome) => return record.end(outcome),
     };
     record.platform = Some(device.platform);
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
     record.unique_key = Some(unique_key.clone());
     // The wait is open (subscribed, pending state stored) before any push:
     // a call that cannot be answered is never rung.
-    let opened =
-        tokio::time::timeout_at(deadline, state.broker.open(&unique_key, device.platform)).await;
-    let mut wait = match opened {
-        Ok(Ok(wait)) => wait,
-        Ok(Err(e)) => {
-            state.metrics.error("broker");
-            tracing::error!(unique_key = %Escaped(&unique_key), error = %e, "cannot open the wait; answering NAK");
-            return record.end(Outcome::Nak(NakReason::Unavailable));
-        }
-        Err(_) => {
-            state.metrics.error("broker");
-            tracing::error!(
-                unique_key = %Escaped(&unique_key),
-                "opening the wait took the whole wait; answering NAK"
-            );
-            return record.end(Outcome::Nak(NakReason::Unavailable));
-        }
+    let opened = state.broker.open(&unique_key, device.platform);
+    let mut wait = match within(state, &call, deadline, "broker", "opening the wait", opened).await
+    {
+        Ok(wait) => wait,
+        Err(outcome) => return record.end(outcome),
     };
     let target = PushTarget::from(device);
     let payload = Payload::Call {
@@ -276,6 +255,29 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => Outcome::Nak(NakReason::Shutdown),
     };
     record.end(outcome)
+}
+
+/// Runs one step of a call's set-up (`what`, on `component`) within the
+/// call's wait. A step that fails, or takes the whole wait, is an error of
+/// its component, and the call ends NAK `unavailable`: a database or Redis
+/// that hangs (answers nothing, rather than refusing) keeps no PBX longer
+/// than its wait.
+async fn within<T, E: std::fmt::Display>(
+    state: &AppState,
+    call: &IncomingCall,
+    deadline: tokio::time::Instant,
+    component: &'static str,
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Outcome> {
+    let error = match tokio::time::timeout_at(deadline, step).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "took the whole wait".to_owned(),
+    };
+    state.metrics.error(component);
+    tracing::error!(sip_user_id = call.sip_user_id, %error, "{what} failed; answering NAK");
+    Err(Outcome::Nak(NakReason::Unavailable))
 }
 
 /// Resolves with the app's answer: pushed to us in the `pubsub` broker mode,

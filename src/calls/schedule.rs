@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget};
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// What the schedule tells the waiting call.
 pub(super) struct Report {

@@ -13,7 +13,7 @@ use super::devices::read_authorized;
 use super::error::ApiError;
 use super::{json, Body};
 use crate::logs::Escaped;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::{now_millis, HangupReason};
 
 const NO_DEVICE: ApiError = ApiError::NotFound("no device for this sip_user_id");

@@ -10,10 +10,8 @@ use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{text, Body};
 use crate::auth::AuthError;
-use crate::calls::{self, IncomingCall, Outcome};
-use crate::metrics::PlatformLabel;
-use crate::server::AppState;
-use crate::store::{now_millis, ResponseLogEntry};
+use crate::calls::{self, Answered, AppAnswer, IncomingCall, Outcome};
+use crate::state::AppState;
 
 /// Callers whose number is withheld: they still ring, and are pushed as given.
 const WITHHELD: [&str; 5] = [
@@ -105,32 +103,15 @@ pub(super) async fn call_response(
             "must be Unix seconds",
         ));
     }
-    let available = fields.boolean("available", true)?;
-    let roundtrip = calls::unix_seconds() - message_start_time;
-    if roundtrip > state.config.wait().as_secs_f64() {
-        return Err(unknown());
-    }
-    let Some(before) = state.broker.answer(&unique_key, available).await? else {
-        return Err(unknown());
+    let answer = AppAnswer {
+        unique_key,
+        message_start_time,
+        available: fields.boolean("available", true)?,
     };
-    if before.answer().is_none() {
-        let platform = PlatformLabel {
-            platform: before.platform().as_str(),
-        };
-        state
-            .metrics
-            .wakeup_roundtrip
-            .get_or_create(&platform)
-            .observe(roundtrip.max(0.0));
-        // Queued: the log row must not delay the answer the PBX waits for.
-        state.response_log.record(ResponseLogEntry {
-            platform: before.platform(),
-            roundtrip: roundtrip.max(0.0),
-            available,
-            created_at: now_millis(),
-        });
+    match calls::answer(state, answer).await? {
+        Answered::Accepted => Ok(text(StatusCode::ACCEPTED, "")),
+        Answered::Unknown => Err(unknown()),
     }
-    Ok(text(StatusCode::ACCEPTED, ""))
 }
 
 #[cfg(test)]

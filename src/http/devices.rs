@@ -12,11 +12,10 @@ use hyper::{Request, Response, StatusCode};
 use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, Body};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Authorized};
 use crate::logs::{is_invisible_format, redact};
-use crate::metrics::{PlatformLabel, PushLabels, ResultLabel};
 use crate::push::{Payload, PushTarget};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::{Device, NewDevice, Platform, Registration};
 
 /// What the phone that lost its SIP account to another device is told.
@@ -65,16 +64,10 @@ pub(super) async fn read_authorized(
         .access
         .authorize_device(&parts.headers, fields.sip_user_id()?, client)
         .await;
-    let result = match &verdict {
-        Ok(how) => how,
-        Err(e) => e.as_str(),
-    };
-    if result != "open" {
-        state
-            .metrics
-            .auth_checks
-            .get_or_create(&ResultLabel { result })
-            .inc();
+    match &verdict {
+        Ok(Authorized::Open) => {}
+        Ok(how) => state.metrics.auth_check(how.as_str()),
+        Err(e) => state.metrics.auth_check(e.as_str()),
     }
     verdict?;
     Ok((parts, fields))
@@ -126,11 +119,7 @@ pub(super) async fn register(
             (StatusCode::OK, "updated")
         }
     };
-    let labels = PushLabels {
-        platform: platform.as_str(),
-        outcome: result,
-    };
-    state.metrics.registrations.get_or_create(&labels).inc();
+    state.metrics.registration(platform, result);
     Ok(json(status, &body))
 }
 
@@ -194,10 +183,7 @@ pub(super) async fn unregister(
         .delete_device(sip_user_id, platform, &token, &app_id)
         .await?
     {
-        let labels = PlatformLabel {
-            platform: platform.as_str(),
-        };
-        state.metrics.deletions.get_or_create(&labels).inc();
+        state.metrics.deletion(platform);
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "deleted": true }),

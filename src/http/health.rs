@@ -11,7 +11,8 @@ use hyper::{Response, StatusCode};
 use super::error::ApiError;
 use super::{json, Body};
 use crate::auth::{AuthError, ClientAddr};
-use crate::server::{AppState, Phase};
+use crate::shutdown::Phase;
+use crate::state::AppState;
 
 /// How long a dependency may take to answer a readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);

@@ -29,7 +29,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::server::{phase_reached, AppState, Phase};
+use crate::shutdown::{phase_reached, Phase};
+use crate::state::AppState;
 
 /// How long answering parked calls NAK may take once the server aborts.
 const ABORT_GRACE: Duration = Duration::from_secs(5);

@@ -27,7 +27,7 @@ pub use body::{Fields, MAX_BODY_BYTES};
 use error::ApiError;
 pub use listener::serve;
 
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::Platform;
 
 /// The one response body type.

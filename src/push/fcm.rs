@@ -16,10 +16,6 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Limited};
 use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use yup_oauth2::authenticator::Authenticator;
@@ -28,6 +24,7 @@ use yup_oauth2::{CustomHyperClientBuilder, ServiceAccountAuthenticator};
 use super::{
     read_credentials, CredentialsError, Payload, PushOutcome, PushTarget, Reason, Refusal,
 };
+use crate::outbound::{self, HttpClient};
 
 /// The OAuth2 scope of FCM HTTP v1.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -54,18 +51,11 @@ pub const REASONS: &[&str] = &[
 /// The most of an FCM answer we read: error bodies are small.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// The HTTP client for FCM and for Google's token endpoint: the
-/// [`crate::outbound`] one, with a `String` body because yup-oauth2 takes a
-/// client of that type.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, String>;
-
-pub fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build(crate::outbound::connector())
-}
-
 /// What every FCM app shares.
 pub struct FcmEndpoint {
-    pub http: HttpClient,
+    /// For FCM and Google's token endpoint alike: `String`-bodied, as
+    /// yup-oauth2 takes it.
+    pub http: HttpClient<String>,
     /// `--fcm-base-url`, without a trailing slash.
     pub base_url: String,
     /// TTL of call pushes: no longer than the wait, since a phone woken after
@@ -76,7 +66,7 @@ pub struct FcmEndpoint {
 impl FcmEndpoint {
     pub fn new(base_url: &str, call_ttl: Duration) -> Self {
         FcmEndpoint {
-            http: http_client(),
+            http: outbound::client(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             call_ttl,
         }
@@ -87,7 +77,7 @@ impl FcmEndpoint {
 pub struct FcmApp {
     endpoint: Arc<FcmEndpoint>,
     project_id: String,
-    authenticator: Authenticator<HttpsConnector<HttpConnector>>,
+    authenticator: Authenticator<outbound::Connector>,
     /// One token request at a time: a burst of calls on a cold cache waits
     /// for one token instead of asking Google once per call.
     token_lock: tokio::sync::Mutex<()>,
@@ -555,7 +545,7 @@ mod tests {
         let request = Request::post(format!("http://{addr}/x"))
             .body(String::from("{}"))
             .expect("a request");
-        let client = http_client();
+        let client: HttpClient<String> = outbound::client();
         let sending = tokio::spawn(async move { client.request(request).await.is_ok() });
         let (mut stream, _) = listener.accept().await.expect("a connection");
         let mut head = [0u8; 16];

@@ -48,7 +48,7 @@ impl From<Device> for PushTarget {
 }
 
 /// What a push says. Data-only on both platforms; the keys are the contract
-/// the apps read (DESIGN.md), so they are spelled out here and nowhere else.
+/// the apps read (README, "API"), so they are spelled out here and nowhere else.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     /// Wake up: a call is waiting.

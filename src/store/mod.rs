@@ -78,7 +78,7 @@ pub trait Store: Send + Sync + 'static {
     /// Records why a call ended on the phone.
     async fn record_hangup(&self, hangup: HangupReason) -> Result<(), StoreError>;
 
-    /// Appends rows to the response log, in one statement.
+    /// Appends rows to the response log, in one transaction.
     async fn log_responses(&self, entries: &[ResponseLogEntry]) -> Result<(), StoreError>;
 
     /// Answers when the database does.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// The push platform a device registered through. `android` and `gcm` both
 /// go out through FCM HTTP v1: `gcm` is the legacy name old apps still use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Platform {
     Apns,
