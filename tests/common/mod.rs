@@ -44,11 +44,22 @@ pub const APP: &str = "com.example.softphone";
 /// broken build) reaches it, and fails the test instead of hanging it.
 pub const BOUND: Duration = Duration::from_secs(30);
 
+/// The bound on a wait for a push. A push goes out the moment a call
+/// parks, and again every resend interval (a second at most here), so a
+/// push that has not come by then never will: a call the server refused to
+/// park, say. Shorter than [`BOUND`], so such a build fails sooner.
+pub const PUSH_BOUND: Duration = Duration::from_secs(10);
+
 /// Awaits `future`, failing the test (naming `what`) after [`BOUND`].
 pub async fn bounded<F: Future>(what: impl Display, future: F) -> F::Output {
-    tokio::time::timeout(BOUND, future)
+    bounded_by(BOUND, what, future).await
+}
+
+/// Awaits `future`, failing the test (naming `what`) after `bound`.
+pub async fn bounded_by<F: Future>(bound: Duration, what: impl Display, future: F) -> F::Output {
+    tokio::time::timeout(bound, future)
         .await
-        .unwrap_or_else(|_| panic!("{what}: nothing within {BOUND:?}"))
+        .unwrap_or_else(|_| panic!("{what}: nothing within {bound:?}"))
 }
 
 /// Where a test's server keeps its state.
@@ -246,7 +257,8 @@ impl TestServer {
     /// Waits until at least `count` pushes went to `token`, and returns
     /// them all.
     pub async fn pushes(&self, token: &str, count: usize) -> Vec<Recorded> {
-        bounded(
+        bounded_by(
+            PUSH_BOUND,
             format_args!("{}: {count} pushes to {token}", self.backend.name()),
             self.pusher.wait_for(token, count),
         )
@@ -260,7 +272,8 @@ impl TestServer {
 
     /// Waits for the push to `token` for the call `unique_key`.
     pub async fn call_push(&self, token: &str, unique_key: &str) -> Recorded {
-        bounded(
+        bounded_by(
+            PUSH_BOUND,
             format_args!("{}: a push for {unique_key}", self.backend.name()),
             async {
                 let mut seen = 0;
