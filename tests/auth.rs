@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::stand_in::{Answer, StandIn};
 use common::*;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 
 const ALICE: &str = "Basic YWxpY2U6c2VjcmV0"; // alice:secret
 const ALICE_WRONG: &str = "Basic YWxpY2U6d3Jvbmc="; // alice:wrong
@@ -19,19 +19,22 @@ async fn register_as(
     user: &str,
     token: &str,
 ) -> Reply {
-    let body = serde_urlencoded::to_string([("sip_user_id", user), ("token", token), ("app", APP)])
-        .unwrap();
-    let mut request = hyper::Request::post(format!("{}/api/android-device/", client.base()))
-        .header("content-type", "application/x-www-form-urlencoded");
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
-    }
-    client.request(request.body(body.into()).unwrap()).await
+    let headers: Vec<(&str, &[u8])> = authorization
+        .map(|a| ("authorization", a.as_bytes()))
+        .into_iter()
+        .collect();
+    client
+        .post_with(
+            "/api/android-device/",
+            &headers,
+            &[("sip_user_id", user), ("token", token), ("app", APP)],
+        )
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_api_decides_and_its_answers_map_to_statuses() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let api = StandIn::start(|_| Answer::status(200)).await;
     let server = start(&backend, |c| {
         c.auth_url = Some(format!("{}/api/phoneaccount/{{sip_user_id}}/", api.url()));
@@ -73,20 +76,13 @@ async fn the_account_api_decides_and_its_answers_map_to_statuses() {
 
     // Deleting is guarded the same way.
     api.answer_with(|_| Answer::status(403));
-    let reply = server
-        .client
-        .form(
-            Method::DELETE,
-            "/api/android-device/",
-            &[("sip_user_id", &user), ("token", "t"), ("app", APP)],
-        )
-        .await;
+    let reply = server.client.unregister("android", &user, "t").await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_credentials_are_cached_per_password_and_account() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let api = StandIn::start(|request| {
         if request.header("authorization") == Some(ALICE) {
             Answer::status(200)
@@ -135,24 +131,12 @@ async fn confirmed_credentials_are_cached_per_password_and_account() {
     );
     assert_eq!(api.hits(), 3);
     // The rejected attempt changed nothing.
-    let id: i64 = user.parse().unwrap();
-    assert_eq!(
-        server
-            .running
-            .state
-            .store
-            .device(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .token,
-        "b"
-    );
+    assert_eq!(server.device(&user).await.expect("registered").token, "b");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_pbx_networks_may_post_incoming_calls() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let call = [("sip_user_id", "1"), ("phonenumber", "0612345678")];
 
     // Loopback is not on this list.
@@ -193,42 +177,38 @@ async fn post_forwarded(
     forwarded_for: &str,
     fields: &[(&str, &str)],
 ) -> Reply {
-    let body = serde_urlencoded::to_string(fields).unwrap();
-    let request = hyper::Request::post(format!("{}/api/incoming-call/", client.base()))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-forwarded-for", forwarded_for)
-        .body(body.into())
-        .unwrap();
-    client.request(request).await
+    client
+        .post_with(
+            "/api/incoming-call/",
+            &[("x-forwarded-for", forwarded_for.as_bytes())],
+            fields,
+        )
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_auth_on_a_public_address_refuses_to_start() {
-    let backend = backends().await.remove(0);
-    let mut config = backend.config();
-    config.listen = "0.0.0.0:0".parse().unwrap();
-    let error = call_notifier::Server::new(config.clone())
-        .start()
-        .await
-        .err()
-        .expect("refused");
+    let backend = Backend::embedded();
+    let public = |c: &mut call_notifier::config::Config| c.listen = "0.0.0.0:0".parse().unwrap();
+    let error = try_start(&backend, public).await.err().expect("refused");
     let message = format!("{error:#}");
     assert!(
         message.contains("--auth-url") && message.contains("--insecure-no-auth"),
         "{message}"
     );
 
-    config.insecure_no_auth = true;
-    let running = call_notifier::Server::new(config)
-        .start()
-        .await
-        .expect("starts when told to accept the risk");
-    running.stop().await;
+    let server = try_start(&backend, |c| {
+        public(c);
+        c.insecure_no_auth = true;
+    })
+    .await
+    .expect("starts when told to accept the risk");
+    bounded("the server stopping", server.running.stop()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_probing_unknown_keys_is_refused_for_a_while() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let now = call_notifier::calls::unix_seconds();
     let mut statuses = Vec::new();
@@ -250,11 +230,10 @@ async fn a_source_probing_unknown_keys_is_refused_for_a_while() {
     assert!(refused.headers.contains_key("retry-after"));
 
     // A live key from the same source is still answered at once.
-    let user = sip_user_id();
-    server.client.register("android", &user, "tok-probe").await;
+    let user = server.registered("android", "tok-probe").await;
     let key = call_id();
     let pbx = server.client.park(&user, &key);
-    let push = server.pusher.wait_for("tok-probe", 1).await.remove(0);
+    let push = server.push("tok-probe").await;
     assert_eq!(
         server
             .client

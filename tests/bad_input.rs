@@ -312,16 +312,10 @@ fn cases(user: &str) -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        let id: i64 = user.parse().unwrap();
-        assert_eq!(
-            server.client.register("android", &user, "tok").await,
-            StatusCode::CREATED
-        );
-        let store = server.running.state.store.clone();
-        let before = store.device(id).await.unwrap();
+        let user = server.registered("android", "tok").await;
+        let before = server.device(&user).await;
 
         for case in cases(&user) {
             let reply = server
@@ -366,19 +360,15 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
             server.client.get("/health/live").await.status,
             StatusCode::OK
         );
-        assert_eq!(
-            store.device(id).await.unwrap(),
-            before,
-            "{}",
-            backend.name()
-        );
+        assert_eq!(server.device(&user).await, before, "{}", backend.name());
         assert_eq!(server.running.state.parking.parked(), 0);
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_and_paths_are_told_apart() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let reply = server.client.get("/api/incoming-call/").await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
@@ -402,7 +392,7 @@ async fn wrong_methods_and_paths_are_told_apart() {
 /// so newer apps keep working against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_extra_fields_are_ignored() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let user = sip_user_id();
     let reply = server

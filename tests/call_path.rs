@@ -42,14 +42,10 @@ async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes
     on_every_backend(|backend| async move {
         // The defaults: wait 4 s, a push every second.
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        assert_eq!(
-            server.client.register("android", &user, "tok-a").await,
-            StatusCode::CREATED
-        );
+        let user = server.registered("android", "tok-a").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        let first = server.pusher.wait_for("tok-a", 1).await.remove(0);
+        let first = server.push("tok-a").await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let answer = server
             .client
@@ -70,20 +66,7 @@ async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes
         assert_eq!(attempts, [Some(1), Some(2)], "{}", backend.name());
         // The payload carries exactly the contract's keys.
         let json = first.payload.to_json();
-        let mut keys: Vec<&str> = json.keys().map(String::as_str).collect();
-        keys.sort();
-        assert_eq!(
-            keys,
-            [
-                "attempt",
-                "caller_id",
-                "message_start_time",
-                "phonenumber",
-                "response_api",
-                "type",
-                "unique_key"
-            ]
-        );
+        assert_call_push_keys(&json, backend.name());
         assert_eq!(json["type"], "call");
         assert_eq!(json["unique_key"], key.as_str());
         assert_eq!(json["phonenumber"], "+31 50 123 4567");
@@ -100,11 +83,10 @@ async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes
 async fn answered_not_available_is_nak() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-busy").await;
+        let user = server.registered("android", "tok-busy").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        let push = server.pusher.wait_for("tok-busy", 1).await.remove(0);
+        let push = server.push("tok-busy").await;
         let answer = server
             .client
             .call_response(&key, start_time_of(&push), false)
@@ -124,8 +106,7 @@ async fn no_answer_is_nak_after_the_wait_with_three_pushes() {
             c.resend_interval_ms = 500;
         })
         .await;
-        let user = sip_user_id();
-        server.client.register("gcm", &user, "tok-sleepy").await;
+        let user = server.registered("gcm", "tok-sleepy").await;
         let started = Instant::now();
         let reply = server.client.incoming_call(&user, &call_id()).await;
         assert_eq!(reply.body, "status=NAK");
@@ -153,8 +134,7 @@ async fn an_answer_after_the_wait_is_404_and_the_pbx_got_nak() {
             c.resend_interval_ms = 200;
         })
         .await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-late").await;
+        let user = server.registered("android", "tok-late").await;
         let key = call_id();
         let reply = server.client.incoming_call(&user, &key).await;
         assert_eq!(reply.body, "status=NAK");
@@ -192,8 +172,7 @@ async fn an_answer_for_a_key_never_issued_is_404() {
 async fn a_generated_key_is_128_random_bits_in_hex() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-gen").await;
+        let user = server.registered("android", "tok-gen").await;
         let pbx = tokio::spawn({
             let client = server.client.clone();
             let user = user.clone();
@@ -206,7 +185,7 @@ async fn a_generated_key_is_128_random_bits_in_hex() {
                     .await
             }
         });
-        let push = server.pusher.wait_for("tok-gen", 1).await.remove(0);
+        let push = server.push("tok-gen").await;
         let Payload::Call {
             unique_key,
             phonenumber,
@@ -234,27 +213,17 @@ async fn a_generated_key_is_128_random_bits_in_hex() {
 async fn the_pbx_hanging_up_leaves_nothing_behind() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-hangup").await;
+        let user = server.registered("android", "tok-hangup").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        server.pusher.wait_for("tok-hangup", 1).await;
+        server.push("tok-hangup").await;
         let state = server.running.state.clone();
         assert_eq!(state.parking.parked(), 1);
         assert_eq!(state.broker.waiting(), 1);
         // The PBX hangs up: its connection closes mid-wait.
         pbx.abort();
         let _ = pbx.await;
-        let clean = eventually(Duration::from_secs(2), || {
-            let state = state.clone();
-            async move { state.parking.parked() == 0 && state.broker.waiting() == 0 }
-        })
-        .await;
-        assert!(
-            clean,
-            "{}: bookkeeping left after the PBX hung up",
-            backend.name()
-        );
+        assert_no_bookkeeping(&server).await;
         // No more pushes once the call is gone.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(
@@ -298,8 +267,7 @@ async fn an_accepted_apns_push_is_never_resent() {
             c.resend_interval_ms = 500;
         })
         .await;
-        let user = sip_user_id();
-        server.client.register("apns", &user, "ab01").await;
+        let user = server.registered("apns", "ab01").await;
         let reply = server.client.incoming_call(&user, &call_id()).await;
         assert_eq!(reply.body, "status=NAK");
         assert_eq!(server.pusher.sent_to("ab01").len(), 1, "{}", backend.name());
@@ -319,11 +287,10 @@ async fn a_refused_push_is_retried_under_the_same_attempt_number() {
             after: None,
             refusal: Refusal::new(apns::reason_label(&ServiceUnavailable), "503"),
         }]);
-        let user = sip_user_id();
-        server.client.register("apns", &user, "ab02").await;
+        let user = server.registered("apns", "ab02").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        let pushes = server.pusher.wait_for("ab02", 2).await;
+        let pushes = server.pushes("ab02", 2).await;
         let attempts: Vec<_> = pushes.iter().map(|p| p.payload.attempt()).collect();
         assert_eq!(attempts, [Some(1), Some(1)], "{}", backend.name());
         // The retry comes sooner than the next resend would.
@@ -348,8 +315,7 @@ async fn a_dead_token_ends_the_call_at_once_and_forgets_the_device() {
             Reason::bounded("UNREGISTERED", fcm::REASONS),
             "UNREGISTERED",
         ))]);
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-dead").await;
+        let user = server.registered("android", "tok-dead").await;
         let started = Instant::now();
         let reply = server.client.incoming_call(&user, &call_id()).await;
         assert_eq!(reply.body, "status=NAK");
@@ -358,11 +324,8 @@ async fn a_dead_token_ends_the_call_at_once_and_forgets_the_device() {
             "{}: NAK came at the timeout",
             backend.name()
         );
-        let store = server.running.state.store.clone();
-        let id: i64 = user.parse().unwrap();
-        let forgotten = eventually(Duration::from_secs(2), || {
-            let store = store.clone();
-            async move { store.device(id).await.unwrap().is_none() }
+        let forgotten = eventually(Duration::from_secs(2), || async {
+            server.device(&user).await.is_none()
         })
         .await;
         assert!(
@@ -384,11 +347,10 @@ async fn a_dead_token_ends_the_call_at_once_and_forgets_the_device() {
 async fn a_second_answer_does_not_change_the_first() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
-        let user = sip_user_id();
-        server.client.register("android", &user, "tok-twice").await;
+        let user = server.registered("android", "tok-twice").await;
         let key = call_id();
         let pbx = server.client.park(&user, &key);
-        let push = server.pusher.wait_for("tok-twice", 1).await.remove(0);
+        let push = server.push("tok-twice").await;
         let (first, second) = tokio::join!(
             server
                 .client
@@ -417,9 +379,9 @@ async fn a_second_answer_does_not_change_the_first() {
 /// different instances; Redis carries the answer across.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_call_through_redis() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         if backend.redis_url().is_none() {
-            continue; // The in-process broker is one instance by definition.
+            return; // The in-process broker is one instance by definition.
         }
         let a = start(&backend, |_| {}).await;
         let b = start(&backend, |_| {}).await;
@@ -431,7 +393,7 @@ async fn two_instances_share_one_call_through_redis() {
         );
         let key = call_id();
         let pbx = a.client.park(&user, &key);
-        let push = a.pusher.wait_for("tok-lb", 1).await.remove(0);
+        let push = a.push("tok-lb").await;
         let answer = b
             .client
             .call_response(&key, start_time_of(&push), true)
@@ -439,7 +401,8 @@ async fn two_instances_share_one_call_through_redis() {
         assert_eq!(answer.status, StatusCode::ACCEPTED);
         assert_eq!(pbx.await.unwrap().body, "status=ACK");
         assert_eq!(a.pusher.sent_to("tok-lb").len(), 1);
-    }
+    })
+    .await;
 }
 
 /// Every first answer lands in the response log (platform, roundtrip,
@@ -448,19 +411,17 @@ async fn two_instances_share_one_call_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_are_written_to_the_response_log() {
     use diesel::prelude::*;
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let Backend::Embedded { dir } = &backend else {
-        unreachable!("the first backend is embedded")
+        unreachable!("an embedded backend")
     };
     let server = start(&backend, |_| {}).await;
-    let user = sip_user_id();
-    server.client.register("apns", &user, "ab03").await;
+    let user = server.registered("apns", "ab03").await;
     for available in [true, false] {
         let key = call_id();
         let pbx = server.client.park(&user, &key);
         let push = server
-            .pusher
-            .wait_for("ab03", if available { 1 } else { 2 })
+            .pushes("ab03", if available { 1 } else { 2 })
             .await
             .pop()
             .unwrap();
@@ -471,7 +432,7 @@ async fn answers_are_written_to_the_response_log() {
         pbx.await.unwrap();
     }
     let TestServer { running, .. } = server;
-    running.stop().await;
+    bounded("the server stopping", running.stop()).await;
 
     #[derive(QueryableByName, Debug, PartialEq)]
     struct Row {

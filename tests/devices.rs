@@ -13,12 +13,10 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_update_move_and_delete() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let client = &server.client;
-        let store = server.running.state.store.clone();
         let user = sip_user_id();
-        let id: i64 = user.parse().unwrap();
 
         // Register: 201, and the reply echoes the device.
         let reply = client
@@ -41,7 +39,7 @@ async fn register_update_move_and_delete() {
             reply.body
         );
         assert_eq!(reply.json()["token"], "a1");
-        let device = store.device(id).await.unwrap().expect("registered");
+        let device = server.device(&user).await.expect("registered");
         assert_eq!(
             (device.platform, device.sandbox, device.name.as_deref()),
             (Platform::Apns, true, Some("Alice's phone"))
@@ -63,13 +61,13 @@ async fn register_update_move_and_delete() {
             client.register("android", &user, &fcm).await,
             StatusCode::OK
         );
-        let device = store.device(id).await.unwrap().expect("still one device");
+        let device = server.device(&user).await.expect("still one device");
         assert_eq!(
             (device.platform, device.token.as_str()),
             (Platform::Android, fcm.as_str())
         );
         assert_eq!(client.register("apns", &user, "a3").await, StatusCode::OK);
-        let notice = server.pusher.wait_for(&fcm, 1).await.remove(0);
+        let notice = server.push(&fcm).await;
         assert!(
             matches!(notice.payload, Payload::Message { .. }),
             "{:?}",
@@ -78,30 +76,18 @@ async fn register_update_move_and_delete() {
         assert_eq!(notice.payload.to_json()["type"], "message");
         assert!(server.pusher.sent_to("a1").is_empty());
         assert!(server.pusher.sent_to("a2").is_empty());
-        let device = store.device(id).await.unwrap().expect("still one device");
+        let device = server.device(&user).await.expect("still one device");
         assert_eq!(
             (device.platform, device.token.as_str(), device.sandbox),
             (Platform::Apns, "a3", false)
         );
 
         // Delete with the wrong token or platform: 404, nothing changes.
-        let wrong = client
-            .form(
-                Method::DELETE,
-                "/api/apns-device/",
-                &[("sip_user_id", &user), ("token", "a2"), ("app", APP)],
-            )
-            .await;
+        let wrong = client.unregister("apns", &user, "a2").await;
         assert_eq!(wrong.status, StatusCode::NOT_FOUND);
-        let wrong = client
-            .form(
-                Method::DELETE,
-                "/api/android-device/",
-                &[("sip_user_id", &user), ("token", "a3"), ("app", APP)],
-            )
-            .await;
+        let wrong = client.unregister("android", &user, "a3").await;
         assert_eq!(wrong.status, StatusCode::NOT_FOUND);
-        assert!(store.device(id).await.unwrap().is_some());
+        assert!(server.device(&user).await.is_some());
 
         // Delete (fields in the query string, no trailing slash), then again.
         let path = format!("/api/apns-device?sip_user_id={user}&token=a3&app={APP}");
@@ -112,7 +98,7 @@ async fn register_update_move_and_delete() {
                 .status,
             StatusCode::OK
         );
-        assert!(store.device(id).await.unwrap().is_none());
+        assert!(server.device(&user).await.is_none());
         assert_eq!(
             client
                 .send(Method::DELETE, &path, None, Vec::new())
@@ -120,12 +106,13 @@ async fn register_update_move_and_delete() {
                 .status,
             StatusCode::NOT_FOUND
         );
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_bodies_and_unknown_apps() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let user = sip_user_id();
         let id: i64 = user.parse().unwrap();
@@ -150,14 +137,7 @@ async fn json_bodies_and_unknown_apps() {
             .await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", backend.name());
         assert!(reply.json()["error"].as_str().unwrap().contains("app"));
-        let device = server
-            .running
-            .state
-            .store
-            .device(id)
-            .await
-            .unwrap()
-            .expect("unchanged");
+        let device = server.device(&user).await.expect("unchanged");
         assert_eq!(
             (device.platform, device.token.as_str()),
             (Platform::Gcm, "gcm-1")
@@ -174,14 +154,15 @@ async fn json_bodies_and_unknown_apps() {
             )
             .await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    }
+    })
+    .await;
 }
 
 /// 200 concurrent registrations, re-registrations and deletions for one SIP
 /// account: never two devices, never a 5xx, and the row left is coherent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let user = sip_user_id();
         let platforms = ["apns", "android", "gcm"];
@@ -195,11 +176,7 @@ async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
                 if i % 4 == 3 {
                     let previous = format!("{:04x}{}", i - 1, (i - 1) % 3);
                     client
-                        .form(
-                            Method::DELETE,
-                            &format!("/api/{}-device/", platforms[(i - 1) % 3]),
-                            &[("sip_user_id", &user), ("token", &previous), ("app", APP)],
-                        )
+                        .unregister(platforms[(i - 1) % 3], &user, &previous)
                         .await
                         .status
                 } else {
@@ -222,8 +199,7 @@ async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
                 .count()
                 >= 1
         );
-        let id: i64 = user.parse().unwrap();
-        if let Some(device) = server.running.state.store.device(id).await.unwrap() {
+        if let Some(device) = server.device(&user).await {
             // The token names the platform it was registered on.
             let last = device.token.chars().last().expect("a test token");
             let platform = platforms[last.to_digit(10).expect("a test token") as usize];
@@ -245,16 +221,9 @@ async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
             2
         );
         assert_eq!(
-            server
-                .running
-                .state
-                .store
-                .device(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .token,
+            server.device(&user).await.expect("registered").token,
             "final"
         );
-    }
+    })
+    .await;
 }

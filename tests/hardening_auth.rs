@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use call_notifier::config::Config;
 use common::stand_in::{Answer, StandIn};
 use common::*;
 use hyper::header::HeaderValue;
@@ -29,16 +30,14 @@ async fn post_via_proxy(
     authorization: Option<&str>,
     fields: &[(&str, &str)],
 ) -> Reply {
-    let body = serde_urlencoded::to_string(fields).unwrap();
-    let mut request = hyper::Request::post(format!("{}{path}", client.base()))
-        .header("content-type", "application/x-www-form-urlencoded");
-    for line in forwarded_for {
-        request = request.header("x-forwarded-for", HeaderValue::from_bytes(line).unwrap());
-    }
+    let mut headers: Vec<(&str, &[u8])> = forwarded_for
+        .iter()
+        .map(|line| ("x-forwarded-for", *line))
+        .collect();
     if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
+        headers.push(("authorization", authorization.as_bytes()));
     }
-    client.request(request.body(body.into()).unwrap()).await
+    client.post_with(path, &headers, fields).await
 }
 
 /// Registers a device for `user` as the client `source`.
@@ -68,6 +67,16 @@ async fn account_api() -> StandIn {
         }
     })
     .await
+}
+
+/// The config of a server that asks `api` about every login (nothing
+/// cached), behind loopback as a trusted proxy.
+fn asking(api: &StandIn) -> impl FnOnce(&mut Config) + '_ {
+    move |c| {
+        c.auth_url = Some(format!("{}/auth", api.url()));
+        c.auth_cache_secs = 0;
+        c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
+    }
 }
 
 fn assert_throttled(reply: &Reply, rule_mentions: &str) {
@@ -226,12 +235,7 @@ async fn an_unknown_client_is_one_source_for_the_probe_limit() {
 async fn failed_logins_from_one_source_are_refused_before_the_account_api_is_asked() {
     on_every_backend(|backend| async move {
         let api = account_api().await;
-        let server = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
-            c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
-        })
-        .await;
+        let server = start(&backend, asking(&api)).await;
         let (user, other_user) = (sip_user_id(), sip_user_id());
         let guesser = "198.51.100.7";
 
@@ -285,12 +289,7 @@ async fn a_burst_of_wrong_passwords_in_flight_together_is_held_to_the_limit() {
     on_every_backend(|backend| async move {
         // A slow account API: the whole burst is in flight before it answers.
         let api = StandIn::start(|_| Answer::status(401).after(Duration::from_millis(300))).await;
-        let server = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
-            c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
-        })
-        .await;
+        let server = start(&backend, asking(&api)).await;
         let user = sip_user_id();
         let burst = (0..3 * PER_SOURCE).map(|_| {
             let client = server.client.clone();
@@ -314,12 +313,7 @@ async fn a_burst_of_wrong_passwords_in_flight_together_is_held_to_the_limit() {
 async fn one_ipv6_64_is_one_source_for_failed_logins() {
     on_every_backend(|backend| async move {
         let api = account_api().await;
-        let server = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
-            c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
-        })
-        .await;
+        let server = start(&backend, asking(&api)).await;
         for n in 0..PER_SOURCE {
             let source = format!("2001:db8:7:7::{:x}", n + 1);
             let reply = register_from(&server.client, &source, ALICE_WRONG, &sip_user_id()).await;
@@ -347,12 +341,7 @@ async fn one_ipv6_64_is_one_source_for_failed_logins() {
 async fn failed_logins_for_one_account_are_refused_except_from_where_its_owner_logged_in() {
     on_every_backend(|backend| async move {
         let api = account_api().await;
-        let server = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
-            c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
-        })
-        .await;
+        let server = start(&backend, asking(&api)).await;
         let user = sip_user_id();
         let owner = "198.51.100.50";
         let reply = register_from(&server.client, owner, ALICE, &user).await;
@@ -391,8 +380,8 @@ async fn the_account_api_learns_the_client_address_and_never_a_claimed_one() {
         let api = account_api().await;
         // No trusted proxy: the header a client sends is not believed.
         let direct = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
+            asking(&api)(c);
+            c.trusted_proxy = Vec::new();
         })
         .await;
         let reply = register_from(&direct.client, "10.9.9.9", ALICE, &sip_user_id()).await;
@@ -401,12 +390,7 @@ async fn the_account_api_learns_the_client_address_and_never_a_claimed_one() {
         assert_eq!(asked.header("x-forwarded-for"), Some("127.0.0.1"));
 
         // An unknown client: no address is made up.
-        let proxied = start(&backend, |c| {
-            c.auth_url = Some(format!("{}/auth", api.url()));
-            c.auth_cache_secs = 0;
-            c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
-        })
-        .await;
+        let proxied = start(&backend, asking(&api)).await;
         let reply =
             register_from(&proxied.client, "10.9.9.9, unknown", ALICE, &sip_user_id()).await;
         assert_eq!(reply.status, StatusCode::CREATED);

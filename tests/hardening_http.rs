@@ -17,11 +17,6 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The bound on every wait here: far past any limit the tests set, so only
-/// a connection that is never closed, or a call that never gets through,
-/// reaches it.
-const BOUND: Duration = Duration::from_secs(30);
-
 /// Reads until the server closes the connection; says whether it did
 /// within [`BOUND`].
 async fn closed_by_server(stream: &mut TcpStream) -> bool {
@@ -50,7 +45,8 @@ async fn silent_connections_over_the_file_limit_time_out_and_a_pbx_call_gets_thr
     let process = Process::start_limited(
         &["--database-url", &database, "--header-timeout-ms", "500"],
         Some(64),
-    );
+    )
+    .await;
     let addr = addr_of(&process.url);
     // Three times the file limit: they connect (the kernel's backlog takes
     // them), and the server accepts until it has no descriptor left.
@@ -61,9 +57,11 @@ async fn silent_connections_over_the_file_limit_time_out_and_a_pbx_call_gets_thr
     // The PBX's call queues behind them; it gets through once the silent
     // ones have been closed for saying nothing.
     let client = TestClient::new(process.url.clone());
-    let call = tokio::time::timeout(BOUND, client.incoming_call(&sip_user_id(), &call_id()))
-        .await
-        .expect("the PBX call got through while silent clients held the file limit");
+    let call = bounded(
+        "the PBX call, while silent clients held the file limit",
+        client.incoming_call(&sip_user_id(), &call_id()),
+    )
+    .await;
     assert_eq!(call.status, StatusCode::OK);
     assert_eq!(call.body, "status=NAK", "no device: NAK at once");
     // Every silent connection was closed by the server.
@@ -91,7 +89,7 @@ async fn silent_connections_over_the_file_limit_time_out_and_a_pbx_call_gets_thr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_complete_a_request_head_are_closed() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |c| c.header_timeout_ms = 300).await;
     let addr = server.running.addr;
     // Nothing at all.
@@ -129,11 +127,7 @@ async fn an_idle_connection_is_closed_after_keep_alive_but_a_parked_call_is_not(
         .await;
         // A parked call outlives both limits on its connection: it gets its
         // real answer (nobody answers: NAK at the wait), not a closed socket.
-        let user = sip_user_id();
-        assert_eq!(
-            server.client.register("android", &user, "tok-idle").await,
-            StatusCode::CREATED
-        );
+        let user = server.registered("android", "tok-idle").await;
         let parked = server.client.park(&user, &call_id());
 
         // One request, answered, then nothing.
@@ -144,7 +138,9 @@ async fn an_idle_connection_is_closed_after_keep_alive_but_a_parked_call_is_not(
             .await
             .expect("write");
         let mut answer = [0u8; 512];
-        let read = idle.read(&mut answer).await.expect("read the answer");
+        let read = bounded("the answer", idle.read(&mut answer))
+            .await
+            .expect("read the answer");
         assert!(
             answer[..read].starts_with(b"HTTP/1.1 200"),
             "{}",
@@ -172,7 +168,7 @@ fn client(h2: bool) -> Client<hyper_util::client::legacy::connect::HttpConnector
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_and_options_answer_on_both_protocols() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let base = server.running.url();
     for h2 in [false, true] {
@@ -185,12 +181,12 @@ async fn head_and_options_answer_on_both_protocols() {
                 .body(Full::new(Bytes::new()))
                 .expect("a request");
             let client = client.clone();
-            async move {
+            bounded(format!("{protocol} answer"), async move {
                 let response = client.request(request).await.expect("an answer");
                 let (parts, body) = response.into_parts();
                 let body = body.collect().await.expect("a body").to_bytes();
                 (parts, body)
-            }
+            })
         };
         for path in ["/health", "/health/live", "/health/ready", "/openapi.json"] {
             let (get, get_body) = send(Method::GET, path).await;
@@ -252,7 +248,7 @@ async fn head_and_options_answer_on_both_protocols() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_does_not_hold_up_shutdown() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     // A shutdown timeout far past the bound: only parked calls may use it.
     let server = start(&backend, |c| c.shutdown_timeout_secs = 120).await;
     let mut stream = TcpStream::connect(server.running.addr)

@@ -34,15 +34,13 @@ async fn an_apns_token_that_is_not_hex_is_refused_and_changes_nothing() {
         let server = start(&backend, |_| {}).await;
         let name = backend.name();
         let user = sip_user_id();
-        let id: i64 = user.parse().expect("a number");
-        let store = server.running.state.store.clone();
         // Hex in either case is a token.
         assert_eq!(
             server.client.register("apns", &user, "0a1B2c3D").await,
             StatusCode::CREATED,
             "{name}"
         );
-        let before = store.device(id).await.expect("a lookup");
+        let before = server.device(&user).await;
 
         for token in ["ios-1", "0x1f", "ab:cd", "zz", "a1b2g3", "ａ1"] {
             let reply = server
@@ -57,17 +55,10 @@ async fn an_apns_token_that_is_not_hex_is_refused_and_changes_nothing() {
                 "hexadecimal",
                 &format!("{name}: register {token:?}"),
             );
-            let reply = server
-                .client
-                .form(
-                    Method::DELETE,
-                    "/api/apns-device/",
-                    &[("sip_user_id", &user), ("token", token), ("app", APP)],
-                )
-                .await;
+            let reply = server.client.unregister("apns", &user, token).await;
             assert_refused(&reply, "hexadecimal", &format!("{name}: delete {token:?}"));
         }
-        assert_eq!(store.device(id).await.expect("a lookup"), before, "{name}");
+        assert_eq!(server.device(&user).await, before, "{name}");
 
         // Android tokens are not hex, and need not be.
         assert_eq!(
@@ -139,13 +130,7 @@ async fn a_token_with_control_or_bidi_characters_is_refused_on_every_platform() 
             );
         }
         assert_eq!(
-            server
-                .running
-                .state
-                .store
-                .device(id)
-                .await
-                .expect("a lookup"),
+            server.device(&user).await,
             None,
             "{name}: nothing was registered"
         );
@@ -171,15 +156,15 @@ async fn the_takeover_notice_goes_to_a_token_once_a_minute() {
         assert_eq!(register(first.clone()).await, StatusCode::CREATED, "{name}");
         // `first` replaced: told.
         assert_eq!(register(second.clone()).await, StatusCode::OK, "{name}");
-        server.pusher.wait_for(&first, 1).await;
+        server.pushes(&first, 1).await;
         // `second` replaced by `first` again: told.
         assert_eq!(register(first.clone()).await, StatusCode::OK, "{name}");
-        server.pusher.wait_for(&second, 1).await;
+        server.pushes(&second, 1).await;
         // `first` replaced a second time within the minute: not told again.
         assert_eq!(register(third.clone()).await, StatusCode::OK, "{name}");
         // A notice handed over after the one `first` would have had.
         assert_eq!(register(fourth).await, StatusCode::OK, "{name}");
-        server.pusher.wait_for(&third, 1).await;
+        server.pushes(&third, 1).await;
 
         assert_eq!(server.pusher.sent_to(&first).len(), 1, "{name}");
         assert_eq!(server.pusher.sent_to(&second).len(), 1, "{name}");
@@ -195,7 +180,6 @@ async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
         let server = start(&backend, |_| {}).await;
         let name = backend.name();
         let user = sip_user_id();
-        let id: i64 = user.parse().expect("a number");
         // Hex tokens of this run only (the SIP account id is all digits).
         let (ios_1, ios_2, ios_3) = (
             format!("{user}a1"),
@@ -218,7 +202,7 @@ async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
                 "{name}: {platform} {token}"
             );
         }
-        server.pusher.wait_for(&android, 1).await;
+        server.pushes(&android, 1).await;
         assert!(server.pusher.sent_to(&ios_1).is_empty(), "{name}");
         assert!(server.pusher.sent_to(&ios_2).is_empty(), "{name}");
         assert_eq!(
@@ -226,13 +210,7 @@ async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
             1,
             "{name}: only the Android notice"
         );
-        let device = server
-            .running
-            .state
-            .store
-            .device(id)
-            .await
-            .expect("a lookup");
+        let device = server.device(&user).await;
         assert_eq!(
             device.map(|d| (d.platform, d.token)),
             Some((Platform::Apns, ios_3.clone())),

@@ -25,7 +25,7 @@ fn sample(metrics: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_outcome() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let server = start(&backend, |c| {
             c.wait_ms = 600;
             c.resend_interval_ms = 200;
@@ -50,7 +50,7 @@ async fn metrics_count_every_outcome() {
         for (user, token, available) in [(&ack, "m-ack", true), (&busy, "b5", false)] {
             let key = call_id();
             let pbx = server.client.park(user, &key);
-            let push = server.pusher.wait_for(token, 1).await.remove(0);
+            let push = server.push(token).await;
             client
                 .call_response(&key, start_time_of(&push), available)
                 .await;
@@ -134,18 +134,18 @@ async fn metrics_count_every_outcome() {
         );
         assert_eq!(sample(m, "call_notifier_parked_calls"), 0.0);
         assert_eq!(sample(m, "call_notifier_device_registrations_total{platform=\"android\",outcome=\"created\"}"), 2.0);
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_nak_at_once_and_counted() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |c| c.max_pending_calls = 1).await;
-    let user = sip_user_id();
-    server.client.register("android", &user, "tok-full").await;
+    let user = server.registered("android", "tok-full").await;
     let key = call_id();
     let pbx = server.client.park(&user, &key);
-    let push = server.pusher.wait_for("tok-full", 1).await.remove(0);
+    let push = server.push("tok-full").await;
     assert_eq!(
         server.client.incoming_call(&user, &call_id()).await.body,
         "status=NAK"
@@ -168,7 +168,7 @@ async fn overload_is_nak_at_once_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_refused_outside_the_allow_list() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |c| {
         c.metrics_allow = vec!["10.0.0.0/8".parse().unwrap()]
     })
@@ -185,7 +185,7 @@ async fn metrics_are_refused_outside_the_allow_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_in_and_hangup_reason() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let api = StandIn::start(|request| match request.header("authorization") {
             Some("Basic b2s6b2s=") => Answer::status(200),
             _ => Answer::status(401),
@@ -201,13 +201,13 @@ async fn check_in_and_hangup_reason() {
                         authorization: Option<&'static str>| {
             let client = server.client.clone();
             async move {
-                let body = serde_urlencoded::to_string(&fields).unwrap();
-                let mut request = hyper::Request::post(format!("{}{path}", client.base()))
-                    .header("content-type", "application/x-www-form-urlencoded");
-                if let Some(authorization) = authorization {
-                    request = request.header("authorization", authorization);
-                }
-                client.request(request.body(body.into()).unwrap()).await
+                let fields: Vec<(&str, &str)> =
+                    fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let headers: Vec<(&str, &[u8])> = authorization
+                    .map(|a| ("authorization", a.as_bytes()))
+                    .into_iter()
+                    .collect();
+                client.post_with(path, &headers, &fields).await
             }
         };
         let ok = Some("Basic b2s6b2s="); // ok:ok
@@ -258,30 +258,13 @@ async fn check_in_and_hangup_reason() {
             as_owner("/api/android-device/", register, ok).await.status,
             StatusCode::CREATED
         );
-        let id: i64 = user.parse().unwrap();
-        let before = server
-            .running
-            .state
-            .store
-            .device(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at;
+        let before = server.device(&user).await.expect("registered").last_seen_at;
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(
             as_owner("/api/check-in", check_in.clone(), ok).await.status,
             StatusCode::OK
         );
-        let after = server
-            .running
-            .state
-            .store
-            .device(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at;
+        let after = server.device(&user).await.expect("registered").last_seen_at;
         assert!(after > before, "{}: last-seen not updated", backend.name());
 
         let reply = as_owner("/api/hangup-reason/", hangup.clone(), ok).await;
@@ -296,12 +279,13 @@ async fn check_in_and_hangup_reason() {
             (reply.status, reply.json()["field"].as_str()),
             (StatusCode::BAD_REQUEST, Some("reason"))
         );
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_routes() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let served = server.client.get("/openapi.json").await;
     assert_eq!(served.status, StatusCode::OK);
@@ -350,7 +334,7 @@ async fn the_openapi_document_matches_the_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_503_while_draining() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let server = start(&backend, |_| {}).await;
     let state = server.running.state.clone();
     assert_eq!(
@@ -391,7 +375,7 @@ fn add_app(database_url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_parked_calls_then_exits_zero() {
-    for backend in backends().await {
+    on_every_backend(|backend| async move {
         let config = backend.config();
         add_app(&config.database_url);
         let mut args = vec![
@@ -403,7 +387,7 @@ async fn sigterm_drains_parked_calls_then_exits_zero() {
         if let Some(url) = backend.redis_url() {
             args.extend(["--redis-url", url]);
         }
-        let process = Process::start(&args);
+        let process = Process::start(&args).await;
         let client = TestClient::new(process.url.clone());
         let users: Vec<String> = (0..3).map(|_| sip_user_id()).collect();
         for user in &users {
@@ -450,12 +434,13 @@ async fn sigterm_drains_parked_calls_then_exits_zero() {
             assert_eq!(pbx.await.unwrap().body, expected, "{}", backend.name());
         }
         assert_eq!(process.exit_code(Duration::from_secs(5)).await, Some(0));
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_timeout_and_a_second_signal_answer_parked_calls_nak() {
-    let backend = backends().await.remove(0);
+    let backend = Backend::embedded();
     let config = backend.config();
     add_app(&config.database_url);
     for second_signal in [false, true] {
@@ -466,7 +451,8 @@ async fn the_shutdown_timeout_and_a_second_signal_answer_parked_calls_nak() {
             "20000",
             "--shutdown-timeout-secs",
             "1",
-        ]);
+        ])
+        .await;
         let client = TestClient::new(process.url.clone());
         let user = sip_user_id();
         client.register("android", &user, "tok-slow").await;

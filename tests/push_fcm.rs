@@ -4,40 +4,20 @@
 
 mod common;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use call_notifier::config::Config;
 use call_notifier::push::router::PushRouter;
 use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher, Refusal};
-use call_notifier::server::Running;
 use call_notifier::store::{App, Credentials, Platform};
-use call_notifier::Server;
-use common::stand_in::{Answer, Received, StandIn};
+use common::fcm::{fcm_accepts, service_account, FcmServer, CLIENT_EMAIL, PROJECT};
+use common::stand_in::Answer;
 use common::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use common::fcm::{fcm_accepts, service_account, token_endpoint, CLIENT_EMAIL, PROJECT};
-
 // ---------------------------------------------------------------------------
-// The stand-ins' answers.
-
-/// Answers with `first`, one per request, then with `then`; and notes when
-/// each request came in `arrivals`.
-fn script(
-    first: impl IntoIterator<Item = Answer>,
-    then: impl Fn(&Received) -> Answer + Send + Sync + 'static,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-) -> impl Fn(&Received) -> Answer + Send + Sync + 'static {
-    let first = Mutex::new(first.into_iter().collect::<VecDeque<_>>());
-    move |request| {
-        arrivals.lock().expect("lock").push(Instant::now());
-        let scripted = first.lock().expect("lock").pop_front();
-        scripted.unwrap_or_else(|| then(request))
-    }
-}
+// FCM's error answers.
 
 /// An FCM v1 error answer.
 fn fcm_error(status: u16, rpc_status: &str, message: &str, details: Value) -> Answer {
@@ -47,111 +27,18 @@ fn fcm_error(status: u16, rpc_status: &str, message: &str, details: Value) -> An
     )
 }
 
+/// FCM's answer for a token that is no more.
+fn fcm_unregistered() -> Answer {
+    fcm_error(
+        404,
+        "NOT_FOUND",
+        "Requested entity was not found.",
+        fcm_error_code("UNREGISTERED"),
+    )
+}
+
 fn fcm_error_code(code: &str) -> Value {
     json!([{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": code}])
-}
-
-// ---------------------------------------------------------------------------
-// The service account and the server.
-
-/// A real server (no recording pusher) whose FCM is a stand-in.
-struct FcmServer {
-    running: Running,
-    client: TestClient,
-    fcm: StandIn,
-    /// When each request reached the FCM stand-in.
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-    google: StandIn,
-    backend: Backend,
-    dir: tempfile::TempDir,
-}
-
-impl FcmServer {
-    async fn start(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> FcmServer {
-        let google = StandIn::start(token_endpoint()).await;
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let fcm = StandIn::start(script([], |_| fcm_accepts(), arrivals.clone())).await;
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let account = service_account(
-            dir.path(),
-            "service-account.json",
-            PROJECT,
-            &format!("{}/token", google.url()),
-        );
-        let mut config = backend.config();
-        config.fcm_base_url = fcm.url();
-        tweak(&mut config);
-        let running = Server::new(config)
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()));
-        for platform in [Platform::Android, Platform::Gcm] {
-            running
-                .state
-                .store
-                .put_app(&App {
-                    platform,
-                    app_id: APP.into(),
-                    credentials: Some(Credentials::Fcm {
-                        service_account_path: account.clone(),
-                    }),
-                })
-                .await
-                .expect("add the app");
-        }
-        let client = TestClient::new(running.url());
-        FcmServer {
-            running,
-            client,
-            fcm,
-            arrivals,
-            google,
-            backend: backend.clone(),
-            dir,
-        }
-    }
-
-    /// FCM answers the next pushes with `answers`, then accepts again.
-    fn fcm_answers(&self, answers: impl IntoIterator<Item = Answer>) {
-        self.fcm
-            .answer_with(script(answers, |_| fcm_accepts(), self.arrivals.clone()));
-    }
-
-    /// Waits until FCM received `count` pushes, for at most `within`.
-    async fn pushes(&self, count: usize, within: Duration) -> Vec<Received> {
-        let arrived = eventually(within, || async { self.fcm.hits() >= count }).await;
-        let received = self.fcm.received();
-        assert!(
-            arrived,
-            "{count} pushes within {within:?}: got {received:?}"
-        );
-        received
-    }
-
-    fn name(&self) -> &'static str {
-        self.backend.name()
-    }
-
-    /// The PBX's request, running beside the test.
-    fn ring(&self, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
-        self.client.park(user, key)
-    }
-
-    /// The app, woken by `push`: answers with what the push carried.
-    async fn answer(&self, push: &Received, available: bool) -> Reply {
-        let data = &push.json()["message"]["data"];
-        let text = |key: &str| data[key].as_str().expect("a string").to_owned();
-        self.client
-            .post(
-                "/api/call-response/",
-                &[
-                    ("unique_key", &text("unique_key")),
-                    ("message_start_time", &text("message_start_time")),
-                    ("available", if available { "true" } else { "false" }),
-                ],
-            )
-            .await
-    }
 }
 
 /// Decodes base64url (with or without padding), to read a JWT.
@@ -178,14 +65,7 @@ async fn a_call_push_reaches_fcm_as_the_contract_says_and_the_app_answers_ack() 
     on_every_backend(|backend| async move {
         let server = FcmServer::start(&backend, |_| {}).await;
         let name = server.name();
-        let user = sip_user_id();
-        assert_eq!(
-            server
-                .client
-                .register("android", &user, "fcm-token-a")
-                .await,
-            StatusCode::CREATED
-        );
+        let user = server.registered("android", "fcm-token-a").await;
         let key = call_id();
         let pbx = server.ring(&user, &key);
 
@@ -209,10 +89,12 @@ async fn a_call_push_reaches_fcm_as_the_contract_says_and_the_app_answers_ack() 
 
         let body = push.json();
         let message = body["message"].as_object().expect("a message");
-        let mut fields: Vec<&str> = message.keys().map(String::as_str).collect();
-        fields.sort();
         // Data-only: no `notification` for the system to show.
-        assert_eq!(fields, ["android", "data", "token"], "{name}: {body}");
+        assert_eq!(
+            sorted_keys(message),
+            ["android", "data", "token"],
+            "{name}: {body}"
+        );
         assert_eq!(message["token"], "fcm-token-a");
         assert_eq!(message["android"]["priority"], "HIGH");
         let ttl = message["android"]["ttl"].as_str().expect("a ttl");
@@ -227,21 +109,7 @@ async fn a_call_push_reaches_fcm_as_the_contract_says_and_the_app_answers_ack() 
         );
 
         let data = message["data"].as_object().expect("data");
-        let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        keys.sort();
-        assert_eq!(
-            keys,
-            [
-                "attempt",
-                "caller_id",
-                "message_start_time",
-                "phonenumber",
-                "response_api",
-                "type",
-                "unique_key"
-            ],
-            "{name}"
-        );
+        assert_call_push_keys(data, name);
         assert!(data.values().all(Value::is_string), "{name}: {body}");
         assert_eq!(data["type"], "call");
         assert_eq!(data["unique_key"], key.as_str());
@@ -344,17 +212,8 @@ async fn an_unregistered_token_forgets_the_device_and_the_pbx_gets_nak_at_once()
     on_every_backend(|backend| async move {
         let server = FcmServer::start(&backend, |_| {}).await;
         let name = server.name();
-        server.fcm_answers([fcm_error(
-            404,
-            "NOT_FOUND",
-            "Requested entity was not found.",
-            fcm_error_code("UNREGISTERED"),
-        )]);
-        let user = sip_user_id();
-        server
-            .client
-            .register("android", &user, "fcm-token-gone")
-            .await;
+        server.fcm_answers([fcm_unregistered()]);
+        let user = server.registered("android", "fcm-token-gone").await;
 
         let started = Instant::now();
         let reply = server.client.incoming_call(&user, &call_id()).await;
@@ -369,12 +228,9 @@ async fn an_unregistered_token_forgets_the_device_and_the_pbx_gets_nak_at_once()
             1,
             "{name}: no push after a dead token"
         );
-        let store = server.running.state.store.clone();
-        let id: i64 = user.parse().expect("a number");
         assert!(
-            eventually(Duration::from_secs(2), || {
-                let store = store.clone();
-                async move { matches!(store.device(id).await, Ok(None)) }
+            eventually(Duration::from_secs(2), || async {
+                server.device(&user).await.is_none()
             })
             .await,
             "{name}: the device was not forgotten"
@@ -389,17 +245,8 @@ async fn the_pushes_metric_counts_the_reason_fcm_gave() {
     on_every_backend(|backend| async move {
         let server = FcmServer::start(&backend, |_| {}).await;
         let name = server.name();
-        server.fcm_answers([fcm_error(
-            404,
-            "NOT_FOUND",
-            "Requested entity was not found.",
-            fcm_error_code("UNREGISTERED"),
-        )]);
-        let user = sip_user_id();
-        server
-            .client
-            .register("android", &user, "fcm-token-reason")
-            .await;
+        server.fcm_answers([fcm_unregistered()]);
+        let user = server.registered("android", "fcm-token-reason").await;
         let reply = server.client.incoming_call(&user, &call_id()).await;
         assert_eq!(reply.body, "status=NAK", "{name}");
 
@@ -431,11 +278,7 @@ async fn a_503_is_retried_after_its_retry_after_under_the_same_attempt_and_deliv
             fcm_error_code("UNAVAILABLE"),
         )
         .header("retry-after", "1")]);
-        let user = sip_user_id();
-        server
-            .client
-            .register("android", &user, "fcm-token-retry")
-            .await;
+        let user = server.registered("android", "fcm-token-retry").await;
         let pbx = server.ring(&user, &call_id());
 
         let pushes = server.pushes(2, Duration::from_secs(3)).await;
@@ -478,11 +321,7 @@ async fn a_401_fails_the_push_and_the_call_times_out_with_nak() {
             "Request had invalid authentication credentials.",
             json!([]),
         )]);
-        let user = sip_user_id();
-        server
-            .client
-            .register("android", &user, "fcm-token-401")
-            .await;
+        let user = server.registered("android", "fcm-token-401").await;
 
         let started = Instant::now();
         let reply = server.client.incoming_call(&user, &call_id()).await;
@@ -494,11 +333,7 @@ async fn a_401_fails_the_push_and_the_call_times_out_with_nak() {
         );
         // Refused for good: neither retried nor resent, and the device stays.
         assert_eq!(server.fcm.received().len(), 1, "{name}");
-        let id: i64 = user.parse().expect("a number");
-        assert!(
-            matches!(server.running.state.store.device(id).await, Ok(Some(_))),
-            "{name}"
-        );
+        assert!(server.device(&user).await.is_some(), "{name}");
     })
     .await;
 }

@@ -6,15 +6,144 @@
 //! Nothing here touches the shared services other tests use: the proxy only
 //! forwards to them, and every Redis is started here, on loopback, and shut
 //! down when its handle drops.
+//!
+//! Also what every fault test checks: readiness, a fresh call after
+//! recovery, a call refused at once, and nothing left behind.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use hyper::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
+
+use super::{assert_no_bookkeeping, call_id, eventually, redis, start_time_of, Reply, TestServer};
+
+/// How late past its wait a call may end: scheduling on a busy 2-core box.
+pub const MARGIN: Duration = Duration::from_millis(500);
+/// "At once": no pool wait, no connect timeout, just the failure itself.
+/// Generous, for a loaded CI machine; the waits it rules out are seconds.
+pub const AT_ONCE: Duration = Duration::from_millis(300);
+/// How long a recovered service may take to be ready again.
+pub const RECOVERY: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// What every fault test checks.
+
+/// `/health/ready`: status, verdicts, and how long it took to say so.
+pub async fn readiness(server: &TestServer) -> (StatusCode, serde_json::Value, Duration) {
+    let started = Instant::now();
+    let reply = server.client.get("/health/ready").await;
+    (reply.status, reply.json(), started.elapsed())
+}
+
+/// Waits until readiness says 200; fails the test after [`RECOVERY`].
+pub async fn ready_again(server: &TestServer) {
+    let started = Instant::now();
+    loop {
+        let (status, body, _) = readiness(server).await;
+        if status == StatusCode::OK {
+            return;
+        }
+        assert!(
+            started.elapsed() < RECOVERY,
+            "{}: not ready {RECOVERY:?} after the service came back: {body}",
+            server.backend.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PBX's request in its own task, timed.
+pub fn ring(
+    server: &TestServer,
+    user: &str,
+    key: &str,
+) -> tokio::task::JoinHandle<(Reply, Duration)> {
+    let client = server.client.clone();
+    let (user, key) = (user.to_owned(), key.to_owned());
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = client.incoming_call(&user, &key).await;
+        (reply, started.elapsed())
+    })
+}
+
+/// A fresh call to `user` (whose phone has `token`), answered available the
+/// moment its push arrives: a healthy service answers the PBX ACK. A call
+/// that ends before it is pushed ends the wait for the push too.
+pub async fn fresh_call(server: &TestServer, user: &str, token: &str) -> String {
+    let key = call_id();
+    let mut pbx = ring(server, user, &key);
+    tokio::select! {
+        push = server.call_push(token, &key) => {
+            server
+                .client
+                .call_response(&key, start_time_of(&push), true)
+                .await;
+            pbx.await.expect("the PBX request").0.body
+        }
+        ended = &mut pbx => ended.expect("the PBX request").0.body,
+    }
+}
+
+pub async fn assert_fresh_call_is_ack(server: &TestServer, user: &str, token: &str) {
+    assert_eq!(
+        fresh_call(server, user, token).await,
+        "status=ACK",
+        "{}: a fresh call after recovery",
+        server.backend.name()
+    );
+}
+
+/// After an outage: ready again, serving a fresh call, and nothing left of
+/// the calls the outage ended.
+pub async fn assert_recovered(server: &TestServer, user: &str, token: &str) {
+    ready_again(server).await;
+    assert_fresh_call_is_ack(server, user, token).await;
+    assert_no_bookkeeping(server).await;
+}
+
+/// A call that cannot be answered: NAK at once, and no push went out for it.
+pub async fn assert_nak_at_once_without_push(server: &TestServer, user: &str, what: &str) {
+    let key = call_id();
+    let started = Instant::now();
+    let reply = server.client.incoming_call(user, &key).await;
+    let took = started.elapsed();
+    assert_eq!(reply.body, "status=NAK", "{what}");
+    assert!(took < AT_ONCE, "{what}: NAK took {took:?}, not at once");
+    assert!(
+        !server.pushed_for(&key),
+        "{what}: a push went out for a call that could not be answered"
+    );
+}
+
+/// Asserts that no call-notifier key or channel is left in a Redis.
+pub async fn assert_redis_clean(url: &str) {
+    let redis = redis(url).await;
+    let clean = eventually(Duration::from_secs(3), || {
+        let mut redis = redis.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("cn:*")
+                .query_async(&mut redis)
+                .await
+                .expect("KEYS");
+            let channels: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg("cn:*")
+                .query_async(&mut redis)
+                .await
+                .expect("PUBSUB CHANNELS");
+            keys.is_empty() && channels.is_empty()
+        }
+    })
+    .await;
+    assert!(clean, "keys or channels left in {url}");
+}
 
 /// A free loopback port, as the kernel hands them out.
 pub fn free_port() -> u16 {

@@ -1,10 +1,15 @@
 //! What every black-box test shares: the backends to run against, a real
 //! server on an ephemeral port, and a real HTTP client.
 //!
-//! Every scenario runs against the embedded defaults (SQLite + in-process
-//! broker), and again against PostgreSQL + Redis when `TEST_DATABASE_URL`
-//! and `TEST_REDIS_URL` are set. A set variable whose service does not
-//! answer fails the test: nothing here skips.
+//! A scenario meant for every backend runs through [`on_every_backend`]: the
+//! embedded defaults (SQLite + in-process broker), and again PostgreSQL +
+//! Redis when `TEST_DATABASE_URL` and `TEST_REDIS_URL` are set (and Redis
+//! Cluster with `TEST_REDIS_CLUSTER_URL`). A test meant for the embedded
+//! backend only takes [`Backend::embedded`]. A set variable whose service
+//! does not answer fails the test: nothing here skips.
+//!
+//! Every wait here is bounded by [`BOUND`], so a broken server fails a test
+//! in seconds instead of hanging it.
 
 #![allow(dead_code)]
 
@@ -13,14 +18,18 @@ pub mod fcm;
 pub mod process;
 pub mod stand_in;
 
+use std::fmt::Display;
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use call_notifier::config::Config;
-use call_notifier::push::recording::RecordingPusher;
+use call_notifier::push::recording::{Recorded, RecordingPusher};
+use call_notifier::push::Payload;
 use call_notifier::server::Running;
-use call_notifier::store::{App, Platform};
+use call_notifier::store::{App, Credentials, Device, Platform};
 use call_notifier::Server;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -29,6 +38,29 @@ use hyper_util::rt::TokioExecutor;
 
 /// The app id every test device registers with.
 pub const APP: &str = "com.example.softphone";
+
+/// The bound on every wait in a test: far past any wait, timeout or
+/// recovery the tests configure, so only a server that never answers (a
+/// broken build) reaches it, and fails the test instead of hanging it.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+/// The bound on a wait for a push. A push goes out the moment a call
+/// parks, and again every resend interval (a second at most here), so a
+/// push that has not come by then never will: a call the server refused to
+/// park, say. Shorter than [`BOUND`], so such a build fails sooner.
+pub const PUSH_BOUND: Duration = Duration::from_secs(10);
+
+/// Awaits `future`, failing the test (naming `what`) after [`BOUND`].
+pub async fn bounded<F: Future>(what: impl Display, future: F) -> F::Output {
+    bounded_by(BOUND, what, future).await
+}
+
+/// Awaits `future`, failing the test (naming `what`) after `bound`.
+pub async fn bounded_by<F: Future>(bound: Duration, what: impl Display, future: F) -> F::Output {
+    tokio::time::timeout(bound, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {bound:?}"))
+}
 
 /// Where a test's server keeps its state.
 #[derive(Clone, Debug)]
@@ -43,6 +75,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// SQLite in a fresh temporary directory, in-process broker: for a test
+    /// meant for the embedded backend only. Creates no PostgreSQL schema.
+    pub fn embedded() -> Backend {
+        Backend::Embedded {
+            dir: Arc::new(tempfile::tempdir().expect("a temp dir")),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Embedded { .. } => "sqlite+memory",
@@ -80,11 +120,10 @@ impl Backend {
 }
 
 /// The backends this run covers: always the embedded one, and PostgreSQL +
-/// Redis when both URLs are set.
-pub async fn backends() -> Vec<Backend> {
-    let mut all = vec![Backend::Embedded {
-        dir: Arc::new(tempfile::tempdir().expect("a temp dir")),
-    }];
+/// Redis when both URLs are set. Tests reach them through
+/// [`on_every_backend`].
+async fn backends() -> Vec<Backend> {
+    let mut all = vec![Backend::embedded()];
     match (
         std::env::var("TEST_DATABASE_URL").ok(),
         std::env::var("TEST_REDIS_URL").ok(),
@@ -127,44 +166,207 @@ pub async fn fresh_schema(url: &str) -> String {
     format!("{url}{separator}options=-c%20search_path%3D{schema}")
 }
 
-/// A running server with a recording pusher, and a client for it.
+/// A running server, a client for it, and what it pushed.
 pub struct TestServer {
     pub running: Running,
+    /// Every push the server sent, when it was started with [`start`]; a
+    /// server started with [`start_pushing_to_fcm`] pushes for real, and
+    /// this records nothing.
     pub pusher: RecordingPusher,
     pub backend: Backend,
     pub client: TestClient,
 }
 
-/// Starts a server on `backend` with `tweak` applied to its config, and
-/// registers the test app for every platform.
+/// Starts a server on `backend` with `tweak` applied to its config, pushing
+/// through a [`RecordingPusher`], with the test app registered for every
+/// platform.
 pub async fn start(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    try_start(backend, tweak)
+        .await
+        .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()))
+}
+
+/// [`start`], for a test of a server that may refuse to start: its error.
+pub async fn try_start(
+    backend: &Backend,
+    tweak: impl FnOnce(&mut Config),
+) -> anyhow::Result<TestServer> {
+    let pusher = RecordingPusher::new();
+    let apps = Platform::ALL.map(|platform| App {
+        platform,
+        app_id: APP.into(),
+        credentials: None,
+    });
+    launch(backend, Some(pusher), &apps, tweak).await
+}
+
+/// Starts a server on `backend` whose pushes go through the real FCM
+/// pusher: the test app is registered for Android and GCM with the service
+/// account at `service_account`.
+pub async fn start_pushing_to_fcm(
+    backend: &Backend,
+    service_account: PathBuf,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
+    let apps = [Platform::Android, Platform::Gcm].map(|platform| App {
+        platform,
+        app_id: APP.into(),
+        credentials: Some(Credentials::Fcm {
+            service_account_path: service_account.clone(),
+        }),
+    });
+    launch(backend, None, &apps, tweak)
+        .await
+        .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()))
+}
+
+/// The one place a test server is built: config from the backend, then
+/// `tweak`, then the pusher (a recording one, or the real per-app ones) and
+/// the apps.
+async fn launch(
+    backend: &Backend,
+    recording: Option<RecordingPusher>,
+    apps: &[App],
+    tweak: impl FnOnce(&mut Config),
+) -> anyhow::Result<TestServer> {
     let mut config = backend.config();
     tweak(&mut config);
-    let pusher = RecordingPusher::new();
-    let running = Server::new(config)
-        .with_pusher(Arc::new(pusher.clone()))
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("server on {} did not start: {e:#}", backend.name()));
-    for platform in Platform::ALL {
+    let mut server = Server::new(config);
+    if let Some(pusher) = &recording {
+        server = server.with_pusher(Arc::new(pusher.clone()));
+    }
+    let running = bounded("the server starting", server.start()).await?;
+    for app in apps {
         running
             .state
             .store
-            .put_app(&App {
-                platform,
-                app_id: APP.into(),
-                credentials: None,
-            })
+            .put_app(app)
             .await
             .expect("add the test app");
     }
     let client = TestClient::new(running.url());
-    TestServer {
+    Ok(TestServer {
         running,
-        pusher,
+        pusher: recording.unwrap_or_default(),
         backend: backend.clone(),
         client,
+    })
+}
+
+impl TestServer {
+    /// Waits until at least `count` pushes went to `token`, and returns
+    /// them all.
+    pub async fn pushes(&self, token: &str, count: usize) -> Vec<Recorded> {
+        bounded_by(
+            PUSH_BOUND,
+            format_args!("{}: {count} pushes to {token}", self.backend.name()),
+            self.pusher.wait_for(token, count),
+        )
+        .await
     }
+
+    /// Waits for the first push to `token`.
+    pub async fn push(&self, token: &str) -> Recorded {
+        self.pushes(token, 1).await.remove(0)
+    }
+
+    /// Waits for the push to `token` for the call `unique_key`.
+    pub async fn call_push(&self, token: &str, unique_key: &str) -> Recorded {
+        bounded_by(
+            PUSH_BOUND,
+            format_args!("{}: a push for {unique_key}", self.backend.name()),
+            async {
+                let mut seen = 0;
+                loop {
+                    let sent = self.pusher.wait_for(token, seen + 1).await;
+                    if let Some(push) = sent.iter().find(|p| key_of(p) == Some(unique_key)) {
+                        return push.clone();
+                    }
+                    seen = sent.len();
+                }
+            },
+        )
+        .await
+    }
+
+    /// Whether a push went out for the call `unique_key` so far.
+    pub fn pushed_for(&self, unique_key: &str) -> bool {
+        self.pusher
+            .sent()
+            .iter()
+            .any(|p| key_of(p) == Some(unique_key))
+    }
+
+    /// The device the store holds for `sip_user_id`.
+    pub async fn device(&self, sip_user_id: &str) -> Option<Device> {
+        let id: i64 = sip_user_id.parse().expect("a SIP account id");
+        self.running
+            .state
+            .store
+            .device(id)
+            .await
+            .unwrap_or_else(|e| panic!("{}: look up {sip_user_id}: {e}", self.backend.name()))
+    }
+
+    /// Registers `token` for a fresh SIP account on `platform`, and checks
+    /// it was created; returns the account.
+    pub async fn registered(&self, platform: &str, token: &str) -> String {
+        let user = sip_user_id();
+        assert_eq!(
+            self.client.register(platform, &user, token).await,
+            StatusCode::CREATED,
+            "{}: register {token} on {platform}",
+            self.backend.name()
+        );
+        user
+    }
+}
+
+/// The `unique_key` of a call push.
+fn key_of(push: &Recorded) -> Option<&str> {
+    match &push.payload {
+        Payload::Call { unique_key, .. } => Some(unique_key),
+        Payload::Message { .. } => None,
+    }
+}
+
+/// Asserts that the server holds no parked call and no wait, soon.
+pub async fn assert_no_bookkeeping(server: &TestServer) {
+    let state = server.running.state.clone();
+    let clean = eventually(Duration::from_secs(3), || {
+        let state = state.clone();
+        async move { state.parking.parked() == 0 && state.broker.waiting() == 0 }
+    })
+    .await;
+    assert!(
+        clean,
+        "{}: parked calls or waits left",
+        server.backend.name()
+    );
+}
+
+/// The keys of a JSON object, sorted.
+pub fn sorted_keys(object: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort();
+    keys
+}
+
+/// Checks that a call push's payload carries exactly the contract's keys.
+pub fn assert_call_push_keys(payload: &serde_json::Map<String, serde_json::Value>, what: &str) {
+    assert_eq!(
+        sorted_keys(payload),
+        [
+            "attempt",
+            "caller_id",
+            "message_start_time",
+            "phonenumber",
+            "response_api",
+            "type",
+            "unique_key"
+        ],
+        "{what}: the keys of a call push"
+    );
 }
 
 /// A response, read whole.
@@ -200,15 +402,19 @@ impl TestClient {
         &self.base
     }
 
-    /// Sends a request as built.
+    /// Sends a request as built, and reads the whole answer within [`BOUND`].
     pub async fn request(&self, request: Request<Full<Bytes>>) -> Reply {
-        let response = self
-            .client
-            .request(request)
-            .await
-            .expect("the server answers");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("a body").to_bytes();
+        let what = format!("{} {}", request.method(), request.uri());
+        let (parts, body) = bounded(&what, async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .expect("the server answers");
+            let (parts, body) = response.into_parts();
+            (parts, body.collect().await.expect("a body").to_bytes())
+        })
+        .await;
         Reply {
             status: parts.status,
             headers: parts.headers,
@@ -253,6 +459,29 @@ impl TestClient {
         self.form(Method::POST, path, fields).await
     }
 
+    /// POSTs `fields` as a form, with these extra headers (raw bytes, so a
+    /// test can send what no well-behaved client would).
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        fields: &[(&str, &str)],
+    ) -> Reply {
+        let body = serde_urlencoded::to_string(fields).expect("form-encodable");
+        let mut request = Request::post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded");
+        for (name, value) in headers {
+            let value = hyper::header::HeaderValue::from_bytes(value).expect("a header value");
+            request = request.header(*name, value);
+        }
+        self.request(
+            request
+                .body(Full::new(Bytes::from(body)))
+                .expect("a request"),
+        )
+        .await
+    }
+
     pub async fn post_json(&self, path: &str, body: serde_json::Value) -> Reply {
         self.send(
             Method::POST,
@@ -275,6 +504,16 @@ impl TestClient {
         )
         .await
         .status
+    }
+
+    /// Deletes `token` for `sip_user_id` on `platform` (fields in the body).
+    pub async fn unregister(&self, platform: &str, sip_user_id: &str, token: &str) -> Reply {
+        self.form(
+            Method::DELETE,
+            &format!("/api/{platform}-device/"),
+            &[("sip_user_id", sip_user_id), ("token", token), ("app", APP)],
+        )
+        .await
     }
 
     /// The PBX's request: parks until the call's outcome.
@@ -358,7 +597,7 @@ where
 {
     let until = tokio::time::Instant::now() + within;
     loop {
-        if check().await {
+        if bounded("a check", check()).await {
             return true;
         }
         if tokio::time::Instant::now() > until {

@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::bounded;
+
 /// A running `call-notifier`, its address read from its first log line.
 pub struct Process {
     child: Child,
@@ -15,13 +17,13 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn start(args: &[&str]) -> Process {
-        Process::start_limited(args, None)
+    pub async fn start(args: &[&str]) -> Process {
+        Process::start_limited(args, None).await
     }
 
     /// Starts it with at most `open_files` file descriptors
     /// (`RLIMIT_NOFILE`), when given.
-    pub fn start_limited(args: &[&str], open_files: Option<u64>) -> Process {
+    pub async fn start_limited(args: &[&str], open_files: Option<u64>) -> Process {
         let mut command = Command::new(env!("CARGO_BIN_EXE_call-notifier"));
         command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -48,25 +50,28 @@ impl Process {
             }
         }
         let mut child = command.spawn().expect("start call-notifier");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the process logs until it listens")
-                .expect("a log line");
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if event["message"] == "call-notifier listening" {
-                break event["addr"].as_str().expect("an address").to_owned();
-            }
-        };
-        // Keep reading its logs, so it never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("stderr");
+        // Its logs are read on a thread of their own, so it never blocks on
+        // a full pipe; the first line that says where it listens is passed on.
         let logs = Arc::new(Mutex::new(Vec::new()));
         let kept = logs.clone();
+        let (listening, addr) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
+            let mut listening = Some(listening);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if listening.is_some() {
+                    let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    if event["message"] == "call-notifier listening" {
+                        let addr = event["addr"].as_str().expect("an address").to_owned();
+                        let _ = listening.take().expect("not sent yet").send(addr);
+                    }
+                }
                 kept.lock().expect("logs lock").push(line);
             }
         });
+        let addr = bounded("call-notifier listening", addr)
+            .await
+            .expect("the process logs until it listens");
         Process {
             child,
             url: format!("http://{addr}"),
