@@ -16,7 +16,7 @@
 //! so a Redis that is down costs a call nothing but an immediate NAK. The
 //! one thing left here: a command whose connection turned out dropped is
 //! sent once more, on the reconnected one, so a restarted Redis costs no
-//! request an error. Every fault test in `tests/faults.rs` passes on it.
+//! request an error. Every fault test in `tests/faults_*.rs` passes on it.
 //!
 //! A cluster: one cluster connection (a multiplexed connection per node,
 //! RESP3), which follows slot moves and failovers by itself.
