@@ -98,17 +98,7 @@ pub(super) async fn register(
     if state.store.app(platform, &device.app_id).await?.is_none() {
         return Err(ApiError::NotFound("app unknown for this platform"));
     }
-    let body = serde_json::json!({
-        "sip_user_id": device.sip_user_id.to_string(),
-        "platform": platform.as_str(),
-        "token": device.token,
-        "app": device.app_id,
-        "name": device.name,
-        "os_version": device.os_version,
-        "client_version": device.client_version,
-        "remote_logging_id": device.remote_logging_id,
-        "sandbox": device.sandbox,
-    });
+    let body = serde_json::to_value(&device).expect("a registration serializes to JSON");
     let token = device.token.clone();
     let (status, result) = match state.store.register_device(device).await? {
         Registration::Created => (StatusCode::CREATED, "created"),

@@ -3,12 +3,24 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use diesel::backend::Backend;
+use diesel::deserialize::{self, FromSql, FromSqlRow};
+use diesel::expression::AsExpression;
+use diesel::prelude::*;
+use diesel::serialize::{self, Output, ToSql};
+use diesel::sql_types::Text;
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::schema::devices;
 
 /// The push platform a device registered through. `android` and `gcm` both
 /// go out through FCM HTTP v1: `gcm` is the legacy name old apps still use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Stored as its name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AsExpression, FromSqlRow,
+)]
 #[serde(rename_all = "lowercase")]
+#[diesel(sql_type = Text)]
 pub enum Platform {
     Apns,
     Android,
@@ -37,14 +49,34 @@ impl Platform {
     }
 }
 
+impl<DB: Backend> ToSql<Text, DB> for Platform
+where
+    str: ToSql<Text, DB>,
+{
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, DB>) -> serialize::Result {
+        self.as_str().to_sql(out)
+    }
+}
+
+impl<DB: Backend> FromSql<Text, DB> for Platform
+where
+    String: FromSql<Text, DB>,
+{
+    fn from_sql(bytes: DB::RawValue<'_>) -> deserialize::Result<Self> {
+        let name = String::from_sql(bytes)?;
+        Platform::parse(&name).ok_or_else(|| format!("unknown platform {name:?}").into())
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// The one device registered for a SIP account.
-#[derive(Debug, Clone, PartialEq)]
+/// The one device registered for a SIP account, as stored.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = devices)]
 pub struct Device {
     pub sip_user_id: i64,
     pub platform: Platform,
@@ -61,18 +93,27 @@ pub struct Device {
     pub last_seen_at: i64,
 }
 
-/// A registration as the app sent it.
-#[derive(Debug, Clone, PartialEq)]
+/// A registration as the app sent it: what is stored (with its times), and
+/// what the registration endpoints answer.
+#[derive(Debug, Clone, PartialEq, Insertable, AsChangeset, Serialize)]
+#[diesel(table_name = devices, primary_key(sip_user_id), treat_none_as_null = true)]
 pub struct NewDevice {
+    /// Sent as text: JSON numbers lose precision past 2^53.
+    #[serde(serialize_with = "as_text")]
     pub sip_user_id: i64,
     pub platform: Platform,
     pub token: String,
+    #[serde(rename = "app")]
     pub app_id: String,
     pub name: Option<String>,
     pub os_version: Option<String>,
     pub client_version: Option<String>,
     pub remote_logging_id: Option<String>,
     pub sandbox: bool,
+}
+
+fn as_text<S: Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(id)
 }
 
 /// What a registration did.

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection, RecyclingMethod,
@@ -233,60 +232,6 @@ fn query_error(e: diesel::result::Error) -> StoreError {
     }
 }
 
-#[derive(Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = devices)]
-#[diesel(treat_none_as_null = true)]
-struct DeviceRow {
-    sip_user_id: i64,
-    platform: String,
-    token: String,
-    app_id: String,
-    name: Option<String>,
-    os_version: Option<String>,
-    client_version: Option<String>,
-    remote_logging_id: Option<String>,
-    sandbox: bool,
-    created_at: i64,
-    updated_at: i64,
-    last_seen_at: i64,
-}
-
-impl DeviceRow {
-    fn new(d: NewDevice, now: i64) -> Self {
-        DeviceRow {
-            sip_user_id: d.sip_user_id,
-            platform: d.platform.as_str().to_owned(),
-            token: d.token,
-            app_id: d.app_id,
-            name: d.name,
-            os_version: d.os_version,
-            client_version: d.client_version,
-            remote_logging_id: d.remote_logging_id,
-            sandbox: d.sandbox,
-            created_at: now,
-            updated_at: now,
-            last_seen_at: now,
-        }
-    }
-
-    fn into_device(self) -> Result<Device, StoreError> {
-        Ok(Device {
-            platform: parse_platform(&self.platform)?,
-            sip_user_id: self.sip_user_id,
-            token: self.token,
-            app_id: self.app_id,
-            name: self.name,
-            os_version: self.os_version,
-            client_version: self.client_version,
-            remote_logging_id: self.remote_logging_id,
-            sandbox: self.sandbox,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            last_seen_at: self.last_seen_at,
-        })
-    }
-}
-
 fn parse_platform(name: &str) -> Result<Platform, StoreError> {
     Platform::parse(name).ok_or_else(|| StoreError::Corrupt(format!("unknown platform {name:?}")))
 }
@@ -340,53 +285,49 @@ macro_rules! diesel_store {
                 let mut conn = checkout(&self.reach, &self.read).await?;
                 devices::table
                     .find(sip_user_id)
-                    .select(DeviceRow::as_select())
+                    .select(Device::as_select())
                     // At most one row by primary key: no `LIMIT ?`, whose
                     // re-bind makes SQLite re-prepare the statement each time.
                     .get_result(&mut conn)
                     .await
                     .optional()
-                    .map_err(query_error)?
-                    .map(DeviceRow::into_device)
-                    .transpose()
+                    .map_err(query_error)
             }
 
             async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
                 let previous = devices::table
                     .find(device.sip_user_id)
-                    .select(DeviceRow::as_select())
+                    .select(Device::as_select())
                     // At most one row by primary key: no `LIMIT ?`, whose
                     // re-bind makes SQLite re-prepare the statement each time.
                     .get_result(&mut conn)
                     .await
                     .optional()
                     .map_err(query_error)?;
-                let row = DeviceRow::new(device, now_millis());
+                let now = now_millis();
+                // Every field of the registration, on insert and on update
+                // alike (`NewDevice` is both); `created_at` only on insert.
                 diesel::insert_into(devices::table)
-                    .values(&row)
+                    .values((
+                        &device,
+                        devices::created_at.eq(now),
+                        devices::updated_at.eq(now),
+                        devices::last_seen_at.eq(now),
+                    ))
                     .on_conflict(devices::sip_user_id)
                     .do_update()
                     .set((
-                        devices::platform.eq(excluded(devices::platform)),
-                        devices::token.eq(excluded(devices::token)),
-                        devices::app_id.eq(excluded(devices::app_id)),
-                        devices::name.eq(excluded(devices::name)),
-                        devices::os_version.eq(excluded(devices::os_version)),
-                        devices::client_version.eq(excluded(devices::client_version)),
-                        devices::remote_logging_id.eq(excluded(devices::remote_logging_id)),
-                        devices::sandbox.eq(excluded(devices::sandbox)),
-                        devices::updated_at.eq(excluded(devices::updated_at)),
-                        devices::last_seen_at.eq(excluded(devices::last_seen_at)),
+                        &device,
+                        devices::updated_at.eq(now),
+                        devices::last_seen_at.eq(now),
                     ))
                     .execute(&mut conn)
                     .await
                     .map_err(query_error)?;
                 Ok(match previous {
                     None => Registration::Created,
-                    Some(row) => Registration::Updated {
-                        previous: row.into_device()?,
-                    },
+                    Some(previous) => Registration::Updated { previous },
                 })
             }
 
