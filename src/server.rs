@@ -167,7 +167,6 @@ async fn build_state(
                 url: url.clone(),
                 acquire_timeout: config.redis_timeout(),
                 poll_interval: config.poll_interval(),
-                state_ttl: config.wait() + Duration::from_secs(30),
                 subscribe: config.broker_mode == BrokerMode::Pubsub,
             })
             .await?,

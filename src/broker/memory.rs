@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 
@@ -32,8 +33,15 @@ impl MemoryBroker {
 
 #[async_trait]
 impl CallBroker for MemoryBroker {
-    async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError> {
-        let (answers, _) = self.shared.waiters.join(key, platform);
+    async fn open(
+        &self,
+        key: &str,
+        platform: Platform,
+        until: Instant,
+    ) -> Result<Wait, BrokerError> {
+        // The state goes with the last waiter (see `Release`), exactly when
+        // the wait ends: `until` needs no timer here.
+        let (answers, _) = self.shared.waiters.join(key, platform, until);
         self.shared
             .states
             .lock()

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::store::Platform;
 
@@ -95,9 +96,17 @@ impl CallState {
 /// The broker boundary. Implementations are cheap to share (`Arc<dyn CallBroker>`).
 #[async_trait]
 pub trait CallBroker: Send + Sync + 'static {
-    /// Opens a wait for `key`: subscribes to the key's answers and then
-    /// stores its pending state, in that order, so no answer can slip between.
-    async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError>;
+    /// Opens a wait for `key` until `until` (the call's deadline):
+    /// subscribes to the key's answers and then stores its pending state, in
+    /// that order, so no answer can slip between. The stored state lives no
+    /// longer than the wait, so an answer after it finds the key unknown
+    /// even before the wait's clean-up has run.
+    async fn open(
+        &self,
+        key: &str,
+        platform: Platform,
+        until: Instant,
+    ) -> Result<Wait, BrokerError>;
 
     /// Stores an answer for `key` and publishes it to whoever waits. Returns
     /// the state the key had before: `None` when the key is unknown (never
@@ -166,10 +175,12 @@ pub(crate) struct Waiters {
 struct Slot {
     answers: watch::Sender<Option<Answer>>,
     waiters: usize,
-    /// The device's platform as the first waiter gave it: what a broker
+    /// The device's platform as the first waiter gave it, and until when
+    /// the key is waited on (the latest waiter's deadline): what a broker
     /// needs to store the key's pending state again (see
     /// [`Waiters::pending`]).
     platform: Platform,
+    until: Instant,
 }
 
 impl Waiters {
@@ -179,10 +190,12 @@ impl Waiters {
         &self,
         key: &str,
         platform: Platform,
+        until: Instant,
     ) -> (watch::Receiver<Option<Answer>>, bool) {
         let mut slots = self.slots.lock().expect("waiters lock poisoned");
         if let Some(slot) = slots.get_mut(key) {
             slot.waiters += 1;
+            slot.until = slot.until.max(until);
             return (slot.answers.subscribe(), false);
         }
         let (answers, receiver) = watch::channel(None);
@@ -192,6 +205,7 @@ impl Waiters {
                 answers,
                 waiters: 1,
                 platform,
+                until,
             },
         );
         (receiver, true)
@@ -252,14 +266,15 @@ impl Waiters {
         slots.keys().cloned().collect()
     }
 
-    /// The keys waited on, still unanswered, with their platforms: the
-    /// pending states a broker whose backing store lost them puts back.
-    pub(crate) fn pending(&self) -> Vec<(Arc<str>, Platform)> {
+    /// The keys waited on, still unanswered, with their platforms and
+    /// deadlines: the pending states a broker whose backing store lost them
+    /// puts back.
+    pub(crate) fn pending(&self) -> Vec<(Arc<str>, Platform, Instant)> {
         let slots = self.slots.lock().expect("waiters lock poisoned");
         slots
             .iter()
             .filter(|(_, slot)| slot.answers.borrow().is_none())
-            .map(|(key, slot)| (key.clone(), slot.platform))
+            .map(|(key, slot)| (key.clone(), slot.platform, slot.until))
             .collect()
     }
 
@@ -296,8 +311,9 @@ mod tests {
     #[tokio::test]
     async fn every_waiter_on_a_key_gets_the_first_answer() {
         let waiters = Waiters::default();
-        let (mut a, first_a) = waiters.join("k", Platform::Android);
-        let (mut b, first_b) = waiters.join("k", Platform::Apns);
+        let until = Instant::now();
+        let (mut a, first_a) = waiters.join("k", Platform::Android, until);
+        let (mut b, first_b) = waiters.join("k", Platform::Apns, until);
         assert!(first_a && !first_b);
         let no = Answer {
             available: false,

@@ -214,7 +214,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     record.unique_key = Some(unique_key.clone());
     // The wait is open (subscribed, pending state stored) before any push:
     // a call that cannot be answered is never rung.
-    let opened = state.broker.open(&unique_key, device.platform);
+    let opened = state.broker.open(&unique_key, device.platform, deadline);
     let mut wait = match within(state, &call, deadline, "broker", "opening the wait", opened).await
     {
         Ok(wait) => wait,

@@ -8,6 +8,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::time::Instant;
+
 use crate::broker::{Answer, CallState};
 use crate::store::Platform;
 
@@ -26,10 +28,16 @@ pub(super) fn key_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("cn:{")?.strip_suffix("}:answer")
 }
 
-/// `SET cn:{key} pending:<platform> PX ttl NX`: stores the pending state of
-/// a wait, keeping whatever Redis already has (an answer must never turn
-/// pending again).
-pub(super) fn set_pending(key: &str, platform: Platform, ttl: Duration) -> redis::Cmd {
+/// `SET cn:{key} pending:<platform> PX <until> NX`: stores the pending state
+/// of a wait, keeping whatever Redis already has (an answer must never turn
+/// pending again). It expires with the wait: an answer that comes later
+/// finds no key (404) even while the clean-up of the wait is still queued,
+/// and a crashed process leaves nothing behind.
+pub(super) fn set_pending(key: &str, platform: Platform, until: Instant) -> redis::Cmd {
+    // PX 0 is an error; a wait that just ended keeps its key a millisecond.
+    let ttl = until
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let mut cmd = redis::cmd("SET");
     cmd.arg(state_key(key))

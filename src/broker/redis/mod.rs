@@ -41,12 +41,13 @@ mod retire;
 mod subscriber;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::cluster::ClusterClientBuilder;
 use redis::{FromRedisValue, ScriptInvocation};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
 use crate::store::Platform;
@@ -68,9 +69,6 @@ pub struct RedisOptions {
     pub acquire_timeout: Duration,
     /// Interval of the fallback check.
     pub poll_interval: Duration,
-    /// Lifetime of a state key: longer than any wait, so a crashed process
-    /// leaves nothing behind for long.
-    pub state_ttl: Duration,
     /// `false` in the `poll` broker mode: no subscriber, no fallback check;
     /// each wait reads its own state.
     pub subscribe: bool,
@@ -94,7 +92,7 @@ struct Shared {
     answer: redis::Script,
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
-    unsure_until: Mutex<Option<Instant>>,
+    unsure_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// The nodes of a `redis+cluster://a:1,b:2/...` URL, as RESP3 node URLs.
@@ -210,9 +208,14 @@ impl Shared {
 
 #[async_trait]
 impl CallBroker for RedisBroker {
-    async fn open(&self, key: &str, platform: Platform) -> Result<Wait, BrokerError> {
+    async fn open(
+        &self,
+        key: &str,
+        platform: Platform,
+        until: Instant,
+    ) -> Result<Wait, BrokerError> {
         let shared = &self.shared;
-        let (answers, first) = shared.waiters.join(key, platform);
+        let (answers, first) = shared.waiters.join(key, platform, until);
         let release = {
             let shared = shared.clone();
             let key: Arc<str> = Arc::from(key);
@@ -231,7 +234,7 @@ impl CallBroker for RedisBroker {
                 .await?;
         }
         shared
-            .query::<()>(&keys::set_pending(key, platform, shared.options.state_ttl))
+            .query::<()>(&keys::set_pending(key, platform, until))
             .await?;
         Ok(Wait {
             answers,

@@ -370,8 +370,8 @@ async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), Broker
 /// on and its platform ([`crate::broker::Waiters::pending`]), so putting them
 /// back costs one pipelined `SET NX` per parked call, once per reconnect.
 /// `NX` keeps what Redis still has (the subscriber connection dropped but
-/// Redis did not), so an answered key never turns pending again. The TTL
-/// starts afresh; the retirer still deletes the key the moment its wait ends.
+/// Redis did not), so an answered key never turns pending again. Each key
+/// expires with its wait, as when it was first stored.
 ///
 /// An answer that reached Redis before it went down is lost with it: that
 /// call ends NAK at its wait unless the app answers again. A cluster is left
@@ -381,8 +381,8 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
     let mut restored = 0;
     for chunk in shared.waiters.pending().chunks(BATCH) {
         let mut pipe = redis::pipe();
-        for (key, platform) in chunk {
-            pipe.add_command(keys::set_pending(key, *platform, shared.options.state_ttl));
+        for (key, platform, until) in chunk {
+            pipe.add_command(keys::set_pending(key, *platform, *until));
         }
         let stored: Vec<Option<String>> = shared.pipeline(&pipe).await?;
         restored += stored.iter().filter(|s| s.is_some()).count();
