@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use tokio::task::JoinSet;
 
 use crate::client::{self, Http1, Reply};
-use crate::server_process::{Push, Target};
+use crate::pushes::Push;
+use crate::server_process::Target;
 use crate::server_role::{APP_ID, PLATFORM};
 
 pub const INCOMING_CALL: &str = "/api/incoming-call/";

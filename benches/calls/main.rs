@@ -27,6 +27,7 @@ mod client;
 mod generator;
 mod latency;
 mod plot;
+mod pushes;
 mod report;
 mod scale;
 mod server_process;

@@ -26,7 +26,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::client::{self, Http1, Http2, Reply};
 use crate::generator::{self, Budget, Plan, INCOMING_CALL};
-use crate::server_process::{with_server, Mode, Push, ServerProcess, Settings, Target};
+use crate::pushes::Push;
+use crate::server_process::{with_server, Mode, ServerProcess, Settings, Target};
 use crate::services::{Backend, Redis, RedisLoad};
 use crate::stats::{self, Samples};
 

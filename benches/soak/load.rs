@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 
-use crate::server::Pushes;
+use crate::pushes::Pushes;
 
 /// What a call is meant to end with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,9 +26,11 @@
 
 mod load;
 mod lookup;
-mod server;
 /// The server role is the calls bench's: one copy of the child server.
 #[allow(dead_code)] // The soak uses only part of what the calls bench shares.
+#[path = "../calls/pushes.rs"]
+mod pushes;
+mod server;
 #[path = "../calls/server_role.rs"]
 mod server_role;
 #[allow(dead_code)]
@@ -303,10 +305,7 @@ async fn soak_with_server(
         redis_leftovers(redis_url, &ctx.key_prefix, calls, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = server.rss()?;
-    let strays = server
-        .pushes
-        .strays
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let strays = server.pushes.strays();
     server.stop().await?;
 
     let samples = samples.lock().expect("samples lock").clone();

@@ -8,78 +8,20 @@
 //! and it exits when its stdin closes. This side starts it and routes the
 //! push lines to the calls waiting for them.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::oneshot;
 
+use crate::pushes::Pushes;
 /// The app every soak device registers with: the one the shared server
 /// role adds.
 pub use crate::server_role::APP_ID;
 use crate::server_role::{ROLE_SERVER, ROLE_VAR};
-
-/// A call push as the harness reads it.
-#[derive(Debug)]
-pub struct Push {
-    pub message_start_time: String,
-}
-
-/// Routes push lines to the calls waiting for them.
-#[derive(Default)]
-pub struct Pushes {
-    waiting: Mutex<HashMap<String, oneshot::Sender<Push>>>,
-    /// Pushes nobody waited for: a call with no device that was pushed
-    /// anyway, or a push sent twice. Any is a failure.
-    pub strays: AtomicU64,
-}
-
-impl Pushes {
-    /// The first push of `key`, once it comes.
-    pub fn expect(&self, key: &str) -> oneshot::Receiver<Push> {
-        let (sender, receiver) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("push map lock")
-            .insert(key.to_owned(), sender);
-        receiver
-    }
-
-    /// Forgets a key whose push never came (the call failed otherwise).
-    pub fn forget(&self, key: &str) {
-        self.waiting.lock().expect("push map lock").remove(key);
-    }
-
-    fn deliver(&self, line: &str) {
-        let mut fields = line.split(' ');
-        let (Some(key), Some(start), Some(attempt)) = (fields.next(), fields.next(), fields.next())
-        else {
-            eprintln!("soak: malformed push line {line:?}");
-            self.strays.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        if attempt != "1" {
-            return;
-        }
-        let waiter = self.waiting.lock().expect("push map lock").remove(key);
-        match waiter {
-            Some(waiter) => {
-                let _ = waiter.send(Push {
-                    message_start_time: start.to_owned(),
-                });
-            }
-            None => {
-                self.strays.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
 
 /// The running server process.
 pub struct ServerProcess {
@@ -118,15 +60,7 @@ impl ServerProcess {
         }
         let addr = first.trim().parse().context("the server's first line")?;
         let pushes = Arc::new(Pushes::default());
-        tokio::spawn({
-            let pushes = pushes.clone();
-            async move {
-                let mut lines = stdout.lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    pushes.deliver(&line);
-                }
-            }
-        });
+        tokio::spawn(pushes.clone().read(stdout));
         Ok(ServerProcess {
             addr,
             pid,
