@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::auth::Access;
 use crate::broker::CallBroker;
-use crate::calls::Parking;
+use crate::calls::parking::Parking;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;

@@ -1,16 +1,19 @@
-//! The wait of one incoming call: find the device, open the wait, push and
-//! resend beside it, and end with an [`Outcome`] the moment there is one.
+//! The life of an incoming call: find the device, open the wait, push and
+//! resend beside it, and end with an [`Outcome`] the moment there is one
+//! ([`ring`]); the app's answer ([`answer`]); the count of parked calls
+//! ([`parking`]).
 //!
 //! Owns the resend schedule and the retry of refused pushes, because only the
 //! call knows its deadline. Must not know about HTTP: the PBX endpoint turns
 //! an [`Outcome`] into `status=ACK` / `status=NAK`.
 
 mod answer;
+pub mod parking;
 mod schedule;
 
 pub use answer::{answer, Answered, AppAnswer};
+pub use parking::Parking;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,37 +85,6 @@ impl Outcome {
             Outcome::Ack => "ack",
             Outcome::Nak(reason) => reason.as_str(),
         }
-    }
-}
-
-/// The count of parked calls, bounded by `--max-pending-calls`.
-#[derive(Debug, Default)]
-pub struct Parking {
-    parked: AtomicUsize,
-}
-
-/// One parked call's place; gives it back on drop.
-pub struct Parked<'a>(&'a Parking);
-
-impl Parking {
-    /// Takes a place, unless `max` are taken.
-    pub fn try_park(&self, max: usize) -> Option<Parked<'_>> {
-        self.parked
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Parked(self))
-    }
-
-    pub fn parked(&self) -> usize {
-        self.parked.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.parked.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
