@@ -1,7 +1,7 @@
 //! The fallback check: one `MGET` for every unanswered key waited on here,
 //! every poll interval, but only while the subscription is not known good
-//! (down, or for [`UNSURE_WINDOW`] after a reconnect or a cluster node's
-//! connection dropping). A healthy subscription loses no message (Redis
+//! (down, for [`UNSURE_WINDOW`] after a reconnect, or for
+//! [`CLUSTER_SETTLING`] after a cluster node's connection dropped). A healthy subscription loses no message (Redis
 //! delivers pub/sub over one TCP connection, in order), so parked calls then
 //! cost Redis no command at all, however many they are.
 
@@ -17,6 +17,16 @@ use crate::logs::Escaped;
 /// How long after a reconnect or a dropped node connection the fallback
 /// check keeps running: covers answers published into the gap.
 const UNSURE_WINDOW: Duration = Duration::from_secs(5);
+
+/// How long after a cluster node's connection dropped the fallback check
+/// keeps running. A failover takes the cluster's node timeout plus an
+/// election (15-20 s with Redis's default `cluster-node-timeout`), and the
+/// redis crate resubscribes on the promoted replica only once it has
+/// refreshed its slot map: an answer published on the new master before
+/// that reaches nobody, and only the stored state tells. 5 s was too short
+/// even for a 1.5 s node timeout (a failover test lost such an answer in 1
+/// of 30 runs).
+pub(super) const CLUSTER_SETTLING: Duration = Duration::from_secs(30);
 
 /// Runs the fallback check every poll interval while it is needed.
 pub(super) async fn fallback_check(shared: Weak<Shared>, mut stop: watch::Receiver<()>) {
@@ -43,11 +53,17 @@ pub(super) async fn fallback_check(shared: Weak<Shared>, mut stop: watch::Receiv
 }
 
 impl Shared {
-    /// Messages may have been lost just now (a reconnect, a cluster node's
-    /// connection dropping): run the fallback check for a while.
+    /// Messages may have been lost just now (a reconnect): run the fallback
+    /// check for a while.
     pub(super) fn mark_unsure(&self) {
-        *self.unsure_until.lock().expect("unsure lock poisoned") =
-            Some(Instant::now() + UNSURE_WINDOW);
+        self.mark_unsure_for(UNSURE_WINDOW);
+    }
+
+    /// Runs the fallback check for at least `window` from now.
+    pub(super) fn mark_unsure_for(&self, window: Duration) {
+        let until = Instant::now() + window;
+        let mut unsure = self.unsure_until.lock().expect("unsure lock poisoned");
+        *unsure = Some(unsure.map_or(until, |current| current.max(until)));
     }
 
     /// Whether the fallback check must run: only while the subscription is

@@ -338,7 +338,7 @@ async fn cluster(
                 }
             }
             (PushKind::Disconnection, _) => {
-                shared.mark_unsure();
+                shared.mark_unsure_for(super::fallback::CLUSTER_SETTLING);
                 tracing::warn!(
                     "a Redis Cluster node connection dropped; the fallback check covers the gap"
                 );
