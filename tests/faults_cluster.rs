@@ -108,8 +108,20 @@ async fn a_cluster_failover_during_waits_ends_every_call_by_its_wait() {
     eprintln!("failover of {} took {:?}", victim.port, killed_at.elapsed());
     // Answers after the failover: made it or not, the call ends by its wait.
     answered[1] = answer(1).await == StatusCode::ACCEPTED;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    answered[2] = answer(2).await == StatusCode::ACCEPTED;
+    // An app retries an answer that was not taken, as apps do: the cluster
+    // connection needs a moment to learn the new slot owner, and within
+    // 2 s of the failover one of four tries must get through.
+    let mut refusals = Vec::new();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match answer(2).await {
+            StatusCode::ACCEPTED => {
+                answered[2] = true;
+                break;
+            }
+            refused => refusals.push(refused),
+        }
+    }
     // parked[3] is never answered.
 
     for (n, call) in calls.into_iter().enumerate() {
@@ -132,7 +144,7 @@ async fn a_cluster_failover_during_waits_ends_every_call_by_its_wait() {
     eprintln!("answers accepted: {answered:?}");
     assert!(
         answered[2],
-        "an answer 500 ms after the failover was refused"
+        "an answer retried for 2 s after the failover was refused: {refusals:?}"
     );
 
     // New calls on the failed-over shard are served.
