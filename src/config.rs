@@ -101,17 +101,6 @@ pub struct AppAdd {
     pub fcm_service_account: Option<PathBuf>,
 }
 
-/// How a waiting call learns of its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BrokerMode {
-    /// Event-driven: the answer is delivered the moment it is published
-    /// (in-process channel or Redis pub/sub), with the batched fallback check.
-    Pubsub,
-    /// The design this service replaces, kept only to be measured against:
-    /// every parked call reads its own state every poll interval.
-    Poll,
-}
-
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -183,15 +172,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub redis_timeout_ms: u64,
 
-    /// How a parked call learns of its answer; `poll` exists for benchmarks.
+    /// Deprecated: answers always reach a parked call by publish/subscribe;
+    /// the `poll` mode that was kept to compare against the replaced service
+    /// now lives in the benchmarks. `pubsub` is still accepted, so a
+    /// configuration that sets it keeps starting.
     #[arg(
         long,
         env = "CALL_NOTIFIER_BROKER_MODE",
-        value_enum,
-        default_value = "pubsub",
+        value_parser = ["pubsub"],
+        hide = true,
         global = true
     )]
-    pub broker_mode: BrokerMode,
+    pub broker_mode: Option<String>,
 
     /// How long the PBX's request is held waiting for the app, in ms.
     #[arg(long, env = "CALL_NOTIFIER_WAIT_MS", default_value_t = 4000, global = true,

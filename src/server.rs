@@ -15,7 +15,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::CallBroker;
 use crate::calls::Parking;
-use crate::config::{BrokerMode, Config};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
 use crate::push::router::PushRouter;
@@ -28,6 +28,7 @@ use crate::store::{self, ResponseLog};
 pub struct Server {
     config: Config,
     pusher: Option<Arc<dyn Pusher>>,
+    broker: Option<Arc<dyn CallBroker>>,
 }
 
 /// A started server.
@@ -43,12 +44,21 @@ impl Server {
         Server {
             config,
             pusher: None,
+            broker: None,
         }
     }
 
     /// Sends every push through `pusher` instead of the per-app pushers.
     pub fn with_pusher(mut self, pusher: Arc<dyn Pusher>) -> Self {
         self.pusher = Some(pusher);
+        self
+    }
+
+    /// Carries answers through `broker` instead of the one `--redis-url`
+    /// selects: how the benchmarks measure the polling design this service
+    /// replaced, without keeping it in the product.
+    pub fn with_broker(mut self, broker: Arc<dyn CallBroker>) -> Self {
+        self.broker = Some(broker);
         self
     }
 
@@ -60,7 +70,7 @@ impl Server {
         let listener = listen(self.config.listen)
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
         let addr = listener.local_addr()?;
-        let state = build_state(self.config, addr, self.pusher, access).await?;
+        let state = build_state(self.config, addr, self.pusher, self.broker, access).await?;
         let task = tokio::spawn(crate::http::serve(listener, state.clone()));
         tracing::info!(%addr, "call-notifier listening");
         Ok(Running { addr, state, task })
@@ -139,6 +149,7 @@ async fn build_state(
     config: Config,
     addr: SocketAddr,
     pusher: Option<Arc<dyn Pusher>>,
+    broker: Option<Arc<dyn CallBroker>>,
     access: Access,
 ) -> anyhow::Result<Arc<AppState>> {
     let store = store::open(
@@ -155,22 +166,17 @@ async fn build_state(
             redact_url(&config.database_url)
         )
     })?;
+    if config.broker_mode.is_some() {
+        tracing::warn!("--broker-mode is deprecated and has no effect: answers always arrive by publish/subscribe");
+    }
     if config.redis_pool_size.is_some() {
         tracing::warn!(
             "--redis-pool-size is deprecated and has no effect: one multiplexed connection carries every Redis command"
         );
     }
-    let broker: Arc<dyn CallBroker> = match &config.redis_url {
-        None => Arc::new(MemoryBroker::new()),
-        Some(url) => Arc::new(
-            RedisBroker::connect(RedisOptions {
-                url: url.clone(),
-                acquire_timeout: config.redis_timeout(),
-                poll_interval: config.poll_interval(),
-                subscribe: config.broker_mode == BrokerMode::Pubsub,
-            })
-            .await?,
-        ),
+    let broker = match broker {
+        Some(broker) => broker,
+        None => open_broker(&config).await?,
     };
     let pusher = pusher.unwrap_or_else(|| Arc::new(PushRouter::new(store.clone(), &config)));
     let response_log = ResponseLog::start(store.clone());
@@ -187,6 +193,22 @@ async fn build_state(
         response_log,
         takeover_notices: TakeoverNotices::default(),
     }))
+}
+
+/// The broker `config` selects: in-process without `--redis-url`, else Redis
+/// or Redis Cluster.
+pub async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn CallBroker>> {
+    Ok(match &config.redis_url {
+        None => Arc::new(MemoryBroker::new()),
+        Some(url) => Arc::new(
+            RedisBroker::connect(RedisOptions {
+                url: url.clone(),
+                acquire_timeout: config.redis_timeout(),
+                poll_interval: config.poll_interval(),
+            })
+            .await?,
+        ),
+    })
 }
 
 /// How many connections may wait to be accepted. The default of 128 drops

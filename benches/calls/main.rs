@@ -27,6 +27,7 @@ mod client;
 mod generator;
 mod latency;
 mod plot;
+mod polling;
 mod pushes;
 mod report;
 mod scale;

@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::client::{self, Http1};
+use crate::polling::POLL_VAR;
 use crate::pushes::Pushes;
 use crate::server_role::{ROLE_SERVER, ROLE_VAR};
 use crate::services::Backend;
@@ -22,13 +23,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server may take to exit once its stdin closes.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How a parked call learns of its answer: the server's `--broker-mode`.
+/// How a parked call learns of its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Event-driven (the default).
     PubSub,
     /// Every parked call reads its state every `interval_ms`, as the
-    /// service this one replaces did.
+    /// service this one replaces did (the bench's `PollingBroker`).
     Poll { interval_ms: u64 },
 }
 
@@ -40,15 +41,11 @@ impl Mode {
         }
     }
 
-    fn args(self) -> Vec<String> {
+    /// The environment the server role reads it from.
+    fn env(self) -> Option<(&'static str, String)> {
         match self {
-            Mode::PubSub => vec!["--broker-mode".into(), "pubsub".into()],
-            Mode::Poll { interval_ms } => vec![
-                "--broker-mode".into(),
-                "poll".into(),
-                "--poll-interval-ms".into(),
-                interval_ms.to_string(),
-            ],
+            Mode::PubSub => None,
+            Mode::Poll { interval_ms } => Some((POLL_VAR, interval_ms.to_string())),
         }
     }
 }
@@ -130,7 +127,6 @@ impl ServerProcess {
         let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
         let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
         args.extend(settings.backend.server_args(dir.path()));
-        args.extend(settings.mode.args());
         args.extend([
             "--wait-ms".into(),
             settings.wait_ms.to_string(),
@@ -144,6 +140,9 @@ impl ServerProcess {
             if name.to_string_lossy().starts_with("CALL_NOTIFIER_") {
                 command.env_remove(name);
             }
+        }
+        if let Some((name, value)) = settings.mode.env() {
+            command.env(name, value);
         }
         let mut child = command
             .args(&args)

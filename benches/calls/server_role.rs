@@ -13,6 +13,7 @@
 //! ```
 //!
 //! The server's flags come as arguments (the same flags as `call-notifier`);
+//! with [`POLL_VAR`] set, its parked calls poll (see `polling.rs`);
 //! the process exits when its stdin closes, so it never outlives the harness.
 
 use std::io::Write;
@@ -24,9 +25,12 @@ use anyhow::Context;
 use async_trait::async_trait;
 use call_notifier::config::Cli;
 use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher};
+use call_notifier::server::open_broker;
 use call_notifier::store::{App, Platform};
 use call_notifier::Server;
 use clap::Parser;
+
+use crate::polling::{PollingBroker, POLL_VAR};
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable that selects this role in the bench binary.
@@ -111,10 +115,14 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(config: call_notifier::config::Config) -> anyhow::Result<()> {
-    let running = Server::new(config)
-        .with_pusher(Arc::new(PipePusher))
-        .start()
-        .await?;
+    let mut server = Server::new(config.clone()).with_pusher(Arc::new(PipePusher));
+    if let Ok(ms) = std::env::var(POLL_VAR) {
+        let interval = Duration::from_millis(ms.parse().context("bad poll interval")?);
+        let inner = open_broker(&config).await?;
+        let polling = PollingBroker::new(inner, config.redis_url.as_deref(), interval).await?;
+        server = server.with_broker(Arc::new(polling));
+    }
+    let running = server.start().await?;
     running
         .state
         .store

@@ -26,11 +26,15 @@
 
 mod load;
 mod lookup;
-/// The server role is the calls bench's: one copy of the child server.
+/// The server role's polling broker, unused by the soak (pub/sub only).
+#[allow(dead_code)]
+#[path = "../calls/polling.rs"]
+mod polling;
 #[allow(dead_code)] // The soak uses only part of what the calls bench shares.
 #[path = "../calls/pushes.rs"]
 mod pushes;
 mod server;
+/// The server role is the calls bench's: one copy of the child server.
 #[path = "../calls/server_role.rs"]
 mod server_role;
 #[allow(dead_code)]

@@ -89,16 +89,6 @@ impl CallBroker for MemoryBroker {
         Ok(Some(before))
     }
 
-    async fn state(&self, key: &str) -> Result<Option<CallState>, BrokerError> {
-        Ok(self
-            .shared
-            .states
-            .lock()
-            .expect("states lock poisoned")
-            .get(key)
-            .copied())
-    }
-
     async fn ping(&self) -> Result<(), BrokerError> {
         Ok(())
     }

@@ -75,7 +75,8 @@ impl CallState {
         format!("{word}:{}", self.platform())
     }
 
-    pub(crate) fn decode(text: &str) -> Option<CallState> {
+    /// The state stored as `text`; `None` for text no broker writes.
+    pub fn decode(text: &str) -> Option<CallState> {
         let (word, platform) = text.split_once(':')?;
         let platform = Platform::parse(platform)?;
         match word {
@@ -114,9 +115,6 @@ pub trait CallBroker: Send + Sync + 'static {
     /// first answer.
     async fn answer(&self, key: &str, available: bool) -> Result<Option<CallState>, BrokerError>;
 
-    /// The stored state of `key`.
-    async fn state(&self, key: &str) -> Result<Option<CallState>, BrokerError>;
-
     /// Answers when the broker's backing service does.
     async fn ping(&self) -> Result<(), BrokerError>;
 
@@ -133,6 +131,19 @@ pub struct Wait {
 }
 
 impl Wait {
+    /// A wait that resolves when `answers` holds an answer and runs
+    /// `release` when dropped: what a broker outside this crate (the
+    /// benchmarks' polling one) builds its waits from.
+    pub fn new(
+        answers: watch::Receiver<Option<Answer>>,
+        release: impl FnOnce() + Send + Sync + 'static,
+    ) -> Wait {
+        Wait {
+            answers,
+            _release: Release::new(release),
+        }
+    }
+
     /// Resolves with the answer when it is delivered. Never resolves when no
     /// answer comes: race it against the deadline.
     pub async fn answered(&mut self) -> Answer {

@@ -19,8 +19,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::broker::{Answer, Wait};
-use crate::config::BrokerMode;
 use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
@@ -216,7 +214,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
 
     let mut phase = state.phase.subscribe();
     let outcome = tokio::select! {
-        answer = answered(state, &unique_key, &mut wait) => {
+        answer = wait.answered() => {
             if let Some(latency) = answer.received_at.and_then(|at| at.elapsed().ok()) {
                 state.metrics.wakeup_latency.observe(latency.as_secs_f64());
             }
@@ -250,29 +248,4 @@ async fn within<T, E: std::fmt::Display>(
     state.metrics.error(component);
     tracing::error!(sip_user_id = call.sip_user_id, %error, "{what} failed; answering NAK");
     Err(Outcome::Nak(NakReason::Unavailable))
-}
-
-/// Resolves with the app's answer: pushed to us in the `pubsub` broker mode,
-/// read every poll interval in the `poll` mode kept for comparison.
-async fn answered(state: &AppState, key: &str, wait: &mut Wait) -> Answer {
-    match state.config.broker_mode {
-        BrokerMode::Pubsub => wait.answered().await,
-        BrokerMode::Poll => {
-            let mut tick = tokio::time::interval(state.config.poll_interval());
-            loop {
-                tick.tick().await;
-                if let Ok(Some(available)) = state
-                    .broker
-                    .state(key)
-                    .await
-                    .map(|s| s.and_then(|s| s.answer()))
-                {
-                    return Answer {
-                        available,
-                        received_at: None,
-                    };
-                }
-            }
-        }
-    }
 }

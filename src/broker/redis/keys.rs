@@ -33,7 +33,7 @@ pub(super) fn key_of_channel(channel: &str) -> Option<&str> {
 /// pending again). It expires with the wait: an answer that comes later
 /// finds no key (404) even while the clean-up of the wait is still queued,
 /// and a crashed process leaves nothing behind.
-pub(super) fn set_pending(key: &str, platform: Platform, until: Instant) -> redis::Cmd {
+pub fn set_pending(key: &str, platform: Platform, until: Instant) -> redis::Cmd {
     // PX 0 is an error; a wait that just ended keeps its key a millisecond.
     let ttl = until
         .saturating_duration_since(Instant::now())

@@ -52,7 +52,7 @@ use tokio::time::Instant;
 use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
 use crate::store::Platform;
 use connections::{Link, ServerConnection};
-pub use keys::{channel, state_key};
+pub use keys::{channel, set_pending, state_key};
 use subscriber::{Subscriber, Subscriptions};
 
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -69,9 +69,6 @@ pub struct RedisOptions {
     pub acquire_timeout: Duration,
     /// Interval of the fallback check.
     pub poll_interval: Duration,
-    /// `false` in the `poll` broker mode: no subscriber, no fallback check;
-    /// each wait reads its own state.
-    pub subscribe: bool,
 }
 
 /// The Redis [`CallBroker`]. Dropping it stops its background tasks.
@@ -160,10 +157,8 @@ impl RedisBroker {
             options,
         });
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
-        if shared.options.subscribe {
-            subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
-            tokio::spawn(fallback::fallback_check(Arc::downgrade(&shared), stopped));
-        }
+        subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
+        tokio::spawn(fallback::fallback_check(Arc::downgrade(&shared), stopped));
         Ok(RedisBroker {
             shared,
             _stop: stop,
@@ -227,7 +222,7 @@ impl CallBroker for RedisBroker {
                 }
             })
         };
-        if shared.options.subscribe && first {
+        if first {
             shared
                 .subscriptions
                 .subscribe(channel(key), shared.options.acquire_timeout)
@@ -258,17 +253,9 @@ impl CallBroker for RedisBroker {
         Ok(before.as_deref().and_then(CallState::decode))
     }
 
-    async fn state(&self, key: &str) -> Result<Option<CallState>, BrokerError> {
-        let value: Option<String> = self
-            .shared
-            .query(redis::cmd("GET").arg(state_key(key)))
-            .await?;
-        Ok(value.as_deref().and_then(CallState::decode))
-    }
-
     async fn ping(&self) -> Result<(), BrokerError> {
         self.shared.query::<()>(&redis::cmd("PING")).await?;
-        if self.shared.options.subscribe && !self.shared.subscriptions.up() {
+        if !self.shared.subscriptions.up() {
             return Err(unavailable("Redis subscriber connection is down"));
         }
         Ok(())

@@ -30,12 +30,10 @@ pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedRe
         if let Err(e) = shared.query::<()>(redis::cmd("DEL").arg(&names)).await {
             tracing::warn!(error = %e, keys = names.len(), "cannot delete finished calls; their TTL will expire them");
         }
-        if shared.options.subscribe {
-            let channels = batch.iter().map(|k| channel(k)).collect();
-            shared
-                .subscriptions
-                .unsubscribe(channels, shared.options.acquire_timeout)
-                .await;
-        }
+        let channels = batch.iter().map(|k| channel(k)).collect();
+        shared
+            .subscriptions
+            .unsubscribe(channels, shared.options.acquire_timeout)
+            .await;
     }
 }
