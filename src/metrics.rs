@@ -4,6 +4,8 @@
 //! one test process keep their own counts. Served at `GET /metrics` in the
 //! OpenMetrics text format, to `--metrics-allow` networks only.
 
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,7 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::push::PushOutcome;
+use crate::auth::{AuthError, Authorized};
+use crate::push::{PushOutcome, Refusal};
 use crate::store::Platform;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,14 +164,104 @@ impl Default for Metrics {
             "Connections the listener failed to accept (e.g. out of file descriptors)",
             metrics.accept_errors.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             registry,
             ..metrics
-        }
+        };
+        metrics.start_at_zero();
+        metrics
     }
 }
 
+/// The `outcome`s of `incoming_calls` ([`crate::calls::Outcome`] and
+/// `hung_up`), spelled here because `calls` sits above this module;
+/// `tests/contrib.rs` checks that every outcome a call can end with is one.
+const CALL_OUTCOMES: [&str; 9] = [
+    "ack",
+    "no_device",
+    "not_available",
+    "token_dead",
+    "timeout",
+    "overloaded",
+    "unavailable",
+    "shutdown",
+    "hung_up",
+];
+
+/// The components `errors` counts, as the call path names them.
+const COMPONENTS: [&str; 2] = ["store", "broker"];
+
+/// The results `device_registrations` counts, as the device endpoints
+/// name them.
+const REGISTRATION_RESULTS: [&str; 2] = ["created", "updated"];
+
 impl Metrics {
+    /// Creates, at zero, the label sets of every labelled family that occur
+    /// in normal service, so a fresh server exports each family the
+    /// dashboard and the alert rules in `contrib/` read.
+    ///
+    /// A labelled family shows no sample until a label set is first used,
+    /// and Prometheus reads a missing series as no data, not 0: a ratio
+    /// alert over it cannot fire, a panel says "No data", and `rate()`
+    /// misses the first event of a series that appears at 1. Label sets
+    /// that carry a push service's own reason (`token_dead`, and `retry` or
+    /// `failed` with a code) still appear on first use: a series at zero
+    /// for each of the dozens of codes would be noise.
+    fn start_at_zero(&self) {
+        // `get_or_create` creates the series; its read guard is not needed.
+        for outcome in CALL_OUTCOMES {
+            let _ = self.calls.get_or_create(&OutcomeLabel { outcome });
+        }
+        let unanswered = || Refusal::unanswered("");
+        let pushes = [
+            PushOutcome::Delivered,
+            PushOutcome::Retry {
+                after: None,
+                refusal: unanswered(),
+            },
+            PushOutcome::Failed(unanswered()),
+        ];
+        for platform in Platform::ALL.map(Platform::as_str) {
+            for outcome in &pushes {
+                let _ = self.pushes.get_or_create(&PushResultLabels {
+                    platform,
+                    outcome: outcome.as_str(),
+                    reason: outcome.reason().as_str(),
+                });
+            }
+            for outcome in REGISTRATION_RESULTS {
+                let _ = self
+                    .registrations
+                    .get_or_create(&RegistrationLabels { platform, outcome });
+            }
+            let label = PlatformLabel { platform };
+            let _ = self.deletions.get_or_create(&label);
+            let _ = self.push_duration.get_or_create(&label);
+            let _ = self.wakeup_roundtrip.get_or_create(&label);
+        }
+        let auth_results = [Authorized::Confirmed.as_str(), Authorized::Cached.as_str()]
+            .into_iter()
+            .chain(
+                [
+                    AuthError::Missing,
+                    AuthError::Rejected,
+                    AuthError::Forbidden,
+                    AuthError::Unavailable(String::new()),
+                    AuthError::Throttled {
+                        rule: "",
+                        retry_after: Duration::ZERO,
+                    },
+                ]
+                .map(|refused| refused.as_str()),
+            );
+        for result in auth_results {
+            let _ = self.auth_checks.get_or_create(&ResultLabel { result });
+        }
+        for component in COMPONENTS {
+            let _ = self.errors.get_or_create(&ComponentLabel { component });
+        }
+    }
+
     pub fn call(&self, outcome: &'static str) {
         self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
     }
