@@ -315,7 +315,7 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let user = server.registered("android", "tok").await;
-        let before = server.device(&user).await;
+        let before = server.stored(&user).await;
 
         for case in cases(&user) {
             let reply = server
@@ -360,7 +360,7 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
             server.client.get("/health/live").await.status,
             StatusCode::OK
         );
-        assert_eq!(server.device(&user).await, before, "{}", backend.name());
+        assert_eq!(server.stored(&user).await, before, "{}", backend.name());
         assert_eq!(server.running.state.parking.parked(), 0);
     })
     .await;

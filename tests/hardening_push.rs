@@ -40,7 +40,7 @@ async fn an_apns_token_that_is_not_hex_is_refused_and_changes_nothing() {
             StatusCode::CREATED,
             "{name}"
         );
-        let before = server.device(&user).await;
+        let before = server.stored(&user).await;
 
         for token in ["ios-1", "0x1f", "ab:cd", "zz", "a1b2g3", "ａ1"] {
             let reply = server
@@ -58,7 +58,7 @@ async fn an_apns_token_that_is_not_hex_is_refused_and_changes_nothing() {
             let reply = server.client.unregister("apns", &user, token).await;
             assert_refused(&reply, "hexadecimal", &format!("{name}: delete {token:?}"));
         }
-        assert_eq!(server.device(&user).await, before, "{name}");
+        assert_eq!(server.stored(&user).await, before, "{name}");
 
         // Android tokens are not hex, and need not be.
         assert_eq!(

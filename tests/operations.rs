@@ -258,13 +258,13 @@ async fn check_in_and_hangup_reason() {
             as_owner("/api/android-device/", register, ok).await.status,
             StatusCode::CREATED
         );
-        let before = server.device(&user).await.expect("registered").last_seen_at;
+        let before = server.stored(&user).await.expect("registered").last_seen_at;
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(
             as_owner("/api/check-in", check_in.clone(), ok).await.status,
             StatusCode::OK
         );
-        let after = server.device(&user).await.expect("registered").last_seen_at;
+        let after = server.stored(&user).await.expect("registered").last_seen_at;
         assert!(after > before, "{}: last-seen not updated", backend.name());
 
         let reply = as_owner("/api/hangup-reason/", hangup.clone(), ok).await;

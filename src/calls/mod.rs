@@ -175,7 +175,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
     let looked_up = state.store.device(call.sip_user_id);
     let device = match within(state, &call, deadline, "store", "device lookup", looked_up).await {
-        Ok(Some(device)) => device,
+        Ok(Some(device)) => device.registration,
         Ok(None) => return record.end(Outcome::Nak(NakReason::NoDevice)),
         Err(outcome) => return record.end(outcome),
     };

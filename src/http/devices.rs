@@ -16,7 +16,7 @@ use crate::auth::{AuthError, Authorized};
 use crate::logs::{is_invisible_format, redact};
 use crate::push::{Payload, PushTarget};
 use crate::state::AppState;
-use crate::store::{Device, NewDevice, Platform, Registration};
+use crate::store::{NewDevice, Platform, Registration};
 
 /// What the phone that lost its SIP account to another device is told.
 const TAKEN_OVER: &str = "Another device has been registered for your account; this device will no longer receive calls.";
@@ -103,8 +103,8 @@ pub(super) async fn register(
     let (status, result) = match state.store.register_device(device).await? {
         Registration::Created => (StatusCode::CREATED, "created"),
         Registration::Updated { previous } => {
-            if previous.token != token {
-                notify_taken_over(state, previous);
+            if previous.registration.token != token {
+                notify_taken_over(state, previous.registration);
             }
             (StatusCode::OK, "updated")
         }
@@ -122,7 +122,7 @@ pub(super) async fn register(
 /// told. Each token is told at most once a minute ([`crate::push::notices`]), so an
 /// account re-registered in a loop does not push the phone it replaced in a
 /// loop.
-fn notify_taken_over(state: &Arc<AppState>, previous: Device) {
+fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
     if previous.platform.is_apns() {
         tracing::info!(
             sip_user_id = previous.sip_user_id,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use crate::store::{Device, Platform};
+use crate::store::{NewDevice, Platform};
 
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,8 +35,8 @@ pub struct PushTarget {
     pub sip_user_id: i64,
 }
 
-impl From<Device> for PushTarget {
-    fn from(device: Device) -> Self {
+impl From<NewDevice> for PushTarget {
+    fn from(device: NewDevice) -> Self {
         PushTarget {
             platform: device.platform,
             token: device.token,

@@ -74,28 +74,22 @@ impl fmt::Display for Platform {
     }
 }
 
-/// The one device registered for a SIP account, as stored.
+/// The one device registered for a SIP account, as stored: the
+/// registration as the app sent it, and its times.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = devices)]
 pub struct Device {
-    pub sip_user_id: i64,
-    pub platform: Platform,
-    pub token: String,
-    pub app_id: String,
-    pub name: Option<String>,
-    pub os_version: Option<String>,
-    pub client_version: Option<String>,
-    pub remote_logging_id: Option<String>,
-    /// APNs only: the app was built against the sandbox environment.
-    pub sandbox: bool,
+    #[diesel(embed)]
+    pub registration: NewDevice,
     pub created_at: i64,
     pub updated_at: i64,
     pub last_seen_at: i64,
 }
 
-/// A registration as the app sent it: what is stored (with its times), and
-/// what the registration endpoints answer.
-#[derive(Debug, Clone, PartialEq, Insertable, AsChangeset, Serialize)]
+/// A registration as the app sent it: what is stored (with its times, as a
+/// [`Device`]), and what the registration endpoints answer. The device's
+/// field list, once.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable, AsChangeset, Serialize)]
 #[diesel(table_name = devices, primary_key(sip_user_id), treat_none_as_null = true)]
 pub struct NewDevice {
     /// Sent as text: JSON numbers lose precision past 2^53.
@@ -109,6 +103,7 @@ pub struct NewDevice {
     pub os_version: Option<String>,
     pub client_version: Option<String>,
     pub remote_logging_id: Option<String>,
+    /// APNs only: the app was built against the sandbox environment.
     pub sandbox: bool,
 }
 

@@ -29,7 +29,7 @@ use call_notifier::config::Config;
 use call_notifier::push::recording::{Recorded, RecordingPusher};
 use call_notifier::push::Payload;
 use call_notifier::server::Running;
-use call_notifier::store::{App, Credentials, Device, Platform};
+use call_notifier::store::{App, Credentials, Device, NewDevice, Platform};
 use call_notifier::Server;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -297,8 +297,13 @@ impl TestServer {
             .any(|p| key_of(p) == Some(unique_key))
     }
 
-    /// The device the store holds for `sip_user_id`.
-    pub async fn device(&self, sip_user_id: &str) -> Option<Device> {
+    /// The registration the store holds for `sip_user_id`.
+    pub async fn device(&self, sip_user_id: &str) -> Option<NewDevice> {
+        self.stored(sip_user_id).await.map(|d| d.registration)
+    }
+
+    /// The whole row the store holds for `sip_user_id`, times included.
+    pub async fn stored(&self, sip_user_id: &str) -> Option<Device> {
         let id: i64 = sip_user_id.parse().expect("a SIP account id");
         self.running
             .state
