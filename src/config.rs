@@ -33,6 +33,77 @@ pub enum Command {
     /// Manage the push apps that devices register against.
     #[command(subcommand)]
     App(Box<AppCommand>),
+    /// Send pushes by hand, to check an app's credentials.
+    #[command(subcommand)]
+    Push(PushCommand),
+    /// Look at and remove the devices of a SIP account.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// `call-notifier push ...`
+#[derive(Debug, Subcommand)]
+pub enum PushCommand {
+    /// Send one push with the app's stored credentials and print what the
+    /// push service said. Exit status: 0 delivered, 3 token dead, 4 refused
+    /// for now, 5 refused, 6 credentials missing or unusable, 7 no such app,
+    /// 1 any other error (the database).
+    Test(PushTest),
+}
+
+/// `call-notifier push test`: one push to one token, as the server would send it.
+#[derive(Debug, Clone, Args)]
+pub struct PushTest {
+    /// `apns`, `android` or `gcm`.
+    #[arg(long, value_parser = platform_arg())]
+    pub platform: crate::store::Platform,
+    /// The app whose credentials send the push.
+    #[arg(long = "app-id")]
+    pub app_id: String,
+    /// The device's push token, as it registered it.
+    #[arg(long)]
+    pub token: String,
+    /// APNs: send to the sandbox environment (development builds).
+    #[arg(long)]
+    pub sandbox: bool,
+    /// A call push (wakes the app as a call does; on iOS it rings through
+    /// CallKit) or a text message push.
+    #[arg(long, value_enum, default_value = "call")]
+    pub kind: PushKind,
+}
+
+/// What `push test` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PushKind {
+    Call,
+    Message,
+}
+
+/// `call-notifier device ...`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List the devices of a SIP account, tokens shortened.
+    List {
+        #[arg(long, value_parser = sip_user_id_arg())]
+        sip_user_id: i64,
+        /// One JSON object per device and line, full token included.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the devices of a SIP account (with `--token`, only that one).
+    /// Exits non-zero when none matched.
+    Remove {
+        #[arg(long, value_parser = sip_user_id_arg())]
+        sip_user_id: i64,
+        /// Remove only the device with this push token.
+        #[arg(long)]
+        token: Option<String>,
+    },
+}
+
+/// `--sip-user-id`: a positive 64-bit integer, as the API takes it.
+fn sip_user_id_arg() -> clap::builder::RangedI64ValueParser<i64> {
+    clap::value_parser!(i64).range(1..)
 }
 
 /// `call-notifier app ...`

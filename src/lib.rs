@@ -6,6 +6,8 @@
 //!
 //! The map of the crate:
 //!
+//! - [`commands`]: the operator's commands beside `serve` (`push test`,
+//!   `device list`, `device remove`): what they print, their exit status.
 //! - [`config`]: every flag, its environment variable and its default.
 //! - [`server`]: start-up only: builds the shared [`AppState`], binds the
 //!   listener, runs until told to stop. `main.rs` only parses flags and
@@ -32,6 +34,7 @@
 pub mod auth;
 pub mod broker;
 pub mod calls;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod logs;

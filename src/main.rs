@@ -6,7 +6,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use call_notifier::config::{AppAdd, AppCommand, Cli, Command, Config, LogFormat};
+use call_notifier::commands::{self, devices, push_test};
+use call_notifier::config::{
+    AppAdd, AppCommand, Cli, Command, Config, DeviceCommand, LogFormat, PushCommand,
+};
 use call_notifier::store::{self, App, Credentials, Platform};
 use call_notifier::Server;
 
@@ -24,7 +27,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
@@ -46,17 +49,34 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; its exit status, or the error that stopped it (exit 1).
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config).await?,
         Command::Migrate => {
             store::migrate(&config.database_url).await?;
             println!("migrations applied");
-            Ok(())
         }
-        Command::App(command) => app(config, *command).await,
+        Command::App(command) => app(config, *command).await?,
+        Command::Push(PushCommand::Test(test)) => {
+            let store = commands::open_store(&config).await?;
+            let verdict = push_test::run(store, &config, &test).await?;
+            return Ok(ExitCode::from(verdict.exit_code()));
+        }
+        Command::Device(command) => {
+            let store = commands::open_store(&config).await?;
+            match command {
+                DeviceCommand::List { sip_user_id, json } => {
+                    devices::list(store.as_ref(), sip_user_id, json).await?
+                }
+                DeviceCommand::Remove { sip_user_id, token } => {
+                    devices::remove(store.as_ref(), sip_user_id, token.as_deref()).await?
+                }
+            }
+        }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -94,14 +114,7 @@ fn shutdown_signals() -> anyhow::Result<impl futures_util::Stream<Item = ()> + U
 }
 
 async fn app(config: Config, command: AppCommand) -> anyhow::Result<()> {
-    let store = store::open(
-        &config.database_url,
-        store::PoolOptions {
-            max_size: 1,
-            acquire_timeout: std::time::Duration::from_millis(config.database_timeout_ms),
-        },
-    )
-    .await?;
+    let store = commands::open_store(&config).await?;
     match command {
         AppCommand::Add(add) => {
             let app = App {

@@ -42,6 +42,22 @@ enum Route {
     Broken(Arc<str>),
 }
 
+/// Whether an app's pushes can go out, as far as can be told without
+/// sending one: what `call-notifier push test` reports before it sends, so
+/// an unknown app or unusable credentials are told apart from what the push
+/// service answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// No app with this platform and id.
+    Unknown,
+    /// The app has no credentials: its pushes are only logged.
+    LogOnly,
+    /// Its credentials loaded: a push goes to APNs or FCM.
+    Ready,
+    /// Its credentials cannot be used; the text says why.
+    Unusable(String),
+}
+
 /// One app's cache entry.
 struct Cached {
     /// When the app's row was last read.
@@ -87,6 +103,21 @@ impl PushRouter {
     pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
         self.cache_ttl = ttl;
         self
+    }
+
+    /// Looks the app up and loads its credentials as a push would (keeping
+    /// them for the next push), and says whether its pushes can go out.
+    pub async fn readiness(
+        &self,
+        platform: Platform,
+        app_id: &str,
+    ) -> Result<Readiness, StoreError> {
+        Ok(match self.route(platform, app_id).await? {
+            Route::Unknown => Readiness::Unknown,
+            Route::LogOnly => Readiness::LogOnly,
+            Route::Apns(_) | Route::Fcm(_) => Readiness::Ready,
+            Route::Broken(error) => Readiness::Unusable(error.to_string()),
+        })
     }
 
     async fn dispatch(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {

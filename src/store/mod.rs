@@ -42,6 +42,20 @@ pub trait Store: Send + Sync + 'static {
     /// The device registered for a SIP account, if any.
     async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError>;
 
+    /// Every device of a SIP account, oldest registration first: what an
+    /// operator lists. A list, not an option, as an account may come to hold
+    /// several devices.
+    async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError>;
+
+    /// Deletes the devices of `sip_user_id`: every one, or with `token` only
+    /// the one that has it. Returns the rows deleted, so the caller can say
+    /// what went (an empty list: nothing matched).
+    async fn remove_devices(
+        &self,
+        sip_user_id: i64,
+        token: Option<&str>,
+    ) -> Result<Vec<Device>, StoreError>;
+
     /// Registers or updates the one device of a SIP account. Last write wins.
     async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError>;
 

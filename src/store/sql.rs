@@ -357,16 +357,38 @@ macro_rules! diesel_store {
                 sip_user_id: i64,
                 token: &str,
             ) -> Result<bool, StoreError> {
+                let removed = self.remove_devices(sip_user_id, Some(token)).await?;
+                Ok(!removed.is_empty())
+            }
+
+            async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError> {
+                let mut conn = checkout(&self.reach, &self.read).await?;
+                devices::table
+                    .filter(devices::sip_user_id.eq(sip_user_id))
+                    .order((devices::created_at, devices::platform, devices::token))
+                    .select(Device::as_select())
+                    .load(&mut conn)
+                    .await
+                    .map_err(query_error)
+            }
+
+            async fn remove_devices(
+                &self,
+                sip_user_id: i64,
+                token: Option<&str>,
+            ) -> Result<Vec<Device>, StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                let deleted = diesel::delete(
-                    devices::table
-                        .filter(devices::sip_user_id.eq(sip_user_id))
-                        .filter(devices::token.eq(token)),
-                )
-                .execute(&mut conn)
-                .await
-                .map_err(query_error)?;
-                Ok(deleted > 0)
+                let mut delete = diesel::delete(devices::table)
+                    .filter(devices::sip_user_id.eq(sip_user_id))
+                    .into_boxed();
+                if let Some(token) = token {
+                    delete = delete.filter(devices::token.eq(token));
+                }
+                delete
+                    .returning(Device::as_returning())
+                    .get_results(&mut conn)
+                    .await
+                    .map_err(query_error)
             }
 
             async fn app(

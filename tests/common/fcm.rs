@@ -92,6 +92,37 @@ pub fn script(
     }
 }
 
+/// FCM and Google's token endpoint, stood in for, and a service account
+/// whose tokens come from that token endpoint.
+pub struct StandIns {
+    pub fcm: StandIn,
+    pub google: StandIn,
+    /// Where the service account lives; a test may put more files here.
+    pub dir: tempfile::TempDir,
+    pub account: PathBuf,
+}
+
+impl StandIns {
+    /// Starts both; FCM answers with `fcm(request)`.
+    pub async fn start(fcm: impl Fn(&Received) -> Answer + Send + Sync + 'static) -> StandIns {
+        let google = StandIn::start(token_endpoint()).await;
+        let fcm = StandIn::start(fcm).await;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let account = service_account(
+            dir.path(),
+            "service-account.json",
+            PROJECT,
+            &format!("{}/token", google.url()),
+        );
+        StandIns {
+            fcm,
+            google,
+            dir,
+            account,
+        }
+    }
+}
+
 /// A test server (no recording pusher) whose FCM and token endpoint are
 /// stand-ins; everything else as [`TestServer`].
 pub struct FcmServer {
@@ -116,16 +147,13 @@ impl FcmServer {
     /// Starts the stand-ins (FCM accepting every push) and a server on
     /// `backend` pushing to them, with `tweak` applied to its config.
     pub async fn start(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> FcmServer {
-        let google = StandIn::start(token_endpoint()).await;
         let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let fcm = StandIn::start(script([], |_| fcm_accepts(), arrivals.clone())).await;
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let account = service_account(
-            dir.path(),
-            "service-account.json",
-            PROJECT,
-            &format!("{}/token", google.url()),
-        );
+        let StandIns {
+            fcm,
+            google,
+            dir,
+            account,
+        } = StandIns::start(script([], |_| fcm_accepts(), arrivals.clone())).await;
         let server = start_pushing_to_fcm(backend, account, |config| {
             config.fcm_base_url = fcm.url();
             tweak(config);
