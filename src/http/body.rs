@@ -222,6 +222,16 @@ impl Fields {
         }
     }
 
+    /// A required, non-blank text field that must be text, not a JSON
+    /// number: push tokens and app ids are never numbers, and a token sent
+    /// as one has lost digits already (64 hex digits do not fit a float).
+    pub fn required_string(&self, field: &'static str, max: usize) -> Result<String, ApiError> {
+        if let Some(Value::Number(_)) = self.values.get(field) {
+            return Err(ApiError::invalid(field, "must be a string"));
+        }
+        self.required_text(field, max)
+    }
+
     /// An optional text field; blank counts as absent.
     pub fn optional_text(
         &self,
@@ -268,19 +278,61 @@ impl Fields {
         }
     }
 
-    /// A required finite number.
-    pub fn number(&self, field: &'static str) -> Result<f64, ApiError> {
-        const RULE: &str = "must be a finite number";
+    /// Required Unix seconds (`message_start_time`, ours, echoed back): a
+    /// JSON number from 0 to before the year 5000, or its text in the forms
+    /// apps print a time in: plain digits with at most 10 before the point
+    /// (`1700000000.25`), or one digit and an exponent of at most 9 (Java's
+    /// `1.70000000025E9`), white space around it allowed. Text is held to
+    /// those forms, not to whatever a float parser takes, so that the API
+    /// document can say exactly which text is taken: a pattern cannot tell
+    /// `1e9` from `1e99`.
+    pub fn unix_seconds(&self, field: &'static str) -> Result<f64, ApiError> {
+        const RULE: &str = "must be Unix seconds: a number from 0 to before the year 5000, \
+                            or as text at most 10 digits before the point (or 1 digit and an exponent of at most 9)";
         let value = match self.values.get(field) {
             None | Some(Value::Null) => return Err(ApiError::invalid(field, "is required")),
             Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::Text(s)) => s.trim().parse::<f64>().ok(),
+            Some(Value::Text(s)) => unix_seconds_text(s),
             Some(_) => None,
         };
         value
-            .filter(|v| v.is_finite())
+            .filter(|v| (0.0..MAX_UNIX_SECONDS).contains(v))
             .ok_or_else(|| ApiError::invalid(field, RULE))
     }
+}
+
+/// Unix seconds before the year 5000: later is not a time of ours.
+const MAX_UNIX_SECONDS: f64 = 95_617_584_000.0;
+
+/// Unix seconds as text, in the forms [`Fields::unix_seconds`] takes;
+/// `None` for anything else. Every form taken is below 10^10.
+fn unix_seconds_text(text: &str) -> Option<f64> {
+    let trimmed = text.trim();
+    let unsigned = trimmed.strip_prefix('+').unwrap_or(trimmed);
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, Some(exponent)),
+        None => (unsigned, None),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !digits(whole) || !digits(fraction) || (whole.is_empty() && fraction.is_empty()) {
+        return None;
+    }
+    let significant = whole.trim_start_matches('0').len();
+    let in_form = match exponent {
+        None => significant <= 10,
+        Some(exponent) => match exponent.strip_prefix('-') {
+            Some(negative) => !negative.is_empty() && digits(negative) && significant <= 10,
+            None => {
+                let positive = exponent.strip_prefix('+').unwrap_or(exponent);
+                !positive.is_empty()
+                    && digits(positive)
+                    && positive.trim_start_matches('0').len() <= 1
+                    && significant <= 1
+            }
+        },
+    };
+    in_form.then(|| unsigned.parse::<f64>().ok()).flatten()
 }
 
 /// Decodes `+` and `%XX` escapes of a form component into bytes.
@@ -369,11 +421,46 @@ mod tests {
     }
 
     #[test]
-    fn numbers_reject_nan_and_infinity() {
-        for bad in ["NaN", "inf", "-inf", "1e999", "x"] {
-            assert!(form(&format!("t={bad}")).number("t").is_err(), "{bad}");
+    fn unix_seconds_forms() {
+        for ok in [
+            "1700000000.25",
+            " 1700000000 ",
+            "%2B1.5",
+            "5.",
+            ".5",
+            "0000000001700000000",
+            "1.70000000025E9",
+            "1.7e%2B09",
+            "1700000000.25e-3",
+            "0",
+        ] {
+            assert!(form(&format!("t={ok}")).unix_seconds("t").is_ok(), "{ok}");
         }
-        assert_eq!(form("t=1.25").number("t").unwrap(), 1.25);
+        for bad in [
+            "NaN",
+            "inf",
+            "-inf",
+            "1e999",
+            "x",
+            "",
+            ".",
+            "-5",
+            "-0",
+            "1e10",
+            "17e8",
+            "12345678901",
+            ".4e30761",
+            "1e",
+            "1e-",
+            "1.5.5",
+            "0x10",
+        ] {
+            assert!(
+                form(&format!("t={bad}")).unix_seconds("t").is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(form("t=1.25").unix_seconds("t").unwrap(), 1.25);
     }
 
     proptest! {
@@ -389,7 +476,7 @@ mod tests {
                 let _ = f.sip_user_id();
                 let _ = f.text("token", 250);
                 let _ = f.boolean("sandbox", false);
-                let _ = f.number("message_start_time");
+                let _ = f.unix_seconds("message_start_time");
             }
         }
 

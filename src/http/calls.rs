@@ -77,10 +77,6 @@ pub(super) async fn incoming_call(
     })
 }
 
-/// `message_start_time` is ours, echoed back: Unix seconds, after 1970 and
-/// before the year 5000.
-const MAX_UNIX_SECONDS: f64 = 95_617_584_000.0;
-
 /// The app, awake and SIP-registered, says whether it takes the call.
 pub(super) async fn call_response(
     state: &Arc<AppState>,
@@ -96,13 +92,7 @@ pub(super) async fn call_response(
         Ok(()) => ApiError::NotFound("not found"),
     };
     let unique_key = fields.required_text("unique_key", 255)?;
-    let message_start_time = fields.number("message_start_time")?;
-    if !(0.0..MAX_UNIX_SECONDS).contains(&message_start_time) {
-        return Err(ApiError::invalid(
-            "message_start_time",
-            "must be Unix seconds",
-        ));
-    }
+    let message_start_time = fields.unix_seconds("message_start_time")?;
     let answer = AppAnswer {
         unique_key,
         message_start_time,

@@ -21,13 +21,13 @@ use crate::store::{NewDevice, Platform, Registration};
 /// What the phone that lost its SIP account to another device is told.
 const TAKEN_OVER: &str = "Another device has been registered for your account; this device will no longer receive calls.";
 
-/// A push token: 1 to 250 characters, no whitespace, no control characters
-/// ([`Fields::text`] refuses those) and no invisible formatting characters:
+/// A push token: text (not a JSON number) of 1 to 250 characters, no
+/// whitespace, no control characters ([`Fields::text`] refuses those) and no invisible formatting characters:
 /// a token is written to logs and handed to push services, and a U+202E in
 /// one reversed the log lines it was written to. An APNs device token is
 /// hex (Apple's are 32 bytes as 64 hex digits; no length is assumed).
 fn token(platform: Platform, fields: &Fields) -> Result<String, ApiError> {
-    let token = fields.required_text("token", 250)?;
+    let token = fields.required_string("token", 250)?;
     if token.chars().any(char::is_whitespace) {
         return Err(ApiError::invalid("token", "must not contain whitespace"));
     }
@@ -78,7 +78,7 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
         sip_user_id: fields.sip_user_id()?,
         platform,
         token: token(platform, fields)?,
-        app_id: fields.required_text("app", 255)?,
+        app_id: fields.required_string("app", 255)?,
         name: fields.optional_text("name", 255)?,
         os_version: fields.optional_text("os_version", 255)?,
         client_version: fields.optional_text("client_version", 255)?,
@@ -167,7 +167,7 @@ pub(super) async fn unregister(
     let (_, fields) = read_authorized(state, peer, request, Source::QueryAndBody).await?;
     let sip_user_id = fields.sip_user_id()?;
     let token = token(platform, &fields)?;
-    let app_id = fields.required_text("app", 255)?;
+    let app_id = fields.required_string("app", 255)?;
     if state
         .store
         .delete_device(sip_user_id, platform, &token, &app_id)

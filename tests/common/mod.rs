@@ -562,6 +562,25 @@ impl TestClient {
     }
 }
 
+/// Asserts a 400 that names `field` and a rule containing `rule` (any
+/// non-empty rule when `rule` is empty).
+pub fn assert_invalid(reply: &Reply, field: &str, rule: &str, what: &str) {
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "{what}: {}",
+        reply.body
+    );
+    let body = reply.json();
+    assert_eq!(body["field"], field, "{what}: {body}");
+    assert!(
+        body["rule"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty() && r.contains(rule)),
+        "{what}: {body}"
+    );
+}
+
 /// Runs `scenario` once per backend, all at once.
 pub async fn on_every_backend<F, Fut>(scenario: F)
 where
