@@ -157,7 +157,16 @@ impl ApnsApp {
     }
 
     /// Sends one VoIP push to the environment the device registered for.
+    ///
+    /// Only a call goes: iOS makes the app report every VoIP push to
+    /// CallKit as a call and stops waking apps that fail to, so any other
+    /// payload is refused here, before a2, whoever asked for it.
     pub async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
+        if !matches!(payload, Payload::Call { .. }) {
+            return PushOutcome::Failed(Refusal::unanswered(
+                "not sent: a VoIP push only ever rings a call on iOS; other notices need the app's alert token",
+            ));
+        }
         let push = VoipPush::new(target, payload, &self.topic);
         let environment = if target.sandbox {
             &self.sandbox
@@ -786,6 +795,49 @@ mod tests {
             matches!(error, Some(CredentialsError::Read { .. })),
             "{error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_non_call_payload_is_never_sent_as_a_voip_push() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        openssl(
+            dir.path(),
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "AuthKey_ABC123DEFG.p8",
+            ],
+        );
+        let app = ApnsApp::load(
+            "com.example.softphone",
+            &Credentials::ApnsToken {
+                key_path: dir.path().join("AuthKey_ABC123DEFG.p8"),
+                key_id: "ABC123DEFG".into(),
+                team_id: "TEAM123456".into(),
+                topic: None,
+            },
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let message = Payload::Message {
+            message: "Another device took over".into(),
+        };
+        // Refused before a2 is asked: no network is reachable from here, so
+        // a push that went to a2 would come back as a transport retry.
+        match app.send(&target(true), &message).await {
+            PushOutcome::Failed(refusal) => {
+                assert!(
+                    refusal.to_string().contains("only ever rings a call"),
+                    "{refusal}"
+                )
+            }
+            other => panic!("a message went towards APNs: {other:?}"),
+        }
     }
 
     #[tokio::test]
