@@ -797,8 +797,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_non_call_payload_is_never_sent_as_a_voip_push() {
+    /// A directory holding a fresh APNs token key, `AuthKey_ABC123DEFG.p8`.
+    fn p8_key() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("a temp dir");
         openssl(
             dir.path(),
@@ -812,6 +812,12 @@ mod tests {
                 "AuthKey_ABC123DEFG.p8",
             ],
         );
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_non_call_payload_is_never_sent_as_a_voip_push() {
+        let dir = p8_key();
         let app = ApnsApp::load(
             "com.example.softphone",
             &Credentials::ApnsToken {
@@ -842,19 +848,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_p8_key_becomes_a_token_client_and_a_bad_one_is_an_error() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        openssl(
-            dir.path(),
-            &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                "AuthKey_ABC123DEFG.p8",
-            ],
-        );
+        let dir = p8_key();
         let token = |key_path: PathBuf| Credentials::ApnsToken {
             key_path,
             key_id: "ABC123DEFG".into(),
