@@ -406,6 +406,7 @@ fn device(sip_user_id: i64, platform: Platform, token: &str) -> NewDevice {
         client_version: None,
         remote_logging_id: None,
         sandbox: false,
+        alert_token: None,
     }
 }
 

@@ -355,6 +355,7 @@ async fn the_router_says_what_happened_for_every_kind_of_app() {
             app_id: app_id.into(),
             sandbox: false,
             sip_user_id: 1,
+            alert_token: None,
         };
         let payload = Payload::Message {
             message: "hello".into(),

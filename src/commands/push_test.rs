@@ -170,6 +170,7 @@ fn target(test: &PushTest) -> PushTarget {
         sandbox: test.sandbox,
         // No SIP account: the logs of the push say 0.
         sip_user_id: 0,
+        alert_token: None,
     }
 }
 

@@ -84,7 +84,26 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
         client_version: fields.optional_text("client_version", 255)?,
         remote_logging_id: fields.optional_text("remote_logging_id", 255)?,
         sandbox: fields.boolean("sandbox", false)?,
+        alert_token: alert_token(platform, fields)?,
     })
+}
+
+/// The optional `alert_token` of an iOS device: its regular APNs token, hex
+/// like every APNs token. Other platforms have no such thing.
+fn alert_token(platform: Platform, fields: &Fields) -> Result<Option<String>, ApiError> {
+    let Some(token) = fields.optional_text("alert_token", 250)? else {
+        return Ok(None);
+    };
+    if !platform.is_apns() {
+        return Err(ApiError::invalid("alert_token", "is for apns devices only"));
+    }
+    if !token.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::invalid(
+            "alert_token",
+            "must be hex digits only (an APNs device token), without whitespace",
+        ));
+    }
+    Ok(Some(token))
 }
 
 pub(super) async fn register(

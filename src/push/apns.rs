@@ -425,6 +425,7 @@ mod tests {
             app_id: "com.example.softphone".into(),
             sandbox,
             sip_user_id: 42,
+            alert_token: None,
         }
     }
 

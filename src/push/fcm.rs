@@ -347,6 +347,7 @@ mod tests {
             app_id: "com.example.softphone".into(),
             sandbox: false,
             sip_user_id: 7,
+            alert_token: None,
         }
     }
 

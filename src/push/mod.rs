@@ -33,6 +33,9 @@ pub struct PushTarget {
     pub sandbox: bool,
     /// The SIP account, for logs.
     pub sip_user_id: i64,
+    /// APNs only: the regular device token, for alert pushes (see
+    /// [`crate::store::NewDevice::alert_token`]).
+    pub alert_token: Option<String>,
 }
 
 impl From<NewDevice> for PushTarget {
@@ -43,6 +46,7 @@ impl From<NewDevice> for PushTarget {
             app_id: device.app_id,
             sandbox: device.sandbox,
             sip_user_id: device.sip_user_id,
+            alert_token: device.alert_token,
         }
     }
 }

@@ -105,6 +105,10 @@ pub struct NewDevice {
     pub remote_logging_id: Option<String>,
     /// APNs only: the app was built against the sandbox environment.
     pub sandbox: bool,
+    /// APNs only: the app's regular device token, for visible alerts (a
+    /// call that ended, a takeover). A VoIP push must be reported to
+    /// CallKit as a call, so anything but a call goes here, never to `token`.
+    pub alert_token: Option<String>,
 }
 
 fn as_text<S: Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {

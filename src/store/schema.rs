@@ -21,6 +21,7 @@ diesel::table! {
         client_version -> Nullable<Text>,
         remote_logging_id -> Nullable<Text>,
         sandbox -> Bool,
+        alert_token -> Nullable<Text>,
         created_at -> BigInt,
         updated_at -> BigInt,
         last_seen_at -> BigInt,
