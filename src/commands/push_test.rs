@@ -178,7 +178,7 @@ fn target(test: &PushTest) -> PushTarget {
 fn announce(test: &PushTest, payload: &Payload) -> String {
     let what = match payload {
         Payload::Call { unique_key, .. } => format!("call push {unique_key}"),
-        Payload::Message { .. } => "message push".to_owned(),
+        other => format!("{} push", other.kind()),
     };
     let environment = match (test.platform, test.sandbox) {
         (Platform::Apns, true) => " (sandbox)",

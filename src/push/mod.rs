@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use crate::store::{NewDevice, Platform};
+use crate::store::{EndReason, NewDevice, Platform};
 
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,7 +67,18 @@ pub enum Payload {
         /// Which push of this call this is, from 1.
         attempt: u32,
     },
-    /// A text for the user, e.g. that another device took over the account.
+    /// The call this device was rung for is over; stop ringing. Sent once
+    /// per device that was pushed for the call and did not answer it.
+    CallEnded {
+        /// The key this device's call push carried.
+        unique_key: String,
+        reason: EndReason,
+        /// Who called (`caller_id`, else `phonenumber`): the argument of the
+        /// iOS alert's localized text. Not a data key.
+        caller: String,
+    },
+    /// A text for the user. The service sends one message only: that
+    /// another device took over the account (and `push test --kind message`).
     Message { message: String },
 }
 
@@ -91,6 +102,13 @@ impl Payload {
                 map.insert("response_api".into(), response_api.as_str().into());
                 map.insert("message_start_time".into(), (*message_start_time).into());
                 map.insert("attempt".into(), (*attempt).into());
+            }
+            Payload::CallEnded {
+                unique_key, reason, ..
+            } => {
+                map.insert("type".into(), "call_ended".into());
+                map.insert("unique_key".into(), unique_key.as_str().into());
+                map.insert("reason".into(), reason.as_str().into());
             }
             Payload::Message { message } => {
                 map.insert("type".into(), "message".into());
@@ -118,7 +136,16 @@ impl Payload {
     pub fn attempt(&self) -> Option<u32> {
         match self {
             Payload::Call { attempt, .. } => Some(*attempt),
-            Payload::Message { .. } => None,
+            Payload::CallEnded { .. } | Payload::Message { .. } => None,
+        }
+    }
+
+    /// The `kind` label of the `pushes` metric, and the `type` data key.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Call { .. } => "call",
+            Payload::CallEnded { .. } => "call_ended",
+            Payload::Message { .. } => "message",
         }
     }
 }

@@ -126,6 +126,54 @@ pub enum Registration {
     Updated { previous: Device },
 }
 
+/// Why a call ended, as every phone still ringing for it is told
+/// (`call_ended` notices) and as a late answer hears it (410 Gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// Another device of the account took the call.
+    AnsweredElsewhere,
+    /// The PBX hung up or cancelled the call.
+    Cancelled,
+    /// Nobody answered within the wait.
+    TimedOut,
+    /// The service could not go on: shutdown, store or broker lost.
+    Failed,
+    /// Every device declined (or died, at least one declining): only in a
+    /// late answer's 410, never in a notice (a device that answered is
+    /// not told).
+    NotAvailable,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 5] = [
+        EndReason::AnsweredElsewhere,
+        EndReason::Cancelled,
+        EndReason::TimedOut,
+        EndReason::Failed,
+        EndReason::NotAvailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::AnsweredElsewhere => "answered_elsewhere",
+            EndReason::Cancelled => "cancelled",
+            EndReason::TimedOut => "timed_out",
+            EndReason::Failed => "failed",
+            EndReason::NotAvailable => "not_available",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EndReason> {
+        EndReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A push app, and where its credentials are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct App {

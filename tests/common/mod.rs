@@ -331,7 +331,7 @@ impl TestServer {
 fn key_of(push: &Recorded) -> Option<&str> {
     match &push.payload {
         Payload::Call { unique_key, .. } => Some(unique_key),
-        Payload::Message { .. } => None,
+        Payload::CallEnded { .. } | Payload::Message { .. } => None,
     }
 }
 
