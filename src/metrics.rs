@@ -176,10 +176,11 @@ impl Default for Metrics {
 /// The `outcome`s of `incoming_calls` ([`crate::calls::Outcome`] and
 /// `hung_up`), spelled here because `calls` sits above this module;
 /// `tests/contrib.rs` checks that every outcome a call can end with is one.
-const CALL_OUTCOMES: [&str; 9] = [
+const CALL_OUTCOMES: [&str; 10] = [
     "ack",
     "no_device",
     "not_available",
+    "cancelled",
     "token_dead",
     "timeout",
     "overloaded",

@@ -163,7 +163,7 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         form(
             ANSWER,
-            &format!("unique_key={}&message_start_time=1", "k".repeat(256)),
+            &format!("unique_key={}&message_start_time=1", "k".repeat(261)),
             "unique_key",
         ),
         form(ANSWER, "unique_key=k", "message_start_time"),

@@ -116,18 +116,25 @@ async fn no_answer_is_nak_after_the_wait_with_three_pushes() {
             backend.name()
         );
         let attempts: Vec<_> = server
-            .pusher
-            .sent_to("tok-sleepy")
+            .calls_to("tok-sleepy")
             .iter()
             .map(|p| p.payload.attempt())
             .collect();
         assert_eq!(attempts, [Some(1), Some(2), Some(3)], "{}", backend.name());
+        // The phone is told to stop ringing, once, after its call pushes.
+        let (key, reason) = server.notice("tok-sleepy").await;
+        assert_eq!(reason, EndReason::TimedOut, "{}", backend.name());
+        let sent = server.pusher.sent_to("tok-sleepy");
+        assert_eq!(sent.len(), 4, "{}", backend.name());
+        assert!(
+            matches!(&sent[3].payload, Payload::CallEnded { unique_key, .. } if *unique_key == key)
+        );
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_after_the_wait_is_404_and_the_pbx_got_nak() {
+async fn an_answer_after_the_wait_is_410_timed_out_and_the_pbx_got_nak() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |c| {
             c.wait_ms = 800;
@@ -143,13 +150,17 @@ async fn an_answer_after_the_wait_is_404_and_the_pbx_got_nak() {
             .client
             .call_response(&key, start_time_of(&push), true)
             .await;
-        assert_eq!(late.status, StatusCode::NOT_FOUND, "{}", backend.name());
+        assert_eq!(late.status, StatusCode::GONE, "{}", backend.name());
+        assert_eq!(
+            late.json(),
+            serde_json::json!({"unique_key": key, "reason": "timed_out"})
+        );
         // Also when the app lies about when the push left.
         let lying = server
             .client
             .call_response(&key, call_notifier::calls::unix_seconds(), true)
             .await;
-        assert_eq!(lying.status, StatusCode::NOT_FOUND, "{}", backend.name());
+        assert_eq!(lying.status, StatusCode::GONE, "{}", backend.name());
     })
     .await;
 }
@@ -224,11 +235,15 @@ async fn the_pbx_hanging_up_leaves_nothing_behind() {
         pbx.abort();
         let _ = pbx.await;
         assert_no_bookkeeping(&server).await;
-        // No more pushes once the call is gone.
+        // The phone is told the caller hung up, and pushed no more.
+        assert_eq!(
+            server.notice("tok-hangup").await,
+            (key.clone(), EndReason::Cancelled)
+        );
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(
             server.pusher.sent_to("tok-hangup").len(),
-            1,
+            2,
             "{}",
             backend.name()
         );
@@ -238,23 +253,25 @@ async fn the_pbx_hanging_up_leaves_nothing_behind() {
                 let mut redis = redis.clone();
                 let key = key.clone();
                 async move {
-                    let exists: i64 = redis::cmd("EXISTS")
+                    let record: Option<String> = redis::cmd("GET")
                         .arg(state_key(&key))
                         .query_async(&mut redis)
                         .await
                         .unwrap();
-                    exists == 0 && subscribers(url, &key).await == 0
+                    record.as_deref() == Some("ended cancelled android")
+                        && subscribers(url, &key).await == 0
                 }
             })
             .await;
-            assert!(gone, "state key or subscription left in Redis");
+            assert!(gone, "no tombstone, or a subscription left in Redis");
         }
-        // The answer that comes now finds nothing.
+        // The answer that comes now learns that the caller hung up.
         let late = server
             .client
             .call_response(&key, call_notifier::calls::unix_seconds(), true)
             .await;
-        assert_eq!(late.status, StatusCode::NOT_FOUND);
+        assert_eq!(late.status, StatusCode::GONE);
+        assert_eq!(late.json()["reason"], "cancelled");
     })
     .await;
 }

@@ -211,6 +211,7 @@ fn call_outcomes() -> Vec<&'static str> {
         Outcome::Ack,
         Outcome::Nak(NoDevice),
         Outcome::Nak(NotAvailable),
+        Outcome::Nak(Cancelled),
         Outcome::Nak(TokenDead),
         Outcome::Nak(Timeout),
         Outcome::Nak(Overloaded),
@@ -221,7 +222,8 @@ fn call_outcomes() -> Vec<&'static str> {
         match outcome {
             Outcome::Ack
             | Outcome::Nak(
-                NoDevice | NotAvailable | TokenDead | Timeout | Overloaded | Unavailable | Shutdown,
+                NoDevice | NotAvailable | Cancelled | TokenDead | Timeout | Overloaded
+                | Unavailable | Shutdown,
             ) => {}
         }
     }

@@ -72,6 +72,8 @@ async fn metrics_count_every_outcome() {
             client.incoming_call(&sleepy, &call_id()).await.body,
             "status=NAK"
         );
+        // The sleepy phone is told the call timed out: a push of its own.
+        server.notice("m-sleepy").await;
 
         let metrics = client.get("/metrics").await;
         assert_eq!(metrics.status, StatusCode::OK);
@@ -99,7 +101,7 @@ async fn metrics_count_every_outcome() {
             backend.name()
         );
         // Pushes by platform, outcome and the service's reason: the sleepy
-        // phone got 2 (600/200 - 1).
+        // phone got 2 calls (600/200 - 1) and the notice.
         let pushes = |platform: &str, outcome: &str, reason: &str| {
             sample(
                 m,
@@ -108,7 +110,7 @@ async fn metrics_count_every_outcome() {
                 ),
             )
         };
-        assert_eq!(pushes("android", "delivered", "none"), 3.0, "{m}");
+        assert_eq!(pushes("android", "delivered", "none"), 4.0, "{m}");
         assert_eq!(pushes("apns", "delivered", "none"), 1.0);
         assert_eq!(pushes("gcm", "token_dead", "UNREGISTERED"), 1.0);
         assert_eq!(
@@ -116,7 +118,7 @@ async fn metrics_count_every_outcome() {
                 m,
                 "call_notifier_push_duration_seconds_count{platform=\"android\"}"
             ),
-            3.0
+            4.0
         );
         // Two answers reported their roundtrip and crossed the broker.
         let roundtrips = sample(

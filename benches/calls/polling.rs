@@ -6,9 +6,9 @@
 //! path (`/api/call-response/` stores the answer exactly as in production),
 //! but a wait learns of the answer only at its next poll:
 //!
-//! - On Redis, as the old service did: `open` stores the pending state with
+//! - On Redis, as the old service did: `open` stores the call's record with
 //!   the product's own `SET … PX … NX`, without subscribing; each wait then
-//!   sends one `GET` per interval, and its end deletes the key.
+//!   sends one `GET` per interval, and its end is the product's.
 //! - In process: the wait is the in-process broker's, and each poll looks
 //!   at whether its answer has arrived (the cost of a map lookup, which is
 //!   what polling costs without a network).
@@ -22,9 +22,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use call_notifier::broker::redis::{set_pending, state_key};
-use call_notifier::broker::{Answer, BrokerError, CallBroker, CallState, Wait};
-use call_notifier::store::Platform;
-use futures_util::FutureExt;
+use call_notifier::broker::{Answer, BrokerError, CallBroker, CallState, News, Verdict, Wait};
+use call_notifier::store::{EndReason, Platform};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -79,53 +78,46 @@ impl CallBroker for PollingBroker {
     async fn open(
         &self,
         key: &str,
-        platform: Platform,
+        devices: &[Platform],
         until: Instant,
     ) -> Result<Wait, BrokerError> {
-        let (found, answers) = watch::channel(None);
-        let (poller, redis) = match &self.redis {
+        let (found, news) = watch::channel(News {
+            answers: vec![None; devices.len()],
+            ended: None,
+        });
+        let poller = match &self.redis {
             Some(conn) => {
                 let mut conn = conn.clone();
-                set_pending(key, platform, until)
+                set_pending(key, devices, until)
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(unavailable)?;
-                let poller = tokio::spawn(poll_redis(
-                    conn.clone(),
-                    state_key(key),
-                    self.interval,
-                    found,
-                ));
-                (poller, Some(conn))
+                tokio::spawn(poll_redis(conn, state_key(key), self.interval, found))
             }
             None => {
-                let wait = self.inner.open(key, platform, until).await?;
-                (
-                    tokio::spawn(poll_in_process(wait, self.interval, found)),
-                    None,
-                )
+                let wait = self.inner.open(key, devices, until).await?;
+                tokio::spawn(poll_in_process(wait, self.interval, found))
             }
         };
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = self.waiting.clone();
-        let key = state_key(key);
-        Ok(Wait::new(answers, move || {
+        Ok(Wait::new(news, move || {
             // Aborting drops the in-process wait, which cleans up after it.
             poller.abort();
             waiting.fetch_sub(1, Ordering::Relaxed);
-            if let Some(mut conn) = redis {
-                tokio::spawn(async move {
-                    let _ = redis::cmd("DEL")
-                        .arg(key)
-                        .query_async::<()>(&mut conn)
-                        .await;
-                });
-            }
         }))
     }
 
-    async fn answer(&self, key: &str, available: bool) -> Result<Option<CallState>, BrokerError> {
+    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError> {
         self.inner.answer(key, available).await
+    }
+
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError> {
+        self.inner.end(key, reason).await
+    }
+
+    async fn cancel(&self, key: &str) -> Result<bool, BrokerError> {
+        self.inner.cancel(key).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -137,46 +129,51 @@ impl CallBroker for PollingBroker {
     }
 }
 
-/// One `GET` per interval until the state holds an answer.
+/// One `GET` per interval until the record holds an answer.
 async fn poll_redis(
     mut conn: MultiplexedConnection,
     key: String,
     interval: Duration,
-    found: watch::Sender<Option<Answer>>,
+    found: watch::Sender<News>,
 ) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let state: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn).await {
-            Ok(state) => state,
+        let stored: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn).await
+        {
+            Ok(stored) => stored,
             Err(_) => continue,
         };
-        if let Some(available) = state
-            .as_deref()
-            .and_then(CallState::decode)
-            .and_then(CallState::answer)
-        {
-            found.send_replace(Some(Answer {
-                available,
-                received_at: None,
-            }));
-            return;
+        let Some(state) = stored.as_deref().and_then(CallState::decode) else {
+            continue;
+        };
+        let answers = state
+            .devices
+            .iter()
+            .map(|d| {
+                d.answer.map(|available| Answer {
+                    available,
+                    received_at: None,
+                })
+            })
+            .collect::<Vec<_>>();
+        if answers.iter().any(Option::is_some) {
+            found.send_replace(News {
+                answers,
+                ended: None,
+            });
         }
     }
 }
 
-/// Looks once per interval at whether the in-process wait has its answer.
-async fn poll_in_process(mut wait: Wait, interval: Duration, found: watch::Sender<Option<Answer>>) {
+/// Looks once per interval at what the in-process wait has learned.
+async fn poll_in_process(wait: Wait, interval: Duration, found: watch::Sender<News>) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        if let Some(answer) = wait.answered().now_or_never() {
-            found.send_replace(Some(Answer {
-                received_at: None,
-                ..answer
-            }));
-            // Keep the wait (and its bookkeeping) until the call drops ours.
-            std::future::pending::<()>().await;
+        let news = wait.news();
+        if news != *found.borrow() {
+            found.send_replace(news);
         }
     }
 }

@@ -1,10 +1,10 @@
-//! The app's answer to a call push (`/api/call-response/`): too late or
-//! unknown, or handed to the broker, which wakes the waiting PBX request
-//! wherever it is parked.
+//! The app's answer to a call push (`/api/call-response/`), handed to the
+//! broker, which decides whether it counts and wakes the waiting PBX
+//! request wherever it is parked; and the PBX's cancel of a call.
 
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Verdict};
 use crate::state::AppState;
-use crate::store::{now_millis, ResponseLogEntry};
+use crate::store::{now_millis, EndReason, ResponseLogEntry};
 
 /// What the app says.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,38 +20,47 @@ pub struct AppAnswer {
 /// What became of an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answered {
-    /// Delivered to the call's wait (or a repeat of an answer it already has).
+    /// Delivered to the call's wait (or a repeat of this device's answer).
     Accepted,
-    /// No call waits for this key (never issued, or its wait ended), or the
-    /// answer came later than the wait: the PBX has moved on either way.
+    /// The call is over for this device, for this reason: the app stops
+    /// ringing.
+    Gone(EndReason),
+    /// No call was ever rung under this key, or it ended long ago.
     Unknown,
 }
 
-/// Hands the app's answer to the call's wait. The first answer to a key
+/// Hands the app's answer to the call's wait. A device's first answer
 /// counts for the metrics and the response log; a repeat is accepted
 /// without either.
 pub async fn answer(state: &AppState, answer: AppAnswer) -> Result<Answered, BrokerError> {
-    let roundtrip = super::unix_seconds() - answer.message_start_time;
-    if roundtrip > state.config.wait().as_secs_f64() {
-        return Ok(Answered::Unknown);
-    }
-    let Some(before) = state
+    let verdict = state
         .broker
         .answer(&answer.unique_key, answer.available)
-        .await?
-    else {
-        return Ok(Answered::Unknown);
-    };
-    if before.answer().is_none() {
-        let roundtrip = roundtrip.max(0.0);
-        state.metrics.wakeup_roundtrip(before.platform(), roundtrip);
-        // Queued: the log row must not delay the answer the PBX waits for.
-        state.response_log.record(ResponseLogEntry {
-            platform: before.platform(),
-            roundtrip,
-            available: answer.available,
-            created_at: now_millis(),
-        });
-    }
-    Ok(Answered::Accepted)
+        .await?;
+    Ok(match verdict {
+        Verdict::Unknown => Answered::Unknown,
+        Verdict::Gone(reason) => Answered::Gone(reason),
+        Verdict::Repeat => Answered::Accepted,
+        Verdict::Taken { platform } => {
+            // As the app reports it; a forged start time moves no metric
+            // past the wait.
+            let roundtrip = (super::unix_seconds() - answer.message_start_time)
+                .clamp(0.0, state.config.wait().as_secs_f64());
+            state.metrics.wakeup_roundtrip(platform, roundtrip);
+            // Queued: the log row must not delay the answer the PBX waits for.
+            state.response_log.record(ResponseLogEntry {
+                platform,
+                roundtrip,
+                available: answer.available,
+                created_at: now_millis(),
+            });
+            Answered::Accepted
+        }
+    })
+}
+
+/// Ends a ringing call as `cancelled`, wherever it is parked (`key`: the
+/// PBX's `call_id`, or a `unique_key`). Says whether one was.
+pub async fn cancel(state: &AppState, key: &str) -> Result<bool, BrokerError> {
+    state.broker.cancel(key).await
 }

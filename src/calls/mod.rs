@@ -1,7 +1,8 @@
-//! The life of an incoming call: find the device, open the wait, push and
-//! resend beside it, and end with an [`Outcome`] the moment there is one
-//! ([`ring`]); the app's answer ([`answer`]); the count of parked calls
-//! ([`parking`]).
+//! The life of an incoming call: find the account's devices, open the wait,
+//! push and resend to every device beside it, end with an [`Outcome`] the
+//! moment there is one, and tell every phone still ringing why the call is
+//! over ([`ring`]); the app's answer ([`answer`]); the PBX's cancel
+//! ([`cancel`]); the count of parked calls ([`parking`]).
 //!
 //! Owns the resend schedule and the retry of refused pushes, because only the
 //! call knows its deadline. Must not know about HTTP: the PBX endpoint turns
@@ -11,19 +12,20 @@ mod answer;
 pub mod parking;
 mod schedule;
 
-pub use answer::{answer, Answered, AppAnswer};
+pub use answer::{answer, cancel, Answered, AppAnswer};
 pub use parking::Parking;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::broker::{push_key, Answer, News};
 use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
-use crate::store::Platform;
+use crate::store::{EndReason, Platform};
 
 /// An incoming call as the PBX described it, already validated.
 #[derive(Debug, Clone)]
@@ -49,9 +51,11 @@ pub enum Outcome {
 pub enum NakReason {
     /// No device is registered for the SIP account.
     NoDevice,
-    /// The app answered that it is not available (busy, declined).
+    /// Every device declined (busy), or died with at least one declining.
     NotAvailable,
-    /// The push service declared the device's token dead.
+    /// The PBX cancelled the call (the cancel endpoint, on any instance).
+    Cancelled,
+    /// The push service declared every device's token dead.
     TokenDead,
     /// Nobody answered within the wait.
     Timeout,
@@ -68,6 +72,7 @@ impl NakReason {
         match self {
             NakReason::NoDevice => "no_device",
             NakReason::NotAvailable => "not_available",
+            NakReason::Cancelled => "cancelled",
             NakReason::TokenDead => "token_dead",
             NakReason::Timeout => "timeout",
             NakReason::Overloaded => "overloaded",
@@ -83,16 +88,6 @@ impl Outcome {
             Outcome::Ack => "ack",
             Outcome::Nak(reason) => reason.as_str(),
         }
-    }
-}
-
-/// Aborts a spawned task when dropped: the pushes of a call stop the moment
-/// its wait ends, whichever way it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -119,9 +114,9 @@ struct CallRecord<'a> {
     sip_user_id: i64,
     started: Instant,
     unique_key: Option<String>,
-    platform: Option<Platform>,
-    /// Pushes accepted so far, reported by the push schedule.
-    attempts: Option<watch::Receiver<u32>>,
+    platforms: Vec<Platform>,
+    /// Pushes accepted so far per device, reported by the push schedules.
+    attempts: Vec<watch::Receiver<u32>>,
     /// `None` until the call ends; still `None` on drop: the PBX hung up.
     outcome: Option<Outcome>,
 }
@@ -137,11 +132,17 @@ impl Drop for CallRecord<'_> {
     fn drop(&mut self) {
         let outcome = self.outcome.map_or("hung_up", Outcome::as_str);
         self.state.metrics.call(outcome);
+        let platforms: Vec<&str> = self.platforms.iter().map(|p| p.as_str()).collect();
+        let attempts: Vec<String> = self
+            .attempts
+            .iter()
+            .map(|a| a.borrow().to_string())
+            .collect();
         tracing::info!(
             unique_key = %Escaped(self.unique_key.as_deref().unwrap_or("")),
             sip_user_id = self.sip_user_id,
-            platform = self.platform.map_or("", Platform::as_str),
-            attempts = self.attempts.as_ref().map_or(0, |a| *a.borrow()),
+            platform = platforms.join(","),
+            attempts = attempts.join(","),
             waited_ms = self.started.elapsed().as_millis() as u64,
             outcome,
             "call ended"
@@ -149,18 +150,20 @@ impl Drop for CallRecord<'_> {
     }
 }
 
-/// Rings the device of `call.sip_user_id` and waits for its app.
+/// Rings every device of `call.sip_user_id` and waits for the first of
+/// their apps to take the call.
 ///
 /// Dropping this future (the PBX hung up) is a clean exit: the wait's guard
-/// removes the subscription and the state, and the pushes are aborted.
+/// ends the call `cancelled` and drops the subscription, and each device's
+/// schedule, told nothing, sends its `cancelled` notice.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let mut record = CallRecord {
         state,
         sip_user_id: call.sip_user_id,
         started: Instant::now(),
         unique_key: None,
-        platform: None,
-        attempts: None,
+        platforms: Vec::new(),
+        attempts: Vec::new(),
         outcome: None,
     };
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
@@ -173,58 +176,160 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     // Nothing waits past the wait (see `within`); a database or Redis that
     // refuses fails at once.
     let deadline = tokio::time::Instant::from_std(record.started) + state.config.wait();
-    let looked_up = state.store.device(call.sip_user_id);
-    let device = match within(state, &call, deadline, "store", "device lookup", looked_up).await {
-        Ok(Some(device)) => device.registration,
-        Ok(None) => return record.end(Outcome::Nak(NakReason::NoDevice)),
+    let looked_up = state.store.devices(call.sip_user_id);
+    let devices = match within(state, &call, deadline, "store", "device lookup", looked_up).await {
+        Ok(devices) if devices.is_empty() => return record.end(Outcome::Nak(NakReason::NoDevice)),
+        Ok(devices) => devices,
         Err(outcome) => return record.end(outcome),
     };
-    record.platform = Some(device.platform);
+    record.platforms = devices.iter().map(|d| d.registration.platform).collect();
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
     record.unique_key = Some(unique_key.clone());
-    // The wait is open (subscribed, pending state stored) before any push:
-    // a call that cannot be answered is never rung.
-    let opened = state.broker.open(&unique_key, device.platform, deadline);
+    // The wait is open (subscribed, record stored) before any push: a call
+    // that cannot be answered is never rung.
+    let opened = state.broker.open(&unique_key, &record.platforms, deadline);
     let mut wait = match within(state, &call, deadline, "broker", "opening the wait", opened).await
     {
         Ok(wait) => wait,
         Err(outcome) => return record.end(outcome),
     };
-    let target = PushTarget::from(device);
-    let payload = Payload::Call {
-        unique_key: unique_key.clone(),
-        phonenumber: call.phonenumber,
-        caller_id: call.caller_id,
-        response_api: state.response_api.clone(),
-        message_start_time: unix_seconds(),
-        attempt: 1,
+    let caller = if call.caller_id.trim().is_empty() {
+        call.phonenumber.clone()
+    } else {
+        call.caller_id.clone()
     };
-    let (dead_token, token_died) = oneshot::channel();
-    let (attempts, attempts_seen) = watch::channel(0u32);
-    record.attempts = Some(attempts_seen);
-    let _pushes = AbortOnDrop(tokio::spawn(schedule::push_until_answered(
-        state.clone(),
-        target,
-        payload,
-        schedule::Report {
-            dead_token,
+    let count = devices.len();
+    let message_start_time = unix_seconds();
+    let (dead_token, mut died) = mpsc::unbounded_channel();
+    let mut endings = Vec::with_capacity(count);
+    for (index, device) in devices.into_iter().enumerate() {
+        let (attempts, attempts_seen) = watch::channel(0u32);
+        record.attempts.push(attempts_seen);
+        let (tell, ending) = oneshot::channel();
+        endings.push(tell);
+        let payload = Payload::Call {
+            unique_key: push_key(&unique_key, index, count),
+            phonenumber: call.phonenumber.clone(),
+            caller_id: call.caller_id.clone(),
+            response_api: state.response_api.clone(),
+            message_start_time,
+            attempt: 1,
+        };
+        let report = schedule::Report {
+            index,
+            dead_token: dead_token.clone(),
             attempts,
-        },
-    )));
+        };
+        tokio::spawn(schedule::ring_device(
+            state.clone(),
+            PushTarget::from(device.registration),
+            payload,
+            report,
+            ending,
+            caller.clone(),
+        ));
+    }
 
     let mut phase = state.phase.subscribe();
-    let outcome = tokio::select! {
-        answer = wait.answered() => {
-            if let Some(latency) = answer.received_at.and_then(|at| at.elapsed().ok()) {
-                state.metrics.wakeup_latency.observe(latency.as_secs_f64());
-            }
-            if answer.available { Outcome::Ack } else { Outcome::Nak(NakReason::NotAvailable) }
+    let mut dead = vec![false; count];
+    let mut news = wait.news();
+    let mut outcome = loop {
+        if let Some(outcome) = settled(&news, &dead) {
+            break outcome;
         }
-        Ok(()) = token_died => Outcome::Nak(NakReason::TokenDead),
-        _ = tokio::time::sleep_until(deadline) => Outcome::Nak(NakReason::Timeout),
-        _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => Outcome::Nak(NakReason::Shutdown),
+        tokio::select! {
+            changed = wait.changed() => news = changed,
+            Some(index) = died.recv() => if let Some(d) = dead.get_mut(index) { *d = true },
+            _ = tokio::time::sleep_until(deadline) => break Outcome::Nak(NakReason::Timeout),
+            _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => break Outcome::Nak(NakReason::Shutdown),
+        }
     };
+    if let Some(latency) = winner(&news)
+        .and_then(|a| a.received_at)
+        .and_then(|at| at.elapsed().ok())
+    {
+        state.metrics.wakeup_latency.observe(latency.as_secs_f64());
+    }
+    let reason = end_reason(outcome);
+    if outcome == Outcome::Ack {
+        // The PBX hears ACK now; the tombstone is written after.
+        let (broker, key) = (state.broker.clone(), unique_key.clone());
+        tokio::spawn(async move { broker.end(&key, reason).await });
+    } else {
+        // The broker has the last word: an answer may have won the call just
+        // as its timer fired, and the app that gave it was told so.
+        match state.broker.end(&unique_key, reason).await {
+            Ok(Some(before)) => {
+                for (index, device) in before.devices.iter().enumerate() {
+                    if let (Some(answer), Some(seen @ None)) =
+                        (device.answer, news.answers.get_mut(index))
+                    {
+                        *seen = Some(Answer {
+                            available: answer,
+                            received_at: None,
+                        });
+                    }
+                }
+                if before.devices.iter().any(|d| d.answer == Some(true)) {
+                    outcome = Outcome::Ack;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                state.metrics.error("broker");
+                tracing::warn!(error = %e, "cannot store the end of a call; its record expires by itself");
+            }
+        }
+    }
+    // Every device still ringing is told why the call is over.
+    let notice = end_reason(outcome);
+    for (index, tell) in endings.into_iter().enumerate() {
+        let answered = news.answers.get(index).is_some_and(Option::is_some);
+        let quiet = answered || dead.get(index).copied().unwrap_or(false);
+        let _ = tell.send((!quiet).then_some(notice));
+    }
     record.end(outcome)
+}
+
+/// How the call ended, once the news settles it: the first available
+/// answer wins; cancelled from outside; or every device out (declined or
+/// its token dead).
+fn settled(news: &News, dead: &[bool]) -> Option<Outcome> {
+    if winner(news).is_some() {
+        return Some(Outcome::Ack);
+    }
+    if news.ended.is_some() {
+        return Some(Outcome::Nak(NakReason::Cancelled));
+    }
+    let mut declined = false;
+    for (answer, dead) in news.answers.iter().zip(dead) {
+        match (answer, dead) {
+            (Some(_), _) => declined = true,
+            (None, true) => {}
+            (None, false) => return None,
+        }
+    }
+    Some(Outcome::Nak(if declined {
+        NakReason::NotAvailable
+    } else {
+        NakReason::TokenDead
+    }))
+}
+
+/// The answer that took the call, if any.
+fn winner(news: &News) -> Option<&Answer> {
+    news.answers.iter().flatten().find(|a| a.available)
+}
+
+/// The reason a device that did not answer is told, and a late answer hears.
+fn end_reason(outcome: Outcome) -> EndReason {
+    match outcome {
+        Outcome::Ack => EndReason::AnsweredElsewhere,
+        Outcome::Nak(NakReason::NotAvailable) => EndReason::NotAvailable,
+        Outcome::Nak(NakReason::Timeout) => EndReason::TimedOut,
+        Outcome::Nak(NakReason::Cancelled) => EndReason::Cancelled,
+        Outcome::Nak(_) => EndReason::Failed,
+    }
 }
 
 /// Runs one step of a call's set-up (`what`, on `component`) within the

@@ -1,5 +1,6 @@
-//! The pushes of one call: the first at once, a resend every resend interval
-//! while nobody answers, and a retry of every push the service refused.
+//! The pushes of one device for one call: the first at once, a resend every
+//! resend interval while nobody answers, a retry of every push the service
+//! refused, and, once the call is over, the `call_ended` notice.
 //!
 //! `attempt` counts pushes the phone could have received: a retry of a
 //! refused send keeps its number and comes sooner than the next resend.
@@ -7,26 +8,40 @@
 //! push to CallKit and stops waking apps that fail to, so an APNs push that
 //! was accepted is never resent.
 //!
-//! This runs in its own task beside the wait, which aborts it the moment the
-//! call ends: it never delays an answer.
+//! Each device's schedule runs in a task of its own beside the wait, so it
+//! never delays an answer, and outlives the PBX's request: a call whose PBX
+//! hung up (its handler dropped) still tells its phones. The call's end
+//! stops it between pushes, never in the middle of one, so a phone is never
+//! told the call is over before its call push has left.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget};
 use crate::state::AppState;
+use crate::store::EndReason;
 
 /// What the schedule tells the waiting call.
 pub(super) struct Report {
-    /// Fired when the push service declared the token dead: end with NAK now.
-    pub dead_token: oneshot::Sender<()>,
+    /// This device's index in the call.
+    pub index: usize,
+    /// Where to say that the push service declared the token dead.
+    pub dead_token: mpsc::UnboundedSender<usize>,
     /// The number of pushes accepted so far, for the call's log line.
     pub attempts: watch::Sender<u32>,
 }
+
+/// How the call ended for this device: `Some(reason)` to be told,
+/// `None` to stop quietly (it answered, or its token died). A call dropped
+/// without a word (the PBX hung up) ends `cancelled`.
+pub(super) type Ending = oneshot::Receiver<Option<EndReason>>;
+
+/// How often a `call_ended` notice the service refused for now is tried.
+const NOTICE_TRIES: u32 = 3;
 
 /// Backoff for a refused push: what the service asked for, else 100 ms
 /// doubling up to 1 s.
@@ -36,12 +51,80 @@ fn retry_delay(retries: u32, asked: Option<Duration>) -> Duration {
     })
 }
 
-pub(super) async fn push_until_answered(
+/// Rings one device until the call ends, then tells it, if it was pushed
+/// and may be told, why the call is over. `caller` is what the iOS notice
+/// names.
+pub(super) async fn ring_device(
     state: Arc<AppState>,
     target: PushTarget,
-    mut payload: Payload,
+    payload: Payload,
     report: Report,
+    mut ending: Ending,
+    caller: String,
 ) {
+    let ended = push_until_done(&state, &target, payload.clone(), &report, &mut ending).await;
+    let reason = match ended {
+        Some(ended) => ended,
+        None => ending.await,
+    }
+    .unwrap_or(Some(EndReason::Cancelled));
+    let Some(reason) = reason else {
+        return;
+    };
+    if *report.attempts.borrow() == 0 {
+        // Never rung: nothing to take back.
+        return;
+    }
+    if target.platform.is_apns() && target.alert_token.is_none() {
+        // A VoIP push must ring; its app learns from its call-response (410).
+        return;
+    }
+    let Payload::Call { unique_key, .. } = payload else {
+        return;
+    };
+    let notice = Payload::CallEnded {
+        unique_key,
+        reason,
+        caller,
+    };
+    tell(&state, &target, &notice).await;
+}
+
+/// Sends a `call_ended` notice, retrying a refusal a few times.
+async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
+    for tries in 0..NOTICE_TRIES {
+        let sent_at = Instant::now();
+        let outcome = state.pusher.send(target, notice).await;
+        state
+            .metrics
+            .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
+        match outcome {
+            PushOutcome::Retry { after, .. } if tries + 1 < NOTICE_TRIES => {
+                tokio::time::sleep(retry_delay(tries, after)).await;
+            }
+            outcome => {
+                tracing::debug!(
+                    platform = %target.platform,
+                    sip_user_id = target.sip_user_id,
+                    outcome = outcome.as_str(),
+                    "call_ended notice sent"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// The call pushes, until the schedule is done (iOS accepted, the last
+/// attempt accepted, the token dead, a push failed for good: `None`) or
+/// the call ends between two pushes (`Some` of what `ending` said).
+async fn push_until_done(
+    state: &AppState,
+    target: &PushTarget,
+    mut payload: Payload,
+    report: &Report,
+    ending: &mut Ending,
+) -> Option<Result<Option<EndReason>, oneshot::error::RecvError>> {
     let interval = state.config.resend_interval();
     let max_attempts = state.config.max_attempts();
     let mut attempt = 1;
@@ -54,7 +137,7 @@ pub(super) async fn push_until_answered(
             *number = attempt;
         }
         let sent_at = Instant::now();
-        let outcome = state.pusher.send(&target, &payload).await;
+        let outcome = state.pusher.send(target, &payload).await;
         state
             .metrics
             .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
@@ -62,11 +145,14 @@ pub(super) async fn push_until_answered(
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
                 if target.platform.is_apns() || attempt >= max_attempts {
-                    return;
+                    return None;
                 }
                 retries = 0;
                 attempt += 1;
-                tokio::time::sleep_until(sent_at + interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(sent_at + interval) => {}
+                    ended = &mut *ending => return Some(ended),
+                }
             }
             PushOutcome::Retry { after, refusal } => {
                 let delay = retry_delay(retries, after);
@@ -80,7 +166,10 @@ pub(super) async fn push_until_answered(
                     "push refused for now; retrying"
                 );
                 retries += 1;
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    ended = &mut *ending => return Some(ended),
+                }
             }
             PushOutcome::TokenDead(refusal) => {
                 tracing::info!(
@@ -91,16 +180,15 @@ pub(super) async fn push_until_answered(
                     reason = %refusal,
                     "push token is dead; forgetting the device"
                 );
-                // Its own task: this one is aborted as soon as the call ends,
-                // which the report below makes happen at once.
                 let store = state.store.clone();
+                let (sip_user_id, token) = (target.sip_user_id, target.token.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = store.forget_token(target.sip_user_id, &target.token).await {
-                        tracing::error!(sip_user_id = target.sip_user_id, error = %e, "cannot forget a dead token");
+                    if let Err(e) = store.forget_token(sip_user_id, &token).await {
+                        tracing::error!(sip_user_id, error = %e, "cannot forget a dead token");
                     }
                 });
-                let _ = report.dead_token.send(());
-                return;
+                let _ = report.dead_token.send(report.index);
+                return None;
             }
             PushOutcome::Failed(refusal) => {
                 tracing::error!(
@@ -109,9 +197,9 @@ pub(super) async fn push_until_answered(
                     sip_user_id = target.sip_user_id,
                     attempt,
                     reason = %refusal,
-                    "push failed; the call will time out"
+                    "push failed; this device will not ring"
                 );
-                return;
+                return None;
             }
         }
     }

@@ -1,4 +1,5 @@
-//! `/api/incoming-call/` (the PBX) and `/api/call-response/` (the app).
+//! `/api/incoming-call/` and `/api/incoming-call/cancel/` (the PBX), and
+//! `/api/call-response/` (the app).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,10 +9,13 @@ use hyper::{Request, Response, StatusCode};
 
 use super::body::{self, Fields, Source};
 use super::error::ApiError;
-use super::{text, Body};
+use super::{json, text, Body};
 use crate::auth::AuthError;
 use crate::calls::{self, Answered, AppAnswer, IncomingCall, Outcome};
 use crate::state::AppState;
+
+/// The longest `unique_key`: a `call_id` (255) and a device's `.<n>`.
+const UNIQUE_KEY_MAX: usize = 260;
 
 /// Callers whose number is withheld: they still ring, and are pushed as given.
 const WITHHELD: [&str; 5] = [
@@ -91,16 +95,51 @@ pub(super) async fn call_response(
         Err(refused) => ApiError::from(refused),
         Ok(()) => ApiError::NotFound("not found"),
     };
-    let unique_key = fields.required_text("unique_key", 255)?;
+    let unique_key = fields.required_text("unique_key", UNIQUE_KEY_MAX)?;
     let message_start_time = fields.unix_seconds("message_start_time")?;
     let answer = AppAnswer {
         unique_key,
         message_start_time,
         available: fields.boolean("available", true)?,
     };
+    let unique_key = answer.unique_key.clone();
     match calls::answer(state, answer).await? {
         Answered::Accepted => Ok(text(StatusCode::ACCEPTED, "")),
+        // Not a probe: the key was issued. The app stops ringing.
+        Answered::Gone(reason) => Ok(json(
+            StatusCode::GONE,
+            &serde_json::json!({ "unique_key": unique_key, "reason": reason.as_str() }),
+        )),
         Answered::Unknown => Err(unknown()),
+    }
+}
+
+/// The PBX gives up on a call it parked (its caller hung up) while it keeps
+/// the request open, or from another instance than the one it parked on.
+pub(super) async fn cancel_call(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let source = state.access.network.client_ip(peer.ip(), request.headers());
+    if !state.access.network.pbx_allowed(source) {
+        tracing::warn!(%source, "call cancel from outside --pbx-allow refused");
+        return Err(AuthError::Forbidden.into());
+    }
+    let (_, fields) = body::read(request, Source::Body).await?;
+    let key = match fields.optional_text("call_id", 255)? {
+        Some(call_id) => call_id,
+        None => fields
+            .optional_text("unique_key", UNIQUE_KEY_MAX)?
+            .ok_or_else(|| ApiError::invalid("call_id", "call_id or unique_key is required"))?,
+    };
+    if calls::cancel(state, &key).await? {
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "cancelled": true }),
+        ))
+    } else {
+        Err(ApiError::NotFound("no call is ringing under this key"))
     }
 }
 

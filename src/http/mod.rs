@@ -69,6 +69,9 @@ async fn route(
             ("/api/incoming-call", &Method::POST) => {
                 calls::incoming_call(state, peer, request).await
             }
+            ("/api/incoming-call/cancel", &Method::POST) => {
+                calls::cancel_call(state, peer, request).await
+            }
             ("/api/call-response", &Method::POST) => {
                 calls::call_response(state, peer, request).await
             }
@@ -166,6 +169,7 @@ fn without_body(response: Response<Body>) -> Response<Body> {
 /// and what the test of `docs/openapi.json` holds the document to.
 pub const ROUTES: &[(&str, &str)] = &[
     ("/api/incoming-call", "POST"),
+    ("/api/incoming-call/cancel", "POST"),
     ("/api/call-response", "POST"),
     ("/api/apns-device", "POST, DELETE"),
     ("/api/android-device", "POST, DELETE"),

@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 pub use models::{
-    App, Credentials, Device, EndReason, HangupReason, NewDevice, Platform, Registration, ResponseLogEntry,
+    App, Credentials, Device, EndReason, HangupReason, NewDevice, Platform, Registration,
+    ResponseLogEntry,
 };
 pub use response_log::ResponseLog;
 pub use sql::{migrate, open, PoolOptions};

@@ -29,7 +29,7 @@ use call_notifier::config::Config;
 use call_notifier::push::recording::{Recorded, RecordingPusher};
 use call_notifier::push::Payload;
 use call_notifier::server::Running;
-use call_notifier::store::{App, Credentials, Device, NewDevice, Platform};
+use call_notifier::store::{App, Credentials, Device, EndReason, NewDevice, Platform};
 use call_notifier::Server;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -289,6 +289,44 @@ impl TestServer {
         .await
     }
 
+    /// Waits for the `call_ended` notice to `token`, and returns its
+    /// `unique_key` and reason.
+    pub async fn notice(&self, token: &str) -> (String, EndReason) {
+        bounded_by(
+            PUSH_BOUND,
+            format_args!("{}: a call_ended notice to {token}", self.backend.name()),
+            async {
+                let mut seen = 0;
+                loop {
+                    let sent = self.pusher.wait_for(token, seen + 1).await;
+                    if let Some(notice) = sent.iter().find_map(notice_of) {
+                        return notice;
+                    }
+                    seen = sent.len();
+                }
+            },
+        )
+        .await
+    }
+
+    /// The `call_ended` notices sent to `token` so far.
+    pub fn notices_to(&self, token: &str) -> Vec<(String, EndReason)> {
+        self.pusher
+            .sent_to(token)
+            .iter()
+            .filter_map(notice_of)
+            .collect()
+    }
+
+    /// The call pushes sent to `token` so far.
+    pub fn calls_to(&self, token: &str) -> Vec<Recorded> {
+        self.pusher
+            .sent_to(token)
+            .into_iter()
+            .filter(|p| key_of(p).is_some())
+            .collect()
+    }
+
     /// Whether a push went out for the call `unique_key` so far.
     pub fn pushed_for(&self, unique_key: &str) -> bool {
         self.pusher
@@ -332,6 +370,16 @@ fn key_of(push: &Recorded) -> Option<&str> {
     match &push.payload {
         Payload::Call { unique_key, .. } => Some(unique_key),
         Payload::CallEnded { .. } | Payload::Message { .. } => None,
+    }
+}
+
+/// The `unique_key` and reason of a `call_ended` notice.
+fn notice_of(push: &Recorded) -> Option<(String, EndReason)> {
+    match &push.payload {
+        Payload::CallEnded {
+            unique_key, reason, ..
+        } => Some((unique_key.clone(), *reason)),
+        _ => None,
     }
 }
 

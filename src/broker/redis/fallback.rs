@@ -1,4 +1,4 @@
-//! The fallback check: one `MGET` for every unanswered key waited on here,
+//! The fallback check: one `MGET` for every unsettled call waited on here,
 //! every poll interval, but only while the subscription is not known good
 //! (down, for [`UNSURE_WINDOW`] after a reconnect, or for
 //! [`CLUSTER_SETTLING`] after a cluster node's connection dropped). A healthy subscription loses no message (Redis
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::{keys::state_key, Shared, BATCH};
-use crate::broker::{Answer, BrokerError, CallState};
+use crate::broker::{BrokerError, CallState};
 use crate::logs::Escaped;
 
 /// How long after a reconnect or a dropped node connection the fallback
@@ -83,26 +83,17 @@ impl Shared {
         }
     }
 
-    /// The fallback check: one `MGET` for every unanswered key waited on here.
+    /// The fallback check: one `MGET` for the record of every call waited
+    /// on here that may still change.
     pub(super) async fn check_stored(&self) -> Result<(), BrokerError> {
-        let keys = self.waiters.unanswered();
+        let keys = self.waiters.unsettled();
         for chunk in keys.chunks(BATCH) {
             let names: Vec<String> = chunk.iter().map(|k| state_key(k)).collect();
             let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
             for (key, value) in chunk.iter().zip(values) {
-                if let Some(available) = value
-                    .as_deref()
-                    .and_then(CallState::decode)
-                    .and_then(CallState::answer)
-                {
-                    tracing::debug!(unique_key = %Escaped(key), "answer found by the fallback check");
-                    self.waiters.deliver(
-                        key,
-                        Answer {
-                            available,
-                            received_at: None,
-                        },
-                    );
+                if let Some(state) = value.as_deref().and_then(CallState::decode) {
+                    tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
+                    self.waiters.deliver_stored(key, &state);
                 }
             }
         }

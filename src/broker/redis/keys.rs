@@ -1,91 +1,189 @@
-//! What the Redis broker writes: key and channel names, the state's text,
-//! the published message, and the command that stores a pending state.
+//! What the Redis broker writes: key and channel names, the scripts that
+//! change a call's record, the published messages, and the command that
+//! stores a ringing record.
 //!
-//! `cn:{<unique_key>}` holds the state (`pending:<platform>`,
-//! `available:<platform>`, `unavailable:<platform>`, see
-//! [`CallState::encode`]); `cn:{<unique_key>}:answer` is the channel. The
-//! braces are a Redis Cluster hash tag: key and channel always share a slot.
+//! `cn:{<call key>}` holds the call's record ([`CallState`]'s text), and
+//! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
+//! call rings several devices; `cn:{<call key>}:answer` is the call's
+//! channel. The braces are a Redis Cluster hash tag: a call's record and
+//! its channel always share a slot, so each script touches one slot.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{Answer, CallState};
-use crate::store::Platform;
+use crate::broker::{deadline_millis, Answer, CallState, Stored, TOMBSTONE};
+use crate::store::{EndReason, Platform};
 
-/// The Redis key that holds the state of `key`.
+/// The Redis key that holds the record (or pointer) of `key`.
 pub fn state_key(key: &str) -> String {
     format!("cn:{{{key}}}")
 }
 
-/// The channel an answer to `key` is published on.
+/// The channel a call's news is published on.
 pub fn channel(key: &str) -> String {
     format!("cn:{{{key}}}:answer")
 }
 
-/// The key a channel carries answers for.
+/// The key a channel carries news for.
 pub(super) fn key_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("cn:{")?.strip_suffix("}:answer")
 }
 
-/// `SET cn:{key} pending:<platform> PX <until> NX`: stores the pending state
-/// of a wait, keeping whatever Redis already has (an answer must never turn
-/// pending again). It expires with the wait: an answer that comes later
-/// finds no key (404) even while the clean-up of the wait is still queued,
-/// and a crashed process leaves nothing behind.
-pub fn set_pending(key: &str, platform: Platform, until: Instant) -> redis::Cmd {
-    // PX 0 is an error; a wait that just ended keeps its key a millisecond.
-    let ttl = until
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+/// Milliseconds from now to `until` and a tombstone's life past it: how
+/// long a call's record and pointers live. A crashed holder leaves nothing
+/// behind for long.
+fn ttl_millis(until: Instant) -> u64 {
+    let ttl = until.saturating_duration_since(Instant::now()) + TOMBSTONE;
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `SET cn:{key} ring <until> <platforms> PX <ttl> NX`: stores a ringing
+/// record, keeping whatever Redis already has (an answered or ended call
+/// must never ring again). What a subscriber that reconnects puts back.
+pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
     cmd.arg(state_key(key))
-        .arg(CallState::Pending { platform }.encode())
+        .arg(CallState::ringing(devices, deadline_millis(until)).encode())
         .arg("PX")
-        .arg(ttl)
+        .arg(ttl_millis(until))
         .arg("NX");
     cmd
 }
 
-/// Stores an answer only over a pending state, then publishes it (`PUBLISH`,
-/// or `SPUBLISH` on a cluster: ARGV[4]): one round trip, atomic, and the
-/// first answer stands. Returns the state before.
+/// Opens a call: stores its ringing record unless one still rings (another
+/// leg of the same call joins it); a tombstone (the PBX trying the same
+/// `call_id` again) is replaced.
+pub(super) const OPEN_SCRIPT: &str = r#"
+local before = redis.call('GET', KEYS[1])
+if before and (string.sub(before, 1, 5) == 'ring ' or string.sub(before, 1, 4) == 'won ') then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// The arguments of [`OPEN_SCRIPT`] for a call.
+pub(super) fn open_args(devices: &[Platform], until: Instant) -> (String, u64) {
+    (
+        CallState::ringing(devices, deadline_millis(until)).encode(),
+        ttl_millis(until),
+    )
+}
+
+/// The pointer of device `index`'s push key to its call.
+pub(super) fn set_pointer(push_key: &str, call: &str, index: usize, until: Instant) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(state_key(push_key))
+        .arg(Stored::pointer(call, index))
+        .arg("PX")
+        .arg(ttl_millis(until));
+    cmd
+}
+
+/// Takes device ARGV[1]'s (from 1) answer (ARGV[2]: `+` available, `-`
+/// not) and publishes it (ARGV[5]: `PUBLISH`, or `SPUBLISH` on a cluster,
+/// ARGV[4] on channel ARGV[3]): exactly [`CallState::take_answer`], atomic,
+/// in one round trip. ARGV[6] `1`: the key was given as it is, so it must
+/// be a lone device's call (a call rung on several devices is answered
+/// only through its devices' keys). Returns `{counted, record before}`,
+/// `{0, pointer}` for a pointer, nil when there is nothing.
 pub(super) const ANSWER_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before then return false end
-if string.sub(before, 1, 8) == 'pending:' then
-  redis.call('SET', KEYS[1], ARGV[1] .. string.sub(before, 8), 'KEEPTTL')
-  redis.call(ARGV[4], ARGV[2], ARGV[3])
+if string.sub(before, 1, 3) == 'to ' then return {0, before} end
+local f = {}
+for w in string.gmatch(before, '%S+') do f[#f + 1] = w end
+if ARGV[6] == '1' and #f ~= 3 then return false end
+local i = 2 + tonumber(ARGV[1])
+local d = f[i]
+if f[1] ~= 'ring' or not d then return {0, before} end
+local last = string.sub(d, -1)
+if last == '+' or last == '-' then return {0, before} end
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(f[2]) then
+  return {0, before}
 end
+f[i] = d .. ARGV[2]
+if ARGV[2] == '+' then f[1] = 'won' end
+redis.call('SET', KEYS[1], table.concat(f, ' '), 'KEEPTTL')
+redis.call(ARGV[5], ARGV[3], ARGV[4])
+return {1, before}
+"#;
+
+/// Ends a call: exactly [`CallState::end`], its record kept ARGV[2] ms as
+/// a tombstone. ARGV[3] `cancel`: only a ringing call ends, as
+/// `cancelled`, and the end is published (ARGV[6] ARGV[5] on channel
+/// ARGV[4]) to wake its holder. Returns the record before, nil when none.
+pub(super) const END_SCRIPT: &str = r#"
+local before = redis.call('GET', KEYS[1])
+if not before or string.sub(before, 1, 3) == 'to ' then return false end
+local phase, rest = string.match(before, '^(%S+) %S+(.*)$')
+if phase == 'ended' then return before end
+local reason = ARGV[1]
+if ARGV[3] == 'cancel' then
+  if phase ~= 'ring' then return before end
+  redis.call(ARGV[6], ARGV[4], ARGV[5])
+elseif phase == 'won' then
+  reason = 'answered_elsewhere'
+end
+redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
 return before
 "#;
 
-/// The published message: `1` or `0` for available, a space, and when the
-/// answer reached us in Unix microseconds (for the wake-up latency metric).
-pub(super) fn encode_message(available: bool, at: SystemTime) -> String {
+/// The tombstone's life, for [`END_SCRIPT`].
+pub(super) fn tombstone_millis() -> u64 {
+    u64::try_from(TOMBSTONE.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What is published on a call's channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Message {
+    /// Device `index` answered.
+    Answer { index: usize, answer: Answer },
+    /// The call was ended from outside.
+    Ended(EndReason),
+}
+
+/// An answer: the device's number from 1, `1` or `0` for available, and
+/// when the answer reached us in Unix microseconds (for the wake-up latency
+/// metric), spaced.
+pub(super) fn encode_answer(index: usize, available: bool, at: SystemTime) -> String {
     let micros = at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
         .unwrap_or(0);
-    format!("{} {micros}", u8::from(available))
+    format!("{} {} {micros}", index + 1, u8::from(available))
 }
 
-pub(super) fn decode_message(payload: &[u8]) -> Option<Answer> {
+/// An end: `end <reason>`.
+pub(super) fn encode_end(reason: EndReason) -> String {
+    format!("end {reason}")
+}
+
+pub(super) fn decode_message(payload: &[u8]) -> Option<Message> {
     let text = std::str::from_utf8(payload).ok()?;
-    let (flag, micros) = text.split_once(' ').unwrap_or((text, ""));
-    let available = match flag {
+    let mut words = text.split(' ');
+    let first = words.next()?;
+    if first == "end" {
+        return EndReason::parse(words.next()?).map(Message::Ended);
+    }
+    let index = first.parse::<usize>().ok()?.checked_sub(1)?;
+    let available = match words.next()? {
         "1" => true,
         "0" => false,
         _ => return None,
     };
-    let received_at = micros
-        .parse::<u64>()
-        .ok()
+    let received_at = words
+        .next()
+        .and_then(|m| m.parse::<u64>().ok())
         .map(|m| UNIX_EPOCH + Duration::from_micros(m));
-    Some(Answer {
-        available,
-        received_at,
+    Some(Message::Answer {
+        index,
+        answer: Answer {
+            available,
+            received_at,
+        },
     })
 }
 
@@ -94,18 +192,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_carry_the_answer_and_when_it_came() {
+    fn messages_carry_the_answer_its_device_and_when_it_came() {
         let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
-        let answer = decode_message(encode_message(true, at).as_bytes()).unwrap();
+        let message = decode_message(encode_answer(2, true, at).as_bytes());
         assert_eq!(
-            answer,
-            Answer {
-                available: true,
-                received_at: Some(at)
-            }
+            message,
+            Some(Message::Answer {
+                index: 2,
+                answer: Answer {
+                    available: true,
+                    received_at: Some(at)
+                }
+            })
         );
-        assert!(!decode_message(b"0").unwrap().available);
-        assert_eq!(decode_message(b"maybe"), None);
+        assert_eq!(
+            decode_message(encode_end(EndReason::Cancelled).as_bytes()),
+            Some(Message::Ended(EndReason::Cancelled))
+        );
+        for bad in ["maybe", "0 1 5", "1 2 5", "end soon", ""] {
+            assert_eq!(decode_message(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -49,8 +49,11 @@ use redis::{FromRedisValue, ScriptInvocation};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{BrokerError, CallBroker, CallState, Release, Wait, Waiters};
-use crate::store::Platform;
+use super::{
+    push_key, Answer, BrokerError, CallBroker, CallState, Left, Phase, Release, Stored, Verdict,
+    Wait, Waiters,
+};
+use crate::store::{EndReason, Platform};
 use connections::{Link, ServerConnection};
 pub use keys::{channel, set_pending, state_key};
 use subscriber::{Subscriber, Subscriptions};
@@ -83,10 +86,13 @@ struct Shared {
     link: Link,
     subscriptions: Subscriptions,
     waiters: Waiters,
-    /// Keys whose last local waiter left, for the retirer.
-    retire: mpsc::UnboundedSender<Arc<str>>,
+    /// Keys whose last local waiter left, for the retirer, and whether
+    /// their call is to be ended `cancelled` (nobody ended it).
+    retire: mpsc::UnboundedSender<(Arc<str>, bool)>,
     options: RedisOptions,
+    open: redis::Script,
     answer: redis::Script,
+    end: redis::Script,
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
     unsure_until: Mutex<Option<std::time::Instant>>,
@@ -153,7 +159,9 @@ impl RedisBroker {
             waiters: Waiters::default(),
             retire,
             unsure_until: Mutex::new(None),
+            open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: redis::Script::new(keys::ANSWER_SCRIPT),
+            end: redis::Script::new(keys::END_SCRIPT),
             options,
         });
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
@@ -181,7 +189,7 @@ impl Shared {
             .map_err(unavailable)
     }
 
-    /// Runs the answer script.
+    /// Runs a script.
     async fn invoke<T: FromRedisValue>(
         &self,
         script: &ScriptInvocation<'_>,
@@ -206,19 +214,19 @@ impl CallBroker for RedisBroker {
     async fn open(
         &self,
         key: &str,
-        platform: Platform,
+        devices: &[Platform],
         until: Instant,
     ) -> Result<Wait, BrokerError> {
         let shared = &self.shared;
-        let (answers, first) = shared.waiters.join(key, platform, until);
+        let (news, first) = shared.waiters.join(key, devices, until);
         let release = {
             let shared = shared.clone();
             let key: Arc<str> = Arc::from(key);
             Release::new(move || {
-                if shared.waiters.leave(&key) {
+                if let Left::Last { cancel, .. } = shared.waiters.leave(&key) {
                     // The retirer only stops when the broker is gone, and
                     // then there is nothing left to clean.
-                    let _ = shared.retire.send(key);
+                    let _ = shared.retire.send((key, cancel));
                 }
             })
         };
@@ -228,29 +236,109 @@ impl CallBroker for RedisBroker {
                 .subscribe(channel(key), shared.options.acquire_timeout)
                 .await?;
         }
-        shared
-            .query::<()>(&keys::set_pending(key, platform, until))
-            .await?;
+        let (record, ttl) = keys::open_args(devices, until);
+        let mut open = shared.open.prepare_invoke();
+        open.key(state_key(key)).arg(record).arg(ttl);
+        let pointers = (devices.len() > 1).then(|| {
+            (0..devices.len()).map(|index| {
+                let push = push_key(key, index, devices.len());
+                keys::set_pointer(&push, key, index, until)
+            })
+        });
+        match pointers {
+            None => shared.invoke::<()>(&open).await?,
+            Some(pointers) => {
+                // Every pointer lives in its own slot: one command each,
+                // all at once.
+                let set = pointers.map(|cmd| async move { shared.query::<()>(&cmd).await });
+                let (opened, set) = tokio::join!(
+                    shared.invoke::<()>(&open),
+                    futures_util::future::join_all(set)
+                );
+                opened?;
+                set.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }
+        }
         Ok(Wait {
-            answers,
+            news,
             _release: release,
         })
     }
 
-    async fn answer(&self, key: &str, available: bool) -> Result<Option<CallState>, BrokerError> {
-        let mut script = self.shared.answer.prepare_invoke();
-        script
-            .key(state_key(key))
-            .arg(if available {
-                "available"
-            } else {
-                "unavailable"
-            })
-            .arg(channel(key))
-            .arg(keys::encode_message(available, SystemTime::now()))
-            .arg(self.shared.publish_command());
-        let before: Option<String> = self.shared.invoke(&script).await?;
-        Ok(before.as_deref().and_then(CallState::decode))
+    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError> {
+        let shared = &self.shared;
+        // A call held here names its device at once; any other key is
+        // tried as a lone device's call, then through its pointer.
+        let (mut call, mut index, mut as_given) = match shared.waiters.device_of(key) {
+            Some((call, index)) => (call.to_string(), index, false),
+            None => (key.to_owned(), 0, true),
+        };
+        let received_at = SystemTime::now();
+        let (counted, before) = loop {
+            let mut script = shared.answer.prepare_invoke();
+            script
+                .key(state_key(&call))
+                .arg(index + 1)
+                .arg(if available { "+" } else { "-" })
+                .arg(channel(&call))
+                .arg(keys::encode_answer(index, available, received_at))
+                .arg(shared.publish_command())
+                .arg(if as_given { "1" } else { "0" });
+            let reply: Option<(u8, String)> = shared.invoke(&script).await?;
+            let Some((counted, before)) = reply else {
+                return Ok(Verdict::Unknown);
+            };
+            match Stored::decode(&before) {
+                Some(Stored::Pointer {
+                    call: pointed,
+                    device,
+                }) if as_given => {
+                    (call, index, as_given) = (pointed, device, false);
+                }
+                Some(Stored::Call(state)) => break (counted == 1, state),
+                _ => return Ok(Verdict::Unknown),
+            }
+        };
+        let verdict = before.verdict(index, counted);
+        if counted {
+            // The call held here wakes from this reply; the message that
+            // follows through pub/sub then changes nothing.
+            let answer = Answer {
+                available,
+                received_at: Some(received_at),
+            };
+            shared.waiters.deliver(&call, index, answer);
+        }
+        Ok(verdict)
+    }
+
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError> {
+        if !self.shared.waiters.ending(key) {
+            return Ok(None);
+        }
+        self.shared.end(key, reason, false).await
+    }
+
+    async fn cancel(&self, key: &str) -> Result<bool, BrokerError> {
+        let shared = &self.shared;
+        let call = match shared.waiters.device_of(key) {
+            Some((call, _)) => call.to_string(),
+            None => match shared
+                .query::<Option<String>>(redis::cmd("GET").arg(state_key(key)))
+                .await?
+                .as_deref()
+                .and_then(Stored::decode)
+            {
+                Some(Stored::Pointer { call, .. }) => call,
+                _ => key.to_owned(),
+            },
+        };
+        let before = shared.end(&call, EndReason::Cancelled, true).await?;
+        let cancelled = before.is_some_and(|b| matches!(b.phase, Phase::Ringing { .. }));
+        if cancelled {
+            shared.waiters.ended(&call, EndReason::Cancelled);
+        }
+        Ok(cancelled)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -263,6 +351,28 @@ impl CallBroker for RedisBroker {
 
     fn waiting(&self) -> usize {
         self.shared.waiters.len()
+    }
+}
+
+impl Shared {
+    /// Runs the end script on the call `key`: see [`keys::END_SCRIPT`].
+    async fn end(
+        &self,
+        key: &str,
+        reason: EndReason,
+        cancel: bool,
+    ) -> Result<Option<CallState>, BrokerError> {
+        let mut script = self.end.prepare_invoke();
+        script
+            .key(state_key(key))
+            .arg(reason.as_str())
+            .arg(keys::tombstone_millis())
+            .arg(if cancel { "cancel" } else { "end" })
+            .arg(channel(key))
+            .arg(keys::encode_end(EndReason::Cancelled))
+            .arg(self.publish_command());
+        let before: Option<String> = self.invoke(&script).await?;
+        Ok(before.as_deref().and_then(CallState::decode))
     }
 }
 

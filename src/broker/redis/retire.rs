@@ -1,15 +1,21 @@
-//! The retirer: deletes the state keys of finished waits and unsubscribes
-//! their channels, batching whatever piled up meanwhile into one command of
-//! each, off the call path.
+//! The retirer: for finished waits, ends the calls nobody ended (the PBX
+//! hung up: `cancelled`) and unsubscribes their channels, batching whatever
+//! piled up meanwhile, off the call path. Records are not deleted: each
+//! stays as a tombstone until its TTL, so a late answer learns why.
 
 use std::sync::{Arc, Weak};
 
 use tokio::sync::mpsc;
 
-use super::keys::{channel, state_key};
+use super::keys::channel;
 use super::{Shared, BATCH};
+use crate::logs::Escaped;
+use crate::store::EndReason;
 
-pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Arc<str>>) {
+pub(super) async fn retirer(
+    shared: Weak<Shared>,
+    mut retired: mpsc::UnboundedReceiver<(Arc<str>, bool)>,
+) {
     while let Some(first) = retired.recv().await {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -22,15 +28,20 @@ pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedRe
             return;
         };
         // A key somebody here started waiting on again is not ours to drop.
-        batch.retain(|key| !shared.waiters.contains(key));
+        batch.retain(|(key, _)| !shared.waiters.contains(key));
         if batch.is_empty() {
             continue;
         }
-        let names: Vec<String> = batch.iter().map(|k| state_key(k)).collect();
-        if let Err(e) = shared.query::<()>(redis::cmd("DEL").arg(&names)).await {
-            tracing::warn!(error = %e, keys = names.len(), "cannot delete finished calls; their TTL will expire them");
-        }
-        let channels = batch.iter().map(|k| channel(k)).collect();
+        let hung_up = batch.iter().filter(|(_, cancel)| *cancel).map(|(key, _)| {
+            let shared = &shared;
+            async move {
+                if let Err(e) = shared.end(key, EndReason::Cancelled, false).await {
+                    tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot end a call whose PBX hung up; its record expires by itself");
+                }
+            }
+        });
+        futures_util::future::join_all(hung_up).await;
+        let channels = batch.iter().map(|(k, _)| channel(k)).collect();
         shared
             .subscriptions
             .unsubscribe(channels, shared.options.acquire_timeout)

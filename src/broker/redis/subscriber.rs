@@ -19,7 +19,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, PushInfo, PushKind};
 use tokio::sync::{mpsc, watch};
 
-use super::keys::{self, channel, key_of_channel};
+use super::keys::{self, channel, key_of_channel, Message};
 use super::{unavailable, Shared, BATCH};
 use crate::broker::BrokerError;
 use crate::logs::Escaped;
@@ -169,11 +169,15 @@ async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<()>) -> bo
     }
 }
 
-/// Hands a published message to the waiters on its key.
+/// Hands a published message to the waiters on its call.
 fn deliver(shared: &Shared, channel_name: &str, payload: &[u8]) {
-    if let (Some(key), Some(answer)) = (key_of_channel(channel_name), keys::decode_message(payload))
-    {
-        shared.waiters.deliver(key, answer);
+    let (Some(key), Some(message)) = (key_of_channel(channel_name), keys::decode_message(payload))
+    else {
+        return;
+    };
+    match message {
+        Message::Answer { index, answer } => shared.waiters.deliver(key, index, answer),
+        Message::Ended(reason) => shared.waiters.ended(key, reason),
     }
 }
 
@@ -367,7 +371,7 @@ async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), Broker
 /// states of the calls parked here while their PBX requests still wait.
 /// Without them the app's answer gets 404 and the call ends NAK at its wait,
 /// although the app answered in time. This process knows every key it waits
-/// on and its platform ([`crate::broker::Waiters::pending`]), so putting them
+/// on and its devices ([`crate::broker::Waiters::pending`]), so putting them
 /// back costs one pipelined `SET NX` per parked call, once per reconnect.
 /// `NX` keeps what Redis still has (the subscriber connection dropped but
 /// Redis did not), so an answered key never turns pending again. Each key
@@ -381,8 +385,8 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
     let mut restored = 0;
     for chunk in shared.waiters.pending().chunks(BATCH) {
         let mut pipe = redis::pipe();
-        for (key, platform, until) in chunk {
-            pipe.add_command(keys::set_pending(key, *platform, *until));
+        for (key, devices, until) in chunk {
+            pipe.add_command(keys::set_pending(key, devices, *until));
         }
         let stored: Vec<Option<String>> = shared.pipeline(&pipe).await?;
         restored += stored.iter().filter(|s| s.is_some()).count();
