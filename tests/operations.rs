@@ -98,13 +98,13 @@ async fn metrics_count_every_outcome() {
             "{}:\n{m}",
             backend.name()
         );
-        // Pushes by platform, outcome and the service's reason: the sleepy
+        // Call pushes by platform, outcome and the service's reason: the sleepy
         // phone got 2 (600/200 - 1).
         let pushes = |platform: &str, outcome: &str, reason: &str| {
             sample(
                 m,
                 &format!(
-                    "call_notifier_pushes_total{{platform=\"{platform}\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
+                    "call_notifier_pushes_total{{platform=\"{platform}\",kind=\"call\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
                 ),
             )
         };
@@ -114,7 +114,7 @@ async fn metrics_count_every_outcome() {
         assert_eq!(
             sample(
                 m,
-                "call_notifier_push_duration_seconds_count{platform=\"android\"}"
+                "call_notifier_push_duration_seconds_count{platform=\"android\",kind=\"call\"}"
             ),
             3.0
         );

@@ -55,9 +55,12 @@ pub(super) async fn push_until_answered(
         }
         let sent_at = Instant::now();
         let outcome = state.pusher.send(&target, &payload).await;
-        state
-            .metrics
-            .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
+        state.metrics.push(
+            target.platform,
+            payload.kind(),
+            &outcome,
+            sent_at.elapsed().as_secs_f64(),
+        );
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
