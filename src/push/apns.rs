@@ -610,18 +610,24 @@ mod tests {
         }
     }
 
-    /// The request handed to a2 for `payload`: its options as APNs headers,
-    /// its device token and its body.
-    fn request(push: &ApnsPush) -> (Option<String>, Option<String>, Option<u64>, String, String) {
+    /// Asserts that the request handed to a2 is an alert push (priority 10,
+    /// APNs' default expiry) to the alert token, under `topic`, with `body`.
+    fn assert_alert(push: &ApnsPush, topic: &str, body: &str) {
         let payload = push.payload();
         let options = payload.get_options();
-        (
+        assert_eq!(options.apns_push_type, Some(PushType::Alert), "{body}");
+        assert_eq!(
             options.apns_push_type.map(|t| t.to_string()),
+            Some("alert".into())
+        );
+        assert_eq!(
             options.apns_priority.as_ref().map(|p| p.to_string()),
-            options.apns_expiration,
-            payload.get_device_token().to_owned(),
-            payload.to_json_string().expect("serializable"),
-        )
+            Some("10".into())
+        );
+        assert_eq!(options.apns_expiration, None);
+        assert_eq!(options.apns_topic, Some(topic));
+        assert_eq!(payload.get_device_token(), ALERT_TOKEN);
+        assert_eq!(payload.to_json_string().expect("serializable"), body);
     }
 
     #[test]
@@ -641,31 +647,16 @@ mod tests {
                 &default_topic("com.example.softphone"),
             )
             .expect("a device with an alert token is told");
-            assert_eq!(
-                push.payload().get_options().apns_topic,
-                Some("com.example.softphone"),
-                "{reason}"
-            );
-            assert_eq!(
-                request(&push),
-                (
-                    Some("alert".into()),
-                    Some("10".into()),
-                    None,
-                    ALERT_TOKEN.into(),
-                    format!(
-                        concat!(
-                            r#"{{"aps":{{"alert":{{"loc-key":"{}","loc-args":["Alice \"A\" Ångström"]}},"#,
-                            r#""mutable-content":0}},"reason":"{}","type":"call_ended","unique_key":"6f1c0a2b9e8d4c3b"}}"#
-                        ),
-                        loc_key, reason
-                    )
+            assert_alert(
+                &push,
+                "com.example.softphone",
+                &format!(
+                    concat!(
+                        r#"{{"aps":{{"alert":{{"loc-key":"{}","loc-args":["Alice \"A\" Ångström"]}},"#,
+                        r#""mutable-content":0}},"reason":"{}","type":"call_ended","unique_key":"6f1c0a2b9e8d4c3b"}}"#
+                    ),
+                    loc_key, reason
                 ),
-                "{reason}"
-            );
-            assert_eq!(
-                push.payload().get_options().apns_push_type,
-                Some(PushType::Alert)
             );
         }
     }
@@ -679,20 +670,13 @@ mod tests {
             "com.example.other.voip",
         )
         .expect("told");
-        assert_eq!(push.topic, "com.example.other");
-        assert_eq!(
-            request(&push),
-            (
-                Some("alert".into()),
-                Some("10".into()),
-                None,
-                ALERT_TOKEN.into(),
-                concat!(
-                    r#"{"aps":{"alert":{"loc-key":"CALL_NOTIFIER_TAKEN_OVER","loc-args":[]},"#,
-                    r#""mutable-content":0},"message":"Another device took over","type":"message"}"#
-                )
-                .into()
-            )
+        assert_alert(
+            &push,
+            "com.example.other",
+            concat!(
+                r#"{"aps":{"alert":{"loc-key":"CALL_NOTIFIER_TAKEN_OVER","loc-args":[]},"#,
+                r#""mutable-content":0},"message":"Another device took over","type":"message"}"#
+            ),
         );
         // ...and a topic without it is used as it is.
         assert_eq!(alert_topic("custom.topic"), "custom.topic");
