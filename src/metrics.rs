@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::auth::{AuthError, Authorized};
-use crate::push::{PushOutcome, Refusal};
+use crate::push::{Payload, PushOutcome, Refusal};
 use crate::store::Platform;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,13 +35,24 @@ pub struct RegistrationLabels {
     pub outcome: &'static str,
 }
 
-/// A push: its platform, its outcome and the push service's reason
-/// ([`crate::push::Reason`], a bounded set).
+/// A push: its platform, its kind ([`Payload::kind`]: `call`,
+/// `call_ended`, `message`), its outcome and the push service's reason
+/// ([`crate::push::Reason`], a bounded set). The kind keeps the notices
+/// apart from the calls: an iOS notice fails where its device has no
+/// alert token, and that must not read as calls failing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PushResultLabels {
     pub platform: &'static str,
+    pub kind: &'static str,
     pub outcome: &'static str,
     pub reason: &'static str,
+}
+
+/// A push's platform and kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    pub platform: &'static str,
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,7 +65,7 @@ pub struct ComponentLabel {
     pub component: &'static str,
 }
 
-fn platform_histogram() -> Family<PlatformLabel, Histogram> {
+fn push_histogram<L: EncodeLabelSet + Clone + std::hash::Hash + Eq>() -> Family<L, Histogram> {
     // 5 ms to ~40 s: a push that wakes a phone takes 0.2 to 5 s.
     Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)))
 }
@@ -63,14 +74,16 @@ fn platform_histogram() -> Family<PlatformLabel, Histogram> {
 pub struct Metrics {
     registry: Registry,
     /// Incoming calls by how they ended (`ack`, `no_device`, `not_available`,
-    /// `token_dead`, `timeout`, `overloaded`, `unavailable`, `shutdown`).
+    /// `token_dead`, `timeout`, `overloaded`, `unavailable`, `shutdown`,
+    /// `hung_up`, `cancelled`).
     pub calls: Family<OutcomeLabel, Counter>,
-    /// Pushes by platform, outcome (`delivered`, `token_dead`, `retry`,
-    /// `failed`) and the push service's reason (`BadDeviceToken`,
-    /// `UNREGISTERED`, ..., `other`, `none`), so an operator sees why.
+    /// Pushes by platform, kind (`call`, `call_ended`, `message`), outcome
+    /// (`delivered`, `token_dead`, `retry`, `failed`) and the push
+    /// service's reason (`BadDeviceToken`, `UNREGISTERED`, ..., `other`,
+    /// `none`), so an operator sees why.
     pub pushes: Family<PushResultLabels, Counter>,
-    /// How long one push send took, by platform.
-    pub push_duration: Family<PlatformLabel, Histogram>,
+    /// How long one push send took, by platform and kind.
+    pub push_duration: Family<PushLabels, Histogram>,
     /// Push to answer, as the app reports it (`message_start_time`), by platform.
     pub wakeup_roundtrip: Family<PlatformLabel, Histogram>,
     /// From the app's answer reaching a call-notifier instance to the PBX's
@@ -97,8 +110,8 @@ impl Default for Metrics {
         let metrics = Metrics {
             calls: Family::default(),
             pushes: Family::default(),
-            push_duration: platform_histogram(),
-            wakeup_roundtrip: platform_histogram(),
+            push_duration: push_histogram(),
+            wakeup_roundtrip: push_histogram(),
             // 10 µs to ~80 ms: pub/sub answers in well under a millisecond.
             wakeup_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 14)),
             parked: Gauge::default(),
@@ -116,7 +129,7 @@ impl Default for Metrics {
         );
         registry.register(
             "pushes",
-            "Pushes by platform, outcome and the push service's reason",
+            "Pushes by platform, kind, outcome and the push service's reason",
             metrics.pushes.clone(),
         );
         registry.register(
@@ -174,8 +187,9 @@ impl Default for Metrics {
 }
 
 /// The `outcome`s of `incoming_calls` ([`crate::calls::Outcome`] and
-/// `hung_up`), spelled here because `calls` sits above this module;
-/// `tests/contrib.rs` checks that every outcome a call can end with is one.
+/// `hung_up`), spelled here because `calls` sits above this
+/// module; `tests/contrib.rs` checks that every outcome a call can end with
+/// is one.
 const CALL_OUTCOMES: [&str; 10] = [
     "ack",
     "no_device",
@@ -223,12 +237,18 @@ impl Metrics {
             PushOutcome::Failed(unanswered()),
         ];
         for platform in Platform::ALL.map(Platform::as_str) {
-            for outcome in &pushes {
-                let _ = self.pushes.get_or_create(&PushResultLabels {
-                    platform,
-                    outcome: outcome.as_str(),
-                    reason: outcome.reason().as_str(),
-                });
+            for kind in Payload::KINDS {
+                for outcome in &pushes {
+                    let _ = self.pushes.get_or_create(&PushResultLabels {
+                        platform,
+                        kind,
+                        outcome: outcome.as_str(),
+                        reason: outcome.reason().as_str(),
+                    });
+                }
+                let _ = self
+                    .push_duration
+                    .get_or_create(&PushLabels { platform, kind });
             }
             for outcome in REGISTRATION_RESULTS {
                 let _ = self
@@ -237,7 +257,6 @@ impl Metrics {
             }
             let label = PlatformLabel { platform };
             let _ = self.deletions.get_or_create(&label);
-            let _ = self.push_duration.get_or_create(&label);
             let _ = self.wakeup_roundtrip.get_or_create(&label);
         }
         let auth_results = [Authorized::Confirmed.as_str(), Authorized::Cached.as_str()]
@@ -267,18 +286,25 @@ impl Metrics {
         self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    pub fn push(&self, platform: Platform, outcome: &PushOutcome, seconds: f64) {
+    /// One push sent: `kind` is the payload's ([`Payload::kind`]).
+    pub fn push(
+        &self,
+        platform: Platform,
+        kind: &'static str,
+        outcome: &PushOutcome,
+        seconds: f64,
+    ) {
+        let platform = platform.as_str();
         self.pushes
             .get_or_create(&PushResultLabels {
-                platform: platform.as_str(),
+                platform,
+                kind,
                 outcome: outcome.as_str(),
                 reason: outcome.reason().as_str(),
             })
             .inc();
         self.push_duration
-            .get_or_create(&PlatformLabel {
-                platform: platform.as_str(),
-            })
+            .get_or_create(&PushLabels { platform, kind })
             .observe(seconds);
     }
 

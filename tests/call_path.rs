@@ -4,6 +4,7 @@
 mod common;
 
 use call_notifier::broker::redis::state_key;
+use call_notifier::store::EndReason;
 use std::time::{Duration, Instant};
 
 use a2::ErrorReason::ServiceUnavailable;

@@ -337,8 +337,9 @@ async fn push_test_names_an_unknown_app_and_a_log_only_one() {
 
         // APNs: an app with a key that is not there; then one without
         // credentials. (a2 cannot be pointed at a stand-in, so no test
-        // sends an APNs push; what it is handed is a unit test of
-        // `commands::push_test`.)
+        // sends an APNs push; what it is handed, a VoIP push for a call
+        // and the takeover alert to `--token` for `--kind message`, is a
+        // unit test of `commands::push_test`.)
         let missing_key = fcm.dir.path().join("AuthKey_ABC123DEFG.p8");
         let missing_key = missing_key.display().to_string();
         let add = [
@@ -379,6 +380,13 @@ async fn push_test_names_an_unknown_app_and_a_log_only_one() {
         let add = ["app", "add", "--platform", "apns", "--app-id", APP];
         assert_eq!(call_notifier(&backend, &add).await.code, Some(0), "{name}");
         let run = call_notifier(&backend, &apns_test).await;
+        assert_eq!(run.code, Some(6), "{name}: {run:?}");
+        assert!(run.stdout.contains("log-only"), "{name}: {run:?}");
+        // `--kind message` takes the same path for apns (the app is looked
+        // up, then the alert goes to `--token`); a log-only app stops it
+        // before anything is sent.
+        let message = [&apns_test[..], &["--kind", "message"]].concat();
+        let run = call_notifier(&backend, &message).await;
         assert_eq!(run.code, Some(6), "{name}: {run:?}");
         assert!(run.stdout.contains("log-only"), "{name}: {run:?}");
         assert_eq!(fcm.fcm.hits(), 0, "{name}");

@@ -294,6 +294,58 @@ fn the_dashboard_reads_every_panel_from_its_datasource_variable() {
     }
 }
 
+/// Every platform's pushes of every kind (`call`, `call_ended`, `message`)
+/// start at zero, delivered, retried and failed alike, and so do their
+/// send times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_push_kind_is_exported_at_zero_from_start() {
+    let exposition = fresh_exposition().await;
+    let lines: BTreeSet<&str> = exposition.text.lines().collect();
+    let mut missing = Vec::new();
+    for platform in ["apns", "android", "gcm"] {
+        for kind in ["call", "call_ended", "message"] {
+            let mut samples: Vec<String> = ["delivered", "retry", "failed"]
+                .map(|outcome| {
+                    format!(
+                        "call_notifier_pushes_total{{platform=\"{platform}\",kind=\"{kind}\",outcome=\"{outcome}\",reason=\"none\"}} 0"
+                    )
+                })
+                .into();
+            samples.push(format!(
+                "call_notifier_push_duration_seconds_count{{platform=\"{platform}\",kind=\"{kind}\"}} 0"
+            ));
+            missing.extend(samples.into_iter().filter(|s| !lines.contains(s.as_str())));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "push series without a zero sample in a fresh server:\n  {}\n\n{}",
+        missing.join("\n  "),
+        exposition.text
+    );
+}
+
+/// The push alerts page on call pushes: a notice that cannot reach an
+/// iPhone without an alert token must not read as phones not ringing.
+#[test]
+fn the_push_alerts_read_call_pushes_only() {
+    let alerts = alerts();
+    for rule in rules(&alerts) {
+        let expr = text(&rule["expr"], "a rule's expr");
+        let selectors = expr.matches("call_notifier_pushes_total").count();
+        if selectors == 0 {
+            continue;
+        }
+        assert_eq!(
+            expr.matches(r#"call_notifier_pushes_total{kind="call""#)
+                .count(),
+            selectors,
+            "alert {}: every call_notifier_pushes_total selector filters kind=\"call\": {expr}",
+            rule["alert"]
+        );
+    }
+}
+
 #[test]
 fn every_alert_rule_is_complete() {
     let alerts = alerts();

@@ -161,8 +161,9 @@ async fn the_takeover_notice_goes_to_a_token_once_a_minute() {
     .await;
 }
 
-/// iOS makes the app report every VoIP push to CallKit as a call: a
-/// takeover notice is never handed over for an `apns` device.
+/// iOS makes the app report every VoIP push to CallKit as a call, so an
+/// `apns` device is told only through an alert token: a takeover notice is
+/// never handed over for an `apns` device without one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
     on_every_backend(|backend| async move {

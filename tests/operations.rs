@@ -100,25 +100,33 @@ async fn metrics_count_every_outcome() {
             "{}:\n{m}",
             backend.name()
         );
-        // Pushes by platform, outcome and the service's reason: the sleepy
-        // phone got 2 calls (600/200 - 1) and the notice.
+        // Call pushes by platform, outcome and the service's reason: the sleepy
+        // phone got 2 (600/200 - 1).
         let pushes = |platform: &str, outcome: &str, reason: &str| {
             sample(
                 m,
                 &format!(
-                    "call_notifier_pushes_total{{platform=\"{platform}\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
+                    "call_notifier_pushes_total{{platform=\"{platform}\",kind=\"call\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
                 ),
             )
         };
-        assert_eq!(pushes("android", "delivered", "none"), 4.0, "{m}");
+        assert_eq!(pushes("android", "delivered", "none"), 3.0, "{m}");
+        // And the notice that its call timed out.
+        assert_eq!(
+            sample(
+                m,
+                "call_notifier_pushes_total{platform=\"android\",kind=\"call_ended\",outcome=\"delivered\",reason=\"none\"}"
+            ),
+            1.0
+        );
         assert_eq!(pushes("apns", "delivered", "none"), 1.0);
         assert_eq!(pushes("gcm", "token_dead", "UNREGISTERED"), 1.0);
         assert_eq!(
             sample(
                 m,
-                "call_notifier_push_duration_seconds_count{platform=\"android\"}"
+                "call_notifier_push_duration_seconds_count{platform=\"android\",kind=\"call\"}"
             ),
-            4.0
+            3.0
         );
         // Two answers reported their roundtrip and crossed the broker.
         let roundtrips = sample(

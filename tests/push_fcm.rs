@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use call_notifier::push::router::PushRouter;
 use call_notifier::push::{Payload, PushOutcome, PushTarget, Pusher, Refusal};
-use call_notifier::store::{App, Credentials, Platform};
+use call_notifier::store::{App, Credentials, EndReason, Platform};
 use common::fcm::{fcm_accepts, service_account, FcmServer, CLIENT_EMAIL, PROJECT};
 use common::stand_in::Answer;
 use common::*;
@@ -261,7 +261,7 @@ async fn the_pushes_metric_counts_the_reason_fcm_gave() {
             .collect();
         assert_eq!(
             pushes,
-            [r#"call_notifier_pushes_total{platform="android",outcome="token_dead",reason="UNREGISTERED"} 1"#],
+            [r#"call_notifier_pushes_total{platform="android",kind="call",outcome="token_dead",reason="UNREGISTERED"} 1"#],
             "{name}"
         );
     })
@@ -336,6 +336,68 @@ async fn a_401_fails_the_push_and_the_call_times_out_with_nak() {
         // Refused for good: neither retried nor resent, and the device stays.
         assert_eq!(server.fcm.received().len(), 1, "{name}");
         assert!(server.device(&user).await.is_some(), "{name}");
+    })
+    .await;
+}
+
+/// A `call_ended` notice reaches FCM, for `android` and `gcm` devices alike,
+/// as a data message with exactly `type`, `unique_key` and `reason`, high
+/// priority, collapsed under the call's key and living a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_ended_notice_reaches_fcm_as_a_collapsible_data_message() {
+    on_every_backend(|backend| async move {
+        let server = FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        let pusher = server.running.state.pusher.clone();
+        for (platform, reason) in [
+            (Platform::Android, EndReason::AnsweredElsewhere),
+            (Platform::Gcm, EndReason::TimedOut),
+        ] {
+            let token = format!("fcm-token-ended-{platform}");
+            let target = PushTarget {
+                platform,
+                token: token.clone(),
+                app_id: APP.into(),
+                sandbox: false,
+                sip_user_id: 1,
+                alert_token: None,
+            };
+            assert!(target.can_be_told(), "{name}: {platform}");
+            let notice = Payload::CallEnded {
+                unique_key: format!("call-1-{platform}"),
+                reason,
+                caller: "Alice".into(),
+            };
+            assert_eq!(
+                pusher.send(&target, &notice).await,
+                PushOutcome::Delivered,
+                "{name}: {platform}"
+            );
+            let push = server.fcm.received().pop().expect("a push");
+            assert_eq!(
+                push.uri,
+                format!("/v1/projects/{PROJECT}/messages:send"),
+                "{name}"
+            );
+            assert_eq!(
+                push.json(),
+                json!({"message": {
+                    "token": token,
+                    "data": {
+                        "type": "call_ended",
+                        "unique_key": format!("call-1-{platform}"),
+                        "reason": reason.as_str(),
+                    },
+                    "android": {
+                        "priority": "HIGH",
+                        "collapse_key": format!("call-1-{platform}"),
+                        "ttl": "60s",
+                    },
+                }}),
+                "{name}: {platform}"
+            );
+        }
+        assert_eq!(server.fcm.received().len(), 2, "{name}");
     })
     .await;
 }

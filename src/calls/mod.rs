@@ -244,10 +244,16 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
             _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => break Outcome::Nak(NakReason::Shutdown),
         }
     };
-    if let Some(latency) = winner(&news)
-        .and_then(|a| a.received_at)
-        .and_then(|at| at.elapsed().ok())
-    {
+    // From the answer that settled the call (the winner, or the last
+    // decline) reaching us to the PBX waking.
+    let settling = match outcome {
+        Outcome::Ack => winner(&news).and_then(|a| a.received_at),
+        Outcome::Nak(NakReason::NotAvailable) => {
+            news.answers.iter().flatten().filter_map(|a| a.received_at).max()
+        }
+        Outcome::Nak(_) => None,
+    };
+    if let Some(latency) = settling.and_then(|at| at.elapsed().ok()) {
         state.metrics.wakeup_latency.observe(latency.as_secs_f64());
     }
     let reason = end_reason(outcome);

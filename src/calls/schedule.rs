@@ -75,8 +75,9 @@ pub(super) async fn ring_device(
         // Never rung: nothing to take back.
         return;
     }
-    if target.platform.is_apns() && target.alert_token.is_none() {
-        // A VoIP push must ring; its app learns from its call-response (410).
+    if !target.can_be_told() {
+        // An iOS device without an alert token: a VoIP push must ring, so
+        // its app learns from its call-response (410).
         return;
     }
     let Payload::Call { unique_key, .. } = payload else {
@@ -95,9 +96,12 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
     for tries in 0..NOTICE_TRIES {
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, notice).await;
-        state
-            .metrics
-            .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
+        state.metrics.push(
+            target.platform,
+            notice.kind(),
+            &outcome,
+            sent_at.elapsed().as_secs_f64(),
+        );
         match outcome {
             PushOutcome::Retry { after, .. } if tries + 1 < NOTICE_TRIES => {
                 tokio::time::sleep(retry_delay(tries, after)).await;
@@ -138,9 +142,12 @@ async fn push_until_done(
         }
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, &payload).await;
-        state
-            .metrics
-            .push(target.platform, &outcome, sent_at.elapsed().as_secs_f64());
+        state.metrics.push(
+            target.platform,
+            payload.kind(),
+            &outcome,
+            sent_at.elapsed().as_secs_f64(),
+        );
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);

@@ -5,8 +5,11 @@
 //!
 //! The push is a real one: a call push wakes the app as a call would (on
 //! iOS it rings through CallKit), under a `unique_key` that says it is a
-//! test. Nothing is stored or forgotten: a token the push service calls
-//! dead is reported, not deleted.
+//! test. A message push is the takeover notice; on iOS it goes, as the
+//! server sends it, as an alert push, to `--token` taken as the device's
+//! alert token (its regular APNs token, not its VoIP token). Nothing is
+//! stored or forgotten: a token the push service calls dead is reported,
+//! not deleted.
 
 use std::fmt;
 use std::sync::Arc;
@@ -161,7 +164,8 @@ pub async fn run(
     Ok(verdict)
 }
 
-/// Who the test push goes to.
+/// Who the test push goes to. On iOS only a call goes to the VoIP token;
+/// a message goes as an alert, so `--token` is then the alert token.
 fn target(test: &PushTest) -> PushTarget {
     PushTarget {
         platform: test.platform,
@@ -170,7 +174,8 @@ fn target(test: &PushTest) -> PushTarget {
         sandbox: test.sandbox,
         // No SIP account: the logs of the push say 0.
         sip_user_id: 0,
-        alert_token: None,
+        alert_token: (test.platform.is_apns() && test.kind == PushKind::Message)
+            .then(|| test.token.clone()),
     }
 }
 
@@ -178,6 +183,7 @@ fn target(test: &PushTest) -> PushTarget {
 fn announce(test: &PushTest, payload: &Payload) -> String {
     let what = match payload {
         Payload::Call { unique_key, .. } => format!("call push {unique_key}"),
+        other if test.platform.is_apns() => format!("{} push (an alert)", other.kind()),
         other => format!("{} push", other.kind()),
     };
     let environment = match (test.platform, test.sandbox) {
@@ -216,7 +222,7 @@ mod tests {
     use a2::request::payload::PayloadLike;
 
     use super::*;
-    use crate::push::apns::{default_topic, VoipPush};
+    use crate::push::apns::{default_topic, ApnsPush};
 
     fn test(platform: Platform, kind: PushKind) -> PushTest {
         PushTest {
@@ -245,7 +251,8 @@ mod tests {
         {
             *message_start_time = 1_700_000_000.25;
         }
-        let push = VoipPush::new(&target(&test), &payload, &default_topic(&test.app_id));
+        let push = ApnsPush::new(&target(&test), &payload, &default_topic(&test.app_id))
+            .expect("a call always goes");
         let a2 = push.payload();
         assert_eq!(a2.get_device_token(), test.token);
         assert_eq!(
@@ -271,6 +278,34 @@ mod tests {
         assert_eq!(json["attempt"], 1);
         assert!(announce(&test, &payload)
             .ends_with("to token a1b2c3d4…8f90 of apns app com.example.softphone (sandbox)"));
+    }
+
+    /// `push test --platform apns --kind message`: the takeover alert, as
+    /// the server sends it, to `--token` as the alert token.
+    #[test]
+    fn an_apns_test_message_push_is_the_takeover_alert_to_the_given_token() {
+        let test = test(Platform::Apns, PushKind::Message);
+        let payload = payload(test.kind, &Config::defaults());
+        let push = ApnsPush::new(&target(&test), &payload, &default_topic(&test.app_id))
+            .expect("the given token is the alert token");
+        let a2 = push.payload();
+        assert_eq!(a2.get_device_token(), test.token);
+        let options = a2.get_options();
+        assert_eq!(options.apns_push_type, Some(a2::PushType::Alert));
+        assert_eq!(options.apns_topic, Some("com.example.softphone"));
+        assert_eq!(
+            a2.to_json_string().expect("serializable"),
+            concat!(
+                r#"{"aps":{"alert":{"loc-key":"CALL_NOTIFIER_TAKEN_OVER","loc-args":[]},"#,
+                r#""mutable-content":0},"message":"call-notifier push test","type":"message"}"#
+            )
+        );
+        assert!(announce(&test, &payload).starts_with("sending a message push (an alert) to token"));
+        // An Android message push has no alert token to go to.
+        assert_eq!(
+            target(&self::test(Platform::Android, PushKind::Message)).alert_token,
+            None
+        );
     }
 
     #[test]

@@ -1,9 +1,17 @@
-//! APNs: VoIP pushes to iPhones through the `a2` crate.
+//! APNs: pushes to iPhones through the `a2` crate.
 //!
 //! Owns what this project decides about an APNs push: the request a2 is
-//! handed ([`VoipPush`]: topic, push type, priority, expiry, payload), how an
-//! app's credentials become a2 clients ([`ApnsApp::load`], `.p12` bundles
-//! read in pure Rust), and what APNs' answers mean ([`outcome`]).
+//! handed ([`ApnsPush`]: token, topic, push type, priority, expiry,
+//! payload), how an app's credentials become a2 clients ([`ApnsApp::load`],
+//! `.p12` bundles read in pure Rust), and what APNs' answers mean
+//! ([`outcome`]).
+//!
+//! The iOS rule decides the push type ([`PushTarget::token_for`]): a call
+//! goes as a VoIP push to the VoIP token, under the app's topic
+//! (`<app id>.voip`); anything else (`call_ended`, the takeover notice) as
+//! a visible alert push to the device's `alert_token`, under the topic
+//! without `.voip`, with a `loc-key` the app translates ([`Alert`]); or
+//! not at all, refused here before a2, when the device has no alert token.
 //!
 //! a2 owns the HTTP/2 connection to Apple, and a2 0.10 cannot be pointed at
 //! another host, so the sending itself is not exercised by the tests; these
@@ -19,14 +27,18 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use a2::request::notification::NotificationBuilder;
 use a2::request::payload::APS;
-use a2::{ClientConfig, Endpoint, ErrorReason, NotificationOptions, Priority, PushType};
+use a2::{
+    ClientConfig, DefaultNotificationBuilder, Endpoint, ErrorReason, NotificationOptions, Priority,
+    PushType,
+};
 use serde_json::{Map, Value};
 
 use super::{
     read_credentials as read, CredentialsError, Payload, PushOutcome, PushTarget, Reason, Refusal,
 };
-use crate::store::{Credentials, Platform};
+use crate::store::{Credentials, EndReason, Platform};
 
 /// The clients of one app: a2 binds a client to one environment, and each
 /// device says which one its build uses. Built once per credentials and
@@ -41,8 +53,20 @@ pub struct ApnsApp {
 /// One APNs environment of an app.
 struct Environment {
     client: a2::Client,
-    /// Whether the app's topic works here, as far as this client has seen.
-    topic: TopicProof,
+    /// Whether the app's VoIP topic works here, as far as this client has seen.
+    voip_topic: TopicProof,
+    /// The same for its alert topic, a topic of its own to APNs.
+    alert_topic: TopicProof,
+}
+
+impl Environment {
+    /// The proof of the topic a push goes out under.
+    fn proof(&self, push: &ApnsPush) -> &TopicProof {
+        match push.alert {
+            None => &self.voip_topic,
+            Some(_) => &self.alert_topic,
+        }
+    }
 }
 
 /// Whether APNs accepted a push under an app's topic in one environment
@@ -142,7 +166,8 @@ impl ApnsApp {
             }
             .map(|client| Environment {
                 client,
-                topic: TopicProof::default(),
+                voip_topic: TopicProof::default(),
+                alert_topic: TopicProof::default(),
             })
             .map_err(|source| CredentialsError::Apns {
                 path: path.clone(),
@@ -156,25 +181,23 @@ impl ApnsApp {
         })
     }
 
-    /// Sends one VoIP push to the environment the device registered for.
-    ///
-    /// Only a call goes: iOS makes the app report every VoIP push to
-    /// CallKit as a call and stops waking apps that fail to, so any other
-    /// payload is refused here, before a2, whoever asked for it.
+    /// Sends one push to the environment the device registered for: a call
+    /// as a VoIP push, anything else as an alert push to the device's alert
+    /// token. A device without one is refused here, before a2.
     pub async fn send(&self, target: &PushTarget, payload: &Payload) -> PushOutcome {
-        if !matches!(payload, Payload::Call { .. }) {
-            return PushOutcome::Failed(Refusal::unanswered(
-                "not sent: a VoIP push only ever rings a call on iOS; other notices need the app's alert token",
-            ));
-        }
-        let push = VoipPush::new(target, payload, &self.topic);
+        let Some(push) = ApnsPush::new(target, payload, &self.topic) else {
+            return PushOutcome::Failed(Refusal::no_alert_token());
+        };
         let environment = if target.sandbox {
             &self.sandbox
         } else {
             &self.production
         };
         let result = environment.client.send(push.payload()).await;
-        environment.topic.judge(result, &self.topic, target.sandbox)
+        let outcome = environment
+            .proof(&push)
+            .judge(result, &push.topic, target.sandbox);
+        push.meaning(outcome)
     }
 }
 
@@ -202,46 +225,135 @@ pub fn default_topic(app_id: &str) -> String {
     format!("{app_id}.voip")
 }
 
-/// One APNs push, owned; [`VoipPush::payload`] lends it to a2 as the request
+/// The topic of an app's alert pushes: its VoIP topic without `.voip`.
+/// APNs takes a VoIP push only under `<bundle id>.voip` and an alert only
+/// under the bundle id itself.
+pub fn alert_topic(voip_topic: &str) -> &str {
+    voip_topic.strip_suffix(".voip").unwrap_or(voip_topic)
+}
+
+/// What an alert push shows: the key of a text in the app's
+/// `Localizable.strings` and its arguments, so the phone says it in its
+/// user's language. The keys are the contract with the app (README).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub loc_key: &'static str,
+    pub loc_args: Vec<String>,
+}
+
+impl Alert {
+    /// The alert of a notice; `None` for a call, which is never an alert.
+    pub fn of(payload: &Payload) -> Option<Alert> {
+        let (loc_key, loc_args) = match payload {
+            Payload::Call { .. } => return None,
+            Payload::CallEnded {
+                reason: EndReason::AnsweredElsewhere,
+                caller,
+                ..
+            } => ("CALL_NOTIFIER_ANSWERED_ELSEWHERE", vec![caller.clone()]),
+            // Not answered here; `not_available` never reaches a notice
+            // (a device that declined is not told), and would mean the same.
+            Payload::CallEnded {
+                reason:
+                    EndReason::Cancelled
+                    | EndReason::TimedOut
+                    | EndReason::Failed
+                    | EndReason::NotAvailable,
+                caller,
+                ..
+            } => ("CALL_NOTIFIER_MISSED_CALL", vec![caller.clone()]),
+            // The only message the service sends: the takeover notice.
+            Payload::Message { .. } => ("CALL_NOTIFIER_TAKEN_OVER", Vec::new()),
+        };
+        Some(Alert { loc_key, loc_args })
+    }
+}
+
+/// One APNs push, owned; [`ApnsPush::payload`] lends it to a2 as the request
 /// a2 sends: `POST /3/device/<token>` with these headers and this body.
 #[derive(Debug, Clone, PartialEq)]
-pub struct VoipPush {
+pub struct ApnsPush {
     pub token: String,
     pub topic: String,
+    /// `None`: a VoIP push (a call). `Some`: an alert push showing this.
+    pub alert: Option<Alert>,
     /// The custom keys beside `aps`: the contract's, as JSON values.
     pub data: Map<String, Value>,
 }
 
-impl VoipPush {
-    pub fn new(target: &PushTarget, payload: &Payload, topic: &str) -> Self {
-        VoipPush {
-            token: target.token.clone(),
+impl ApnsPush {
+    /// The push the iOS rule makes of `payload` for `target`, under the
+    /// app's VoIP topic `voip_topic`; `None` when the device cannot be
+    /// sent it (a notice, and no alert token).
+    pub fn new(target: &PushTarget, payload: &Payload, voip_topic: &str) -> Option<Self> {
+        let alert = Alert::of(payload);
+        let topic = match alert {
+            None => voip_topic,
+            Some(_) => alert_topic(voip_topic),
+        };
+        Some(ApnsPush {
+            token: target.token_for(payload)?.to_owned(),
             topic: topic.to_owned(),
+            alert,
             data: payload.to_json(),
-        }
+        })
     }
 
-    /// The a2 payload: `apns-push-type: voip`, `apns-priority: 10` (a call
-    /// cannot wait for a power-saving batch), `apns-expiration: 0` (delivered
-    /// now or never: a late call push would ring for a call long gone), an
-    /// empty `aps` (PushKit wakes the app; CallKit shows the call) and the
-    /// contract's keys beside it.
+    /// The a2 payload, the contract's keys beside `aps`, and priority 10
+    /// (`apns-priority: 10`: neither a call nor the news that it ended can
+    /// wait for a power-saving batch).
+    ///
+    /// A call: `apns-push-type: voip`, `apns-expiration: 0` (delivered now
+    /// or never: a late call push would ring for a call long gone), an
+    /// empty `aps` (PushKit wakes the app; CallKit shows the call).
+    ///
+    /// A notice: `apns-push-type: alert`, `aps.alert` with `loc-key` and
+    /// `loc-args`, APNs' default expiry (a phone that is off still learns
+    /// of the missed call).
     pub fn payload(&self) -> a2::request::payload::Payload<'_> {
-        a2::request::payload::Payload {
-            options: NotificationOptions {
-                apns_push_type: Some(PushType::Voip),
-                apns_priority: Some(Priority::High),
-                apns_expiration: Some(0),
-                apns_topic: Some(&self.topic),
-                ..NotificationOptions::default()
+        let options = NotificationOptions {
+            apns_push_type: Some(match self.alert {
+                None => PushType::Voip,
+                Some(_) => PushType::Alert,
+            }),
+            apns_priority: Some(Priority::High),
+            apns_expiration: self.alert.is_none().then_some(0),
+            apns_topic: Some(&self.topic),
+            ..NotificationOptions::default()
+        };
+        let mut payload = match &self.alert {
+            None => a2::request::payload::Payload {
+                options,
+                device_token: &self.token,
+                aps: APS::default(),
+                data: Default::default(),
             },
-            device_token: &self.token,
-            aps: APS::default(),
-            data: self
-                .data
-                .iter()
-                .map(|(key, value)| (key.as_str(), value.clone()))
-                .collect(),
+            Some(alert) => DefaultNotificationBuilder::new()
+                .set_loc_key(alert.loc_key)
+                .set_loc_args(&alert.loc_args)
+                .build(&self.token, options),
+        };
+        payload.data = self
+            .data
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone()))
+            .collect();
+        payload
+    }
+
+    /// What an APNs outcome means for the device: an alert push's dead
+    /// token is the alert token, not the VoIP token the device is known by,
+    /// so it fails the notice and forgets no device (calls still reach it).
+    fn meaning(&self, outcome: PushOutcome) -> PushOutcome {
+        match (outcome, &self.alert) {
+            (PushOutcome::TokenDead(refusal), Some(_)) => PushOutcome::Failed(Refusal {
+                detail: format!(
+                    "{}: the alert token is dead; the device is kept, calls still reach it",
+                    refusal.detail
+                ),
+                ..refusal
+            }),
+            (outcome, _) => outcome,
         }
     }
 }
@@ -442,11 +554,13 @@ mod tests {
 
     #[test]
     fn a_call_push_is_a_voip_push_with_the_contract_keys_beside_aps() {
-        let push = VoipPush::new(
-            &target(false),
+        let push = ApnsPush::new(
+            &with_alert_token(target(false)),
             &call(),
             &default_topic("com.example.softphone"),
-        );
+        )
+        .expect("a call always goes");
+        assert_eq!(push.alert, None);
         let payload = push.payload();
         assert_eq!(payload.get_device_token(), "a1b2c3d4e5f6");
         let options = payload.get_options();
@@ -474,17 +588,156 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_message_push_carries_type_and_message_only() {
-        let message = Payload::Message {
+    /// The regular APNs token of the device [`target`] makes.
+    const ALERT_TOKEN: &str = "f0e1d2c3b4a5";
+
+    fn with_alert_token(mut target: PushTarget) -> PushTarget {
+        target.alert_token = Some(ALERT_TOKEN.into());
+        target
+    }
+
+    fn call_ended(reason: EndReason) -> Payload {
+        Payload::CallEnded {
+            unique_key: "6f1c0a2b9e8d4c3b".into(),
+            reason,
+            caller: "Alice \"A\" Ångström".into(),
+        }
+    }
+
+    fn takeover() -> Payload {
+        Payload::Message {
             message: "Another device took over".into(),
-        };
-        let push = VoipPush::new(&target(true), &message, "custom.topic");
+        }
+    }
+
+    /// Asserts that the request handed to a2 is an alert push (priority 10,
+    /// APNs' default expiry) to the alert token, under `topic`, with `body`.
+    fn assert_alert(push: &ApnsPush, topic: &str, body: &str) {
         let payload = push.payload();
-        assert_eq!(payload.get_options().apns_topic, Some("custom.topic"));
+        let options = payload.get_options();
+        assert_eq!(options.apns_push_type, Some(PushType::Alert), "{body}");
         assert_eq!(
-            payload.to_json_string().expect("serializable"),
-            r#"{"aps":{},"message":"Another device took over","type":"message"}"#
+            options.apns_push_type.map(|t| t.to_string()),
+            Some("alert".into())
+        );
+        assert_eq!(
+            options.apns_priority.as_ref().map(|p| p.to_string()),
+            Some("10".into())
+        );
+        assert_eq!(options.apns_expiration, None);
+        assert_eq!(options.apns_topic, Some(topic));
+        assert_eq!(payload.get_device_token(), ALERT_TOKEN);
+        assert_eq!(payload.to_json_string().expect("serializable"), body);
+    }
+
+    #[test]
+    fn a_call_ended_notice_is_an_alert_to_the_alert_token_under_the_topic_without_voip() {
+        for (reason, loc_key) in [
+            (
+                EndReason::AnsweredElsewhere,
+                "CALL_NOTIFIER_ANSWERED_ELSEWHERE",
+            ),
+            (EndReason::Cancelled, "CALL_NOTIFIER_MISSED_CALL"),
+            (EndReason::TimedOut, "CALL_NOTIFIER_MISSED_CALL"),
+            (EndReason::Failed, "CALL_NOTIFIER_MISSED_CALL"),
+        ] {
+            let push = ApnsPush::new(
+                &with_alert_token(target(true)),
+                &call_ended(reason),
+                &default_topic("com.example.softphone"),
+            )
+            .expect("a device with an alert token is told");
+            assert_alert(
+                &push,
+                "com.example.softphone",
+                &format!(
+                    concat!(
+                        r#"{{"aps":{{"alert":{{"loc-key":"{}","loc-args":["Alice \"A\" Ångström"]}},"#,
+                        r#""mutable-content":0}},"reason":"{}","type":"call_ended","unique_key":"6f1c0a2b9e8d4c3b"}}"#
+                    ),
+                    loc_key, reason
+                ),
+            );
+        }
+    }
+
+    #[test]
+    fn the_takeover_notice_is_an_alert_without_arguments() {
+        // A topic the credentials name: `.voip` comes off it for alerts...
+        let push = ApnsPush::new(
+            &with_alert_token(target(false)),
+            &takeover(),
+            "com.example.other.voip",
+        )
+        .expect("told");
+        assert_alert(
+            &push,
+            "com.example.other",
+            concat!(
+                r#"{"aps":{"alert":{"loc-key":"CALL_NOTIFIER_TAKEN_OVER","loc-args":[]},"#,
+                r#""mutable-content":0},"message":"Another device took over","type":"message"}"#
+            ),
+        );
+        // ...and a topic without it is used as it is.
+        assert_eq!(alert_topic("custom.topic"), "custom.topic");
+        assert_eq!(alert_topic(".voip.app.voip"), ".voip.app");
+    }
+
+    #[test]
+    fn a_non_call_payload_never_makes_a_voip_request() {
+        let notices = EndReason::ALL
+            .map(call_ended)
+            .into_iter()
+            .chain([takeover()]);
+        for notice in notices {
+            // With an alert token: an alert to it, never the VoIP token.
+            let push = ApnsPush::new(
+                &with_alert_token(target(false)),
+                &notice,
+                &default_topic("com.example.softphone"),
+            )
+            .expect("told");
+            let payload = push.payload();
+            assert_eq!(
+                payload.get_options().apns_push_type,
+                Some(PushType::Alert),
+                "{notice:?}"
+            );
+            assert_eq!(payload.get_device_token(), ALERT_TOKEN, "{notice:?}");
+            assert!(
+                !payload
+                    .get_options()
+                    .apns_topic
+                    .unwrap_or("")
+                    .ends_with(".voip"),
+                "{notice:?}"
+            );
+            // Without one: no request at all.
+            assert_eq!(
+                ApnsPush::new(&target(false), &notice, "com.example.softphone.voip"),
+                None,
+                "{notice:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dead_alert_token_forgets_no_device() {
+        let dead = || PushOutcome::TokenDead(Refusal::new(Reason::OTHER, "APNs 410 Unregistered"));
+        let topic = default_topic("com.example.softphone");
+        let alert =
+            ApnsPush::new(&with_alert_token(target(false)), &takeover(), &topic).expect("told");
+        let PushOutcome::Failed(refusal) = alert.meaning(dead()) else {
+            panic!("an alert's dead token forgot the device");
+        };
+        assert!(refusal.detail.contains("alert token is dead"), "{refusal}");
+        assert_eq!(refusal.reason, Reason::OTHER);
+        // A call's dead token is the device's.
+        let voip = ApnsPush::new(&target(false), &call(), &topic).expect("a call");
+        assert_eq!(voip.meaning(dead()), dead());
+        assert_eq!(
+            alert.meaning(PushOutcome::Delivered),
+            PushOutcome::Delivered
         );
     }
 
@@ -817,7 +1070,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_non_call_payload_is_never_sent_as_a_voip_push() {
+    async fn a_notice_for_a_device_without_an_alert_token_is_refused_before_a2() {
         let dir = p8_key();
         let app = ApnsApp::load(
             "com.example.softphone",
@@ -831,19 +1084,14 @@ mod tests {
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        let message = Payload::Message {
-            message: "Another device took over".into(),
-        };
         // Refused before a2 is asked: no network is reachable from here, so
         // a push that went to a2 would come back as a transport retry.
-        match app.send(&target(true), &message).await {
-            PushOutcome::Failed(refusal) => {
-                assert!(
-                    refusal.to_string().contains("only ever rings a call"),
-                    "{refusal}"
-                )
-            }
-            other => panic!("a message went towards APNs: {other:?}"),
+        for notice in [takeover(), call_ended(EndReason::Cancelled)] {
+            assert_eq!(
+                app.send(&target(true), &notice).await,
+                PushOutcome::Failed(Refusal::no_alert_token()),
+                "{notice:?}"
+            );
         }
     }
 

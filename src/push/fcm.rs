@@ -187,14 +187,25 @@ impl FcmApp {
     }
 }
 
+/// How long a `call_ended` notice lives at FCM: a phone that stays out of
+/// reach longer has long stopped ringing by itself.
+pub const NOTICE_TTL: &str = "60s";
+
 /// The FCM v1 request body: data-only, every value a string, Android
 /// priority HIGH so a dozing phone wakes at once. A call push lives no
-/// longer than the wait (`ttl`, whole seconds rounded down); a text push
+/// longer than the wait (`ttl`, whole seconds rounded down). A `call_ended`
+/// notice lives [`NOTICE_TTL`] and collapses under the call's `unique_key`,
+/// so a phone that was offline gets one, not one per resend. A text push
 /// keeps FCM's default, so a phone that is off learns it later.
 pub fn message(target: &PushTarget, payload: &Payload, call_ttl: Duration) -> Value {
     let mut android = json!({ "priority": "HIGH" });
-    if let Payload::Call { .. } = payload {
-        android["ttl"] = format!("{}s", call_ttl.as_secs()).into();
+    match payload {
+        Payload::Call { .. } => android["ttl"] = format!("{}s", call_ttl.as_secs()).into(),
+        Payload::CallEnded { unique_key, .. } => {
+            android["ttl"] = NOTICE_TTL.into();
+            android["collapse_key"] = unique_key.as_str().into();
+        }
+        Payload::Message { .. } => {}
     }
     json!({
         "message": {
@@ -380,6 +391,23 @@ mod tests {
         assert_eq!(
             message(&target(), &text, Duration::from_secs(4))["message"]["android"],
             json!({"priority": "HIGH"})
+        );
+    }
+
+    #[test]
+    fn a_call_ended_message_says_why_and_collapses_under_the_calls_key() {
+        let payload = Payload::CallEnded {
+            unique_key: "k-1".into(),
+            reason: crate::store::EndReason::AnsweredElsewhere,
+            caller: "Bob".into(),
+        };
+        assert_eq!(
+            message(&target(), &payload, Duration::from_secs(4)),
+            json!({"message": {
+                "token": "fcm-token-1",
+                "data": {"type": "call_ended", "unique_key": "k-1", "reason": "answered_elsewhere"},
+                "android": {"priority": "HIGH", "ttl": "60s", "collapse_key": "k-1"},
+            }})
         );
     }
 

@@ -38,6 +38,39 @@ pub struct PushTarget {
     pub alert_token: Option<String>,
 }
 
+impl PushTarget {
+    /// Whether this device can be told anything but a call (a `call_ended`
+    /// notice, the takeover notice): an Android device always, an iOS
+    /// device only through an alert push to its `alert_token` (the iOS
+    /// rule, [`PushTarget::token_for`]). The call path asks before it sends
+    /// a notice, so a device that cannot be told costs no push.
+    pub fn can_be_told(&self) -> bool {
+        self.notice_token().is_some()
+    }
+
+    /// The token a push of `payload` goes to, `None` when this device
+    /// cannot be sent it.
+    ///
+    /// The iOS rule: since iOS 13 the app must report every VoIP push to
+    /// CallKit as a call, and iOS stops waking apps that fail to. So the
+    /// VoIP token (`token`) gets a call and nothing else; anything else
+    /// goes as an alert push to `alert_token`, or nowhere.
+    pub fn token_for(&self, payload: &Payload) -> Option<&str> {
+        match payload {
+            Payload::Call { .. } => Some(&self.token),
+            Payload::CallEnded { .. } | Payload::Message { .. } => self.notice_token(),
+        }
+    }
+
+    /// The token a notice goes to.
+    fn notice_token(&self) -> Option<&str> {
+        match self.platform {
+            Platform::Apns => self.alert_token.as_deref(),
+            Platform::Android | Platform::Gcm => Some(&self.token),
+        }
+    }
+}
+
 impl From<NewDevice> for PushTarget {
     fn from(device: NewDevice) -> Self {
         PushTarget {
@@ -140,6 +173,9 @@ impl Payload {
         }
     }
 
+    /// Every [`Payload::kind`], for the metrics that start at zero.
+    pub const KINDS: [&'static str; 3] = ["call", "call_ended", "message"];
+
     /// The `kind` label of the `pushes` metric, and the `type` data key.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -212,6 +248,16 @@ impl Refusal {
     /// timed out) or never left (unknown app, unusable credentials).
     pub fn unanswered(detail: impl Into<String>) -> Self {
         Refusal::new(Reason::NONE, detail)
+    }
+
+    /// Why a notice for an iOS device without an `alert_token` never left
+    /// ([`PushTarget::token_for`]): said the same by every pusher that
+    /// sends to APNs or stands in for it.
+    pub fn no_alert_token() -> Self {
+        Refusal::unanswered(
+            "not sent: on iOS a VoIP push only ever rings a call, and this device \
+             registered no alert_token for other notices",
+        )
     }
 }
 
@@ -323,6 +369,88 @@ mod tests {
         assert_eq!(data["message_start_time"], "1.5");
         assert_eq!(data["type"], "call");
         assert_eq!(data.len(), 7);
+    }
+
+    fn device(platform: Platform, alert_token: Option<&str>) -> PushTarget {
+        PushTarget {
+            platform,
+            token: "voip-or-fcm".into(),
+            app_id: "com.example.softphone".into(),
+            sandbox: false,
+            sip_user_id: 1,
+            alert_token: alert_token.map(str::to_owned),
+        }
+    }
+
+    fn notices() -> [Payload; 2] {
+        [
+            Payload::CallEnded {
+                unique_key: "k".into(),
+                reason: EndReason::Cancelled,
+                caller: "Bob".into(),
+            },
+            Payload::Message {
+                message: "taken over".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_call_ended_notice_carries_type_unique_key_and_reason_only() {
+        let [ended, _] = notices();
+        let data = ended.to_string_map();
+        assert_eq!(
+            Value::Object(data),
+            serde_json::json!({"type": "call_ended", "unique_key": "k", "reason": "cancelled"})
+        );
+    }
+
+    #[test]
+    fn an_ios_device_is_told_anything_but_a_call_only_through_its_alert_token() {
+        let call = Payload::Call {
+            unique_key: "k".into(),
+            phonenumber: "1".into(),
+            caller_id: "".into(),
+            response_api: "http://x/api/call-response/".into(),
+            message_start_time: 1.0,
+            attempt: 1,
+        };
+        let bare = device(Platform::Apns, None);
+        let alerting = device(Platform::Apns, Some("a1e2"));
+        assert!(!bare.can_be_told());
+        assert!(alerting.can_be_told());
+        assert_eq!(bare.token_for(&call), Some("voip-or-fcm"));
+        assert_eq!(alerting.token_for(&call), Some("voip-or-fcm"));
+        for notice in notices() {
+            assert_eq!(bare.token_for(&notice), None, "{notice:?}");
+            assert_eq!(alerting.token_for(&notice), Some("a1e2"), "{notice:?}");
+        }
+        // Android devices have one token for everything.
+        for platform in [Platform::Android, Platform::Gcm] {
+            let android = device(platform, None);
+            assert!(android.can_be_told());
+            for payload in notices().into_iter().chain([call.clone()]) {
+                assert_eq!(android.token_for(&payload), Some("voip-or-fcm"));
+            }
+        }
+    }
+
+    #[test]
+    fn every_kind_is_listed_for_the_metrics() {
+        let [ended, message] = notices();
+        let call = Payload::Call {
+            unique_key: "k".into(),
+            phonenumber: "1".into(),
+            caller_id: "".into(),
+            response_api: "".into(),
+            message_start_time: 1.0,
+            attempt: 1,
+        };
+        let kinds = [call, ended, message].map(|p| p.kind());
+        assert_eq!(kinds, Payload::KINDS);
+        for payload in notices() {
+            assert_eq!(payload.to_json()["type"], payload.kind());
+        }
     }
 
     #[test]
