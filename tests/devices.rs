@@ -530,3 +530,32 @@ async fn a_lowered_limit_is_applied_at_the_next_registration() {
     })
     .await;
 }
+
+/// `--max-devices-per-account` takes 1 to 20, 1 by default; anything else
+/// stops the start with an error naming the flag.
+#[test]
+fn the_device_limit_is_checked_at_start_up() {
+    use call_notifier::config::Cli;
+    use clap::Parser;
+    let parse = |value: &str| {
+        Cli::try_parse_from([
+            "call-notifier".to_owned(),
+            format!("--max-devices-per-account={value}"),
+        ])
+    };
+    assert_eq!(
+        Cli::try_parse_from(["call-notifier"])
+            .expect("no flags")
+            .config
+            .max_devices_per_account,
+        1
+    );
+    assert_eq!(parse("20").expect("20").config.max_devices_per_account, 20);
+    for bad in ["0", "21", "-1", "many"] {
+        let error = parse(bad).expect_err(bad).to_string();
+        assert!(
+            error.contains("--max-devices-per-account"),
+            "{bad}: {error}"
+        );
+    }
+}

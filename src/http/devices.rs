@@ -106,7 +106,7 @@ fn alert_token(platform: Platform, fields: &Fields) -> Result<Option<String>, Ap
     let token = fields.required_string(FIELD, 250)?;
     if !token.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ApiError::invalid(
-            "alert_token",
+            FIELD,
             "must be hex digits only (an APNs device token), without whitespace",
         ));
     }
@@ -129,13 +129,13 @@ pub(super) async fn register(
         .store
         .register_device(device, state.config.max_devices_per_account)
         .await?;
-    for displaced in registration.displaced() {
-        notify_taken_over(state, displaced.registration.clone());
-    }
-    let (status, result) = match registration {
-        Registration::Created { .. } => (StatusCode::CREATED, "created"),
-        Registration::Updated { .. } => (StatusCode::OK, "updated"),
+    let (status, result, displaced) = match registration {
+        Registration::Created { displaced } => (StatusCode::CREATED, "created", displaced),
+        Registration::Updated { displaced, .. } => (StatusCode::OK, "updated", displaced),
     };
+    for device in displaced {
+        notify_taken_over(state, device.registration);
+    }
     state.metrics.registration(platform, result);
     Ok(json(status, &body))
 }

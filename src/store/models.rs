@@ -133,20 +133,10 @@ pub enum Registration {
     /// deleted to stay within the limit, and `previous` when its token
     /// differs (one device per account: the phone that was replaced).
     Updated {
-        previous: Device,
+        /// Boxed: a whole row, where the other variant holds a list.
+        previous: Box<Device>,
         displaced: Vec<Device>,
     },
-}
-
-impl Registration {
-    /// The devices that lost the account to this registration.
-    pub fn displaced(&self) -> &[Device] {
-        match self {
-            Registration::Created { displaced } | Registration::Updated { displaced, .. } => {
-                displaced
-            }
-        }
-    }
 }
 
 /// Why a call ended, as every phone still ringing for it is told

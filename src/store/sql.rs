@@ -376,7 +376,7 @@ macro_rules! diesel_store {
                                 displaced.push(previous.clone());
                             }
                             Registration::Updated {
-                                previous,
+                                previous: Box::new(previous),
                                 displaced,
                             }
                         }
