@@ -286,6 +286,15 @@ pub struct Config {
     )]
     pub max_pending_calls: usize,
 
+    /// Most devices one SIP account holds, all rung for its calls. At the
+    /// limit, a new device displaces the one registered or updated longest
+    /// ago. With 1 (the default) a registration replaces the account's
+    /// device, as the service this replaces did. At most 20: each is pushed
+    /// for every call.
+    #[arg(long, env = "CALL_NOTIFIER_MAX_DEVICES_PER_ACCOUNT", default_value_t = 1, global = true,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=20))]
+    pub max_devices_per_account: usize,
+
     // Who may do what.
     /// The operator's account API that decides whether a device request's
     /// HTTP Basic credentials own its `sip_user_id`. `{sip_user_id}` in the

@@ -3,6 +3,7 @@
 
 mod common;
 
+use call_notifier::store::Device;
 use common::*;
 use hyper::{Method, StatusCode};
 use serde_json::json;
@@ -50,11 +51,13 @@ fn raw(path: &'static str, content_type: Option<&'static str>, body: &[u8], stat
 const CALL: &str = "/api/incoming-call/";
 const ANSWER: &str = "/api/call-response/";
 const DEVICE: &str = "/api/android-device/";
+const APNS_DEVICE: &str = "/api/apns-device/";
 
 fn cases(user: &str) -> Vec<Case> {
     let long = |n: usize| "9".repeat(n);
     let ok_call = |extra: &str| format!("sip_user_id={user}&phonenumber=0612345678{extra}");
     let ok_device = |extra: &str| format!("sip_user_id={user}&token=tok&app={APP}{extra}");
+    let ok_apns_device = |extra: &str| format!("sip_user_id={user}&token=ab12&app={APP}{extra}");
     let mut cases = vec![
         // The PBX's request.
         form(CALL, "phonenumber=1", "sip_user_id"),
@@ -291,6 +294,34 @@ fn cases(user: &str) -> Vec<Case> {
             json!({"sip_user_id": user, "token": "t", "app": APP, "sandbox": "sometimes"}),
             "sandbox",
         ),
+        // `alert_token`: an iPhone's regular APNs token, 1 to 250 hex digits.
+        form(
+            APNS_DEVICE,
+            &ok_apns_device("&alert_token=ab%20cd"),
+            "alert_token",
+        ),
+        form(
+            APNS_DEVICE,
+            &ok_apns_device("&alert_token=%20abcd"),
+            "alert_token",
+        ),
+        form(
+            APNS_DEVICE,
+            &ok_apns_device("&alert_token=xyz"),
+            "alert_token",
+        ),
+        form(APNS_DEVICE, &ok_apns_device("&alert_token="), "alert_token"),
+        form(
+            APNS_DEVICE,
+            &ok_apns_device(&format!("&alert_token={}", "a".repeat(251))),
+            "alert_token",
+        ),
+        form(DEVICE, &ok_device("&alert_token=abcd"), "alert_token"),
+        json_case(
+            APNS_DEVICE,
+            json!({"sip_user_id": user, "token": "ab12", "app": APP, "alert_token": 1234}),
+            "alert_token",
+        ),
         raw(DEVICE, Some("application/json"), b"{", 400),
         raw(
             DEVICE,
@@ -310,12 +341,25 @@ fn cases(user: &str) -> Vec<Case> {
     cases
 }
 
+/// Every device the store holds for `sip_user_id`: a refused registration
+/// must neither change the account's device nor add one.
+async fn every_device(server: &TestServer, sip_user_id: &str) -> Vec<Device> {
+    let id: i64 = sip_user_id.parse().expect("a SIP account id");
+    server
+        .running
+        .state
+        .store
+        .devices(id)
+        .await
+        .expect("the devices")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let user = server.registered("android", "tok").await;
-        let before = server.stored(&user).await;
+        let before = every_device(&server, &user).await;
 
         for case in cases(&user) {
             let reply = server
@@ -360,7 +404,12 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
             server.client.get("/health/live").await.status,
             StatusCode::OK
         );
-        assert_eq!(server.stored(&user).await, before, "{}", backend.name());
+        assert_eq!(
+            every_device(&server, &user).await,
+            before,
+            "{}",
+            backend.name()
+        );
         assert_eq!(server.running.state.parking.parked(), 0);
     })
     .await;

@@ -212,7 +212,7 @@ async fn push_test_reports_a_dead_token_with_its_reason_and_keeps_the_device() {
         let id: i64 = user.parse().expect("an id");
         let store = store(&backend).await;
         store
-            .register_device(device(id, Platform::Android, "fcm-dead-token-1234"))
+            .register_device(device(id, Platform::Android, "fcm-dead-token-1234"), 1)
             .await
             .expect("register");
 
@@ -427,15 +427,18 @@ async fn device_list_shows_an_accounts_devices_as_a_table_and_as_json() {
         let id: i64 = user.parse().expect("an id");
         let token = "fcm-AbCdEfGh-0123456789-the-middle-WxYz";
         store
-            .register_device(device(id, Platform::Android, token))
+            .register_device(device(id, Platform::Android, token), 1)
             .await
             .expect("register");
         store
-            .register_device(device(
-                other.parse().expect("an id"),
-                Platform::Gcm,
-                "someone-elses-token-1234",
-            ))
+            .register_device(
+                device(
+                    other.parse().expect("an id"),
+                    Platform::Gcm,
+                    "someone-elses-token-1234",
+                ),
+                1,
+            )
             .await
             .expect("register");
         let stored: Device = store.device(id).await.expect("look up").expect("a device");
@@ -512,15 +515,14 @@ async fn device_remove_removes_what_matches_and_fails_when_nothing_does() {
         let (id, other_id): (i64, i64) = (user.parse().expect("id"), other.parse().expect("id"));
         let token = "apns-token-0123456789abcdef";
         store
-            .register_device(device(id, Platform::Apns, token))
+            .register_device(device(id, Platform::Apns, token), 1)
             .await
             .expect("register");
         store
-            .register_device(device(
-                other_id,
-                Platform::Android,
-                "other-token-0123456789",
-            ))
+            .register_device(
+                device(other_id, Platform::Android, "other-token-0123456789"),
+                1,
+            )
             .await
             .expect("register");
 

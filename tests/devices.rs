@@ -5,7 +5,7 @@
 mod common;
 
 use call_notifier::push::Payload;
-use call_notifier::store::Platform;
+use call_notifier::store::{Platform, Registration};
 use common::*;
 use futures_util::future::join_all;
 use hyper::{Method, StatusCode};
@@ -230,4 +230,332 @@ async fn concurrent_changes_to_one_account_leave_one_coherent_row() {
         );
     })
     .await;
+}
+
+/// Registers `token` for `sip_user_id` on `platform` with these extra
+/// fields; returns the reply.
+async fn register_with(
+    server: &TestServer,
+    platform: &str,
+    sip_user_id: &str,
+    token: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut fields = vec![("sip_user_id", sip_user_id), ("token", token), ("app", APP)];
+    fields.extend_from_slice(extra);
+    server
+        .client
+        .post(&format!("/api/{platform}-device/"), &fields)
+        .await
+}
+
+/// The tokens of every device `sip_user_id` holds, oldest registration first.
+async fn tokens(server: &TestServer, sip_user_id: &str) -> Vec<String> {
+    let id: i64 = sip_user_id.parse().expect("a SIP account id");
+    server
+        .running
+        .state
+        .store
+        .devices(id)
+        .await
+        .unwrap_or_else(|e| panic!("{}: devices of {sip_user_id}: {e}", server.backend.name()))
+        .into_iter()
+        .map(|d| d.registration.token)
+        .collect()
+}
+
+/// Lets the millisecond clock tick, so the next registration is strictly
+/// newer than the last (the order devices are displaced in).
+async fn tick() {
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+}
+
+/// Asserts `token` was told it lost the account, by a text push.
+async fn assert_told(server: &TestServer, token: &str) -> call_notifier::push::recording::Recorded {
+    let notice = server.push(token).await;
+    assert!(
+        matches!(notice.payload, Payload::Message { .. }),
+        "{}: {:?}",
+        server.backend.name(),
+        notice.payload
+    );
+    notice
+}
+
+/// Three devices per account: each new token adds one (201), a known one is
+/// updated (200), and a fourth displaces the one updated longest ago, which
+/// is told. Unregistering and a dead token remove only the one they name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_devices_per_account_up_to_the_limit() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |config| config.max_devices_per_account = 3).await;
+        let client = &server.client;
+        let user = sip_user_id();
+        let token = |n: u32| format!("fcm-{user}-{n}");
+        for n in 1..=3 {
+            assert_eq!(
+                client.register("android", &user, &token(n)).await,
+                StatusCode::CREATED,
+                "{}: device {n}",
+                backend.name()
+            );
+            tick().await;
+        }
+        // The first again: an update, its fields replaced; nobody is told.
+        let reply = register_with(&server, "android", &user, &token(1), &[("name", "Pixel")]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{}: {}",
+            backend.name(),
+            reply.body
+        );
+        assert_eq!(tokens(&server, &user).await, [token(1), token(2), token(3)]);
+        let newest = server.device(&user).await.expect("devices");
+        assert_eq!(
+            (newest.token.as_str(), newest.name.as_deref()),
+            (token(1).as_str(), Some("Pixel")),
+            "{}: the device updated last",
+            backend.name()
+        );
+        tick().await;
+
+        // A fourth: added, and the one updated longest ago (2) goes.
+        assert_eq!(
+            client.register("android", &user, &token(4)).await,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            tokens(&server, &user).await,
+            [token(1), token(3), token(4)],
+            "{}",
+            backend.name()
+        );
+        assert_told(&server, &token(2)).await;
+        for n in [1, 3, 4] {
+            assert!(server.pusher.sent_to(&token(n)).is_empty(), "{n} told");
+        }
+
+        // Unregistering removes only the device it names.
+        let reply = client.unregister("android", &user, &token(3)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(tokens(&server, &user).await, [token(1), token(4)]);
+
+        // So does a dead token.
+        let id: i64 = user.parse().expect("an id");
+        let store = &server.running.state.store;
+        assert!(store.forget_token(id, &token(4)).await.expect("forget"));
+        assert_eq!(tokens(&server, &user).await, [token(1)]);
+
+        // A check-in marks every device seen.
+        tick().await;
+        assert_eq!(
+            client.register("gcm", &user, &token(5)).await,
+            StatusCode::CREATED
+        );
+        let before = store.devices(id).await.expect("devices");
+        tick().await;
+        let reply = client
+            .post("/api/check-in/", &[("sip_user_id", &user)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let after = store.devices(id).await.expect("devices");
+        assert_eq!(after.len(), 2);
+        for (before, after) in before.iter().zip(&after) {
+            assert!(after.last_seen_at > before.last_seen_at, "{after:?}");
+        }
+    })
+    .await;
+}
+
+/// A displaced iPhone is told through its `alert_token` (the pusher makes
+/// that an alert push, never a VoIP one); without one it is not told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_displaced_iphone_is_told_only_through_its_alert_token() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |config| config.max_devices_per_account = 2).await;
+        let user = sip_user_id();
+        // Hex, as APNs tokens must be, and this run's own: a token is told
+        // at most once a minute.
+        let (with, without) = (format!("a{user}"), format!("b{user}"));
+        let alert = format!("c{user}");
+
+        let reply = register_with(&server, "apns", &user, &with, &[("alert_token", "0ld")]).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        let reply = register_with(&server, "apns", &user, &with, &[("alert_token", "0bad")]).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        // Updated with the app's current alert token: stored and echoed.
+        let reply = register_with(&server, "apns", &user, &with, &[("alert_token", &alert)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.json()["alert_token"], alert.as_str());
+        assert_eq!(
+            server.device(&user).await.expect("registered").alert_token,
+            Some(alert.clone()),
+            "{}",
+            backend.name()
+        );
+        tick().await;
+        let reply = register_with(&server, "apns", &user, &without, &[]).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        assert_eq!(reply.json()["alert_token"], serde_json::Value::Null);
+        tick().await;
+
+        // A third device displaces the one with an alert token: told there.
+        let fcm = |n: u32| format!("fcm-{user}-{n}");
+        assert_eq!(
+            server.client.register("android", &user, &fcm(1)).await,
+            StatusCode::CREATED
+        );
+        let notice = assert_told(&server, &with).await;
+        assert_eq!(notice.target.alert_token.as_deref(), Some(alert.as_str()));
+        assert_eq!(notice.target.platform, Platform::Apns);
+        tick().await;
+
+        // A fourth displaces the one without: not told. (The decision is
+        // made before the reply; the next notice shows the pushes went.)
+        assert_eq!(
+            server.client.register("android", &user, &fcm(2)).await,
+            StatusCode::CREATED
+        );
+        assert_eq!(tokens(&server, &user).await, [fcm(1), fcm(2)]);
+        tick().await;
+        assert_eq!(
+            server.client.register("android", &user, &fcm(3)).await,
+            StatusCode::CREATED
+        );
+        assert_told(&server, &fcm(1)).await;
+        assert!(
+            server.pusher.sent_to(&without).is_empty(),
+            "{}: an iPhone without an alert token was pushed",
+            backend.name()
+        );
+    })
+    .await;
+}
+
+/// 200 registrations of distinct tokens for one account at once never
+/// leave more devices than the limit, and each is answered 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_never_exceed_the_limit() {
+    on_every_backend(|backend| async move {
+        // 200 writes to one account take turns, each holding a pooled
+        // connection meanwhile: a long pool wait, so queueing is no 503.
+        let server = start(&backend, |config| {
+            config.max_devices_per_account = 3;
+            config.database_timeout_ms = 30_000;
+        })
+        .await;
+        let user = sip_user_id();
+        let replies = join_all((0..200).map(|i| {
+            let client = server.client.clone();
+            let user = user.clone();
+            async move {
+                client
+                    .register("android", &user, &format!("race-{user}-{i}"))
+                    .await
+            }
+        }))
+        .await;
+        for status in &replies {
+            assert_eq!(*status, StatusCode::CREATED, "{}", backend.name());
+        }
+        assert_eq!(tokens(&server, &user).await.len(), 3, "{}", backend.name());
+    })
+    .await;
+}
+
+/// A limit lowered since an account filled up: the next registration
+/// brings it down to the new limit, and at one device per account replaces
+/// the newest, as one device per account always did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_limit_is_applied_at_the_next_registration() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let store = &server.running.state.store;
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("an id");
+        let device = |token: &str| call_notifier::store::NewDevice {
+            sip_user_id: id,
+            platform: Platform::Android,
+            token: token.to_owned(),
+            app_id: APP.to_owned(),
+            name: None,
+            os_version: None,
+            client_version: None,
+            remote_logging_id: None,
+            sandbox: false,
+            alert_token: None,
+        };
+        for token in ["t1", "t2", "t3"] {
+            let done = store
+                .register_device(device(token), 3)
+                .await
+                .expect("register");
+            assert!(
+                matches!(done, Registration::Created { ref displaced } if displaced.is_empty())
+            );
+            tick().await;
+        }
+        let done = store
+            .register_device(device("t4"), 1)
+            .await
+            .expect("register");
+        let Registration::Updated {
+            previous,
+            displaced,
+        } = done
+        else {
+            panic!(
+                "{}: one device per account is an update: {done:?}",
+                backend.name()
+            );
+        };
+        assert_eq!(previous.registration.token, "t3");
+        let gone: Vec<&str> = displaced
+            .iter()
+            .map(|d| d.registration.token.as_str())
+            .collect();
+        assert_eq!(gone, ["t1", "t2", "t3"], "{}", backend.name());
+        assert_eq!(tokens(&server, &user).await, ["t4"]);
+        // The same token again, on another platform: replaced, nobody displaced.
+        let moved = call_notifier::store::NewDevice {
+            platform: Platform::Gcm,
+            ..device("t4")
+        };
+        let done = store.register_device(moved, 1).await.expect("register");
+        assert!(
+            matches!(done, Registration::Updated { ref displaced, .. } if displaced.is_empty()),
+            "{done:?}"
+        );
+    })
+    .await;
+}
+
+/// `--max-devices-per-account` takes 1 to 20, 1 by default; anything else
+/// stops the start with an error naming the flag.
+#[test]
+fn the_device_limit_is_checked_at_start_up() {
+    use call_notifier::config::Cli;
+    use clap::Parser;
+    let parse = |value: &str| {
+        Cli::try_parse_from([
+            "call-notifier".to_owned(),
+            format!("--max-devices-per-account={value}"),
+        ])
+    };
+    assert_eq!(
+        Cli::try_parse_from(["call-notifier"])
+            .expect("no flags")
+            .config
+            .max_devices_per_account,
+        1
+    );
+    assert_eq!(parse("20").expect("20").config.max_devices_per_account, 20);
+    for bad in ["0", "21", "-1", "many"] {
+        let error = parse(bad).expect_err(bad).to_string();
+        assert!(
+            error.contains("--max-devices-per-account"),
+            "{bad}: {error}"
+        );
+    }
 }

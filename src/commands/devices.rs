@@ -118,3 +118,37 @@ fn as_json(d: &Device) -> serde_json::Value {
     object["last_seen_at"] = json!(rfc3339(d.last_seen_at));
     object
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewDevice, Platform};
+
+    /// `device list --json` shows an iPhone's `alert_token`, the token its
+    /// visible alerts go to, as the registration answer does.
+    #[test]
+    fn the_json_listing_carries_the_alert_token() {
+        let device = Device {
+            id: 1,
+            registration: NewDevice {
+                sip_user_id: 42,
+                platform: Platform::Apns,
+                token: "a1".into(),
+                app_id: "com.example.softphone".into(),
+                name: None,
+                os_version: None,
+                client_version: None,
+                remote_logging_id: None,
+                sandbox: false,
+                alert_token: Some("b2".into()),
+            },
+            created_at: 0,
+            updated_at: 0,
+            last_seen_at: 0,
+        };
+        let listed = as_json(&device);
+        assert_eq!(listed["alert_token"], "b2");
+        assert_eq!(listed["sip_user_id"], "42");
+        assert_eq!(listed["token"], "a1");
+    }
+}

@@ -18,7 +18,8 @@ use crate::store::{now_millis, HangupReason};
 
 const NO_DEVICE: ApiError = ApiError::NotFound("no device for this sip_user_id");
 
-/// Updates the device's last-seen time.
+/// Updates the last-seen time of every device of the account: the check-in
+/// names the account, not one of its devices.
 pub(super) async fn check_in(
     state: &Arc<AppState>,
     peer: SocketAddr,

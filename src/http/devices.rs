@@ -90,16 +90,23 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
 
 /// The optional `alert_token` of an iOS device: its regular APNs token, hex
 /// like every APNs token. Other platforms have no such thing.
+///
+/// Absent or JSON null: none. Present, it must be a token: text (a token
+/// sent as a JSON number has lost digits already) of 1 to 250 hex digits,
+/// so an empty or blank one is refused rather than taken as absent, as the
+/// document's pattern says.
 fn alert_token(platform: Platform, fields: &Fields) -> Result<Option<String>, ApiError> {
-    let Some(token) = fields.optional_text("alert_token", 250)? else {
+    const FIELD: &str = "alert_token";
+    if fields.text(FIELD, 250)?.is_none() {
         return Ok(None);
-    };
-    if !platform.is_apns() {
-        return Err(ApiError::invalid("alert_token", "is for apns devices only"));
     }
+    if !platform.is_apns() {
+        return Err(ApiError::invalid(FIELD, "is for apns devices only"));
+    }
+    let token = fields.required_string(FIELD, 250)?;
     if !token.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ApiError::invalid(
-            "alert_token",
+            FIELD,
             "must be hex digits only (an APNs device token), without whitespace",
         ));
     }
@@ -118,31 +125,33 @@ pub(super) async fn register(
         return Err(ApiError::NotFound("app unknown for this platform"));
     }
     let body = serde_json::to_value(&device).expect("a registration serializes to JSON");
-    let token = device.token.clone();
-    let (status, result) = match state.store.register_device(device).await? {
-        Registration::Created => (StatusCode::CREATED, "created"),
-        Registration::Updated { previous } => {
-            if previous.registration.token != token {
-                notify_taken_over(state, previous.registration);
-            }
-            (StatusCode::OK, "updated")
-        }
+    let registration = state
+        .store
+        .register_device(device, state.config.max_devices_per_account)
+        .await?;
+    let (status, result, displaced) = match registration {
+        Registration::Created { displaced } => (StatusCode::CREATED, "created", displaced),
+        Registration::Updated { displaced, .. } => (StatusCode::OK, "updated", displaced),
     };
+    for device in displaced {
+        notify_taken_over(state, device.registration);
+    }
     state.metrics.registration(platform, result);
     Ok(json(status, &body))
 }
 
-/// Tells the phone that lost its SIP account, without delaying the reply.
+/// Tells a phone that lost its SIP account (replaced, or displaced by a
+/// newer device at the account's limit), without delaying the reply.
 ///
-/// Not an iOS phone: iOS makes the app report every VoIP push to CallKit as
-/// a call, and stops waking an app that does not, so a takeover notice must
-/// not be a VoIP push. It would be an alert push to the app's regular token,
-/// which devices do not register yet; until they do, an `apns` device is not
-/// told. Each token is told at most once a minute ([`crate::push::notices`]), so an
+/// An iOS phone only through its `alert_token`: iOS makes the app report
+/// every VoIP push to CallKit as a call, and stops waking an app that does
+/// not, so the pusher sends this notice as an alert push to that token,
+/// never as a VoIP push; an `apns` device without one is not told. Each
+/// token is told at most once a minute ([`crate::push::notices`]), so an
 /// account re-registered in a loop does not push the phone it replaced in a
 /// loop.
 fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
-    if previous.platform.is_apns() {
+    if previous.platform.is_apns() && previous.alert_token.is_none() {
         tracing::info!(
             sip_user_id = previous.sip_user_id,
             token = %redact(&previous.token),

@@ -40,12 +40,12 @@ pub enum StoreError {
 /// of the code sees only this trait.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The device registered for a SIP account, if any.
+    /// The device of a SIP account registered or updated last, if any:
+    /// the one device of an account at the default limit of one.
     async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError>;
 
     /// Every device of a SIP account, oldest registration first: what an
-    /// operator lists. A list, not an option, as an account may come to hold
-    /// several devices.
+    /// operator lists, and what a call rings.
     async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError>;
 
     /// Deletes the devices of `sip_user_id`: every one, or with `token` only
@@ -57,10 +57,23 @@ pub trait Store: Send + Sync + 'static {
         token: Option<&str>,
     ) -> Result<Vec<Device>, StoreError>;
 
-    /// Registers or updates the one device of a SIP account. Last write wins.
-    async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError>;
+    /// Registers a device of a SIP account, which holds at most
+    /// `max_devices` (at least one).
+    ///
+    /// A device is its (platform, app, token): registering one the account
+    /// has updates it; one it has not is added, and when the account is full
+    /// the devices registered or updated longest ago are deleted to make
+    /// room. With `max_devices` 1 the account's one device is replaced
+    /// instead: the registration is an update, whatever its token. Atomic
+    /// per account: registrations racing each other never leave more than
+    /// `max_devices` rows.
+    async fn register_device(
+        &self,
+        device: NewDevice,
+        max_devices: usize,
+    ) -> Result<Registration, StoreError>;
 
-    /// Deletes the device of `sip_user_id` when it matches platform, token and
+    /// Deletes the one device of `sip_user_id` with this platform, token and
     /// app. Says whether a row went.
     async fn delete_device(
         &self,
@@ -70,9 +83,10 @@ pub trait Store: Send + Sync + 'static {
         app_id: &str,
     ) -> Result<bool, StoreError>;
 
-    /// Deletes the device of `sip_user_id` only if it still has `token`: a
+    /// Deletes the device of `sip_user_id` that has `token`, and no other: a
     /// push service declared the token dead, but the phone may have
-    /// re-registered with a fresh one meanwhile.
+    /// re-registered with a fresh one meanwhile, and the account's other
+    /// devices are alive.
     async fn forget_token(&self, sip_user_id: i64, token: &str) -> Result<bool, StoreError>;
 
     /// The app with this platform and app id, if it exists.
@@ -87,7 +101,8 @@ pub trait Store: Send + Sync + 'static {
     /// Removes an app. Says whether it existed.
     async fn remove_app(&self, platform: Platform, app_id: &str) -> Result<bool, StoreError>;
 
-    /// Marks the device of `sip_user_id` as seen now. Says whether it exists.
+    /// Marks every device of `sip_user_id` as seen now (the check-in names
+    /// the account, not a device). Says whether it has any.
     async fn touch_device(&self, sip_user_id: i64) -> Result<bool, StoreError>;
 
     /// Records why a call ended on the phone.

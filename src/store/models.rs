@@ -74,11 +74,15 @@ impl fmt::Display for Platform {
     }
 }
 
-/// The one device registered for a SIP account, as stored: the
-/// registration as the app sent it, and its times.
+/// A device registered for a SIP account, as stored: the registration as
+/// the app sent it, and its times.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = devices)]
 pub struct Device {
+    /// The row's own key: an account may hold several devices, so the
+    /// account alone no longer names one (what a displaced device is
+    /// deleted by).
+    pub id: i64,
     #[diesel(embed)]
     pub registration: NewDevice,
     pub created_at: i64,
@@ -115,15 +119,24 @@ fn as_text<S: Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(id)
 }
 
-/// What a registration did.
+/// What a registration did, and which devices lost the account to it, so
+/// the caller can tell them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Registration {
-    /// The SIP account had no device.
-    Created,
-    /// The SIP account had a device, now replaced by this registration.
-    /// `previous` is what it was, so a changed token can be told it lost
-    /// the account.
-    Updated { previous: Device },
+    /// The SIP account did not have this device: it was added.
+    /// `displaced`: the devices deleted to stay within the account's limit,
+    /// updated longest ago first.
+    Created { displaced: Vec<Device> },
+    /// The SIP account had this device (at one device per account: any
+    /// device), now replaced by this registration. `previous` is what it
+    /// was. `displaced` holds the devices that lost the account: those
+    /// deleted to stay within the limit, and `previous` when its token
+    /// differs (one device per account: the phone that was replaced).
+    Updated {
+        /// Boxed: a whole row, where the other variant holds a list.
+        previous: Box<Device>,
+        displaced: Vec<Device>,
+    },
 }
 
 /// Why a call ended, as every phone still ringing for it is told

@@ -11,7 +11,8 @@ diesel::table! {
 }
 
 diesel::table! {
-    devices (sip_user_id) {
+    devices (id) {
+        id -> BigInt,
         sip_user_id -> BigInt,
         platform -> Text,
         token -> Text,

@@ -267,8 +267,13 @@ fn credentials_json(app: &App) -> Option<String> {
 }
 
 /// Expands the one text of every query for one backend's connection type.
+///
+/// `$transaction` opens the transaction a registration runs in, and
+/// `$lock_account` takes the account's lock as its first statement: together
+/// they make a registration's read of the account and its writes one step,
+/// so racing registrations cannot both add a device to a full account.
 macro_rules! diesel_store {
-    ($name:ident, $conn:ty) => {
+    ($name:ident, $conn:ty, $transaction:ident, $lock_account:path) => {
         /// The [`Store`] over one diesel-async backend.
         pub struct $name {
             /// Connections for reads.
@@ -283,52 +288,102 @@ macro_rules! diesel_store {
         impl Store for $name {
             async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError> {
                 let mut conn = checkout(&self.reach, &self.read).await?;
-                devices::table
-                    .find(sip_user_id)
+                // The account's few rows (at most the limit, 20), newest
+                // last: no `LIMIT ?`, whose re-bind makes SQLite re-prepare
+                // the statement each time.
+                let mut all = devices::table
+                    .filter(devices::sip_user_id.eq(sip_user_id))
+                    .order((devices::updated_at, devices::id))
                     .select(Device::as_select())
-                    // At most one row by primary key: no `LIMIT ?`, whose
-                    // re-bind makes SQLite re-prepare the statement each time.
-                    .get_result(&mut conn)
+                    .load(&mut conn)
                     .await
-                    .optional()
-                    .map_err(query_error)
+                    .map_err(query_error)?;
+                Ok(all.pop())
             }
 
-            async fn register_device(&self, device: NewDevice) -> Result<Registration, StoreError> {
+            async fn register_device(
+                &self,
+                device: NewDevice,
+                max_devices: usize,
+            ) -> Result<Registration, StoreError> {
+                let max_devices = max_devices.max(1);
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                let previous = devices::table
-                    .find(device.sip_user_id)
-                    .select(Device::as_select())
-                    // At most one row by primary key: no `LIMIT ?`, whose
-                    // re-bind makes SQLite re-prepare the statement each time.
-                    .get_result(&mut conn)
-                    .await
-                    .optional()
-                    .map_err(query_error)?;
-                let now = now_millis();
-                // Every field of the registration, on insert and on update
-                // alike (`NewDevice` is both); `created_at` only on insert.
-                diesel::insert_into(devices::table)
-                    .values((
-                        &device,
-                        devices::created_at.eq(now),
-                        devices::updated_at.eq(now),
-                        devices::last_seen_at.eq(now),
-                    ))
-                    .on_conflict(devices::sip_user_id)
-                    .do_update()
-                    .set((
-                        &device,
-                        devices::updated_at.eq(now),
-                        devices::last_seen_at.eq(now),
-                    ))
-                    .execute(&mut conn)
-                    .await
-                    .map_err(query_error)?;
-                Ok(match previous {
-                    None => Registration::Created,
-                    Some(previous) => Registration::Updated { previous },
+                conn.$transaction(async |conn| {
+                    $lock_account(conn, device.sip_user_id).await?;
+                    let now = now_millis();
+                    // Updated longest ago first: the order devices are
+                    // displaced in.
+                    let mut existing = devices::table
+                        .filter(devices::sip_user_id.eq(device.sip_user_id))
+                        .order((devices::updated_at, devices::id))
+                        .select(Device::as_select())
+                        .load(conn)
+                        .await?;
+                    let same = existing.iter().position(|d| {
+                        let d = &d.registration;
+                        (d.platform, &d.app_id, &d.token)
+                            == (device.platform, &device.app_id, &device.token)
+                    });
+                    // One device per account: whichever it has is replaced.
+                    let replaced = same.or_else(|| {
+                        (max_devices == 1)
+                            .then(|| existing.len().checked_sub(1))
+                            .flatten()
+                    });
+                    // Every field of the registration, on insert and on
+                    // update alike (`NewDevice` is both); `created_at` only
+                    // on insert.
+                    let previous = match replaced {
+                        Some(index) => {
+                            let previous = existing.remove(index);
+                            diesel::update(devices::table.find(previous.id))
+                                .set((
+                                    &device,
+                                    devices::updated_at.eq(now),
+                                    devices::last_seen_at.eq(now),
+                                ))
+                                .execute(conn)
+                                .await?;
+                            Some(previous)
+                        }
+                        None => {
+                            diesel::insert_into(devices::table)
+                                .values((
+                                    &device,
+                                    devices::created_at.eq(now),
+                                    devices::updated_at.eq(now),
+                                    devices::last_seen_at.eq(now),
+                                ))
+                                .execute(conn)
+                                .await?;
+                            None
+                        }
+                    };
+                    // Beyond the limit (a new device, or a limit lowered
+                    // since the account filled up), the oldest others go.
+                    let excess = (existing.len() + 1).saturating_sub(max_devices);
+                    let mut displaced: Vec<Device> = existing.drain(..excess).collect();
+                    if !displaced.is_empty() {
+                        let ids: Vec<i64> = displaced.iter().map(|d| d.id).collect();
+                        diesel::delete(devices::table.filter(devices::id.eq_any(ids)))
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok(match previous {
+                        None => Registration::Created { displaced },
+                        Some(previous) => {
+                            if previous.registration.token != device.token {
+                                displaced.push(previous.clone());
+                            }
+                            Registration::Updated {
+                                previous: Box::new(previous),
+                                displaced,
+                            }
+                        }
+                    })
                 })
+                .await
+                .map_err(query_error)
             }
 
             async fn delete_device(
@@ -365,7 +420,7 @@ macro_rules! diesel_store {
                 let mut conn = checkout(&self.reach, &self.read).await?;
                 devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
-                    .order((devices::created_at, devices::platform, devices::token))
+                    .order((devices::created_at, devices::id))
                     .select(Device::as_select())
                     .load(&mut conn)
                     .await
@@ -469,11 +524,12 @@ macro_rules! diesel_store {
 
             async fn touch_device(&self, sip_user_id: i64) -> Result<bool, StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                let touched = diesel::update(devices::table.find(sip_user_id))
-                    .set(devices::last_seen_at.eq(now_millis()))
-                    .execute(&mut conn)
-                    .await
-                    .map_err(query_error)?;
+                let touched =
+                    diesel::update(devices::table.filter(devices::sip_user_id.eq(sip_user_id)))
+                        .set(devices::last_seen_at.eq(now_millis()))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(query_error)?;
                 Ok(touched > 0)
             }
 
@@ -523,5 +579,135 @@ macro_rules! diesel_store {
     };
 }
 
-diesel_store!(PgStore, AsyncPgConnection);
-diesel_store!(SqliteStore, SqliteConn);
+/// PostgreSQL: a transaction-scoped advisory lock on the account, so
+/// registrations of one account take turns and those of others do not wait
+/// (a row lock cannot serve: the account may have no row yet).
+async fn lock_account_pg(conn: &mut AsyncPgConnection, sip_user_id: i64) -> QueryResult<()> {
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(sip_user_id)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// SQLite: nothing more to take. The registration's `BEGIN IMMEDIATE` holds
+/// the database's write lock from the start, so no other writer (another
+/// process included) comes between its read and its writes, and it cannot
+/// fail halfway upgrading a read lock.
+async fn lock_account_sqlite(_conn: &mut SqliteConn, _sip_user_id: i64) -> QueryResult<()> {
+    Ok(())
+}
+
+diesel_store!(PgStore, AsyncPgConnection, transaction, lock_account_pg);
+diesel_store!(
+    SqliteStore,
+    SqliteConn,
+    immediate_transaction,
+    lock_account_sqlite
+);
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    use diesel::RunQueryDsl;
+    use diesel_migrations::MigrationHarness;
+
+    use super::devices;
+
+    /// Rows as the one-device schema held them: two accounts, the second
+    /// with `alert_token` set.
+    const OLD_ROWS: &str = "INSERT INTO devices (sip_user_id, platform, token, app_id, \
+        sandbox, created_at, updated_at, last_seen_at, alert_token) VALUES \
+        (7, 'android', 'f7', 'app', FALSE, 1, 2, 3, NULL), \
+        (8, 'apns', 'a8', 'app', TRUE, 4, 5, 6, 'b8')";
+
+    /// A second device of account 7, newer than its first.
+    const SECOND_DEVICE: &str = "INSERT INTO devices (sip_user_id, platform, token, app_id, \
+        sandbox, created_at, updated_at, last_seen_at) VALUES \
+        (7, 'gcm', 'g7', 'app', FALSE, 10, 10, 10)";
+
+    type Row = (i64, String, bool, Option<String>);
+
+    /// The devices migration, on a database of the one-device schema: it
+    /// keeps every row, lets an account hold a second device but not the
+    /// same one twice, and its down migration keeps each account's newest.
+    /// A macro, as the typed queries are per backend (see `diesel_store!`).
+    macro_rules! the_devices_migration_keeps_the_rows {
+        ($conn:expr, $migrations:expr) => {{
+            let conn = $conn;
+            let rows = |conn: &mut _| -> Vec<Row> {
+                devices::table
+                    .select((
+                        devices::sip_user_id,
+                        devices::token,
+                        devices::sandbox,
+                        devices::alert_token,
+                    ))
+                    .order((devices::sip_user_id, devices::token))
+                    .load(conn)
+                    .expect("read the devices")
+            };
+            conn.run_pending_migrations($migrations).expect("migrate");
+            conn.revert_last_migration($migrations)
+                .expect("revert the devices migration");
+            conn.batch_execute(OLD_ROWS)
+                .expect("rows of the old schema");
+            conn.run_pending_migrations($migrations)
+                .expect("migrate again");
+            let old: Vec<Row> = vec![
+                (7, "f7".into(), false, None),
+                (8, "a8".into(), true, Some("b8".into())),
+            ];
+            assert_eq!(rows(conn), old);
+            let ids: Vec<i64> = devices::table.select(devices::id).load(conn).expect("ids");
+            assert_eq!(ids.len(), 2, "an id each: {ids:?}");
+            conn.batch_execute(SECOND_DEVICE).expect("a second device");
+            assert!(
+                conn.batch_execute(SECOND_DEVICE).is_err(),
+                "the same device twice"
+            );
+            conn.revert_last_migration($migrations)
+                .expect("revert with two devices");
+            assert_eq!(
+                rows(conn),
+                vec![(7, "g7".into(), false, None), old[1].clone()],
+                "the newest device of each account"
+            );
+        }};
+    }
+
+    #[test]
+    fn the_devices_migration_keeps_the_rows_on_sqlite() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("migrate.sqlite3");
+        let mut conn =
+            diesel::SqliteConnection::establish(&path.display().to_string()).expect("open SQLite");
+        the_devices_migration_keeps_the_rows!(&mut conn, super::SQLITE_MIGRATIONS);
+    }
+
+    /// On PostgreSQL when `TEST_DATABASE_URL` is set, in a schema of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_devices_migration_keeps_the_rows_on_postgres() {
+        use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+        use diesel_async::AsyncPgConnection;
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut conn: AsyncConnectionWrapper<AsyncPgConnection> =
+                diesel::Connection::establish(&url).expect("PostgreSQL answers");
+            let schema = format!("t_migrate_{}", std::process::id());
+            conn.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
+                 SET search_path TO {schema}"
+            ))
+            .expect("a schema of its own");
+            the_devices_migration_keeps_the_rows!(&mut conn, super::POSTGRES_MIGRATIONS);
+            conn.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .expect("drop the schema");
+        })
+        .await
+        .expect("the test ran");
+    }
+}
