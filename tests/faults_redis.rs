@@ -16,6 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use call_notifier::broker::redis::state_key;
+use call_notifier::broker::CallState;
 use call_notifier::config::Config;
 use common::fault::*;
 use common::*;
@@ -64,9 +65,16 @@ async fn a_message_lost_while_the_subscriber_reconnects_is_caught_by_the_fallbac
         .expect("CLIENT KILL");
     assert_eq!(killed, 1, "the server's one subscriber connection");
     // The answer lands in Redis, its message reaches nobody.
+    let record: String = redis::cmd("GET")
+        .arg(state_key(&key))
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let mut record = CallState::decode(&record).expect("a call's record");
+    assert!(record.take_answer(0, true, 0));
     let _: () = redis::cmd("SET")
         .arg(state_key(&key))
-        .arg("available:android")
+        .arg(record.encode())
         .arg("KEEPTTL")
         .query_async(&mut conn)
         .await

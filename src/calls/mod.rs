@@ -248,9 +248,12 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     // decline) reaching us to the PBX waking.
     let settling = match outcome {
         Outcome::Ack => winner(&news).and_then(|a| a.received_at),
-        Outcome::Nak(NakReason::NotAvailable) => {
-            news.answers.iter().flatten().filter_map(|a| a.received_at).max()
-        }
+        Outcome::Nak(NakReason::NotAvailable) => news
+            .answers
+            .iter()
+            .flatten()
+            .filter_map(|a| a.received_at)
+            .max(),
         Outcome::Nak(_) => None,
     };
     if let Some(latency) = settling.and_then(|at| at.elapsed().ok()) {

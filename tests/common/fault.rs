@@ -121,7 +121,8 @@ pub async fn assert_nak_at_once_without_push(server: &TestServer, user: &str, wh
     );
 }
 
-/// Asserts that no call-notifier key or channel is left in a Redis.
+/// Asserts that a Redis holds no live call: no channel, and no record but
+/// ended calls' tombstones and pointers, each expiring.
 pub async fn assert_redis_clean(url: &str) {
     let redis = redis(url).await;
     let clean = eventually(Duration::from_secs(3), || {
@@ -132,17 +133,35 @@ pub async fn assert_redis_clean(url: &str) {
                 .query_async(&mut redis)
                 .await
                 .expect("KEYS");
+            for key in keys {
+                let record: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("GET");
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("PTTL");
+                let settled = record
+                    .as_deref()
+                    .is_none_or(|r| r.starts_with("ended ") || r.starts_with("to "));
+                if !settled || ttl == -1 {
+                    return false;
+                }
+            }
             let channels: Vec<String> = redis::cmd("PUBSUB")
                 .arg("CHANNELS")
                 .arg("cn:*")
                 .query_async(&mut redis)
                 .await
                 .expect("PUBSUB CHANNELS");
-            keys.is_empty() && channels.is_empty()
+            channels.is_empty()
         }
     })
     .await;
-    assert!(clean, "keys or channels left in {url}");
+    assert!(clean, "a live call or a channel left in {url}");
 }
 
 /// A free loopback port, as the kernel hands them out.
