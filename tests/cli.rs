@@ -415,6 +415,7 @@ fn device(sip_user_id: i64, platform: Platform, token: &str) -> NewDevice {
         remote_logging_id: None,
         sandbox: false,
         alert_token: None,
+        expires_at: None,
     }
 }
 

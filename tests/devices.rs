@@ -485,6 +485,7 @@ async fn a_lowered_limit_is_applied_at_the_next_registration() {
             remote_logging_id: None,
             sandbox: false,
             alert_token: None,
+            expires_at: None,
         };
         for token in ["t1", "t2", "t3"] {
             let done = store

@@ -283,3 +283,61 @@ async fn answers_at_two_instances_at_once_make_exactly_one_ack() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_from_a_proxy_registered_device_answers_its_call() {
+    on_every_backend(|backend| async move {
+        let server = three_device_server(&backend).await;
+        // With Redis the REGISTER reaches another instance than the call.
+        let other = match backend.redis_url() {
+            Some(_) => Some(three_device_server(&backend).await),
+            None => None,
+        };
+        let registrar = other.as_ref().unwrap_or(&server);
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("an id");
+        let device = call_notifier::store::NewDevice {
+            sip_user_id: id,
+            platform: call_notifier::store::Platform::Android,
+            token: "tok-sip".into(),
+            app_id: APP.into(),
+            name: None,
+            os_version: None,
+            client_version: None,
+            remote_logging_id: None,
+            sandbox: false,
+            alert_token: None,
+            expires_at: Some(call_notifier::store::now_millis() + 3_600_000),
+        };
+        server
+            .running
+            .state
+            .store
+            .register_device(device, 3)
+            .await
+            .expect("a proxy-registered device");
+        let state = &registrar.running.state;
+        // Nothing rings for it yet.
+        let idle = call_notifier::calls::registered(state, id, "tok-sip").await;
+        assert_eq!(idle.expect("the broker answers"), None);
+
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let push = server.call_push("tok-sip", &key).await;
+        let answered = call_notifier::calls::registered(state, id, "tok-sip").await;
+        assert_eq!(
+            answered.expect("the broker answers"),
+            Some(call_notifier::calls::Answered::Accepted),
+            "{}",
+            backend.name()
+        );
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+        // The app's own answer that follows is a repeat of it.
+        let repeat = server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(repeat.status, StatusCode::ACCEPTED, "{}", backend.name());
+    })
+    .await;
+}

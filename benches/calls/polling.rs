@@ -120,6 +120,14 @@ impl CallBroker for PollingBroker {
         self.inner.cancel(key).await
     }
 
+    async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
+        self.inner.alias(alias, key, until).await
+    }
+
+    async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
+        self.inner.resolve(alias).await
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         self.inner.ping().await
     }

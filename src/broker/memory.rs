@@ -36,12 +36,31 @@ struct Records {
     /// stale entry here (a record that was given a later expiry since) is
     /// skipped when its key turns out to live on.
     expiring: VecDeque<(Instant, String)>,
+    /// Device aliases and the push key each rings under, until it expires;
+    /// a map of its own, as an alias may look like any call key.
+    aliases: HashMap<String, (String, Instant)>,
+    aliases_expiring: VecDeque<(Instant, String)>,
 }
 
 impl Records {
     fn set(&mut self, key: &str, stored: Stored, expires: Instant) {
         self.map.insert(key.to_owned(), (stored, expires));
         self.expiring.push_back((expires, key.to_owned()));
+    }
+
+    /// Drops the aliases that have expired.
+    fn prune_aliases(&mut self, now: Instant) {
+        while self
+            .aliases_expiring
+            .front()
+            .is_some_and(|(at, _)| *at <= now)
+        {
+            if let Some((_, alias)) = self.aliases_expiring.pop_front() {
+                if self.aliases.get(&alias).is_some_and(|(_, at)| *at <= now) {
+                    self.aliases.remove(&alias);
+                }
+            }
+        }
     }
 
     /// Drops what has expired.
@@ -193,6 +212,29 @@ impl CallBroker for MemoryBroker {
         };
         self.shared.waiters.ended(&call, EndReason::Cancelled);
         Ok(true)
+    }
+
+    async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
+        let mut records = self.records();
+        let now = Instant::now();
+        records.prune_aliases(now);
+        let expires = until + TOMBSTONE;
+        records
+            .aliases
+            .insert(alias.to_owned(), (key.to_owned(), expires));
+        records
+            .aliases_expiring
+            .push_back((expires, alias.to_owned()));
+        Ok(())
+    }
+
+    async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
+        let records = self.records();
+        Ok(records
+            .aliases
+            .get(alias)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(key, _)| key.clone()))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -72,6 +72,13 @@ pub fn push_key(call: &str, index: usize, devices: usize) -> String {
     }
 }
 
+/// The alias of an account's device, by its push token: what a SIP proxy's
+/// REGISTER names (RFC 8599 `pn-prid`), where the app's answer names a
+/// push key.
+pub fn device_alias(sip_user_id: i64, token: &str) -> String {
+    format!("{sip_user_id} {token}")
+}
+
 /// Unix milliseconds, the clock of the stored deadlines.
 fn unix_millis(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH)
@@ -332,6 +339,14 @@ pub trait CallBroker: Send + Sync + 'static {
     /// call key or a device's push key), waking its waits. Says whether it
     /// ended one: `false` when none rings under the key.
     async fn cancel(&self, key: &str) -> Result<bool, BrokerError>;
+
+    /// Notes that the device `alias` ([`device_alias`]) rings under the push
+    /// key `key` until `until` (and a tombstone's life after): how a SIP
+    /// REGISTER from that device finds the call it answers.
+    async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError>;
+
+    /// The push key the device `alias` last rang under, while it lives.
+    async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError>;
 
     /// Answers when the broker's backing service does.
     async fn ping(&self) -> Result<(), BrokerError>;

@@ -2,7 +2,7 @@
 //! broker, which decides whether it counts and wakes the waiting PBX
 //! request wherever it is parked; and the PBX's cancel of a call.
 
-use crate::broker::{BrokerError, Verdict};
+use crate::broker::{device_alias, BrokerError, Verdict};
 use crate::state::AppState;
 use crate::store::{now_millis, EndReason, ResponseLogEntry};
 
@@ -57,6 +57,29 @@ pub async fn answer(state: &AppState, answer: AppAnswer) -> Result<Answered, Bro
             Answered::Accepted
         }
     })
+}
+
+/// A device a SIP proxy registered REGISTERed again (`/api/sip-registration/`):
+/// awake and reachable. If a call rings for it, that is its answer, exactly
+/// as an `available=true` call-response would be (first answer wins); a
+/// call-response from the device that follows is a repeat. No roundtrip is
+/// reported (the REGISTER carries no `message_start_time`), so the metric
+/// and the response log are left to app answers. `None` when no call rings
+/// for the device.
+pub async fn registered(
+    state: &AppState,
+    sip_user_id: i64,
+    token: &str,
+) -> Result<Option<Answered>, BrokerError> {
+    let alias = device_alias(sip_user_id, token);
+    let Some(key) = state.broker.resolve(&alias).await? else {
+        return Ok(None);
+    };
+    Ok(Some(match state.broker.answer(&key, true).await? {
+        Verdict::Unknown => return Ok(None),
+        Verdict::Gone(reason) => Answered::Gone(reason),
+        Verdict::Repeat | Verdict::Taken { .. } => Answered::Accepted,
+    }))
 }
 
 /// Ends a ringing call as `cancelled`, wherever it is parked (`key`: the

@@ -12,7 +12,7 @@ mod answer;
 pub mod parking;
 mod schedule;
 
-pub use answer::{answer, cancel, Answered, AppAnswer};
+pub use answer::{answer, cancel, registered, Answered, AppAnswer};
 pub use parking::Parking;
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::broker::{push_key, Answer, News};
+use crate::broker::{device_alias, push_key, Answer, News};
 use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
@@ -193,6 +193,24 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         Ok(wait) => wait,
         Err(outcome) => return record.end(outcome),
     };
+    // A device its SIP proxy registered answers with its next REGISTER:
+    // noted before its push leaves, so that REGISTER finds the call.
+    let aliases = devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.registration.expires_at.is_some())
+        .map(|(index, d)| {
+            let alias = device_alias(d.registration.sip_user_id, &d.registration.token);
+            let key = push_key(&unique_key, index, devices.len());
+            async move { state.broker.alias(&alias, &key, deadline).await }
+        });
+    for noted in futures_util::future::join_all(aliases).await {
+        if let Err(e) = noted {
+            // Its app's call-response still answers.
+            state.metrics.error("broker");
+            tracing::warn!(error = %e, "cannot note a proxy-registered device for its REGISTER");
+        }
+    }
     let caller = if call.caller_id.trim().is_empty() {
         call.phonenumber.clone()
     } else {

@@ -141,6 +141,7 @@ mod tests {
                 remote_logging_id: None,
                 sandbox: false,
                 alert_token: Some("b2".into()),
+                expires_at: None,
             },
             created_at: 0,
             updated_at: 0,

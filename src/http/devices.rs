@@ -85,6 +85,8 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
         remote_logging_id: fields.optional_text("remote_logging_id", 255)?,
         sandbox: fields.boolean("sandbox", false)?,
         alert_token: alert_token(platform, fields)?,
+        // The app's own registrations never expire.
+        expires_at: None,
     })
 }
 

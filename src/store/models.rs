@@ -113,6 +113,11 @@ pub struct NewDevice {
     /// call that ended, a takeover). A VoIP push must be reported to
     /// CallKit as a call, so anything but a call goes here, never to `token`.
     pub alert_token: Option<String>,
+    /// When a device a SIP proxy registered (RFC 8599) expires with its
+    /// REGISTER, Unix ms; `None` for a device the app registered, which
+    /// never expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 fn as_text<S: Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {

@@ -23,6 +23,7 @@ diesel::table! {
         remote_logging_id -> Nullable<Text>,
         sandbox -> Bool,
         alert_token -> Nullable<Text>,
+        expires_at -> Nullable<BigInt>,
         created_at -> BigInt,
         updated_at -> BigInt,
         last_seen_at -> BigInt,

@@ -20,6 +20,21 @@ pub fn state_key(key: &str) -> String {
     format!("cn:{{{key}}}")
 }
 
+/// The Redis key that holds the push key a device's alias rings under.
+pub fn alias_key(alias: &str) -> String {
+    format!("cn:alias:{{{alias}}}")
+}
+
+/// `SET cn:alias:{alias} <push key> PX <ttl>`: see [`crate::broker::CallBroker::alias`].
+pub(super) fn set_alias(alias: &str, key: &str, until: Instant) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(alias_key(alias))
+        .arg(key)
+        .arg("PX")
+        .arg(ttl_millis(until));
+    cmd
+}
+
 /// The channel a call's news is published on.
 pub fn channel(key: &str) -> String {
     format!("cn:{{{key}}}:answer")

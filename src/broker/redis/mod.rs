@@ -341,6 +341,18 @@ impl CallBroker for RedisBroker {
         Ok(cancelled)
     }
 
+    async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
+        self.shared
+            .query::<()>(&keys::set_alias(alias, key, until))
+            .await
+    }
+
+    async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
+        self.shared
+            .query(redis::cmd("GET").arg(keys::alias_key(alias)))
+            .await
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         self.shared.query::<()>(&redis::cmd("PING")).await?;
         if !self.shared.subscriptions.up() {
