@@ -45,8 +45,9 @@ pub fn app_delay(n: usize, period: Duration) -> Duration {
     period.mul_f64((n as f64 * GOLDEN).fract())
 }
 
-/// Registers `count` Android devices over HTTP, as the phones would.
-pub async fn register_devices(addr: SocketAddr, count: usize) -> Result<()> {
+/// Registers `per_account` Android devices for each of `count` accounts
+/// over HTTP, as the phones would (the server must keep that many).
+pub async fn register_devices(addr: SocketAddr, count: usize, per_account: usize) -> Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
     for w in 0..REGISTER_CONCURRENCY.min(count) {
@@ -55,13 +56,17 @@ pub async fn register_devices(addr: SocketAddr, count: usize) -> Result<()> {
         workers.spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= count {
+                if n >= count * per_account {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let id = sip_user_id(n, count).to_string();
+                let id = sip_user_id(n / per_account, count).to_string();
+                let token = match n % per_account {
+                    0 => format!("bench-token-{id}"),
+                    d => format!("bench-token-{id}-{d}"),
+                };
                 let form = serde_urlencoded::to_string([
                     ("sip_user_id", id.as_str()),
-                    ("token", &format!("bench-token-{id}")),
+                    ("token", &token),
                     ("app", APP_ID),
                 ])?;
                 let reply = conn
@@ -157,21 +162,31 @@ impl Line {
         })
     }
 
-    /// Places one call, answers it after `app_delay`, and times it.
+    /// Places one call, answers it after `app_delay` from its first
+    /// device (the account has `per_account`, each pushed under its own
+    /// key), and times it.
     pub async fn call(
         &mut self,
         target: &Target,
         key: &str,
         sip_user_id: u64,
         app_delay: Duration,
+        per_account: usize,
     ) -> Result<Timing> {
         let Line { pbx, phone } = self;
-        let pushed = target.pushes.expect(key);
+        let keys = device_keys(key, per_account);
+        let pushed = target.pushes.expect(&keys[0]);
+        // The other devices ring too; their pushes are expected, not timed.
+        for other in &keys[1..] {
+            drop(target.pushes.expect(other));
+        }
+        // The first device answers, under its own key.
+        let answering = keys[0].as_str();
         let started = Instant::now();
         let ring = pbx.post_form(INCOMING_CALL, incoming_call_form(key, sip_user_id));
         tokio::pin!(ring);
         let push = tokio::select! {
-            push = first_push(pushed, key) => push?,
+            push = first_push(pushed, answering) => push?,
             early = &mut ring => bail!(
                 "the PBX got {:?} for call {key} before any push",
                 early.map(|r| r.text().into_owned())
@@ -181,7 +196,7 @@ impl Line {
             tokio::time::sleep(app_delay).await;
         }
         let sent = Instant::now();
-        let (answered, (reply, acked)) = tokio::join!(answer(phone, key, &push), async {
+        let (answered, (reply, acked)) = tokio::join!(answer(phone, answering, &push), async {
             let reply = ring.await;
             (reply, Instant::now())
         });
@@ -202,6 +217,14 @@ pub enum Budget {
     Until(Instant),
 }
 
+/// The push keys of a call rung on `per_account` devices: the call's key for
+/// one, `<key>.<n>` for several.
+pub fn device_keys(key: &str, per_account: usize) -> Vec<String> {
+    (0..per_account)
+        .map(|index| call_notifier::broker::push_key(key, index, per_account))
+        .collect()
+}
+
 /// Calls placed in parallel, each worker on its own [`Line`].
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -211,6 +234,8 @@ pub struct Plan {
     pub concurrency: usize,
     /// Accounts the calls are spread over (registered already).
     pub devices: usize,
+    /// Devices each account has: every one is pushed, the first answers.
+    pub per_account: usize,
     /// Phones answer after [`app_delay`] within this period; zero: at once.
     pub delay_period: Duration,
 }
@@ -243,6 +268,7 @@ pub async fn drive(target: &Target, plan: &Plan) -> Result<Vec<Timing>> {
                     &key,
                     sip_user_id(n, plan.devices),
                     app_delay(n, plan.delay_period),
+                    plan.per_account,
                 );
                 let timing = tokio::time::timeout(CALL_TIMEOUT, call)
                     .await

@@ -76,10 +76,11 @@ async fn one_mode(backend: &Backend, mode: Mode, key_prefix: &str, size: Size) -
         budget: Budget::Count(calls),
         concurrency: size.concurrency,
         devices: size.devices,
+        per_account: 1,
         delay_period: APP_DELAY_PERIOD,
     };
     with_server(&Settings::defaults(backend, mode), async |server| {
-        generator::register_devices(server.target.addr, size.devices).await?;
+        generator::register_devices(server.target.addr, size.devices, 1).await?;
         generator::drive(
             &server.target,
             &plan(format!("{key_prefix}warm-"), WARM_UP_CALLS),

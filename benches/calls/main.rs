@@ -14,7 +14,7 @@
 //! cargo bench --bench calls                  # everything, under 10 minutes
 //! cargo bench --bench calls -- --quick       # small sizes: checks every call completes (CI)
 //! cargo bench --bench calls -- --no-shared   # only the embedded defaults
-//! cargo bench --bench calls -- --only scale  # one scenario: latency, scale or throughput
+//! cargo bench --bench calls -- --only scale  # one scenario: latency, scale, throughput or fork
 //! ```
 //!
 //! The modules: [`generator`] (the PBX and the phones), [`client`] (their
@@ -24,6 +24,7 @@
 //! [`plot`] and [`sys`] for the numbers.
 
 mod client;
+mod fork;
 mod generator;
 mod latency;
 mod plot;
@@ -53,7 +54,7 @@ const USAGE: &str =
     "usage: cargo bench --bench calls [-- [--quick] [--no-shared] [--only SCENARIO]]
   --quick          small sizes; checks that every call gets its answer (for CI)
   --no-shared      skip the PostgreSQL + Redis half (default: run it; fail if they are down)
-  --only SCENARIO  run one scenario: latency, scale or throughput";
+  --only SCENARIO  run one scenario: latency, scale, throughput or fork";
 
 /// The scenarios, for `--only`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,7 @@ enum Scenario {
     Latency,
     Scale,
     Throughput,
+    Fork,
 }
 
 /// The command line.
@@ -88,9 +90,10 @@ impl Options {
                         Some("latency") => Scenario::Latency,
                         Some("scale") => Scenario::Scale,
                         Some("throughput") => Scenario::Throughput,
+                        Some("fork") => Scenario::Fork,
                         other => bail!(
-                            "--only takes latency, scale or throughput, not {other:?}\n{USAGE}"
-                        ),
+                        "--only takes latency, scale, throughput or fork, not {other:?}\n{USAGE}"
+                    ),
                     })
                 }
                 // cargo passes `--bench` to every bench binary.
@@ -128,6 +131,7 @@ struct Sizes {
     latency: latency::Size,
     scale: scale::Size,
     throughput: throughput::Size,
+    fork: fork::Size,
 }
 
 impl Sizes {
@@ -156,6 +160,18 @@ impl Sizes {
                 duration: Duration::from_secs(10),
                 concurrency: 128,
                 devices: 1_000,
+                per_account: 1,
+            },
+            fork: fork::Size {
+                calls: 1_000,
+                hang_ups: 200,
+                devices: 1_000,
+                throughput: throughput::Size {
+                    duration: Duration::from_secs(10),
+                    concurrency: 128,
+                    devices: 1_000,
+                    per_account: fork::DEVICES,
+                },
             },
         }
     }
@@ -178,6 +194,18 @@ impl Sizes {
                 duration: Duration::from_secs(2),
                 concurrency: 64,
                 devices: 100,
+                per_account: 1,
+            },
+            fork: fork::Size {
+                calls: 30,
+                hang_ups: 10,
+                devices: 100,
+                throughput: throughput::Size {
+                    duration: Duration::from_secs(2),
+                    concurrency: 32,
+                    devices: 100,
+                    per_account: fork::DEVICES,
+                },
             },
         }
     }
@@ -241,7 +269,7 @@ async fn run(options: Options) -> Result<()> {
             eprintln!("bench: {e:#}");
         }
     }
-    let (latency, scale, throughput) = measured?;
+    let (latency, scale, throughput, fork) = measured?;
 
     let results = Results {
         machine,
@@ -254,6 +282,7 @@ async fn run(options: Options) -> Result<()> {
         latency,
         scale,
         throughput,
+        fork,
         took: started.elapsed(),
     };
     let markdown = results.markdown();
@@ -287,6 +316,7 @@ type Measured = (
     Vec<latency::Latency>,
     Vec<scale::Scale>,
     Vec<throughput::Throughput>,
+    Vec<fork::Fork>,
 );
 
 /// Runs every scenario (or `only` one) on every backend, the embedded one first.
@@ -300,6 +330,7 @@ async fn measure(
     let mut latency = Vec::new();
     let mut scale = Vec::new();
     let mut throughput = Vec::new();
+    let mut fork = Vec::new();
     for (b, backend) in backends.iter().enumerate() {
         let prefix = |scenario: &str| format!("bench-{run_id}-{b}{scenario}-");
         if runs(Scenario::Latency) {
@@ -311,8 +342,11 @@ async fn measure(
         if runs(Scenario::Throughput) {
             throughput.push(throughput::run(backend, &prefix("tp"), sizes.throughput).await?);
         }
+        if runs(Scenario::Fork) {
+            fork.push(fork::run(backend, &prefix("fork"), sizes.fork).await?);
+        }
     }
-    Ok((latency, scale, throughput))
+    Ok((latency, scale, throughput, fork))
 }
 
 /// `target/bench-results`, next to the bench binary's own build directory

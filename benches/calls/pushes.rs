@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -28,6 +29,9 @@ pub struct Pushes {
     /// First pushes nobody waited for: a call the generator never placed,
     /// or one pushed twice. Any is a failure.
     strays: AtomicU64,
+    /// `call_ended` notices, by the device key they end, for the scenario
+    /// that times them: when each line was read.
+    ended: Mutex<HashMap<String, oneshot::Sender<Instant>>>,
 }
 
 // Each bench binary uses its own part of this (the calls bench counts
@@ -40,6 +44,16 @@ impl Pushes {
         self.waiting
             .lock()
             .expect("push map lock")
+            .insert(key.to_owned(), sender);
+        receiver
+    }
+
+    /// Returns the receiver of the `call_ended` notice of the device key `key`.
+    pub fn expect_end(&self, key: &str) -> oneshot::Receiver<Instant> {
+        let (sender, receiver) = oneshot::channel();
+        self.ended
+            .lock()
+            .expect("notice map lock")
             .insert(key.to_owned(), sender);
         receiver
     }
@@ -64,6 +78,15 @@ impl Pushes {
         else {
             bail!("malformed push line from the server: {line:?}");
         };
+        if message_start_time == "ended" {
+            // A phone told the call is over: timed by whoever waits for it,
+            // else only a consequence of how its call ended.
+            let waiter = self.ended.lock().expect("notice map lock").remove(key);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Instant::now());
+            }
+            return Ok(());
+        }
         let attempt: u32 = attempt
             .parse()
             .with_context(|| format!("malformed attempt in push line {line:?}"))?;

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::fork::Fork;
 use crate::latency::Latency;
 use crate::scale::{Scale, Transport};
 use crate::server_process::Mode;
@@ -26,6 +27,7 @@ pub struct Results {
     pub latency: Vec<Latency>,
     pub scale: Vec<Scale>,
     pub throughput: Vec<Throughput>,
+    pub fork: Vec<Fork>,
     pub took: Duration,
 }
 
@@ -82,6 +84,9 @@ impl Results {
         }
         if !self.throughput.is_empty() {
             self.throughput_table(&mut md);
+        }
+        if !self.fork.is_empty() {
+            self.fork_table(&mut md);
         }
         self.targets_table(&mut md);
         md
@@ -266,6 +271,42 @@ impl Results {
         let _ = writeln!(md);
     }
 
+    fn fork_table(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "## Three devices per account
+"
+        );
+        let _ = writeln!(
+            md,
+            "Every call pushes {} devices of its account. Wake-up: from the first device's call-response leaving the generator to `status=ACK` read \
+             by the PBX, calls one at a time, the phone answering at its own phase within 200 ms of its push (both processes idle in between). \
+             Hang-up to notice: from the PBX closing its parked request to each device's `call_ended` notice leaving the server. \
+             Throughput: as above, every call pushing {} devices.\n",
+            crate::fork::DEVICES,
+            crate::fork::DEVICES
+        );
+        let _ = writeln!(
+            md,
+            "| backend | wake-up p50 | wake-up p99 | hang-up → notice p50 | hang-up → notice p99 | set-ups/s | server CPU |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        for f in &self.fork {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | **{:.0}** | {:.0}% |",
+                f.backend,
+                stats::duration(f.wake_up.percentile(0.5)),
+                stats::duration(f.wake_up.percentile(0.99)),
+                stats::duration(f.notice.percentile(0.5)),
+                stats::duration(f.notice.percentile(0.99)),
+                f.throughput.per_second(),
+                f.throughput.cpu.server
+            );
+        }
+        let _ = writeln!(md);
+    }
+
     fn targets_table(&self, md: &mut String) {
         let _ = writeln!(md, "## Targets\n");
         if self.quick {
@@ -374,6 +415,18 @@ impl Results {
                     .collect::<Vec<_>>()
                     .join(", "),
                 Verdict::from(flat && redis_load.len() > 1),
+            ));
+        }
+        for f in &self.fork {
+            let p99 = f.wake_up.percentile(0.99);
+            targets.push((
+                format!(
+                    "wake-up p99 < 1 ms with {} devices per account, {}",
+                    crate::fork::DEVICES,
+                    f.backend
+                ),
+                stats::duration(p99),
+                Verdict::from(p99 < Duration::from_millis(1)),
             ));
         }
         for (backend, wanted) in [(EMBEDDED, 5_000.0), (REDIS, 2_000.0)] {

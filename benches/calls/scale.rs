@@ -170,7 +170,7 @@ async fn on_server(
     size: &Size,
 ) -> Result<Scale> {
     let target = server.target.clone();
-    generator::register_devices(target.addr, size.devices).await?;
+    generator::register_devices(target.addr, size.devices, 1).await?;
     generator::drive(
         &target,
         &Plan {
@@ -178,6 +178,7 @@ async fn on_server(
             budget: Budget::Count(20),
             concurrency: 4,
             devices: size.devices,
+            per_account: 1,
             delay_period: Duration::ZERO,
         },
     )

@@ -59,6 +59,8 @@ pub struct Settings {
     pub wait_ms: u64,
     /// `--resend-interval-ms`.
     pub resend_interval_ms: u64,
+    /// `--max-devices-per-account`.
+    pub devices_per_account: usize,
 }
 
 impl Settings {
@@ -69,6 +71,7 @@ impl Settings {
             mode,
             wait_ms: 4_000,
             resend_interval_ms: 1_000,
+            devices_per_account: 1,
         }
     }
 }
@@ -132,6 +135,8 @@ impl ServerProcess {
             settings.wait_ms.to_string(),
             "--resend-interval-ms".into(),
             settings.resend_interval_ms.to_string(),
+            "--max-devices-per-account".into(),
+            settings.devices_per_account.to_string(),
         ]);
         let mut command =
             Command::new(std::env::current_exe().context("cannot find the bench binary")?);

@@ -73,6 +73,12 @@ impl Pusher for PipePusher {
                 "{unique_key} {message_start_time} {attempt}"
             );
         }
+        if let Payload::CallEnded {
+            unique_key, reason, ..
+        } = payload
+        {
+            let _ = writeln!(std::io::stdout().lock(), "{unique_key} ended {reason}");
+        }
         PushOutcome::Delivered
     }
 }

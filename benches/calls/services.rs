@@ -37,6 +37,9 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Embedded => "sqlite+memory",
+            Backend::Shared(shared) if shared.redis_url.starts_with("redis+cluster://") => {
+                "postgres+redis-cluster"
+            }
             Backend::Shared(_) => "postgres+redis",
         }
     }
@@ -174,25 +177,63 @@ impl RedisLoad {
     }
 }
 
-/// The harness's own connection to Redis, for counters and leftovers.
+/// The harness's own connections to Redis, for counters and leftovers:
+/// one, or one per node a `redis+cluster://a,b,c` URL names (its masters:
+/// counters are summed over them, leftovers looked for on each).
 #[derive(Clone)]
 pub struct Redis {
-    conn: redis::aio::MultiplexedConnection,
+    nodes: Vec<redis::aio::MultiplexedConnection>,
 }
 
 impl Redis {
     async fn connect(url: &str) -> Result<Redis> {
-        let conn = redis::Client::open(url)?
-            .get_multiplexed_async_connection()
-            .await?;
-        Ok(Redis { conn })
+        let urls = match url.strip_prefix("redis+cluster://") {
+            Some(hosts) => hosts
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .map(|host| format!("redis://{host}/"))
+                .collect(),
+            None => vec![url.to_owned()],
+        };
+        let mut nodes = Vec::with_capacity(urls.len());
+        for url in urls {
+            nodes.push(
+                redis::Client::open(url)?
+                    .get_multiplexed_async_connection()
+                    .await?,
+            );
+        }
+        Ok(Redis { nodes })
     }
 
     async fn info(&self, section: &str) -> Result<String> {
+        let mut conn = self.nodes[0].clone();
         Ok(redis::cmd("INFO")
             .arg(section)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut conn)
             .await?)
+    }
+
+    /// A number of INFO, summed over the nodes.
+    async fn info_sum(&self, section: &str, field: &str) -> Result<f64> {
+        let mut sum = 0.0;
+        for node in &self.nodes {
+            let info: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(&mut node.clone())
+                .await?;
+            let text = info
+                .lines()
+                .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+                .with_context(|| format!("no {field} in Redis INFO {section}"))?;
+            sum += text
+                .trim()
+                .parse::<f64>()
+                .with_context(|| format!("Redis {field} is not a number: {text}"))?;
+        }
+        Ok(sum)
     }
 
     async fn info_field(&self, section: &str, field: &str) -> Result<String> {
@@ -203,18 +244,10 @@ impl Redis {
             .with_context(|| format!("no {field} in Redis INFO {section}"))
     }
 
-    async fn info_number(&self, section: &str, field: &str) -> Result<f64> {
-        let text = self.info_field(section, field).await?;
-        text.parse()
-            .with_context(|| format!("Redis {field} is not a number: {text}"))
-    }
-
     pub async fn counters(&self) -> Result<RedisCounters> {
-        let commands = self
-            .info_number("stats", "total_commands_processed")
-            .await?;
-        let cpu = self.info_number("cpu", "used_cpu_sys").await?
-            + self.info_number("cpu", "used_cpu_user").await?;
+        let commands = self.info_sum("stats", "total_commands_processed").await?;
+        let cpu = self.info_sum("cpu", "used_cpu_sys").await?
+            + self.info_sum("cpu", "used_cpu_user").await?;
         Ok(RedisCounters {
             commands: commands as u64,
             cpu: Duration::from_secs_f64(cpu),
@@ -232,21 +265,43 @@ impl Redis {
             .load_since(&before, started.elapsed()))
     }
 
-    /// How many state keys and answer channels of calls whose key starts
-    /// with `prefix` are still in Redis: both must reach zero once the
-    /// calls are over.
+    /// How many calls whose key starts with `prefix` are still live in
+    /// Redis (a record ringing or won: an ended call's tombstone stays its
+    /// 70 s by design), and how many of their channels are left: both must
+    /// reach zero once the calls are over.
     pub async fn leftovers(&self, prefix: &str) -> Result<(usize, usize)> {
-        let mut conn = self.conn.clone();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("cn:{{{prefix}*"))
-            .query_async(&mut conn)
-            .await?;
-        let channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("CHANNELS")
-            .arg(format!("cn:{{{prefix}*"))
-            .query_async(&mut conn)
-            .await?;
-        Ok((keys.len(), channels.len()))
+        let pattern = format!("cn:{{{prefix}*");
+        let (mut live, mut channels) = (0, 0);
+        for node in &self.nodes {
+            let mut conn = node.clone();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await?;
+            // One GET each: a cluster node refuses a multi-key command
+            // across slots.
+            for chunk in keys.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("GET").arg(key);
+                }
+                let records: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+                live += records
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.starts_with("ring ") || r.starts_with("won "))
+                    .count();
+            }
+            for kind in ["CHANNELS", "SHARDCHANNELS"] {
+                let names: Vec<String> = redis::cmd("PUBSUB")
+                    .arg(kind)
+                    .arg(&pattern)
+                    .query_async(&mut conn)
+                    .await?;
+                channels += names.len();
+            }
+        }
+        Ok((live, channels))
     }
 
     /// Waits until no key or channel of `prefix` is left, for at most
@@ -259,7 +314,7 @@ impl Redis {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > within {
-                bail!("{keys} state keys and {channels} channels of finished calls are still in Redis after {within:?}");
+                bail!("{keys} live records and {channels} channels of finished calls are still in Redis after {within:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -20,6 +20,8 @@ pub struct Size {
     pub duration: Duration,
     pub concurrency: usize,
     pub devices: usize,
+    /// Devices per account: each call pushes every one, the first answers.
+    pub per_account: usize,
 }
 
 /// CPU used during the measurement, each as % of one core.
@@ -54,7 +56,10 @@ impl Throughput {
 
 /// Runs the scenario against `backend` on a fresh server with its defaults.
 pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Throughput> {
-    let label = format!("throughput {}", backend.name());
+    let label = match size.per_account {
+        1 => format!("throughput {}", backend.name()),
+        n => format!("throughput {} ({n} devices per account)", backend.name()),
+    };
     let result = measure(backend, key_prefix, size)
         .await
         .with_context(|| label.clone())?;
@@ -68,7 +73,11 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Thro
 }
 
 async fn measure(backend: &Backend, key_prefix: &str, size: Size) -> Result<Throughput> {
-    with_server(&Settings::defaults(backend, Mode::PubSub), async |server| {
+    let settings = Settings {
+        devices_per_account: size.per_account,
+        ..Settings::defaults(backend, Mode::PubSub)
+    };
+    with_server(&settings, async |server| {
         on_server(server, backend, key_prefix, size).await
     })
     .await
@@ -81,12 +90,13 @@ async fn on_server(
     key_prefix: &str,
     size: Size,
 ) -> Result<Throughput> {
-    generator::register_devices(server.target.addr, size.devices).await?;
+    generator::register_devices(server.target.addr, size.devices, size.per_account).await?;
     let plan = |prefix: String, budget: Budget| Plan {
         prefix,
         budget,
         concurrency: size.concurrency,
         devices: size.devices,
+        per_account: size.per_account,
         delay_period: Duration::ZERO,
     };
     generator::drive(

@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::broker::{device_alias, push_key, Answer, News};
+use crate::broker::{device_alias, push_key, Answer, BrokerError, News};
 use crate::logs::Escaped;
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
@@ -285,7 +285,12 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     } else {
         // The broker has the last word: an answer may have won the call just
         // as its timer fired, and the app that gave it was told so.
-        match state.broker.end(&unique_key, reason).await {
+        let ended = tokio::time::timeout(LAST_WORD, state.broker.end(&unique_key, reason));
+        match ended.await.unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "no answer within {LAST_WORD:?}"
+            )))
+        }) {
             Ok(Some(before)) => {
                 for (index, device) in before.devices.iter().enumerate() {
                     if let (Some(answer), Some(seen @ None)) =
@@ -317,6 +322,11 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     }
     record.end(outcome)
 }
+
+/// How long a call that is over waits for the broker's last word (whether
+/// an answer won it as its timer fired) before it answers NAK anyway: a
+/// Redis that hangs must not hold the PBX past its wait by more than this.
+const LAST_WORD: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How the call ended, once the news settles it: the first available
 /// answer wins; cancelled from outside; or every device out (declined or

@@ -1,0 +1,155 @@
+//! Scenario 4, a call's whole life with three devices per account (two
+//! phones and a tablet, say): every device is pushed, the first answers,
+//! and the others are told the call is over.
+//!
+//! - Wake-up latency with three devices: from the first device's
+//!   call-response leaving the generator to `status=ACK` read by the PBX,
+//!   the phone answering after 0 to 200 ms (each call at its own phase,
+//!   see [`generator::app_delay`]), both processes idle in between, as in
+//!   production.
+//! - Hang-up to notice: from the PBX closing its parked request (its
+//!   caller hung up) to each device's `call_ended` notice leaving the
+//!   server (its line read from the push pipe).
+//! - Throughput with three devices: the throughput scenario's set-ups per
+//!   second, every call pushing three devices.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::client::{self, Http1};
+use crate::generator::{self, Budget, Plan, INCOMING_CALL};
+use crate::server_process::{with_server, Mode, ServerProcess, Settings};
+use crate::services::Backend;
+use crate::stats::{self, Samples};
+use crate::throughput;
+
+/// Devices per account.
+pub const DEVICES: usize = 3;
+/// Phones answer within this period of their push.
+const APP_DELAY_PERIOD: Duration = Duration::from_millis(200);
+/// How long a notice may take to come once the PBX has hung up.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Size {
+    /// Calls answered, one at a time.
+    pub calls: usize,
+    /// Calls the PBX hangs up on, one at a time.
+    pub hang_ups: usize,
+    pub devices: usize,
+    pub throughput: throughput::Size,
+}
+
+pub struct Fork {
+    pub backend: &'static str,
+    pub wake_up: Samples,
+    pub notice: Samples,
+    pub throughput: throughput::Throughput,
+}
+
+pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork> {
+    let label = format!("fork {}", backend.name());
+    let settings = Settings {
+        devices_per_account: DEVICES,
+        ..Settings::defaults(backend, Mode::PubSub)
+    };
+    let (wake_up, notice) = with_server(&settings, async |server| {
+        on_server(server, backend, key_prefix, size).await
+    })
+    .await
+    .with_context(|| label.clone())?;
+    for (what, samples) in [("wake-up", &wake_up), ("hang-up to notice", &notice)] {
+        let summary = samples.summary();
+        eprintln!(
+            "bench: {label}: {what}: {} samples, p50 {}, p99 {}",
+            summary.count,
+            stats::duration(summary.p50),
+            stats::duration(summary.p99)
+        );
+    }
+    let throughput = throughput::run(
+        backend,
+        &format!("{key_prefix}tp-"),
+        throughput::Size {
+            per_account: DEVICES,
+            ..size.throughput
+        },
+    )
+    .await?;
+    Ok(Fork {
+        backend: backend.name(),
+        wake_up,
+        notice,
+        throughput,
+    })
+}
+
+async fn on_server(
+    server: &mut ServerProcess,
+    backend: &Backend,
+    key_prefix: &str,
+    size: Size,
+) -> Result<(Samples, Samples)> {
+    generator::register_devices(server.target.addr, size.devices, DEVICES).await?;
+    let plan = |prefix: String, calls: usize| Plan {
+        prefix,
+        budget: Budget::Count(calls),
+        concurrency: 1,
+        devices: size.devices,
+        per_account: DEVICES,
+        delay_period: APP_DELAY_PERIOD,
+    };
+    generator::drive(&server.target, &plan(format!("{key_prefix}warm-"), 16)).await?;
+    let timings = generator::drive(
+        &server.target,
+        &plan(format!("{key_prefix}ack-"), size.calls),
+    )
+    .await?;
+    let wake_up = Samples::new(timings.iter().map(|t| t.wake_up).collect());
+
+    let mut notices = Vec::with_capacity(size.hang_ups * DEVICES);
+    for n in 0..size.hang_ups {
+        let key = format!("{key_prefix}hup-{n}");
+        notices.extend(hang_up(server, &key, generator::sip_user_id(n, size.devices)).await?);
+    }
+    server.check()?;
+    server.wait_idle(Duration::from_secs(5)).await?;
+    if let Some(redis) = backend.redis() {
+        redis.wait_clean(key_prefix, Duration::from_secs(5)).await?;
+    }
+    Ok((wake_up, Samples::new(notices)))
+}
+
+/// Places a call, waits until every device is pushed, closes the PBX's
+/// connection, and times each device's `call_ended` notice.
+async fn hang_up(server: &ServerProcess, key: &str, sip_user_id: u64) -> Result<Vec<Duration>> {
+    let pushes = &server.target.pushes;
+    let keys = generator::device_keys(key, DEVICES);
+    let pushed: Vec<_> = keys.iter().map(|k| pushes.expect(k)).collect();
+    let ended: Vec<_> = keys.iter().map(|k| pushes.expect_end(k)).collect();
+    let mut pbx = Http1::connect(server.target.addr, client::source_address(0)).await?;
+    let form = generator::incoming_call_form(key, sip_user_id);
+    let mut ring = Box::pin(pbx.post_form(INCOMING_CALL, form));
+    for (push, device) in pushed.into_iter().zip(&keys) {
+        tokio::select! {
+            push = generator::first_push(push, device) => { push?; }
+            early = &mut ring => bail!("the PBX got {:?} for call {key} before its pushes", early.map(|r| r.text().into_owned())),
+        }
+    }
+    // The caller hangs up: the PBX drops its request and its connection.
+    let closed = Instant::now();
+    drop(ring);
+    drop(pbx);
+    let mut took = Vec::with_capacity(DEVICES);
+    for (notice, device) in ended.into_iter().zip(&keys) {
+        let at = tokio::time::timeout(NOTICE_TIMEOUT, notice)
+            .await
+            .with_context(|| {
+                format!("no call_ended notice for {device} within {NOTICE_TIMEOUT:?}")
+            })?
+            .with_context(|| format!("the push pipe closed before the notice for {device}"))?;
+        took.push(at.saturating_duration_since(closed));
+    }
+    Ok(took)
+}
