@@ -39,6 +39,131 @@ pub enum Command {
     /// Look at and remove the devices of a SIP account.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Show the call history of a SIP account, newest first: what each
+    /// call pushed to which device, and how it ended.
+    Calls(CallsQuery),
+}
+
+/// `call-notifier calls`: which calls of one account to show, and how.
+#[derive(Debug, Clone, Args)]
+pub struct CallsQuery {
+    #[arg(long, value_parser = sip_user_id_arg())]
+    pub sip_user_id: i64,
+    /// How many calls to show at most, the newest.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub last: i64,
+    /// Only calls that started at TIME or later: RFC 3339
+    /// (`2024-06-01T10:00:00Z`, `2024-06-01T12:00:00+02:00`) or Unix seconds.
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub since: Option<i64>,
+    /// One JSON object per call and line, every field.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A moment as `--since` takes it, as Unix ms: RFC 3339 with a `Z` or an
+/// offset (fractions of a second to the ms), or Unix seconds. Parsed here,
+/// without a date crate, so clap names the flag and exits 2 on bad input.
+fn time_arg(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<i64>()
+            .ok()
+            .and_then(|seconds| seconds.checked_mul(1000))
+            .ok_or_else(|| "Unix seconds out of range".to_owned());
+    }
+    rfc3339_millis(text).ok_or_else(|| {
+        "expected RFC 3339 (2024-06-01T10:00:00Z, 2024-06-01T12:00:00+02:00) or Unix seconds"
+            .to_owned()
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)` as Unix ms.
+fn rfc3339_millis(text: &str) -> Option<i64> {
+    let number = |from: usize, len: usize| -> Option<i64> {
+        let digits = text.get(from..from + len)?;
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let at = |index: usize, allowed: &[u8]| {
+        text.as_bytes()
+            .get(index)
+            .is_some_and(|b| allowed.contains(b))
+    };
+    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (number(0, 4)?, number(5, 2)?, number(8, 2)?);
+    let (hour, minute, second) = (number(11, 2)?, number(14, 2)?, number(17, 2)?);
+    let mut rest = text.get(19..)?;
+    let mut millis = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
+        millis = padded.parse::<i64>().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset_minutes = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let part = |a: u8, b: u8| -> Option<i64> {
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+            };
+            let (hours, minutes) = (part(*h1, *h2)?, part(*m1, *m2)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = hours * 60 + minutes;
+            if *sign == b'-' {
+                -offset
+            } else {
+                offset
+            }
+        }
+        _ => return None,
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let valid = (1..=12).contains(&month)
+        && day >= 1
+        && day <= month_days[usize::try_from(month - 1).ok()?]
+        && hour <= 23
+        && minute <= 59
+        && second <= 60;
+    if !valid {
+        return None;
+    }
+    // Howard Hinnant's `days_from_civil`, the inverse of the commands'
+    // `civil_from_days`. A leap second counts as the second before it.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset_minutes * 60;
+    Some(seconds * 1000 + millis)
 }
 
 /// `call-notifier push ...`
@@ -375,6 +500,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keep_alive_timeout_secs: u64,
 
+    /// How many days the call history keeps a call (`call-notifier calls`);
+    /// older rows are deleted at start-up and every hour. 0 keeps no
+    /// history: no call is recorded, and what was stored is deleted.
+    #[arg(long, env = "CALL_NOTIFIER_CALL_HISTORY_DAYS", default_value_t = 14, global = true,
+          value_parser = clap::value_parser!(u32).range(0..=3650))]
+    pub call_history_days: u32,
+
     /// Log line format.
     #[arg(
         long,
@@ -455,5 +587,38 @@ impl Config {
             None => format!("http://{bound}"),
         };
         format!("{}/api/call-response/", base.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_rfc_3339_or_unix_seconds() {
+        assert_eq!(time_arg("1700000000"), Ok(1_700_000_000_000));
+        assert_eq!(time_arg("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
+        assert_eq!(time_arg("2023-11-14T22:13:20.123Z"), Ok(1_700_000_000_123));
+        assert_eq!(time_arg("2023-11-14t22:13:20.1z"), Ok(1_700_000_000_100));
+        assert_eq!(time_arg("2023-11-15T00:13:20+02:00"), Ok(1_700_000_000_000));
+        assert_eq!(time_arg("2023-11-14T20:13:20-02:00"), Ok(1_700_000_000_000));
+        assert_eq!(time_arg("2000-02-29T00:00:00Z"), Ok(951_782_400_000));
+        assert_eq!(time_arg("1969-12-31T23:59:59Z"), Ok(-1000));
+        for bad in [
+            "",
+            "yesterday",
+            "2023-11-14",
+            "2023-11-14T22:13:20",
+            "2023-02-29T00:00:00Z",
+            "2023-13-01T00:00:00Z",
+            "2023-11-14T24:00:00Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14T22:13:20+2:00",
+            "-5",
+            "1.5",
+            "99999999999999999999",
+        ] {
+            assert!(time_arg(bad).is_err(), "{bad:?}");
+        }
     }
 }

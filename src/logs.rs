@@ -58,6 +58,18 @@ pub fn redact(token: &str) -> String {
     }
 }
 
+/// A token shortened to its first 8 and last 4 characters: enough to tell
+/// two apart and to find one in a log, not enough to push to it.
+pub fn short_token(token: &str) -> String {
+    let chars: Vec<char> = token.chars().collect();
+    if chars.len() <= 12 {
+        return Escaped(token).to_string();
+    }
+    let head: String = chars[..8].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{}…{}", Escaped(&head), Escaped(&tail))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use call_notifier::commands::{self, devices, push_test};
+use call_notifier::commands::{self, calls, devices, push_test};
 use call_notifier::config::{
     AppAdd, AppCommand, Cli, Command, Config, DeviceCommand, LogFormat, PushCommand,
 };
@@ -74,6 +74,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     devices::remove(store.as_ref(), sip_user_id, token.as_deref()).await?
                 }
             }
+        }
+        Command::Calls(query) => {
+            let store = commands::open_store(&config).await?;
+            calls::list(store.as_ref(), &query).await?
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -22,7 +22,7 @@ use crate::push::router::PushRouter;
 use crate::push::Pusher;
 use crate::shutdown::Phase;
 use crate::state::AppState;
-use crate::store::{self, ResponseLog};
+use crate::store::{self, CallHistory, ResponseLog};
 
 /// A server to start: the configuration plus what tests may swap in.
 pub struct Server {
@@ -104,7 +104,14 @@ impl Running {
     pub async fn stop(mut self) {
         self.drain();
         let _ = (&mut self.task).await;
+        self.flush_writers().await;
+    }
+
+    /// Writes what the batched writers (response log, call history) hold,
+    /// once the last call has ended.
+    async fn flush_writers(&self) {
         self.state.response_log.flush().await;
+        self.state.call_history.flush().await;
     }
 
     /// Serves until the first `signals` item, drains, aborts at the second
@@ -135,7 +142,7 @@ impl Running {
                 }
             }
         }
-        self.state.response_log.flush().await;
+        self.flush_writers().await;
     }
 }
 
@@ -180,6 +187,13 @@ async fn build_state(
     };
     let pusher = pusher.unwrap_or_else(|| Arc::new(PushRouter::new(store.clone(), &config)));
     let response_log = ResponseLog::start(store.clone());
+    let call_history = CallHistory::start(store.clone());
+    let phase = watch::channel(Phase::Serving).0;
+    tokio::spawn(store::purge_periodically(
+        store.clone(),
+        config.call_history_days,
+        phase.subscribe(),
+    ));
     Ok(Arc::new(AppState {
         response_api: config.response_api(addr),
         config,
@@ -189,8 +203,9 @@ async fn build_state(
         parking: Parking::default(),
         access,
         metrics: Metrics::default(),
-        phase: watch::channel(Phase::Serving).0,
+        phase,
         response_log,
+        call_history,
         takeover_notices: TakeoverNotices::default(),
     }))
 }

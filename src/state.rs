@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
 use crate::push::Pusher;
 use crate::shutdown::Phase;
-use crate::store::{ResponseLog, Store};
+use crate::store::{CallHistory, ResponseLog, Store};
 
 /// What every handler shares: one per process, behind an `Arc`.
 pub struct AppState {
@@ -33,6 +33,8 @@ pub struct AppState {
     pub phase: watch::Sender<Phase>,
     /// The app's answers, written in batches off the request path.
     pub response_log: ResponseLog,
+    /// A row per call, written in batches off the call path.
+    pub call_history: CallHistory,
     /// Which replaced phones were told so lately.
     pub takeover_notices: TakeoverNotices,
 }

@@ -1,7 +1,7 @@
 //! The operator's commands, run as the real binary against a real database
 //! and, for `push test`, the real FCM pusher pointed at local stand-ins for
 //! FCM and Google's token endpoint: `push test`, `device list`,
-//! `device remove`.
+//! `device remove`, `calls`.
 
 mod common;
 
@@ -10,7 +10,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use call_notifier::store::{Device, NewDevice, Platform, PoolOptions, Store};
+use call_notifier::store::{
+    CallHistoryEntry, CalledDevice, Device, NewDevice, Platform, PoolOptions, Store,
+};
 use serde_json::json;
 
 use common::fcm::{fcm_accepts, StandIns, PROJECT};
@@ -573,6 +575,156 @@ async fn device_remove_removes_what_matches_and_fails_when_nothing_does() {
                 .contains(&format!("no device for SIP account {other}")),
             "{name}: {run:?}"
         );
+    })
+    .await;
+}
+
+/// Three calls of one account, an hour apart from 2023-11-14T22:13:20Z:
+/// answered, timed out, and one the PBX hung up on; and a call of another
+/// account.
+async fn three_calls(store: &dyn Store) -> String {
+    const START: i64 = 1_700_000_000_000;
+    const HOUR: i64 = 3_600_000;
+    let user = sip_user_id();
+    let id: i64 = user.parse().expect("an id");
+    let device = |attempts, verdict: &str| CalledDevice {
+        platform: Platform::Android,
+        token: "eJx9k3Qw…C0hQ".into(),
+        attempts,
+        verdict: Some(verdict.into()),
+    };
+    let call = |hours: i64, key: &str, outcome: &str| CallHistoryEntry {
+        created_at: START + hours * HOUR,
+        sip_user_id: id,
+        unique_key: key.into(),
+        devices: vec![device(1, "delivered")],
+        outcome: outcome.into(),
+        waited_ms: 4000,
+        answered_by: None,
+        roundtrip_ms: None,
+    };
+    let answered = CallHistoryEntry {
+        waited_ms: 1830,
+        answered_by: Some(0),
+        roundtrip_ms: Some(1712),
+        ..call(0, "c-answered", "ack")
+    };
+    let timed_out = CallHistoryEntry {
+        devices: vec![device(3, "delivered")],
+        ..call(1, "c-timeout", "timeout")
+    };
+    let other = CallHistoryEntry {
+        sip_user_id: sip_user_id().parse().expect("an id"),
+        ..call(3, "c-other", "ack")
+    };
+    store
+        .log_calls(&[answered, timed_out, call(2, "c-hung-up", "hung_up"), other])
+        .await
+        .expect("write the calls");
+    user
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_prints_the_history_newest_first_as_a_table_and_json_lines() {
+    on_every_backend(|backend| async move {
+        let name = backend.name();
+        let store = store(&backend).await;
+        let user = three_calls(store.as_ref()).await;
+
+        let run = call_notifier(&backend, &["calls", "--sip-user-id", &user]).await;
+        assert_eq!(run.code, Some(0), "{name}: {run:?}");
+        let lines: Vec<&str> = run.stdout.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "TIME                     KEY         OUTCOME  WAITED   DEVICES                             ANSWERED",
+                "2023-11-15 00:13:20 UTC  c-hung-up   hung_up  4000 ms  android:eJx9k3Qw…C0hQ x1 delivered  -",
+                "2023-11-14 23:13:20 UTC  c-timeout   timeout  4000 ms  android:eJx9k3Qw…C0hQ x3 delivered  -",
+                "2023-11-14 22:13:20 UTC  c-answered  ack      1830 ms  android:eJx9k3Qw…C0hQ x1 delivered  #0 1712 ms",
+            ],
+            "{name}: {run:?}"
+        );
+
+        let run = call_notifier(&backend, &["calls", "--sip-user-id", &user, "--json"]).await;
+        assert_eq!(run.code, Some(0), "{name}: {run:?}");
+        let calls: Vec<serde_json::Value> = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(calls.len(), 3, "{name}: {run:?}");
+        assert_eq!(
+            calls[2],
+            json!({
+                "time": "2023-11-14T22:13:20.000Z",
+                "created_at": 1_700_000_000_000_i64,
+                "sip_user_id": user,
+                "unique_key": "c-answered",
+                "outcome": "ack",
+                "waited_ms": 1830,
+                "devices": [{"platform": "android", "token": "eJx9k3Qw…C0hQ", "attempts": 1, "verdict": "delivered"}],
+                "answered_by": 0,
+                "roundtrip_ms": 1712,
+            }),
+            "{name}"
+        );
+
+        let empty = sip_user_id();
+        let run = call_notifier(&backend, &["calls", "--sip-user-id", &empty]).await;
+        assert_eq!(run.code, Some(0), "{name}: {run:?}");
+        assert_eq!(run.stdout, "", "{name}");
+        assert!(run.stderr.contains("no call for SIP account"), "{name}: {run:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_last_and_since_filter_and_a_bad_since_exits_2_naming_the_flag() {
+    on_every_backend(|backend| async move {
+        let name = backend.name();
+        let store = store(&backend).await;
+        let user = three_calls(store.as_ref()).await;
+        let keys = |run: &Run| -> Vec<String> {
+            run.stdout
+                .lines()
+                .map(|l| {
+                    let call: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                    call["unique_key"].as_str().expect("a key").to_owned()
+                })
+                .collect()
+        };
+        let calls = |extra: &'static [&'static str]| {
+            let backend = backend.clone();
+            let user = user.clone();
+            async move {
+                let mut args = vec!["calls", "--json", "--sip-user-id", &user];
+                args.extend_from_slice(extra);
+                call_notifier(&backend, &args).await
+            }
+        };
+
+        let run = calls(&["--last", "1"]).await;
+        assert_eq!(keys(&run), ["c-hung-up"], "{name}: {run:?}");
+        // From the second call on, as RFC 3339 with an offset and as Unix
+        // seconds.
+        let run = calls(&["--since", "2023-11-15T00:13:20+01:00"]).await;
+        assert_eq!(keys(&run), ["c-hung-up", "c-timeout"], "{name}: {run:?}");
+        let run = calls(&["--since", "1700003600", "--last", "1"]).await;
+        assert_eq!(keys(&run), ["c-hung-up"], "{name}: {run:?}");
+
+        for bad in ["yesterday", "2023-11-14", "2023-11-14T25:00:00Z"] {
+            let run =
+                call_notifier(&backend, &["calls", "--sip-user-id", &user, "--since", bad]).await;
+            assert_eq!(run.code, Some(2), "{name}: {bad}: {run:?}");
+            assert!(
+                run.stderr.contains("--since") && run.stderr.contains("RFC 3339"),
+                "{name}: {bad}: {run:?}"
+            );
+            assert_eq!(run.stdout, "", "{name}");
+        }
+        let run = call_notifier(&backend, &["calls", "--sip-user-id", &user, "--last", "0"]).await;
+        assert_eq!(run.code, Some(2), "{name}: {run:?}");
+        assert!(run.stderr.contains("--last"), "{name}: {run:?}");
     })
     .await;
 }

@@ -21,11 +21,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::broker::{device_alias, push_key, Answer, BrokerError, News};
-use crate::logs::Escaped;
+
+use crate::logs::{short_token, Escaped};
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
-use crate::store::{EndReason, Platform};
+use crate::store::{now_millis, CallHistoryEntry, CalledDevice, EndReason, Platform};
 
 /// An incoming call as the PBX described it, already validated.
 #[derive(Debug, Clone)]
@@ -107,18 +108,27 @@ pub fn unix_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One call's log line and metrics, written once on every way out, the PBX
-/// hanging up (this dropped mid-wait) included.
+/// One call's log line, metrics and call history row, written once on
+/// every way out, the PBX hanging up (this dropped mid-wait) included.
 struct CallRecord<'a> {
     state: &'a AppState,
     sip_user_id: i64,
     started: Instant,
+    /// When the call started, on the wall clock (Unix ms), for its history.
+    created_at: i64,
     unique_key: Option<String>,
     platforms: Vec<Platform>,
+    /// Each device's token, shortened for the call history.
+    tokens: Vec<String>,
     /// Pushes accepted so far per device, reported by the push schedules.
     attempts: Vec<watch::Receiver<u32>>,
+    /// What the push service said to each device's last call push.
+    verdicts: Vec<watch::Receiver<Option<schedule::Verdict>>>,
     /// `None` until the call ends; still `None` on drop: the PBX hung up.
     outcome: Option<Outcome>,
+    /// The index of the device that took the call, and its wake-up in ms as
+    /// the call saw it (see [`CallHistoryEntry::roundtrip_ms`]).
+    answered_by: Option<(usize, Option<i64>)>,
 }
 
 impl CallRecord<'_> {
@@ -133,21 +143,61 @@ impl Drop for CallRecord<'_> {
         let outcome = self.outcome.map_or("hung_up", Outcome::as_str);
         self.state.metrics.call(outcome);
         let platforms: Vec<&str> = self.platforms.iter().map(|p| p.as_str()).collect();
-        let attempts: Vec<String> = self
-            .attempts
-            .iter()
-            .map(|a| a.borrow().to_string())
-            .collect();
+        let attempts: Vec<u32> = self.attempts.iter().map(|a| *a.borrow()).collect();
+        let waited_ms = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
         tracing::info!(
             unique_key = %Escaped(self.unique_key.as_deref().unwrap_or("")),
             sip_user_id = self.sip_user_id,
             platform = platforms.join(","),
-            attempts = attempts.join(","),
-            waited_ms = self.started.elapsed().as_millis() as u64,
+            attempts = attempts.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            waited_ms,
             outcome,
             "call ended"
         );
+        if self.state.config.call_history_days == 0 {
+            return;
+        }
+        // Every device looked up, pushed or not (the wait may have failed
+        // to open before any push).
+        let devices = self
+            .platforms
+            .iter()
+            .zip(std::mem::take(&mut self.tokens))
+            .enumerate()
+            .map(|(index, (&platform, token))| CalledDevice {
+                platform,
+                token,
+                attempts: attempts.get(index).copied().unwrap_or(0),
+                verdict: self
+                    .verdicts
+                    .get(index)
+                    .and_then(|v| v.borrow().map(|v| v.to_string())),
+            })
+            .collect();
+        // Queued, never awaited: this runs on the call's way out.
+        self.state.call_history.record(CallHistoryEntry {
+            created_at: self.created_at,
+            sip_user_id: self.sip_user_id,
+            unique_key: self.unique_key.take().unwrap_or_default(),
+            devices,
+            outcome: outcome.to_owned(),
+            waited_ms,
+            answered_by: self
+                .answered_by
+                .and_then(|(index, _)| i32::try_from(index).ok()),
+            roundtrip_ms: self.answered_by.and_then(|(_, roundtrip)| roundtrip),
+        });
     }
+}
+
+/// From a push's `message_start_time` (Unix seconds) to its answer reaching
+/// an instance, in ms: both wall clock, so 0 when another instance's clock
+/// runs behind ours.
+fn roundtrip_ms(message_start_time: f64, received_at: SystemTime) -> i64 {
+    let received = received_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    ((received - message_start_time) * 1000.0).round().max(0.0) as i64
 }
 
 /// Rings every device of `call.sip_user_id` and waits for the first of
@@ -161,10 +211,14 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         state,
         sip_user_id: call.sip_user_id,
         started: Instant::now(),
+        created_at: now_millis(),
         unique_key: None,
         platforms: Vec::new(),
+        tokens: Vec::new(),
         attempts: Vec::new(),
+        verdicts: Vec::new(),
         outcome: None,
+        answered_by: None,
     };
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
         tracing::warn!(
@@ -183,6 +237,10 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         Err(outcome) => return record.end(outcome),
     };
     record.platforms = devices.iter().map(|d| d.registration.platform).collect();
+    record.tokens = devices
+        .iter()
+        .map(|d| short_token(&d.registration.token))
+        .collect();
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
     record.unique_key = Some(unique_key.clone());
     // The wait is open (subscribed, record stored) before any push: a call
@@ -223,6 +281,8 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     for (index, device) in devices.into_iter().enumerate() {
         let (attempts, attempts_seen) = watch::channel(0u32);
         record.attempts.push(attempts_seen);
+        let (verdict, verdict_seen) = watch::channel(None);
+        record.verdicts.push(verdict_seen);
         let (tell, ending) = oneshot::channel();
         endings.push(tell);
         let payload = Payload::Call {
@@ -237,6 +297,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
             index,
             dead_token: dead_token.clone(),
             attempts,
+            verdict,
         };
         tokio::spawn(schedule::ring_device(
             state.clone(),
@@ -313,6 +374,14 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
             }
         }
     }
+    if outcome == Outcome::Ack {
+        record.answered_by = answered_by(&news).map(|(index, answer)| {
+            let roundtrip = answer
+                .received_at
+                .map(|at| roundtrip_ms(message_start_time, at));
+            (index, roundtrip)
+        });
+    }
     // Every device still ringing is told why the call is over.
     let notice = end_reason(outcome);
     for (index, tell) in endings.into_iter().enumerate() {
@@ -355,7 +424,15 @@ fn settled(news: &News, dead: &[bool]) -> Option<Outcome> {
 
 /// The answer that took the call, if any.
 fn winner(news: &News) -> Option<&Answer> {
-    news.answers.iter().flatten().find(|a| a.available)
+    answered_by(news).map(|(_, answer)| answer)
+}
+
+/// The index of the device whose answer took the call, and that answer.
+fn answered_by(news: &News) -> Option<(usize, &Answer)> {
+    news.answers
+        .iter()
+        .enumerate()
+        .find_map(|(index, answer)| Some((index, answer.as_ref().filter(|a| a.available)?)))
 }
 
 /// The reason a device that did not answer is told, and a late answer hears.

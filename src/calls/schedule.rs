@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::logs::{redact, Escaped};
-use crate::push::{Payload, PushOutcome, PushTarget};
+use crate::push::{Payload, PushOutcome, PushTarget, Reason};
 use crate::state::AppState;
 use crate::store::EndReason;
 
@@ -33,6 +33,37 @@ pub(super) struct Report {
     pub dead_token: mpsc::UnboundedSender<usize>,
     /// The number of pushes accepted so far, for the call's log line.
     pub attempts: watch::Sender<u32>,
+    /// What the push service said to the last call push, for the call
+    /// history.
+    pub verdict: watch::Sender<Option<Verdict>>,
+}
+
+/// What the push service said to a call push: its outcome and reason, as
+/// the `pushes` metric labels them. Copied, not formatted, on the push
+/// path; shown as `delivered`, or e.g. `token_dead UNREGISTERED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Verdict {
+    outcome: &'static str,
+    reason: Reason,
+}
+
+impl From<&PushOutcome> for Verdict {
+    fn from(outcome: &PushOutcome) -> Self {
+        Verdict {
+            outcome: outcome.as_str(),
+            reason: outcome.reason(),
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.outcome)?;
+        if self.reason != Reason::NONE {
+            write!(f, " {}", self.reason.as_str())?;
+        }
+        Ok(())
+    }
 }
 
 /// How the call ended for this device: `Some(reason)` to be told,
@@ -148,6 +179,7 @@ async fn push_until_done(
             &outcome,
             sent_at.elapsed().as_secs_f64(),
         );
+        report.verdict.send_replace(Some(Verdict::from(&outcome)));
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
@@ -224,5 +256,24 @@ mod tests {
             retry_delay(0, Some(Duration::from_secs(3))),
             Duration::from_secs(3)
         );
+    }
+
+    #[test]
+    fn a_verdict_is_the_outcome_and_the_services_reason() {
+        use crate::push::Refusal;
+        assert_eq!(
+            Verdict::from(&PushOutcome::Delivered).to_string(),
+            "delivered"
+        );
+        let refusal = Refusal::new(Reason::OTHER, "FCM 500");
+        assert_eq!(
+            Verdict::from(&PushOutcome::Failed(refusal)).to_string(),
+            "failed other"
+        );
+        let retry = PushOutcome::Retry {
+            after: None,
+            refusal: Refusal::unanswered("timed out"),
+        };
+        assert_eq!(Verdict::from(&retry).to_string(), "retry");
     }
 }

@@ -1,13 +1,16 @@
-//! The operator's commands beside `serve`: `push test`, `device list` and
-//! `device remove`; what each prints and its exit status.
+//! The operator's commands beside `serve`: `push test`, `device list`,
+//! `device remove` and `calls`; what each prints and its exit status.
 //!
 //! They run against the same database and build the same pusher as the
 //! server from the same flags, so what they show is what the server sees
 //! and sends. `main.rs` only dispatches to them. Nothing here serves HTTP.
 
+pub mod calls;
 pub mod devices;
 pub mod push_test;
-mod text;
+/// Shared with the call path, which shortens tokens for the call history
+/// as `device list` shows them.
+pub(crate) mod text;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,19 +2,7 @@
 //! shortened, rows as an aligned table. Text a client sent (tokens, device
 //! names) is escaped, so it cannot repaint the operator's terminal.
 
-use crate::logs::Escaped;
-
-/// A token shortened to its first 8 and last 4 characters: enough to tell
-/// two apart and to find one in a log, not enough to push to it.
-pub fn short_token(token: &str) -> String {
-    let chars: Vec<char> = token.chars().collect();
-    if chars.len() <= 12 {
-        return Escaped(token).to_string();
-    }
-    let head: String = chars[..8].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{}…{}", Escaped(&head), Escaped(&tail))
-}
+pub use crate::logs::short_token;
 
 /// Milliseconds since the Unix epoch as `2025-06-01 12:00:00 UTC`.
 pub fn utc(millis: i64) -> String {

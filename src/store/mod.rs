@@ -1,10 +1,13 @@
-//! Devices, push apps and the response log: the [`Store`] boundary.
+//! Devices, push apps, the response log and the call history: the
+//! [`Store`] boundary.
 //!
 //! Owns the schema, the migrations runner and the connection pools. Two
 //! backends share one schema and one set of queries ([`sql`]): SQLite,
 //! embedded and the default, and PostgreSQL for production. It must not know
 //! about HTTP or pushes: callers get typed rows and a [`StoreError`].
 
+mod batch;
+mod call_history;
 mod models;
 mod response_log;
 mod schema;
@@ -14,9 +17,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
+pub use batch::BatchWriter;
+pub use call_history::{history_cutoff, purge_periodically, CallHistory, PURGE_EVERY};
 pub use models::{
-    App, Credentials, Device, EndReason, HangupReason, NewDevice, Platform, Registration,
-    ResponseLogEntry,
+    App, CallHistoryEntry, CalledDevice, Credentials, Device, EndReason, HangupReason, NewDevice,
+    Platform, Registration, ResponseLogEntry,
 };
 pub use response_log::ResponseLog;
 pub use sql::{migrate, open, PoolOptions};
@@ -110,6 +115,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends rows to the response log, in one transaction.
     async fn log_responses(&self, entries: &[ResponseLogEntry]) -> Result<(), StoreError>;
+
+    /// Appends calls to the call history, in one transaction.
+    async fn log_calls(&self, calls: &[CallHistoryEntry]) -> Result<(), StoreError>;
+
+    /// The calls of `sip_user_id`, newest first: at most `last`, and with
+    /// `since` (Unix ms) only those that started then or later.
+    async fn calls(
+        &self,
+        sip_user_id: i64,
+        since: Option<i64>,
+        last: i64,
+    ) -> Result<Vec<CallHistoryEntry>, StoreError>;
+
+    /// Deletes the calls that started before `before` (Unix ms): the
+    /// retention's purge. Returns how many went.
+    async fn purge_calls(&self, before: i64) -> Result<usize, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -247,3 +247,48 @@ pub struct HangupReason {
     pub reason: String,
     pub created_at: i64,
 }
+
+/// One incoming call, as the call history keeps it: what an operator looks
+/// at when a user says "my phone did not ring".
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallHistoryEntry {
+    /// When the call reached us (Unix ms): when its PBX request arrived.
+    pub created_at: i64,
+    pub sip_user_id: i64,
+    /// The call's `unique_key`; empty when it never got one (no device, or
+    /// refused before the lookup).
+    pub unique_key: String,
+    /// Every device rung, in the order of their index in the call.
+    pub devices: Vec<CalledDevice>,
+    /// How the call ended: the `outcome` label of the incoming-calls metric
+    /// (`ack`, `timeout`, ..., `hung_up`).
+    pub outcome: String,
+    /// From the PBX's request arriving to the call's end.
+    pub waited_ms: i64,
+    /// The index of the device whose app took the call (ACK only).
+    pub answered_by: Option<i32>,
+    /// The answering device's wake-up as the call saw it: from the push's
+    /// `message_start_time` to its answer reaching an instance (both wall
+    /// clock, so possibly another instance's). Not the app-reported
+    /// roundtrip, which only the instance that took the answer knows.
+    /// `None` when the answer was found by the fallback check (it carries
+    /// no arrival time).
+    pub roundtrip_ms: Option<i64>,
+}
+
+/// One device of a call in the call history. Stored as JSON in
+/// `call_history.devices`, so a call with any number of devices is one row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalledDevice {
+    pub platform: Platform,
+    /// Shortened as `device list` shows it: enough to find the device, not
+    /// enough to push to it. The history outlives the device.
+    pub token: String,
+    /// Call pushes the push service accepted (the `attempt` of the last).
+    pub attempts: u32,
+    /// What the push service said to the device's last call push:
+    /// `delivered`, or the outcome and its reason (`token_dead UNREGISTERED`,
+    /// `failed BadDeviceToken`, `retry` for a push that got no answer);
+    /// `None` when no push had been answered by the call's end.
+    pub verdict: Option<String>,
+}

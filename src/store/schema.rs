@@ -49,3 +49,17 @@ diesel::table! {
         created_at -> BigInt,
     }
 }
+
+diesel::table! {
+    call_history (id) {
+        id -> BigInt,
+        created_at -> BigInt,
+        sip_user_id -> BigInt,
+        unique_key -> Text,
+        devices -> Text,
+        outcome -> Text,
+        waited_ms -> BigInt,
+        answered_by -> Nullable<Integer>,
+        roundtrip_ms -> Nullable<BigInt>,
+    }
+}

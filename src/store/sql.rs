@@ -31,7 +31,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::FutureExt;
 
 use super::models::*;
-use super::schema::{apps, devices, hangup_reasons, response_log};
+use super::schema::{apps, call_history, devices, hangup_reasons, response_log};
 use super::{now_millis, Store, StoreError};
 use crate::pool::Reachability;
 
@@ -264,6 +264,41 @@ fn credentials_json(app: &App) -> Option<String> {
     app.credentials
         .as_ref()
         .map(|c| serde_json::to_string(c).expect("credentials serialize to JSON"))
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = call_history)]
+struct CallRow {
+    created_at: i64,
+    sip_user_id: i64,
+    unique_key: String,
+    devices: String,
+    outcome: String,
+    waited_ms: i64,
+    answered_by: Option<i32>,
+    roundtrip_ms: Option<i64>,
+}
+
+impl CallRow {
+    fn into_entry(self) -> Result<CallHistoryEntry, StoreError> {
+        let devices = serde_json::from_str(&self.devices).map_err(|e| {
+            StoreError::Corrupt(format!("devices of the call {:?}: {e}", self.unique_key))
+        })?;
+        Ok(CallHistoryEntry {
+            created_at: self.created_at,
+            sip_user_id: self.sip_user_id,
+            unique_key: self.unique_key,
+            devices,
+            outcome: self.outcome,
+            waited_ms: self.waited_ms,
+            answered_by: self.answered_by,
+            roundtrip_ms: self.roundtrip_ms,
+        })
+    }
+}
+
+fn devices_json(devices: &[CalledDevice]) -> String {
+    serde_json::to_string(devices).expect("called devices serialize to JSON")
 }
 
 /// Expands the one text of every query for one backend's connection type.
@@ -575,6 +610,66 @@ macro_rules! diesel_store {
                 let mut conn = checkout(&self.reach, &self.read).await?;
                 conn.batch_execute("SELECT 1").await.map_err(query_error)
             }
+
+            async fn log_calls(&self, calls: &[CallHistoryEntry]) -> Result<(), StoreError> {
+                let mut conn = checkout(&self.reach, &self.write).await?;
+                // One transaction, a statement per row, as `log_responses`
+                // (SQLite's lack of a DEFAULT keyword rules out diesel's
+                // multi-row VALUES here).
+                conn.transaction(async |conn| {
+                    for call in calls {
+                        diesel::insert_into(call_history::table)
+                            .values((
+                                call_history::created_at.eq(call.created_at),
+                                call_history::sip_user_id.eq(call.sip_user_id),
+                                call_history::unique_key.eq(&call.unique_key),
+                                call_history::devices.eq(devices_json(&call.devices)),
+                                call_history::outcome.eq(&call.outcome),
+                                call_history::waited_ms.eq(call.waited_ms),
+                                call_history::answered_by.eq(call.answered_by),
+                                call_history::roundtrip_ms.eq(call.roundtrip_ms),
+                            ))
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok::<_, diesel::result::Error>(())
+                })
+                .await
+                .map_err(query_error)
+            }
+
+            async fn calls(
+                &self,
+                sip_user_id: i64,
+                since: Option<i64>,
+                last: i64,
+            ) -> Result<Vec<CallHistoryEntry>, StoreError> {
+                let mut conn = checkout(&self.reach, &self.read).await?;
+                let mut query = call_history::table
+                    .filter(call_history::sip_user_id.eq(sip_user_id))
+                    .into_boxed();
+                if let Some(since) = since {
+                    query = query.filter(call_history::created_at.ge(since));
+                }
+                query
+                    .order((call_history::created_at.desc(), call_history::id.desc()))
+                    .limit(last)
+                    .select(CallRow::as_select())
+                    .load(&mut conn)
+                    .await
+                    .map_err(query_error)?
+                    .into_iter()
+                    .map(CallRow::into_entry)
+                    .collect()
+            }
+
+            async fn purge_calls(&self, before: i64) -> Result<usize, StoreError> {
+                let mut conn = checkout(&self.reach, &self.write).await?;
+                diesel::delete(call_history::table.filter(call_history::created_at.lt(before)))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)
+            }
         }
     };
 }
@@ -629,6 +724,26 @@ mod tests {
 
     type Row = (i64, String, bool, Option<String>);
 
+    /// Reverts migrations, newest first, through the devices migration:
+    /// those that came after it go first (and come back with it). A macro,
+    /// as `$migrations` is a constant used once per revert.
+    macro_rules! revert_through_devices {
+        ($conn:expr, $migrations:expr) => {
+            loop {
+                let version = $conn
+                    .revert_last_migration($migrations)
+                    .expect("revert a migration");
+                if version
+                    .to_string()
+                    .replace('-', "")
+                    .starts_with("20261203010000")
+                {
+                    break;
+                }
+            }
+        };
+    }
+
     /// The devices migration, on a database of the one-device schema: it
     /// keeps every row, lets an account hold a second device but not the
     /// same one twice, and its down migration keeps each account's newest.
@@ -649,8 +764,7 @@ mod tests {
                     .expect("read the devices")
             };
             conn.run_pending_migrations($migrations).expect("migrate");
-            conn.revert_last_migration($migrations)
-                .expect("revert the devices migration");
+            revert_through_devices!(conn, $migrations);
             conn.batch_execute(OLD_ROWS)
                 .expect("rows of the old schema");
             conn.run_pending_migrations($migrations)
@@ -667,8 +781,7 @@ mod tests {
                 conn.batch_execute(SECOND_DEVICE).is_err(),
                 "the same device twice"
             );
-            conn.revert_last_migration($migrations)
-                .expect("revert with two devices");
+            revert_through_devices!(conn, $migrations);
             assert_eq!(
                 rows(conn),
                 vec![(7, "g7".into(), false, None), old[1].clone()],

@@ -1,0 +1,120 @@
+//! Rows written off the request path and in batches: the response log and
+//! the call history.
+//!
+//! A request must answer at once, and the database takes one writer at a
+//! time (SQLite) or a round trip per statement (PostgreSQL): a row per
+//! request, each in its own task, falls behind at a few thousand requests
+//! per second. Instead, rows queue in a bounded channel and one task writes
+//! whatever piled up in one transaction. A full queue drops the row
+//! (counted, never blocking a request); shutdown drains the queue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, Notify};
+
+use super::{Store, StoreError};
+
+/// Rows waiting to be written, at most.
+const QUEUE: usize = 100_000;
+/// Rows per transaction, at most.
+const BATCH: usize = 1_000;
+
+/// How a batch of rows reaches the store: one of its multi-row writes
+/// (`|store, rows| store.log_responses(rows)`).
+pub type WriteBatch<T> =
+    for<'a> fn(&'a dyn Store, &'a [T]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+/// A bounded queue of rows and the one task that writes them.
+pub struct BatchWriter<T> {
+    queue: mpsc::Sender<T>,
+    /// What the rows are, for the warnings (`"response log"`).
+    what: &'static str,
+    /// Rows dropped because the queue was full or the write failed.
+    lost: Arc<AtomicU64>,
+    /// Tells the writer to stop taking rows and finish the queue.
+    closing: Arc<Notify>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl<T: Send + Sync + 'static> BatchWriter<T> {
+    /// Starts the writer task, which hands each batch to `write`.
+    pub fn new(what: &'static str, store: Arc<dyn Store>, write: WriteBatch<T>) -> Self {
+        let (queue, rows) = mpsc::channel(QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        let closing = Arc::new(Notify::new());
+        let writer = tokio::spawn(run(
+            Sink {
+                what,
+                store,
+                write,
+                lost: lost.clone(),
+            },
+            rows,
+            closing.clone(),
+        ));
+        BatchWriter {
+            queue,
+            what,
+            lost,
+            closing,
+            writer: Mutex::new(Some(writer)),
+        }
+    }
+
+    /// Queues a row; never waits.
+    pub fn record(&self, row: T) {
+        if self.queue.try_send(row).is_err() {
+            let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+            if lost.is_power_of_two() {
+                tracing::warn!(lost, "{} queue full; rows dropped", self.what);
+            }
+        }
+    }
+
+    /// Rows lost so far.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Writes what is queued and stops the writer. Rows recorded afterwards
+    /// are dropped.
+    pub async fn flush(&self) {
+        self.closing.notify_one();
+        let writer = self.writer.lock().expect("writer lock poisoned").take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Where the writer task puts its batches.
+struct Sink<T> {
+    what: &'static str,
+    store: Arc<dyn Store>,
+    write: WriteBatch<T>,
+    lost: Arc<AtomicU64>,
+}
+
+async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let received = tokio::select! {
+            received = rows.recv_many(&mut batch, BATCH) => received,
+            // Take no more rows; what is queued still comes out of recv_many.
+            _ = closing.notified() => {
+                rows.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        if let Err(e) = (sink.write)(sink.store.as_ref(), &batch).await {
+            sink.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, rows = batch.len(), "cannot write the {}", sink.what);
+        }
+        batch.clear();
+    }
+}
