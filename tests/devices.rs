@@ -474,19 +474,7 @@ async fn a_lowered_limit_is_applied_at_the_next_registration() {
         let store = &server.running.state.store;
         let user = sip_user_id();
         let id: i64 = user.parse().expect("an id");
-        let device = |token: &str| call_notifier::store::NewDevice {
-            sip_user_id: id,
-            platform: Platform::Android,
-            token: token.to_owned(),
-            app_id: APP.to_owned(),
-            name: None,
-            os_version: None,
-            client_version: None,
-            remote_logging_id: None,
-            sandbox: false,
-            alert_token: None,
-            expires_at: None,
-        };
+        let device = |token: &str| android_device(id, token, None);
         for token in ["t1", "t2", "t3"] {
             let done = store
                 .register_device(device(token), 3)

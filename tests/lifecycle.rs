@@ -296,19 +296,11 @@ async fn a_register_from_a_proxy_registered_device_answers_its_call() {
         let registrar = other.as_ref().unwrap_or(&server);
         let user = sip_user_id();
         let id: i64 = user.parse().expect("an id");
-        let device = call_notifier::store::NewDevice {
-            sip_user_id: id,
-            platform: call_notifier::store::Platform::Android,
-            token: "tok-sip".into(),
-            app_id: APP.into(),
-            name: None,
-            os_version: None,
-            client_version: None,
-            remote_logging_id: None,
-            sandbox: false,
-            alert_token: None,
-            expires_at: Some(call_notifier::store::now_millis() + 3_600_000),
-        };
+        let device = android_device(
+            id,
+            "tok-sip",
+            Some(call_notifier::store::now_millis() + 3_600_000),
+        );
         server
             .running
             .state

@@ -243,18 +243,33 @@ impl Fields {
 
     /// `sip_user_id`: a required positive 64-bit integer.
     pub fn sip_user_id(&self) -> Result<i64, ApiError> {
-        const FIELD: &str = "sip_user_id";
-        const RULE: &str = "must be a positive 64-bit integer";
-        let id = match self.values.get(FIELD) {
-            None | Some(Value::Null) => return Err(ApiError::invalid(FIELD, "is required")),
+        self.integer(
+            "sip_user_id",
+            1..=i64::MAX,
+            "must be a positive 64-bit integer",
+        )
+    }
+
+    /// A required integer within `range`: a JSON integer, or its digits as
+    /// text (no sign, no point: what a PBX or proxy substitutes into a
+    /// form). Anything else breaks `rule`.
+    pub fn integer(
+        &self,
+        field: &'static str,
+        range: std::ops::RangeInclusive<i64>,
+        rule: &'static str,
+    ) -> Result<i64, ApiError> {
+        let value = match self.values.get(field) {
+            None | Some(Value::Null) => return Err(ApiError::invalid(field, "is required")),
             Some(Value::Number(n)) => n.as_i64(),
             Some(Value::Text(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
                 s.parse::<i64>().ok()
             }
             Some(_) => None,
         };
-        id.filter(|id| *id > 0)
-            .ok_or_else(|| ApiError::invalid(FIELD, RULE))
+        value
+            .filter(|v| range.contains(v))
+            .ok_or_else(|| ApiError::invalid(field, rule))
     }
 
     /// A boolean, `default` when absent. Accepts JSON booleans, 1/0, and the

@@ -61,18 +61,31 @@ fn parse_incoming_call(fields: &Fields) -> Result<IncomingCall, ApiError> {
     })
 }
 
+/// Refuses a request from outside `--pbx-allow` (the voice platform: the
+/// PBX, and the SIP proxy beside it) with 403. Checked before the body is
+/// read: a stranger gets nothing but 403. `what` names the request in the
+/// log line.
+pub(super) fn pbx_only(
+    state: &AppState,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+    what: &str,
+) -> Result<(), ApiError> {
+    let source = state.access.network.client_ip(peer.ip(), request.headers());
+    if state.access.network.pbx_allowed(source) {
+        return Ok(());
+    }
+    tracing::warn!(%source, "{what} from outside --pbx-allow refused");
+    Err(AuthError::Forbidden.into())
+}
+
 /// The PBX parks here until the app answers or the wait runs out.
 pub(super) async fn incoming_call(
     state: &Arc<AppState>,
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    // Checked before the body is read: a stranger gets nothing but 403.
-    let source = state.access.network.client_ip(peer.ip(), request.headers());
-    if !state.access.network.pbx_allowed(source) {
-        tracing::warn!(%source, "incoming call from outside --pbx-allow refused");
-        return Err(AuthError::Forbidden.into());
-    }
+    pbx_only(state, peer, &request, "incoming call")?;
     let (_, fields) = body::read(request, Source::Body).await?;
     let call = parse_incoming_call(&fields)?;
     Ok(match calls::ring(state, call).await {
@@ -121,11 +134,7 @@ pub(super) async fn cancel_call(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let source = state.access.network.client_ip(peer.ip(), request.headers());
-    if !state.access.network.pbx_allowed(source) {
-        tracing::warn!(%source, "call cancel from outside --pbx-allow refused");
-        return Err(AuthError::Forbidden.into());
-    }
+    pbx_only(state, peer, &request, "call cancel")?;
     let (_, fields) = body::read(request, Source::Body).await?;
     let key = match fields.optional_text("call_id", 255)? {
         Some(call_id) => call_id,

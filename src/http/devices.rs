@@ -27,20 +27,42 @@ const TAKEN_OVER: &str = "Another device has been registered for your account; t
 /// one reversed the log lines it was written to. An APNs device token is
 /// hex (Apple's are 32 bytes as 64 hex digits; no length is assumed).
 fn token(platform: Platform, fields: &Fields) -> Result<String, ApiError> {
-    let token = fields.required_string("token", 250)?;
+    check_token(
+        "token",
+        platform,
+        fields.required_string("token", TOKEN_MAX)?,
+    )
+}
+
+/// The longest push token.
+pub(super) const TOKEN_MAX: usize = 250;
+
+/// Holds a token to the rules of [`token`], naming `field` when it breaks
+/// one: the app sends its token as `token`, a SIP proxy inside `pn_prid`.
+pub(super) fn check_token(
+    field: &'static str,
+    platform: Platform,
+    token: String,
+) -> Result<String, ApiError> {
+    if token.is_empty() || token.chars().count() > TOKEN_MAX {
+        return Err(ApiError::invalid(
+            field,
+            format!("a token must be 1 to {TOKEN_MAX} characters"),
+        ));
+    }
     if token.chars().any(char::is_whitespace) {
-        return Err(ApiError::invalid("token", "must not contain whitespace"));
+        return Err(ApiError::invalid(field, "must not contain whitespace"));
     }
     if token.chars().any(is_invisible_format) {
         return Err(ApiError::invalid(
-            "token",
+            field,
             "must not contain invisible formatting characters (bidirectional marks, \
              embeddings, overrides and isolates, zero-width characters)",
         ));
     }
     if platform.is_apns() && !token.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ApiError::invalid(
-            "token",
+            field,
             "must be hexadecimal digits (0-9, a-f, A-F) for apns",
         ));
     }
@@ -126,6 +148,17 @@ pub(super) async fn register(
     if state.store.app(platform, &device.app_id).await?.is_none() {
         return Err(ApiError::NotFound("app unknown for this platform"));
     }
+    store_registration(state, device).await
+}
+
+/// Stores a registration (the app's, or a SIP proxy's) within the account's
+/// `--max-devices-per-account`, tells the devices it displaced, and answers
+/// 201 created / 200 updated with the registration as stored.
+pub(super) async fn store_registration(
+    state: &Arc<AppState>,
+    device: NewDevice,
+) -> Result<Response<Body>, ApiError> {
+    let platform = device.platform;
     let body = serde_json::to_value(&device).expect("a registration serializes to JSON");
     let registration = state
         .store
@@ -198,16 +231,27 @@ pub(super) async fn unregister(
     let sip_user_id = fields.sip_user_id()?;
     let token = token(platform, &fields)?;
     let app_id = fields.required_string("app", 255)?;
+    delete_device(state, sip_user_id, platform, &token, &app_id, "deleted").await
+}
+
+/// Deletes the one device named (the app's, or a SIP proxy's): 200 with
+/// `{said: true}` (each API has its word), 404 when the account has no
+/// such device.
+pub(super) async fn delete_device(
+    state: &AppState,
+    sip_user_id: i64,
+    platform: Platform,
+    token: &str,
+    app_id: &str,
+    said: &'static str,
+) -> Result<Response<Body>, ApiError> {
     if state
         .store
-        .delete_device(sip_user_id, platform, &token, &app_id)
+        .delete_device(sip_user_id, platform, token, app_id)
         .await?
     {
         state.metrics.deletion(platform);
-        Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({ "deleted": true }),
-        ))
+        Ok(json(StatusCode::OK, &serde_json::json!({ said: true })))
     } else {
         Err(ApiError::NotFound("no such device"))
     }

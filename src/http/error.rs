@@ -25,6 +25,11 @@ pub enum ApiError {
     /// Not found; the text is what the client may know.
     #[error("{0}")]
     NotFound(&'static str),
+    /// A field is well formed but names nothing this server serves (an
+    /// unknown push provider or app): 404 naming the field, which a SIP
+    /// proxy turns into `555 Push Notification Service Not Supported`.
+    #[error("{field}: {rule}")]
+    Unknown { field: &'static str, rule: String },
     #[error("method not allowed")]
     MethodNotAllowed(&'static str),
     #[error("request body larger than {0} bytes")]
@@ -57,7 +62,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Invalid { .. } | ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::Unknown { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -75,11 +80,13 @@ impl ApiError {
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match &self {
-            ApiError::Invalid { field, rule } => serde_json::json!({
-                "error": format!("{field}: {rule}"),
-                "field": field,
-                "rule": rule,
-            }),
+            ApiError::Invalid { field, rule } | ApiError::Unknown { field, rule } => {
+                serde_json::json!({
+                    "error": format!("{field}: {rule}"),
+                    "field": field,
+                    "rule": rule,
+                })
+            }
             ApiError::Unavailable { what, detail } => unavailable(what, detail),
             ApiError::Auth(AuthError::Unavailable(detail)) => unavailable("account API", detail),
             ApiError::Auth(AuthError::Throttled { rule, .. }) => serde_json::json!({

@@ -11,6 +11,7 @@ mod devices;
 pub mod error;
 mod health;
 mod listener;
+mod sip;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ async fn route(
             ("/api/check-in", &Method::POST) => app_events::check_in(state, peer, request).await,
             ("/api/hangup-reason", &Method::POST) => {
                 app_events::hangup_reason(state, peer, request).await
+            }
+            ("/api/sip-registration", &Method::POST) => sip::register(state, peer, request).await,
+            ("/api/sip-registration", &Method::DELETE) => {
+                sip::unregister(state, peer, request).await
             }
             (path, &Method::POST) if device_platform(path).is_some() => {
                 let platform = device_platform(path).expect("matched above");
@@ -174,6 +179,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/api/apns-device", "POST, DELETE"),
     ("/api/android-device", "POST, DELETE"),
     ("/api/gcm-device", "POST, DELETE"),
+    ("/api/sip-registration", "POST, DELETE"),
     ("/api/check-in", "POST"),
     ("/api/hangup-reason", "POST"),
     ("/health", "GET"),

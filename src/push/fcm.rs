@@ -85,6 +85,35 @@ pub struct FcmApp {
     token_rejected: AtomicBool,
 }
 
+/// Reads a service-account file: its key and its usable `project_id`.
+async fn service_account(
+    path: &Path,
+) -> Result<(yup_oauth2::ServiceAccountKey, String), CredentialsError> {
+    let bad = |reason: String| CredentialsError::ServiceAccount {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = read_credentials(path).await?;
+    let key = yup_oauth2::parse_service_account_key(&bytes).map_err(|e| bad(e.to_string()))?;
+    let project_id = key
+        .project_id
+        .clone()
+        .filter(|id| {
+            !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        })
+        .ok_or_else(|| bad("no usable project_id".into()))?;
+    Ok((key, project_id))
+}
+
+/// The Firebase project a service-account file belongs to: what a SIP
+/// proxy names in RFC 8599's `pn-param` for FCM.
+pub async fn project_id(path: &Path) -> Result<String, CredentialsError> {
+    service_account(path).await.map(|(_, project)| project)
+}
+
 impl FcmApp {
     /// Reads the service-account file: its key, its `token_uri` and its
     /// project id. Fetches no token yet.
@@ -93,18 +122,7 @@ impl FcmApp {
             path: path.to_owned(),
             reason,
         };
-        let bytes = read_credentials(path).await?;
-        let key = yup_oauth2::parse_service_account_key(&bytes).map_err(|e| bad(e.to_string()))?;
-        let project_id = key
-            .project_id
-            .clone()
-            .filter(|id| {
-                !id.is_empty()
-                    && id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-            })
-            .ok_or_else(|| bad("no usable project_id".into()))?;
+        let (key, project_id) = service_account(path).await?;
         let authenticator = ServiceAccountAuthenticator::with_client(
             key,
             CustomHyperClientBuilder::from(endpoint.http.clone()),

@@ -46,11 +46,14 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The device of a SIP account registered or updated last, if any:
-    /// the one device of an account at the default limit of one.
+    /// the one device of an account at the default limit of one. Expired
+    /// devices (a SIP proxy's, past `expires_at`) are not returned, and are
+    /// deleted as they are found.
     async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError>;
 
     /// Every device of a SIP account, oldest registration first: what an
-    /// operator lists, and what a call rings.
+    /// operator lists, and what a call rings. Expired devices are left out
+    /// and deleted, as in [`Store::device`].
     async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError>;
 
     /// Deletes the devices of `sip_user_id`: every one, or with `token` only

@@ -319,6 +319,42 @@ macro_rules! diesel_store {
             reach: Reachability,
         }
 
+        impl $name {
+            /// The devices of `rows` that have not expired. Expired ones (a
+            /// SIP proxy registered them, and their registration lapsed
+            /// more than its grace ago) are deleted as they are found: no
+            /// sweeper task, and a row is never pushed past its expiry. A
+            /// refresh racing the delete wins: only rows still expired go.
+            /// The delete failing costs nothing but the row staying a
+            /// while longer, so it is logged, not returned.
+            async fn live(&self, rows: Vec<Device>) -> Vec<Device> {
+                let now = now_millis();
+                let (expired, live): (Vec<Device>, Vec<Device>) = rows
+                    .into_iter()
+                    .partition(|d| d.registration.expires_at.is_some_and(|at| at <= now));
+                if expired.is_empty() {
+                    return live;
+                }
+                let ids: Vec<i64> = expired.iter().map(|d| d.id).collect();
+                let deleted = match checkout(&self.reach, &self.write).await {
+                    Ok(mut conn) => diesel::delete(
+                        devices::table
+                            .filter(devices::id.eq_any(&ids))
+                            .filter(devices::expires_at.le(now)),
+                    )
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error),
+                    Err(e) => Err(e),
+                };
+                match deleted {
+                    Ok(n) => tracing::info!(deleted = n, "expired SIP-registered devices removed"),
+                    Err(e) => tracing::warn!(error = %e, "cannot remove expired devices"),
+                }
+                live
+            }
+        }
+
         #[async_trait]
         impl Store for $name {
             async fn device(&self, sip_user_id: i64) -> Result<Option<Device>, StoreError> {
@@ -326,14 +362,15 @@ macro_rules! diesel_store {
                 // The account's few rows (at most the limit, 20), newest
                 // last: no `LIMIT ?`, whose re-bind makes SQLite re-prepare
                 // the statement each time.
-                let mut all = devices::table
+                let all = devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
                     .order((devices::updated_at, devices::id))
                     .select(Device::as_select())
                     .load(&mut conn)
                     .await
                     .map_err(query_error)?;
-                Ok(all.pop())
+                drop(conn);
+                Ok(self.live(all).await.pop())
             }
 
             async fn register_device(
@@ -453,13 +490,15 @@ macro_rules! diesel_store {
 
             async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError> {
                 let mut conn = checkout(&self.reach, &self.read).await?;
-                devices::table
+                let all = devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
                     .order((devices::created_at, devices::id))
                     .select(Device::as_select())
                     .load(&mut conn)
                     .await
-                    .map_err(query_error)
+                    .map_err(query_error)?;
+                drop(conn);
+                Ok(self.live(all).await)
             }
 
             async fn remove_devices(

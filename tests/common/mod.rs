@@ -646,6 +646,24 @@ pub fn sip_user_id() -> String {
     (1_000_000 + pid * 10_000 + NEXT.fetch_add(1, Ordering::Relaxed)).to_string()
 }
 
+/// An android device of the test app for `sip_user_id`, as the store takes
+/// it: `expires_at` set for one a SIP proxy registered, `None` for the app's.
+pub fn android_device(sip_user_id: i64, token: &str, expires_at: Option<i64>) -> NewDevice {
+    NewDevice {
+        sip_user_id,
+        platform: Platform::Android,
+        token: token.into(),
+        app_id: APP.into(),
+        name: None,
+        os_version: None,
+        client_version: None,
+        remote_logging_id: None,
+        sandbox: false,
+        alert_token: None,
+        expires_at,
+    }
+}
+
 /// A call id no other test uses.
 pub fn call_id() -> String {
     format!("test-{}", call_notifier::calls::random_key())
