@@ -58,14 +58,33 @@ async fn rung(server: &TestServer, key: &str) -> Vec<(String, f64)> {
     pushes
 }
 
+/// Parks a call for `user` and waits until each of its devices is pushed:
+/// the call's key, the PBX's parked request, and [`rung`]'s pushes.
+async fn ring_three(
+    server: &TestServer,
+    user: &str,
+) -> (String, tokio::task::JoinHandle<Reply>, Vec<(String, f64)>) {
+    let key = call_id();
+    let pbx = server.client.park(user, &key);
+    let pushes = rung(server, &key).await;
+    (key, pbx, pushes)
+}
+
+/// With Redis, a second instance on the same backend (what a request
+/// reaching another instance than the call's goes to); in process, none.
+async fn other_instance(backend: &Backend) -> Option<TestServer> {
+    match backend.redis_url() {
+        Some(_) => Some(three_device_server(backend).await),
+        None => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_answer_wins_and_the_others_are_told_answered_elsewhere() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         let user = three_devices(&server).await;
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let pushes = rung(&server, &key).await;
+        let (key, pbx, pushes) = ring_three(&server, &user).await;
         let (taken, at) = &pushes[1];
         let answer = server.client.call_response(taken, *at, true).await;
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
@@ -110,9 +129,7 @@ async fn one_decline_and_one_answer_is_ack() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         let user = three_devices(&server).await;
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let pushes = rung(&server, &key).await;
+        let (_, pbx, pushes) = ring_three(&server, &user).await;
         let decline = server
             .client
             .call_response(&pushes[0].0, pushes[0].1, false)
@@ -139,9 +156,7 @@ async fn every_device_declining_is_nak_not_available() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         let user = three_devices(&server).await;
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let pushes = rung(&server, &key).await;
+        let (_, pbx, pushes) = ring_three(&server, &user).await;
         for (unique_key, at) in &pushes {
             let decline = server.client.call_response(unique_key, *at, false).await;
             assert_eq!(decline.status, StatusCode::ACCEPTED, "{}", backend.name());
@@ -165,9 +180,7 @@ async fn the_pbx_closing_mid_wait_sends_cancelled_notices() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         let user = three_devices(&server).await;
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let pushes = rung(&server, &key).await;
+        let (_, pbx, pushes) = ring_three(&server, &user).await;
         pbx.abort();
         let _ = pbx.await;
         for (token, (unique_key, _)) in TOKENS.iter().zip(&pushes) {
@@ -194,15 +207,10 @@ async fn the_cancel_endpoint_naks_the_parked_request_from_any_instance() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         // With Redis the cancel reaches the call through another instance.
-        let other = match backend.redis_url() {
-            Some(_) => Some(three_device_server(&backend).await),
-            None => None,
-        };
+        let other = other_instance(&backend).await;
         let canceller = other.as_ref().unwrap_or(&server);
         let user = three_devices(&server).await;
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let pushes = rung(&server, &key).await;
+        let (key, pbx, pushes) = ring_three(&server, &user).await;
         let cancel = canceller
             .client
             .post("/api/incoming-call/cancel/", &[("call_id", &key)])
@@ -255,9 +263,7 @@ async fn answers_at_two_instances_at_once_make_exactly_one_ack() {
         let other = three_device_server(&backend).await;
         let user = three_devices(&server).await;
         for _ in 0..5 {
-            let key = call_id();
-            let pbx = server.client.park(&user, &key);
-            let pushes = rung(&server, &key).await;
+            let (_, pbx, pushes) = ring_three(&server, &user).await;
             let (here, there) = tokio::join!(
                 server.client.call_response(&pushes[0].0, pushes[0].1, true),
                 other.client.call_response(&pushes[1].0, pushes[1].1, true),
@@ -289,10 +295,7 @@ async fn a_register_from_a_proxy_registered_device_answers_its_call() {
     on_every_backend(|backend| async move {
         let server = three_device_server(&backend).await;
         // With Redis the REGISTER reaches another instance than the call.
-        let other = match backend.redis_url() {
-            Some(_) => Some(three_device_server(&backend).await),
-            None => None,
-        };
+        let other = other_instance(&backend).await;
         let registrar = other.as_ref().unwrap_or(&server);
         let user = sip_user_id();
         let id: i64 = user.parse().expect("an id");
