@@ -227,3 +227,30 @@ async fn the_purge_deletes_calls_past_the_retention_and_keeps_the_rest() {
     })
     .await;
 }
+
+/// The app can answer before the push service has replied to the push that
+/// woke it: the row still says what the service said, once it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_push_services_reply_leaves_its_verdict() {
+    on_every_backend(|backend| async move {
+        let server = common::fcm::FcmServer::start(&backend, |_| {}).await;
+        let name = server.name();
+        server.fcm_answers([common::fcm::fcm_accepts().after(Duration::from_millis(300))]);
+        let user = server.registered("android", TOKEN).await;
+        let key = call_id();
+        let pbx = server.ring(&user, &key);
+        let push = server.push_for(&key, Duration::from_secs(5)).await;
+        let answer = server.answer(&push, true).await;
+        assert_eq!(answer.status, hyper::StatusCode::ACCEPTED, "{name}");
+        let reply = bounded("the PBX's answer", pbx)
+            .await
+            .expect("the PBX task");
+        assert_eq!(reply.body, "status=ACK", "{name}");
+
+        let rows = rows(&server, &user).await;
+        assert_eq!(rows.len(), 1, "{name}: {rows:?}");
+        assert_eq!(rows[0].devices, [device(1, "delivered")], "{name}");
+        assert_eq!(rows[0].answered_by, Some(0), "{name}");
+    })
+    .await;
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use call_notifier::store::{now_millis, App, Credentials, NewDevice, Platform};
+use call_notifier::store::{now_millis, App, Credentials, NewDevice, Platform, Registration};
 use common::*;
 use hyper::{Method, StatusCode};
 use serde_json::json;
@@ -246,6 +246,40 @@ async fn an_expired_device_is_not_pushed_and_is_removed() {
         let all = store.devices(id).await.expect("the devices");
         let tokens: Vec<&str> = all.iter().map(|d| d.registration.token.as_str()).collect();
         assert_eq!(tokens, ["app"], "{what}");
+    })
+    .await;
+}
+
+/// A lapsed device does not count toward the limit: a new device takes its
+/// place, quietly, and the live device beside it stays (it is not the one
+/// displaced, although it was registered longer ago).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_device_holds_no_place_at_the_limit() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let what = backend.name();
+        let id: i64 = sip_user_id().parse().expect("an id");
+        let device = |token: &str, expires_at| android_device(id, token, expires_at);
+        let store = &server.running.state.store;
+        store
+            .register_device(device("app", None), 2)
+            .await
+            .expect("an app device");
+        store
+            .register_device(device("lapsed", Some(now_millis() - 1)), 2)
+            .await
+            .expect("a lapsed device");
+        let added = store
+            .register_device(device("new", None), 2)
+            .await
+            .expect("a new device");
+        assert!(
+            matches!(&added, Registration::Created { displaced } if displaced.is_empty()),
+            "{what}: {added:?}"
+        );
+        let all = store.devices(id).await.expect("the devices");
+        let tokens: Vec<&str> = all.iter().map(|d| d.registration.token.as_str()).collect();
+        assert_eq!(tokens, ["app", "new"], "{what}");
     })
     .await;
 }

@@ -9,6 +9,7 @@
 //! an [`Outcome`] into `status=ACK` / `status=NAK`.
 
 mod answer;
+mod history;
 pub mod parking;
 mod schedule;
 
@@ -21,12 +22,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::broker::{device_alias, push_key, Answer, BrokerError, News};
+use history::HistoryRow;
 
 use crate::logs::{short_token, Escaped};
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
-use crate::store::{now_millis, CallHistoryEntry, CalledDevice, EndReason, Platform};
+use crate::store::{now_millis, EndReason, Platform};
 
 /// An incoming call as the PBX described it, already validated.
 #[derive(Debug, Clone)]
@@ -108,27 +110,25 @@ pub fn unix_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One call's log line, metrics and call history row, written once on
-/// every way out, the PBX hanging up (this dropped mid-wait) included.
+/// One call's log line and metrics, written once on every way out, the PBX
+/// hanging up (this dropped mid-wait) included; and its part of the call's
+/// history row.
 struct CallRecord<'a> {
     state: &'a AppState,
     sip_user_id: i64,
     started: Instant,
-    /// When the call started, on the wall clock (Unix ms), for its history.
-    created_at: i64,
     unique_key: Option<String>,
     platforms: Vec<Platform>,
-    /// Each device's token, shortened for the call history.
-    tokens: Vec<String>,
     /// Pushes accepted so far per device, reported by the push schedules.
     attempts: Vec<watch::Receiver<u32>>,
-    /// What the push service said to each device's last call push.
-    verdicts: Vec<watch::Receiver<Option<schedule::Verdict>>>,
     /// `None` until the call ends; still `None` on drop: the PBX hung up.
     outcome: Option<Outcome>,
     /// The index of the device that took the call, and its wake-up in ms as
-    /// the call saw it (see [`CallHistoryEntry::roundtrip_ms`]).
+    /// the call saw it (see [`crate::store::CallHistoryEntry::roundtrip_ms`]).
     answered_by: Option<(usize, Option<i64>)>,
+    /// The call's history row (`None`: not kept), which each device's
+    /// schedule completes.
+    history: Option<Arc<HistoryRow>>,
 }
 
 impl CallRecord<'_> {
@@ -154,39 +154,19 @@ impl Drop for CallRecord<'_> {
             outcome,
             "call ended"
         );
-        if self.state.config.call_history_days == 0 {
-            return;
+        // The devices' part comes from their schedules; the row is queued
+        // when the last of them is done.
+        if let Some(history) = self.history.take() {
+            history.fill(|row| {
+                row.unique_key = self.unique_key.take().unwrap_or_default();
+                row.outcome = outcome.to_owned();
+                row.waited_ms = waited_ms;
+                row.answered_by = self
+                    .answered_by
+                    .and_then(|(index, _)| i32::try_from(index).ok());
+                row.roundtrip_ms = self.answered_by.and_then(|(_, roundtrip)| roundtrip);
+            });
         }
-        // Every device looked up, pushed or not (the wait may have failed
-        // to open before any push).
-        let devices = self
-            .platforms
-            .iter()
-            .zip(std::mem::take(&mut self.tokens))
-            .enumerate()
-            .map(|(index, (&platform, token))| CalledDevice {
-                platform,
-                token,
-                attempts: attempts.get(index).copied().unwrap_or(0),
-                verdict: self
-                    .verdicts
-                    .get(index)
-                    .and_then(|v| v.borrow().map(|v| v.to_string())),
-            })
-            .collect();
-        // Queued, never awaited: this runs on the call's way out.
-        self.state.call_history.record(CallHistoryEntry {
-            created_at: self.created_at,
-            sip_user_id: self.sip_user_id,
-            unique_key: self.unique_key.take().unwrap_or_default(),
-            devices,
-            outcome: outcome.to_owned(),
-            waited_ms,
-            answered_by: self
-                .answered_by
-                .and_then(|(index, _)| i32::try_from(index).ok()),
-            roundtrip_ms: self.answered_by.and_then(|(_, roundtrip)| roundtrip),
-        });
     }
 }
 
@@ -211,14 +191,17 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         state,
         sip_user_id: call.sip_user_id,
         started: Instant::now(),
-        created_at: now_millis(),
         unique_key: None,
         platforms: Vec::new(),
-        tokens: Vec::new(),
         attempts: Vec::new(),
-        verdicts: Vec::new(),
         outcome: None,
         answered_by: None,
+        history: HistoryRow::start(
+            &state.call_history,
+            state.config.call_history_days > 0,
+            now_millis(),
+            call.sip_user_id,
+        ),
     };
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
         tracing::warn!(
@@ -237,10 +220,13 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         Err(outcome) => return record.end(outcome),
     };
     record.platforms = devices.iter().map(|d| d.registration.platform).collect();
-    record.tokens = devices
-        .iter()
-        .map(|d| short_token(&d.registration.token))
-        .collect();
+    if let Some(history) = &record.history {
+        history.devices(
+            devices
+                .iter()
+                .map(|d| (d.registration.platform, short_token(&d.registration.token))),
+        );
+    }
     let unique_key = call.call_id.clone().unwrap_or_else(random_key);
     record.unique_key = Some(unique_key.clone());
     // The wait is open (subscribed, record stored) before any push: a call
@@ -281,8 +267,6 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     for (index, device) in devices.into_iter().enumerate() {
         let (attempts, attempts_seen) = watch::channel(0u32);
         record.attempts.push(attempts_seen);
-        let (verdict, verdict_seen) = watch::channel(None);
-        record.verdicts.push(verdict_seen);
         let (tell, ending) = oneshot::channel();
         endings.push(tell);
         let payload = Payload::Call {
@@ -297,7 +281,8 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
             index,
             dead_token: dead_token.clone(),
             attempts,
-            verdict,
+            verdict: None,
+            history: record.history.clone(),
         };
         tokio::spawn(schedule::ring_device(
             state.clone(),

@@ -20,12 +20,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::history::HistoryRow;
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget, Reason};
 use crate::state::AppState;
 use crate::store::EndReason;
 
-/// What the schedule tells the waiting call.
+/// What the schedule tells the waiting call. Dropped when the device's call
+/// pushes are over, which the call's history waits for.
 pub(super) struct Report {
     /// This device's index in the call.
     pub index: usize,
@@ -33,9 +35,19 @@ pub(super) struct Report {
     pub dead_token: mpsc::UnboundedSender<usize>,
     /// The number of pushes accepted so far, for the call's log line.
     pub attempts: watch::Sender<u32>,
-    /// What the push service said to the last call push, for the call
-    /// history.
-    pub verdict: watch::Sender<Option<Verdict>>,
+    /// What the push service said to the last call push.
+    pub verdict: Option<Verdict>,
+    /// The call's history row, told both when the report is dropped.
+    pub history: Option<Arc<HistoryRow>>,
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(history) = self.history.take() {
+            let verdict = self.verdict.map(|v| v.to_string());
+            history.pushed(self.index, *self.attempts.borrow(), verdict);
+        }
+    }
 }
 
 /// What the push service said to a call push: its outcome and reason, as
@@ -89,11 +101,15 @@ pub(super) async fn ring_device(
     state: Arc<AppState>,
     target: PushTarget,
     payload: Payload,
-    report: Report,
+    mut report: Report,
     mut ending: Ending,
     caller: String,
 ) {
-    let ended = push_until_done(&state, &target, payload.clone(), &report, &mut ending).await;
+    let ended = push_until_done(&state, &target, payload.clone(), &mut report, &mut ending).await;
+    let pushed = *report.attempts.borrow() > 0;
+    // The call pushes are over: what they came to is final, and dropping the
+    // report says so to the call's history.
+    drop(report);
     let reason = match ended {
         Some(ended) => ended,
         None => ending.await,
@@ -102,7 +118,7 @@ pub(super) async fn ring_device(
     let Some(reason) = reason else {
         return;
     };
-    if *report.attempts.borrow() == 0 {
+    if !pushed {
         // Never rung: nothing to take back.
         return;
     }
@@ -157,7 +173,7 @@ async fn push_until_done(
     state: &AppState,
     target: &PushTarget,
     mut payload: Payload,
-    report: &Report,
+    report: &mut Report,
     ending: &mut Ending,
 ) -> Option<Result<Option<EndReason>, oneshot::error::RecvError>> {
     let interval = state.config.resend_interval();
@@ -179,7 +195,7 @@ async fn push_until_done(
             &outcome,
             sent_at.elapsed().as_secs_f64(),
         );
-        report.verdict.send_replace(Some(Verdict::from(&outcome)));
+        report.verdict = Some(Verdict::from(&outcome));
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);

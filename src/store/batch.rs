@@ -6,13 +6,15 @@
 //! request, each in its own task, falls behind at a few thousand requests
 //! per second. Instead, rows queue in a bounded channel and one task writes
 //! whatever piled up in one transaction. A full queue drops the row
-//! (counted, never blocking a request); shutdown drains the queue.
+//! (counted, never blocking a request); shutdown drains the queue, once the
+//! rows promised ([`BatchWriter::promise`]) have come in.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedRwLockReadGuard, RwLock};
 
 use super::{Store, StoreError};
 
@@ -20,6 +22,9 @@ use super::{Store, StoreError};
 const QUEUE: usize = 100_000;
 /// Rows per transaction, at most.
 const BATCH: usize = 1_000;
+/// How long shutdown waits for the rows promised before it writes what it
+/// has: a promise is kept within a push's timeout.
+const PROMISES_WAIT: Duration = Duration::from_secs(15);
 
 /// How a batch of rows reaches the store: one of its multi-row writes
 /// (`|store, rows| store.log_responses(rows)`).
@@ -36,6 +41,37 @@ pub struct BatchWriter<T> {
     /// Tells the writer to stop taking rows and finish the queue.
     closing: Arc<Notify>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Read-held by each [`Promise`]; [`BatchWriter::flush`] takes it to
+    /// write to wait for them.
+    promises: Arc<RwLock<()>>,
+}
+
+/// A row a [`BatchWriter`] is promised but cannot be given yet (what a
+/// call's devices were told is known only when their pushes return): the
+/// writer's shutdown waits for it. Dropping it unkept is no harm.
+pub struct Promise<T> {
+    queue: mpsc::Sender<T>,
+    what: &'static str,
+    lost: Arc<AtomicU64>,
+    _open: OwnedRwLockReadGuard<()>,
+}
+
+impl<T> Promise<T> {
+    /// Queues the row; never waits.
+    pub fn record(self, row: T) {
+        queue(&self.queue, self.what, &self.lost, row);
+    }
+}
+
+/// Queues a row, or counts it lost (and warns, at powers of two) when the
+/// queue is full or closed.
+fn queue<T>(queue: &mpsc::Sender<T>, what: &'static str, lost: &AtomicU64, row: T) {
+    if queue.try_send(row).is_err() {
+        let lost = lost.fetch_add(1, Ordering::Relaxed) + 1;
+        if lost.is_power_of_two() {
+            tracing::warn!(lost, "{what} queue full; rows dropped");
+        }
+    }
 }
 
 impl<T: Send + Sync + 'static> BatchWriter<T> {
@@ -60,17 +96,24 @@ impl<T: Send + Sync + 'static> BatchWriter<T> {
             lost,
             closing,
             writer: Mutex::new(Some(writer)),
+            promises: Arc::new(RwLock::new(())),
         }
     }
 
     /// Queues a row; never waits.
     pub fn record(&self, row: T) {
-        if self.queue.try_send(row).is_err() {
-            let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
-            if lost.is_power_of_two() {
-                tracing::warn!(lost, "{} queue full; rows dropped", self.what);
-            }
-        }
+        queue(&self.queue, self.what, &self.lost, row);
+    }
+
+    /// A promise of a row to come, which shutdown waits for; `None` once
+    /// shutdown has begun (a row given now would come too late).
+    pub fn promise(&self) -> Option<Promise<T>> {
+        Some(Promise {
+            queue: self.queue.clone(),
+            what: self.what,
+            lost: self.lost.clone(),
+            _open: self.promises.clone().try_read_owned().ok()?,
+        })
     }
 
     /// Rows lost so far.
@@ -78,9 +121,18 @@ impl<T: Send + Sync + 'static> BatchWriter<T> {
         self.lost.load(Ordering::Relaxed)
     }
 
-    /// Writes what is queued and stops the writer. Rows recorded afterwards
-    /// are dropped.
+    /// Waits (a while) for the rows promised, writes what is queued and
+    /// stops the writer. Rows recorded afterwards are dropped.
     pub async fn flush(&self) {
+        // Held to the end: no promise is made once the writer stops.
+        let promises = self.promises.clone().write_owned();
+        let kept = tokio::time::timeout(PROMISES_WAIT, promises).await;
+        if kept.is_err() {
+            tracing::warn!(
+                "{}: rows promised did not come in {PROMISES_WAIT:?}",
+                self.what
+            );
+        }
         self.closing.notify_one();
         let writer = self.writer.lock().expect("writer lock poisoned").take();
         if let Some(writer) = writer {

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-pub use batch::BatchWriter;
+pub use batch::{BatchWriter, Promise};
 pub use call_history::{history_cutoff, purge_periodically, CallHistory, PURGE_EVERY};
 pub use models::{
     App, CallHistoryEntry, CalledDevice, Credentials, Device, EndReason, HangupReason, NewDevice,

@@ -250,7 +250,7 @@ pub struct HangupReason {
 
 /// One incoming call, as the call history keeps it: what an operator looks
 /// at when a user says "my phone did not ring".
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallHistoryEntry {
     /// When the call reached us (Unix ms): when its PBX request arrived.
     pub created_at: i64,
