@@ -189,5 +189,38 @@ async fn kamailio_wakes_the_phone_and_relays_the_call() {
         refused,
     )
     .await;
+
+    // Push parameters naming no app: 555, and the binding just saved is
+    // removed again, so a call to the account is not relayed to it but
+    // asks call-notifier, which has no device for it: 480.
+    let unsupported = sip_user_id();
+    let refused = sipp(
+        &dir,
+        "register-unsupported.xml",
+        proxy,
+        free_udp_port(),
+        &unsupported,
+        &[
+            ("contact_port", &free_udp_port().to_string()),
+            ("token", TOKEN),
+            ("project", "no-such-project"),
+        ],
+    );
+    succeeds(&dir, "a REGISTER naming no app gets 555", refused).await;
+    assert_eq!(server.device(&unsupported).await, None);
+    let refused = sipp(
+        &dir,
+        "caller-480.xml",
+        proxy,
+        free_udp_port(),
+        &unsupported,
+        &[],
+    );
+    succeeds(
+        &dir,
+        "a call after a 555 is not relayed to its binding: 480",
+        refused,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -271,11 +271,16 @@ pub(super) async fn register(
         alert_token: device.alert_token,
         expires_at: Some(now_millis() + expires * 1000 + GRACE_MS),
     };
-    let response = store_registration(state, stored).await?;
-    // Stored first, so that the call this answers rings a device that is
-    // there. The proxy's answer does not depend on it: the REGISTER is
-    // stored either way, and a failure here leaves the app's call-response.
-    match calls::registered(state, sip_user_id, &token).await {
+    // The REGISTER answers the call ringing for its device (if one is)
+    // while it is stored, not after: the phone is awake and the proxy has
+    // saved its contact whatever the database says, and the PBX hears ACK a
+    // database write sooner. The proxy's answer does not depend on the
+    // call: a failure there leaves the app's call-response to answer it.
+    let (response, answered) = tokio::join!(
+        store_registration(state, stored),
+        calls::registered(state, sip_user_id, &token)
+    );
+    match answered {
         Ok(Some(Answered::Accepted)) => tracing::info!(
             sip_user_id,
             token = %redact(&token),
@@ -284,7 +289,7 @@ pub(super) async fn register(
         Ok(_) => {}
         Err(e) => tracing::warn!(sip_user_id, error = %e, "cannot answer a call with a REGISTER"),
     }
-    Ok(response)
+    response
 }
 
 /// `DELETE`: the proxy removed the registration. Fields in the query
