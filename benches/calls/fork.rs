@@ -24,7 +24,7 @@ use crate::services::Backend;
 use crate::stats::{self, Samples};
 use crate::throughput;
 
-/// Devices per account.
+/// Devices per account, unless `--devices` says otherwise.
 pub const DEVICES: usize = 3;
 /// Phones answer within this period of their push.
 const APP_DELAY_PERIOD: Duration = Duration::from_millis(200);
@@ -38,11 +38,14 @@ pub struct Size {
     /// Calls the PBX hangs up on, one at a time.
     pub hang_ups: usize,
     pub devices: usize,
+    /// Devices per account: every call pushes this many.
+    pub per_account: usize,
     pub throughput: throughput::Size,
 }
 
 pub struct Fork {
     pub backend: &'static str,
+    pub per_account: usize,
     pub wake_up: Samples,
     pub notice: Samples,
     pub throughput: throughput::Throughput,
@@ -51,7 +54,7 @@ pub struct Fork {
 pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork> {
     let label = format!("fork {}", backend.name());
     let settings = Settings {
-        devices_per_account: DEVICES,
+        devices_per_account: size.per_account,
         ..Settings::defaults(backend, Mode::PubSub)
     };
     let (wake_up, notice) = with_server(&settings, async |server| {
@@ -72,13 +75,14 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork
         backend,
         &format!("{key_prefix}tp-"),
         throughput::Size {
-            per_account: DEVICES,
+            per_account: size.per_account,
             ..size.throughput
         },
     )
     .await?;
     Ok(Fork {
         backend: backend.name(),
+        per_account: size.per_account,
         wake_up,
         notice,
         throughput,
@@ -91,13 +95,13 @@ async fn on_server(
     key_prefix: &str,
     size: Size,
 ) -> Result<(Samples, Samples)> {
-    generator::register_devices(server.target.addr, size.devices, DEVICES).await?;
+    generator::register_devices(server.target.addr, size.devices, size.per_account).await?;
     let plan = |prefix: String, calls: usize| Plan {
         prefix,
         budget: Budget::Count(calls),
         concurrency: 1,
         devices: size.devices,
-        per_account: DEVICES,
+        per_account: size.per_account,
         delay_period: APP_DELAY_PERIOD,
     };
     generator::drive(&server.target, &plan(format!("{key_prefix}warm-"), 16)).await?;
@@ -108,10 +112,11 @@ async fn on_server(
     .await?;
     let wake_up = Samples::new(timings.iter().map(|t| t.wake_up).collect());
 
-    let mut notices = Vec::with_capacity(size.hang_ups * DEVICES);
+    let mut notices = Vec::with_capacity(size.hang_ups * size.per_account);
     for n in 0..size.hang_ups {
         let key = format!("{key_prefix}hup-{n}");
-        notices.extend(hang_up(server, &key, generator::sip_user_id(n, size.devices)).await?);
+        let sip_user_id = generator::sip_user_id(n, size.devices);
+        notices.extend(hang_up(server, &key, sip_user_id, size.per_account).await?);
     }
     server.check()?;
     server.wait_idle(Duration::from_secs(5)).await?;
@@ -123,9 +128,14 @@ async fn on_server(
 
 /// Places a call, waits until every device is pushed, closes the PBX's
 /// connection, and times each device's `call_ended` notice.
-async fn hang_up(server: &ServerProcess, key: &str, sip_user_id: u64) -> Result<Vec<Duration>> {
+async fn hang_up(
+    server: &ServerProcess,
+    key: &str,
+    sip_user_id: u64,
+    per_account: usize,
+) -> Result<Vec<Duration>> {
     let pushes = &server.target.pushes;
-    let keys = generator::device_keys(key, DEVICES);
+    let keys = generator::device_keys(key, per_account);
     let pushed: Vec<_> = keys.iter().map(|k| pushes.expect(k)).collect();
     let ended: Vec<_> = keys.iter().map(|k| pushes.expect_end(k)).collect();
     let mut pbx = Http1::connect(server.target.addr, client::source_address(0)).await?;
@@ -141,7 +151,7 @@ async fn hang_up(server: &ServerProcess, key: &str, sip_user_id: u64) -> Result<
     let closed = Instant::now();
     drop(ring);
     drop(pbx);
-    let mut took = Vec::with_capacity(DEVICES);
+    let mut took = Vec::with_capacity(per_account);
     for (notice, device) in ended.into_iter().zip(&keys) {
         let at = tokio::time::timeout(NOTICE_TIMEOUT, notice)
             .await

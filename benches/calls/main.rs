@@ -51,10 +51,11 @@ use crate::server_process::Mode;
 use crate::services::{Backend, Shared};
 
 const USAGE: &str =
-    "usage: cargo bench --bench calls [-- [--quick] [--no-shared] [--only SCENARIO]]
+    "usage: cargo bench --bench calls [-- [--quick] [--no-shared] [--only SCENARIO] [--devices N]]
   --quick          small sizes; checks that every call gets its answer (for CI)
   --no-shared      skip the PostgreSQL + Redis half (default: run it; fail if they are down)
-  --only SCENARIO  run one scenario: latency, scale, throughput or fork";
+  --only SCENARIO  run one scenario: latency, scale, throughput or fork
+  --devices N      devices per account in the fork scenario, 1 to 20 (default 3)";
 
 /// The scenarios, for `--only`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,8 @@ struct Options {
     shared: bool,
     /// Run only this scenario (while working on one).
     only: Option<Scenario>,
+    /// Devices per account in the fork scenario, if not [`fork::DEVICES`].
+    devices: Option<usize>,
 }
 
 impl Options {
@@ -80,6 +83,7 @@ impl Options {
             quick: false,
             shared: true,
             only: None,
+            devices: None,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -95,6 +99,12 @@ impl Options {
                         "--only takes latency, scale, throughput or fork, not {other:?}\n{USAGE}"
                     ),
                     })
+                }
+                "--devices" => {
+                    options.devices = match args.next().map(|n| n.parse::<usize>()) {
+                        Some(Ok(n)) if (1..=20).contains(&n) => Some(n),
+                        other => bail!("--devices takes 1 to 20, not {other:?}\n{USAGE}"),
+                    }
                 }
                 // cargo passes `--bench` to every bench binary.
                 "--bench" => {}
@@ -118,6 +128,9 @@ impl Options {
         }
         if let Some(only) = self.only {
             flags.push(format!("--only {}", format!("{only:?}").to_lowercase()));
+        }
+        if let Some(devices) = self.devices {
+            flags.push(format!("--devices {devices}"));
         }
         match flags.is_empty() {
             true => String::new(),
@@ -166,6 +179,7 @@ impl Sizes {
                 calls: 1_000,
                 hang_ups: 200,
                 devices: 1_000,
+                per_account: fork::DEVICES,
                 throughput: throughput::Size {
                     duration: Duration::from_secs(10),
                     concurrency: 128,
@@ -200,6 +214,7 @@ impl Sizes {
                 calls: 30,
                 hang_ups: 10,
                 devices: 100,
+                per_account: fork::DEVICES,
                 throughput: throughput::Size {
                     duration: Duration::from_secs(2),
                     concurrency: 32,
@@ -248,11 +263,14 @@ async fn run(options: Options) -> Result<()> {
     let started = Instant::now();
     let open_files = sys::raise_open_files_limit();
     let machine = sys::Machine::read();
-    let sizes = if options.quick {
+    let mut sizes = if options.quick {
         Sizes::quick(open_files)
     } else {
         Sizes::full(open_files)
     };
+    if let Some(devices) = options.devices {
+        sizes.fork.per_account = devices;
+    }
     // Every call key of this run starts with it, so leftovers in Redis are
     // ours to count, and runs never see each other's keys.
     let run_id = call_notifier::calls::random_key()[..8].to_owned();
