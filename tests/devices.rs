@@ -249,21 +249,6 @@ async fn register_with(
         .await
 }
 
-/// The tokens of every device `sip_user_id` holds, oldest registration first.
-async fn tokens(server: &TestServer, sip_user_id: &str) -> Vec<String> {
-    let id: i64 = sip_user_id.parse().expect("a SIP account id");
-    server
-        .running
-        .state
-        .store
-        .devices(id)
-        .await
-        .unwrap_or_else(|e| panic!("{}: devices of {sip_user_id}: {e}", server.backend.name()))
-        .into_iter()
-        .map(|d| d.registration.token)
-        .collect()
-}
-
 /// Lets the millisecond clock tick, so the next registration is strictly
 /// newer than the last (the order devices are displaced in).
 async fn tick() {
@@ -310,7 +295,7 @@ async fn several_devices_per_account_up_to_the_limit() {
             backend.name(),
             reply.body
         );
-        assert_eq!(tokens(&server, &user).await, [token(1), token(2), token(3)]);
+        assert_eq!(server.tokens(&user).await, [token(1), token(2), token(3)]);
         let newest = server.device(&user).await.expect("devices");
         assert_eq!(
             (newest.token.as_str(), newest.name.as_deref()),
@@ -326,7 +311,7 @@ async fn several_devices_per_account_up_to_the_limit() {
             StatusCode::CREATED
         );
         assert_eq!(
-            tokens(&server, &user).await,
+            server.tokens(&user).await,
             [token(1), token(3), token(4)],
             "{}",
             backend.name()
@@ -339,13 +324,13 @@ async fn several_devices_per_account_up_to_the_limit() {
         // Unregistering removes only the device it names.
         let reply = client.unregister("android", &user, &token(3)).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-        assert_eq!(tokens(&server, &user).await, [token(1), token(4)]);
+        assert_eq!(server.tokens(&user).await, [token(1), token(4)]);
 
         // So does a dead token.
         let id: i64 = user.parse().expect("an id");
         let store = &server.running.state.store;
         assert!(store.forget_token(id, &token(4)).await.expect("forget"));
-        assert_eq!(tokens(&server, &user).await, [token(1)]);
+        assert_eq!(server.tokens(&user).await, [token(1)]);
 
         // A check-in marks every device seen.
         tick().await;
@@ -417,7 +402,7 @@ async fn a_displaced_iphone_is_told_only_through_its_alert_token() {
             server.client.register("android", &user, &fcm(2)).await,
             StatusCode::CREATED
         );
-        assert_eq!(tokens(&server, &user).await, [fcm(1), fcm(2)]);
+        assert_eq!(server.tokens(&user).await, [fcm(1), fcm(2)]);
         tick().await;
         assert_eq!(
             server.client.register("android", &user, &fcm(3)).await,
@@ -459,7 +444,7 @@ async fn concurrent_registrations_never_exceed_the_limit() {
         for status in &replies {
             assert_eq!(*status, StatusCode::CREATED, "{}", backend.name());
         }
-        assert_eq!(tokens(&server, &user).await.len(), 3, "{}", backend.name());
+        assert_eq!(server.tokens(&user).await.len(), 3, "{}", backend.name());
     })
     .await;
 }
@@ -505,7 +490,7 @@ async fn a_lowered_limit_is_applied_at_the_next_registration() {
             .map(|d| d.registration.token.as_str())
             .collect();
         assert_eq!(gone, ["t1", "t2", "t3"], "{}", backend.name());
-        assert_eq!(tokens(&server, &user).await, ["t4"]);
+        assert_eq!(server.tokens(&user).await, ["t4"]);
         // The same token again, on another platform: replaced, nobody displaced.
         let moved = call_notifier::store::NewDevice {
             platform: Platform::Gcm,

@@ -243,9 +243,7 @@ async fn an_expired_device_is_not_pushed_and_is_removed() {
             .register_device(device("app", None), 2)
             .await
             .expect("an app device");
-        let all = store.devices(id).await.expect("the devices");
-        let tokens: Vec<&str> = all.iter().map(|d| d.registration.token.as_str()).collect();
-        assert_eq!(tokens, ["app"], "{what}");
+        assert_eq!(server.tokens(&user).await, ["app"], "{what}");
     })
     .await;
 }
@@ -258,7 +256,8 @@ async fn an_expired_device_holds_no_place_at_the_limit() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let what = backend.name();
-        let id: i64 = sip_user_id().parse().expect("an id");
+        let user = sip_user_id();
+        let id: i64 = user.parse().expect("an id");
         let device = |token: &str, expires_at| android_device(id, token, expires_at);
         let store = &server.running.state.store;
         store
@@ -277,9 +276,7 @@ async fn an_expired_device_holds_no_place_at_the_limit() {
             matches!(&added, Registration::Created { displaced } if displaced.is_empty()),
             "{what}: {added:?}"
         );
-        let all = store.devices(id).await.expect("the devices");
-        let tokens: Vec<&str> = all.iter().map(|d| d.registration.token.as_str()).collect();
-        assert_eq!(tokens, ["app", "new"], "{what}");
+        assert_eq!(server.tokens(&user).await, ["app", "new"], "{what}");
     })
     .await;
 }

@@ -120,6 +120,14 @@ pub struct NewDevice {
     pub expires_at: Option<i64>,
 }
 
+impl NewDevice {
+    /// Whether its SIP registration (and grace) had lapsed at `now` (Unix
+    /// ms): it is not pushed, and holds no place in its account.
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
 fn as_text<S: Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(id)
 }

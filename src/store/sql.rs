@@ -333,7 +333,7 @@ macro_rules! diesel_store {
                 let now = now_millis();
                 let (expired, live): (Vec<Device>, Vec<Device>) = rows
                     .into_iter()
-                    .partition(|d| d.registration.expires_at.is_some_and(|at| at <= now));
+                    .partition(|d| d.registration.expired(now));
                 if expired.is_empty() {
                     return live;
                 }
@@ -404,7 +404,7 @@ macro_rules! diesel_store {
                     // registering again, which is refreshed.
                     let (expired, mut existing): (Vec<Device>, Vec<Device>) =
                         rows.into_iter().partition(|d| {
-                            d.registration.expires_at.is_some_and(|at| at <= now) && !is_same(d)
+                            d.registration.expired(now) && !is_same(d)
                         });
                     if !expired.is_empty() {
                         let ids: Vec<i64> = expired.iter().map(|d| d.id).collect();

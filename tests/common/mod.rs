@@ -351,6 +351,21 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("{}: look up {sip_user_id}: {e}", self.backend.name()))
     }
 
+    /// The tokens of every device `sip_user_id` holds (expired ones left
+    /// out), oldest registration first.
+    pub async fn tokens(&self, sip_user_id: &str) -> Vec<String> {
+        let id: i64 = sip_user_id.parse().expect("a SIP account id");
+        self.running
+            .state
+            .store
+            .devices(id)
+            .await
+            .unwrap_or_else(|e| panic!("{}: devices of {sip_user_id}: {e}", self.backend.name()))
+            .into_iter()
+            .map(|d| d.registration.token)
+            .collect()
+    }
+
     /// Registers `token` for a fresh SIP account on `platform`, and checks
     /// it was created; returns the account.
     pub async fn registered(&self, platform: &str, token: &str) -> String {
