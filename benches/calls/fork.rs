@@ -12,12 +12,15 @@
 //!   server (its line read from the push pipe).
 //! - Throughput with three devices: the throughput scenario's set-ups per
 //!   second, every call pushing three devices.
+//! - The floor for the wake-up (see [`floor`]): the same answers timed by
+//!   the same client against a plain thread and, on Redis, one script.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::client::{self, Http1};
+use crate::floor::{self, RedisNode};
 use crate::generator::{self, Budget, Plan, INCOMING_CALL};
 use crate::server_process::{with_server, Mode, ServerProcess, Settings};
 use crate::services::Backend;
@@ -30,6 +33,8 @@ pub const DEVICES: usize = 3;
 const APP_DELAY_PERIOD: Duration = Duration::from_millis(200);
 /// How long a notice may take to come once the PBX has hung up.
 const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers timed for the floor, at most.
+const FLOOR_CALLS: usize = 300;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Size {
@@ -47,12 +52,18 @@ pub struct Fork {
     pub backend: &'static str,
     pub per_account: usize,
     pub wake_up: Samples,
+    /// The same wake-up with a plain thread for the server.
+    pub floor: Samples,
     pub notice: Samples,
     pub throughput: throughput::Throughput,
 }
 
 pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork> {
     let label = format!("fork {}", backend.name());
+    let node = backend.redis_url().map(RedisNode::of).transpose()?;
+    let floor = floor::measure(node, size.calls.min(FLOOR_CALLS), APP_DELAY_PERIOD)
+        .await
+        .with_context(|| format!("{label}: the machine's floor"))?;
     let settings = Settings {
         devices_per_account: size.per_account,
         ..Settings::defaults(backend, Mode::PubSub)
@@ -62,7 +73,11 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork
     })
     .await
     .with_context(|| label.clone())?;
-    for (what, samples) in [("wake-up", &wake_up), ("hang-up to notice", &notice)] {
+    for (what, samples) in [
+        ("wake-up", &wake_up),
+        ("the machine's floor for the wake-up", &floor),
+        ("hang-up to notice", &notice),
+    ] {
         let summary = samples.summary();
         eprintln!(
             "bench: {label}: {what}: {} samples, p50 {}, p99 {}",
@@ -84,6 +99,7 @@ pub async fn run(backend: &Backend, key_prefix: &str, size: Size) -> Result<Fork
         backend: backend.name(),
         per_account: size.per_account,
         wake_up,
+        floor,
         notice,
         throughput,
     })
@@ -104,8 +120,8 @@ async fn on_server(
         per_account: size.per_account,
         delay_period: APP_DELAY_PERIOD,
     };
-    generator::drive(&server.target, &plan(format!("{key_prefix}warm-"), 16)).await?;
-    let timings = generator::drive(
+    generator::drive_alone(&server.target, &plan(format!("{key_prefix}warm-"), 16)).await?;
+    let timings = generator::drive_alone(
         &server.target,
         &plan(format!("{key_prefix}ack-"), size.calls),
     )

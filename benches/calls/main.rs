@@ -24,6 +24,7 @@
 //! [`plot`] and [`sys`] for the numbers.
 
 mod client;
+mod floor;
 mod fork;
 mod generator;
 mod latency;

@@ -61,6 +61,14 @@ impl Backend {
         }
     }
 
+    /// The Redis URL the server is given, if any.
+    pub fn redis_url(&self) -> Option<&str> {
+        match self {
+            Backend::Embedded => None,
+            Backend::Shared(shared) => Some(&shared.redis_url),
+        }
+    }
+
     pub fn redis(&self) -> Option<&Redis> {
         match self {
             Backend::Embedded => None,

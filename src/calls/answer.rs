@@ -37,6 +37,7 @@ pub async fn answer(state: &AppState, answer: AppAnswer) -> Result<Answered, Bro
         .broker
         .answer(&answer.unique_key, answer.available)
         .await?;
+    let_the_call_go_first(&verdict).await;
     Ok(match verdict {
         Verdict::Unknown => Answered::Unknown,
         Verdict::Gone(reason) => Answered::Gone(reason),
@@ -75,11 +76,26 @@ pub async fn registered(
     let Some(key) = state.broker.resolve(&alias).await? else {
         return Ok(None);
     };
-    Ok(Some(match state.broker.answer(&key, true).await? {
+    let verdict = state.broker.answer(&key, true).await?;
+    let_the_call_go_first(&verdict).await;
+    Ok(Some(match verdict {
         Verdict::Unknown => return Ok(None),
         Verdict::Gone(reason) => Answered::Gone(reason),
         Verdict::Repeat | Verdict::Taken { .. } => Answered::Accepted,
     }))
+}
+
+/// When this answer counted for a call held by this process, the broker has
+/// just woken the call's wait, which is queued behind this task on this
+/// worker. Yielding lets it write the PBX's `status=ACK` (or go on waiting,
+/// for a decline) now; the answer's own
+/// bookkeeping (metrics, the response log row, whose writer would otherwise
+/// run first) and the app's 202 follow. The caller hears nothing until
+/// the ACK; the app only learns its answer was taken.
+async fn let_the_call_go_first(verdict: &Verdict) {
+    if matches!(verdict, Verdict::Taken { .. }) {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Ends a ringing call as `cancelled`, wherever it is parked (`key`: the

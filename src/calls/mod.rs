@@ -113,8 +113,8 @@ pub fn unix_seconds() -> f64 {
 /// One call's log line and metrics, written once on every way out, the PBX
 /// hanging up (this dropped mid-wait) included; and its part of the call's
 /// history row.
-struct CallRecord<'a> {
-    state: &'a AppState,
+struct CallRecord {
+    state: Arc<AppState>,
     sip_user_id: i64,
     started: Instant,
     unique_key: Option<String>,
@@ -131,14 +131,14 @@ struct CallRecord<'a> {
     history: Option<Arc<HistoryRow>>,
 }
 
-impl CallRecord<'_> {
+impl CallRecord {
     fn end(&mut self, outcome: Outcome) -> Outcome {
         self.outcome = Some(outcome);
         outcome
     }
 }
 
-impl Drop for CallRecord<'_> {
+impl Drop for CallRecord {
     fn drop(&mut self) {
         let outcome = self.outcome.map_or("hung_up", Outcome::as_str);
         self.state.metrics.call(outcome);
@@ -188,7 +188,7 @@ fn roundtrip_ms(message_start_time: f64, received_at: SystemTime) -> i64 {
 /// schedule, told nothing, sends its `cancelled` notice.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let mut record = CallRecord {
-        state,
+        state: state.clone(),
         sip_user_id: call.sip_user_id,
         started: Instant::now(),
         unique_key: None,
@@ -325,56 +325,77 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     }
     let reason = end_reason(outcome);
     if outcome == Outcome::Ack {
-        // The PBX hears ACK now; the tombstone is written after.
-        let (broker, key) = (state.broker.clone(), unique_key.clone());
-        tokio::spawn(async move { broker.end(&key, reason).await });
-    } else {
-        // The broker has the last word: an answer may have won the call just
-        // as its timer fired, and the app that gave it was told so.
-        let ended = tokio::time::timeout(LAST_WORD, state.broker.end(&unique_key, reason));
-        match ended.await.unwrap_or_else(|_| {
-            Err(BrokerError::Unavailable(format!(
-                "no answer within {LAST_WORD:?}"
-            )))
-        }) {
-            Ok(Some(before)) => {
-                for (index, device) in before.devices.iter().enumerate() {
-                    if let (Some(answer), Some(seen @ None)) =
-                        (device.answer, news.answers.get_mut(index))
-                    {
-                        *seen = Some(Answer {
-                            available: answer,
-                            received_at: None,
-                        });
-                    }
-                }
-                if before.devices.iter().any(|d| d.answer == Some(true)) {
-                    outcome = Outcome::Ack;
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                state.metrics.error("broker");
-                tracing::warn!(error = %e, "cannot store the end of a call; its record expires by itself");
-            }
-        }
-    }
-    if outcome == Outcome::Ack {
         record.answered_by = answered_by(&news).map(|(index, answer)| {
             let roundtrip = answer
                 .received_at
                 .map(|at| roundtrip_ms(message_start_time, at));
             (index, roundtrip)
         });
+        record.end(Outcome::Ack);
+        // The PBX hears ACK first: the other phones' notices, the log line,
+        // the tombstone and the wait's release follow in a task of their
+        // own, which this worker runs once this task has written the ACK.
+        let state = state.clone();
+        tokio::spawn(async move {
+            tell_the_rest(endings, &news, &dead, reason);
+            drop(record);
+            // Ended before the wait is released, or the release would end
+            // it again, as a hang-up.
+            if let Err(e) = state.broker.end(&unique_key, reason).await {
+                state.metrics.error("broker");
+                tracing::warn!(error = %e, "cannot store the end of an answered call; its record expires by itself");
+            }
+            drop(wait);
+        });
+        return Outcome::Ack;
     }
-    // Every device still ringing is told why the call is over.
-    let notice = end_reason(outcome);
+    // The broker has the last word: an answer may have won the call just
+    // as its timer fired, and the app that gave it was told so.
+    let ended = tokio::time::timeout(LAST_WORD, state.broker.end(&unique_key, reason));
+    match ended.await.unwrap_or_else(|_| {
+        Err(BrokerError::Unavailable(format!(
+            "no answer within {LAST_WORD:?}"
+        )))
+    }) {
+        Ok(Some(before)) => {
+            for (index, device) in before.devices.iter().enumerate() {
+                if let (Some(answer), Some(seen @ None)) =
+                    (device.answer, news.answers.get_mut(index))
+                {
+                    *seen = Some(Answer {
+                        available: answer,
+                        received_at: None,
+                    });
+                }
+            }
+            if before.devices.iter().any(|d| d.answer == Some(true)) {
+                outcome = Outcome::Ack;
+                record.answered_by = answered_by(&news).map(|(index, _)| (index, None));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            state.metrics.error("broker");
+            tracing::warn!(error = %e, "cannot store the end of a call; its record expires by itself");
+        }
+    }
+    tell_the_rest(endings, &news, &dead, end_reason(outcome));
+    record.end(outcome)
+}
+
+/// Tells every device still ringing why the call is over: all but those
+/// that answered (either way) or whose token died.
+fn tell_the_rest(
+    endings: Vec<oneshot::Sender<Option<EndReason>>>,
+    news: &News,
+    dead: &[bool],
+    notice: EndReason,
+) {
     for (index, tell) in endings.into_iter().enumerate() {
         let answered = news.answers.get(index).is_some_and(Option::is_some);
         let quiet = answered || dead.get(index).copied().unwrap_or(false);
         let _ = tell.send((!quiet).then_some(notice));
     }
-    record.end(outcome)
 }
 
 /// How long a call that is over waits for the broker's last word (whether
