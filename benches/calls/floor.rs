@@ -61,65 +61,65 @@ impl RedisNode {
     }
 }
 
-/// One RESP reply, as its first line (a bulk string's line is its body).
-fn reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<String> {
-    buf.clear();
-    let mut chunk = [0u8; 512];
-    loop {
-        if let Some(end) = complete(buf) {
-            return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
-        }
-        let n = stream.read(&mut chunk).context("Redis closed")?;
-        if n == 0 {
-            bail!("Redis closed the connection");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// The stand-in's Redis: a blocking connection (the redis crate's, with
+/// `TCP_NODELAY`) to the master that owns the key, and the script.
+struct Floor {
+    conn: redis::Connection,
+    script: redis::Script,
+    key: String,
+    publish: &'static str,
 }
 
-/// The end of the reply's useful line once the whole reply is in `buf`.
-fn complete(buf: &[u8]) -> Option<usize> {
-    let line = buf.windows(2).position(|w| w == b"\r\n")?;
-    if buf.first() != Some(&b'$') {
-        return Some(line);
-    }
-    let len: usize = std::str::from_utf8(&buf[1..line]).ok()?.parse().ok()?;
-    let body = line + 2;
-    (buf.len() >= body + len + 2).then_some(body + len)
-}
-
-fn command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
-    }
-    out
-}
-
-/// A connection to the node that owns `key`, and the script's command.
-fn redis_for(node: &RedisNode, key: &str) -> Result<(TcpStream, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut address = node.address.clone();
-    for _ in 0..2 {
-        let mut stream = TcpStream::connect(&address)
-            .with_context(|| format!("the floor cannot reach Redis at {address}"))?;
-        stream.set_nodelay(true)?;
-        stream.write_all(&command(&["SCRIPT", "LOAD", SCRIPT]))?;
-        let line = reply(&mut stream, &mut buf)?;
-        let sha = line.lines().last().unwrap_or("").to_owned();
-        let publish = if node.cluster { "SPUBLISH" } else { "PUBLISH" };
-        let invoke = command(&["EVALSHA", &sha, "1", key, "answered", publish]);
-        stream.write_all(&invoke)?;
-        let first = reply(&mut stream, &mut buf)?;
-        match first.strip_prefix("-MOVED ") {
-            Some(moved) => {
-                address = moved.split(' ').nth(1).unwrap_or("").to_owned();
+impl Floor {
+    /// Connects to `node`, following one `MOVED` to the key's master, and
+    /// runs the script once (which loads it there).
+    fn connect(node: &RedisNode, key: String) -> Result<Floor> {
+        let mut address = node.address.clone();
+        for _ in 0..2 {
+            let info =
+                redis::IntoConnectionInfo::into_connection_info(format!("redis://{address}/"))?
+                    .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+            let conn = redis::Client::open(info)?
+                .get_connection()
+                .with_context(|| format!("the floor cannot reach Redis at {address}"))?;
+            let mut floor = Floor {
+                conn,
+                script: redis::Script::new(SCRIPT),
+                key: key.clone(),
+                publish: if node.cluster { "SPUBLISH" } else { "PUBLISH" },
+            };
+            match floor.run() {
+                Err(e) => match e
+                    .downcast_ref::<redis::RedisError>()
+                    .and_then(|e| e.redirect_node())
+                {
+                    Some((moved, _)) => address = moved.to_owned(),
+                    None => return Err(e),
+                },
+                Ok(()) => return Ok(floor),
             }
-            None if first == ":1" => return Ok((stream, invoke)),
-            None => bail!("the floor's script failed: {first}"),
         }
+        bail!("Redis moved the floor's key twice")
     }
-    bail!("Redis moved the floor's key twice")
+
+    /// One answer's script.
+    fn run(&mut self) -> Result<()> {
+        let done: i64 = self
+            .script
+            .key(&self.key)
+            .arg("answered")
+            .arg(self.publish)
+            .invoke(&mut self.conn)?;
+        if done != 1 {
+            bail!("the floor's script returned {done}");
+        }
+        Ok(())
+    }
+
+    fn clean_up(mut self) -> Result<()> {
+        redis::cmd("DEL").arg(&self.key).exec(&mut self.conn)?;
+        Ok(())
+    }
 }
 
 /// Reads one request whole (headers, and the body its `content-length`
@@ -155,8 +155,7 @@ const ACCEPTED: &[u8] = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
 /// until the app's answer, then answers both.
 fn serve(
     listener: TcpListener,
-    mut redis: Option<(TcpStream, Vec<u8>)>,
-    key: &str,
+    mut redis: Option<Floor>,
     parked: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
     let (mut pbx, _) = listener.accept()?;
@@ -169,21 +168,13 @@ fn serve(
         if !read_request(&mut phone, &mut buf)? {
             break;
         }
-        if let Some((stream, invoke)) = redis.as_mut() {
-            stream.write_all(invoke)?;
-            let line = reply(stream, &mut buf)?;
-            if line != ":1" {
-                bail!("the floor's script failed: {line}");
-            }
+        if let Some(floor) = redis.as_mut() {
+            floor.run()?;
         }
         pbx.write_all(ACK)?;
         phone.write_all(ACCEPTED)?;
     }
-    if let Some((stream, _)) = redis.as_mut() {
-        stream.write_all(&command(&["DEL", key]))?;
-        reply(stream, &mut buf)?;
-    }
-    Ok(())
+    redis.map_or(Ok(()), Floor::clean_up)
 }
 
 /// Times `calls` answers through the stand-in, the `n`th after
@@ -198,11 +189,11 @@ async fn timed(redis: Option<&RedisNode>, calls: usize, period: Duration) -> Res
         "bench-floor:{{{}}}",
         &call_notifier::calls::random_key()[..8]
     );
-    let redis = redis.map(|node| redis_for(node, &key)).transpose()?;
+    let redis = redis.map(|node| Floor::connect(node, key)).transpose()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let (parked_tx, mut parked) = mpsc::unbounded_channel();
-    let server = std::thread::spawn(move || serve(listener, redis, &key, parked_tx));
+    let server = std::thread::spawn(move || serve(listener, redis, parked_tx));
     let mut pbx = Http1::connect(addr, client::source_address(0)).await?;
     let mut phone = Http1::connect(addr, client::source_address(1)).await?;
     let mut took = Vec::with_capacity(calls);

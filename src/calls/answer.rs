@@ -88,10 +88,10 @@ pub async fn registered(
 /// When this answer counted for a call held by this process, the broker has
 /// just woken the call's wait, which is queued behind this task on this
 /// worker. Yielding lets it write the PBX's `status=ACK` (or go on waiting,
-/// for a decline) now; the answer's own
-/// bookkeeping (metrics, the response log row, whose writer would otherwise
-/// run first) and the app's 202 follow. The caller hears nothing until
-/// the ACK; the app only learns its answer was taken.
+/// for a decline) now; the answer's own bookkeeping (metrics, the response
+/// log row, whose writer would otherwise run first) and the app's 202
+/// follow. The caller hears nothing until the ACK; the app only learns its
+/// answer was taken.
 async fn let_the_call_go_first(verdict: &Verdict) {
     if matches!(verdict, Verdict::Taken { .. }) {
         tokio::task::yield_now().await;

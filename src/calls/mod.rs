@@ -132,6 +132,17 @@ struct CallRecord {
 }
 
 impl CallRecord {
+    /// Notes the device whose answer took the call, and the roundtrip its
+    /// app reported (none for an answer learnt from the stored record).
+    fn answered(&mut self, news: &News, message_start_time: f64) {
+        self.answered_by = answered_by(news).map(|(index, answer)| {
+            let roundtrip = answer
+                .received_at
+                .map(|at| roundtrip_ms(message_start_time, at));
+            (index, roundtrip)
+        });
+    }
+
     fn end(&mut self, outcome: Outcome) -> Outcome {
         self.outcome = Some(outcome);
         outcome
@@ -325,12 +336,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     }
     let reason = end_reason(outcome);
     if outcome == Outcome::Ack {
-        record.answered_by = answered_by(&news).map(|(index, answer)| {
-            let roundtrip = answer
-                .received_at
-                .map(|at| roundtrip_ms(message_start_time, at));
-            (index, roundtrip)
-        });
+        record.answered(&news, message_start_time);
         record.end(Outcome::Ack);
         // The PBX hears ACK first: the other phones' notices, the log line,
         // the tombstone and the wait's release follow in a task of their
@@ -370,7 +376,7 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
             }
             if before.devices.iter().any(|d| d.answer == Some(true)) {
                 outcome = Outcome::Ack;
-                record.answered_by = answered_by(&news).map(|(index, _)| (index, None));
+                record.answered(&news, message_start_time);
             }
         }
         Ok(None) => {}
