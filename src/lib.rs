@@ -17,8 +17,11 @@
 //!   a task waits for one.
 //! - [`http`]: the accept loop and connection limits, hyper routing, body
 //!   parsing, and the one place where errors become HTTP responses.
+//! - [`lifecycle`]: the call's life as one pure state machine: the stored
+//!   record's transitions every instance shares, and the holder's (which
+//!   phone to stop, to tell, when to wake the PBX).
 //! - [`calls`]: the wait of one incoming call: open, push and resend, outcome,
-//!   cleanup.
+//!   cleanup; it runs the [`lifecycle`] machine.
 //! - [`broker`]: the [`broker::CallBroker`] boundary that carries an answer
 //!   from the request that receives it to the request that waits for it
 //!   (in-process or Redis).
@@ -37,6 +40,7 @@ pub mod calls;
 pub mod commands;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
 pub mod outbound;

@@ -173,7 +173,7 @@ async fn push_test_delivers_one_call_push_with_the_contract_keys_and_exits_zero(
         assert_eq!(message["token"], token, "{name}");
         assert_eq!(message["android"]["priority"], "HIGH", "{name}");
         let data = message["data"].as_object().expect("data");
-        common::assert_call_push_keys(data, name);
+        common::assert_call_push_keys(data, None, name);
         let key = data["unique_key"].as_str().expect("a key");
         assert!(key.starts_with("push-test-"), "{name}: {key}");
         assert!(run.stdout.contains(key), "{name}: the key is printed");

@@ -16,7 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use call_notifier::broker::redis::state_key;
-use call_notifier::broker::CallState;
+use call_notifier::broker::Record;
 use call_notifier::config::Config;
 use common::fault::*;
 use common::*;
@@ -70,8 +70,8 @@ async fn a_message_lost_while_the_subscriber_reconnects_is_caught_by_the_fallbac
         .query_async(&mut conn)
         .await
         .expect("GET");
-    let mut record = CallState::decode(&record).expect("a call's record");
-    assert!(record.take_answer(0, true, 0));
+    let mut record = Record::decode(&record).expect("a call's record");
+    assert!(record.take(0, true, 0, false));
     let _: () = redis::cmd("SET")
         .arg(state_key(&key))
         .arg(record.encode())

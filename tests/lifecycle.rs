@@ -162,12 +162,18 @@ async fn every_device_declining_is_nak_not_available() {
             assert_eq!(decline.status, StatusCode::ACCEPTED, "{}", backend.name());
         }
         assert_eq!(pbx.await.unwrap().body, "status=NAK", "{}", backend.name());
-        // A device that declined hears its own answer again.
+        // Issue #23: once the call is over, a device that declined and
+        // answers again hears the call's reason, not a 202 that would tell
+        // its app the call is still on.
         let repeat = server
             .client
             .call_response(&pushes[0].0, pushes[0].1, true)
             .await;
-        assert_eq!(repeat.status, StatusCode::ACCEPTED);
+        assert_eq!(repeat.status, StatusCode::GONE, "{}", backend.name());
+        assert_eq!(
+            repeat.json(),
+            serde_json::json!({"unique_key": pushes[0].0, "reason": "not_available"})
+        );
         for token in TOKENS {
             assert!(server.notices_to(token).is_empty(), "{token} answered");
         }
@@ -322,7 +328,9 @@ async fn a_register_from_a_proxy_registered_device_answers_its_call() {
         let answered = call_notifier::calls::registered(state, id, "tok-sip").await;
         assert_eq!(
             answered.expect("the broker answers"),
-            Some(call_notifier::calls::Answered::Accepted),
+            Some(call_notifier::calls::Verdict::Taken {
+                platform: call_notifier::store::Platform::Android
+            }),
             "{}",
             backend.name()
         );

@@ -109,7 +109,7 @@ async fn a_call_push_reaches_fcm_as_the_contract_says_and_the_app_answers_ack() 
         );
 
         let data = message["data"].as_object().expect("data");
-        assert_call_push_keys(data, name);
+        assert_call_push_keys(data, Some(&key), name);
         assert!(data.values().all(Value::is_string), "{name}: {body}");
         assert_eq!(data["type"], "call");
         assert_eq!(data["unique_key"], key.as_str());

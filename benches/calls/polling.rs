@@ -22,8 +22,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use call_notifier::broker::redis::{set_pending, state_key};
-use call_notifier::broker::{Answer, BrokerError, CallBroker, CallState, News, Verdict, Wait};
-use call_notifier::store::{EndReason, Platform};
+use call_notifier::broker::{
+    Answer, BrokerError, CallBroker, News, Opening, Record, Stored, Verdict, Wait,
+};
+use call_notifier::store::EndReason;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -75,49 +77,54 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
 
 #[async_trait]
 impl CallBroker for PollingBroker {
-    async fn open(
-        &self,
-        key: &str,
-        devices: &[Platform],
-        until: Instant,
-    ) -> Result<Wait, BrokerError> {
+    async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError> {
         let (found, news) = watch::channel(News {
-            answers: vec![None; devices.len()],
+            answers: vec![None; call.devices.len()],
             ended: None,
         });
+        let key = call.key;
         let poller = match &self.redis {
             Some(conn) => {
                 let mut conn = conn.clone();
-                set_pending(key, devices, until)
+                set_pending(key, call.devices, call.until)
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(unavailable)?;
                 tokio::spawn(poll_redis(conn, state_key(key), self.interval, found))
             }
             None => {
-                let wait = self.inner.open(key, devices, until).await?;
+                let wait = self.inner.open(call).await?;
                 tokio::spawn(poll_in_process(wait, self.interval, found))
             }
         };
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = self.waiting.clone();
-        Ok(Wait::new(news, move || {
+        Ok(Wait::new(key, news, move || {
             // Aborting drops the in-process wait, which cleans up after it.
             poller.abort();
             waiting.fetch_sub(1, Ordering::Relaxed);
         }))
     }
 
-    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError> {
-        self.inner.answer(key, available).await
+    async fn answer(
+        &self,
+        key: &str,
+        available: bool,
+        stale: bool,
+    ) -> Result<Verdict, BrokerError> {
+        self.inner.answer(key, available, stale).await
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError> {
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
         self.inner.end(key, reason).await
     }
 
-    async fn cancel(&self, key: &str) -> Result<bool, BrokerError> {
-        self.inner.cancel(key).await
+    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
+        self.inner.cancel(key, account).await
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError> {
+        self.inner.read(key).await
     }
 
     async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
@@ -152,7 +159,7 @@ async fn poll_redis(
             Ok(stored) => stored,
             Err(_) => continue,
         };
-        let Some(state) = stored.as_deref().and_then(CallState::decode) else {
+        let Some(state) = stored.as_deref().and_then(Record::decode) else {
             continue;
         };
         let answers = state

@@ -1,6 +1,7 @@
 //! The in-process broker: the calls' records and the waiters on them, in
 //! one map. Used when no `--redis-url` is given; correct only while the
-//! PBX's request and the app's answer reach the same process.
+//! PBX's request and the app's answer reach the same process. It runs
+//! [`crate::lifecycle`]'s transitions directly on its map.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,10 +11,11 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    deadline_millis, push_key, unix_millis, Answer, BrokerError, CallBroker, CallState, Left,
-    Phase, Stored, Verdict, Wait, Waiters, TOMBSTONE,
+    candidates, deadline_millis, push_key, unix_millis, Answer, BrokerError, CallBroker, Joined,
+    Left, Opening, Record, Stored, Verdict, Wait, Waiters, TOMBSTONE,
 };
-use crate::store::{EndReason, Platform};
+use crate::lifecycle::{claim, Claim};
+use crate::store::EndReason;
 
 /// Cheap to clone; every clone shares one map.
 #[derive(Clone, Default)]
@@ -27,84 +29,156 @@ struct Shared {
     records: Mutex<Records>,
 }
 
-/// The stored records, each until it expires, like keys with a TTL.
-#[derive(Default)]
-struct Records {
-    map: HashMap<String, (Stored, Instant)>,
+/// Values that expire, like keys with a TTL: a value past its expiry is
+/// never seen, however quiet the server, and is dropped on the next write.
+struct Expiring<V> {
+    map: HashMap<String, (V, Instant)>,
     /// Expiry times in the order they were set: the next to go first.
-    /// Every record's expiry is set at or after its previous one, so a
-    /// stale entry here (a record that was given a later expiry since) is
-    /// skipped when its key turns out to live on.
+    /// Every value's expiry is set at or after its previous one, so a
+    /// stale entry here (a value given a later expiry since) is skipped
+    /// when its key turns out to live on.
     expiring: VecDeque<(Instant, String)>,
-    /// Device aliases and the push key each rings under, until it expires;
-    /// a map of its own, as an alias may look like any call key.
-    aliases: HashMap<String, (String, Instant)>,
-    aliases_expiring: VecDeque<(Instant, String)>,
 }
 
-impl Records {
-    fn set(&mut self, key: &str, stored: Stored, expires: Instant) {
-        self.map.insert(key.to_owned(), (stored, expires));
-        self.expiring.push_back((expires, key.to_owned()));
+impl<V> Default for Expiring<V> {
+    fn default() -> Self {
+        Expiring {
+            map: HashMap::new(),
+            expiring: VecDeque::new(),
+        }
+    }
+}
+
+impl<V> Expiring<V> {
+    fn get(&self, key: &str) -> Option<&V> {
+        let (value, expires) = self.map.get(key)?;
+        (*expires > Instant::now()).then_some(value)
     }
 
-    /// Drops the aliases that have expired.
-    fn prune_aliases(&mut self, now: Instant) {
-        while self
-            .aliases_expiring
-            .front()
-            .is_some_and(|(at, _)| *at <= now)
-        {
-            if let Some((_, alias)) = self.aliases_expiring.pop_front() {
-                if self.aliases.get(&alias).is_some_and(|(_, at)| *at <= now) {
-                    self.aliases.remove(&alias);
-                }
-            }
-        }
+    fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        let (value, expires) = self.map.get_mut(key)?;
+        (*expires > Instant::now()).then_some(value)
+    }
+
+    fn set(&mut self, key: &str, value: V, expires: Instant) {
+        self.prune(Instant::now());
+        self.map.insert(key.to_owned(), (value, expires));
+        self.expiring.push_back((expires, key.to_owned()));
     }
 
     /// Drops what has expired.
     fn prune(&mut self, now: Instant) {
-        while let Some((at, _)) = self.expiring.front() {
-            if *at > now {
-                break;
-            }
+        while self.expiring.front().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, key)) = self.expiring.pop_front() {
-                if self
-                    .map
-                    .get(&key)
-                    .is_some_and(|(_, expires)| *expires <= now)
-                {
+                if self.map.get(&key).is_some_and(|(_, at)| *at <= now) {
                     self.map.remove(&key);
                 }
             }
         }
     }
+}
 
+/// A stored key: a call's record or a device's pointer, and the account
+/// that owns it.
+struct Entry {
+    stored: Stored,
+    owner: i64,
+}
+
+#[derive(Default)]
+struct Records {
+    keys: Expiring<Entry>,
+    /// Device aliases and the push key each rings under; a map of its own,
+    /// as an alias may look like any call key.
+    aliases: Expiring<String>,
+    /// The leg keys opened for a Call-ID that another account's call held.
+    legs: Expiring<Vec<String>>,
+}
+
+impl Records {
     /// The call record a key answers for, with the device's index: a
     /// pointer's call, or a lone device's call under its own key.
-    fn call_of(&mut self, key: &str) -> Option<(String, usize)> {
-        match &self.map.get(key)?.0 {
+    fn call_of(&self, key: &str) -> Option<(String, usize)> {
+        match &self.keys.get(key)?.stored {
             Stored::Pointer { call, device } => Some((call.clone(), *device)),
-            Stored::Call(state) => (state.devices.len() == 1).then(|| (key.to_owned(), 0)),
+            Stored::Call(record) => (record.devices.len() == 1).then(|| (key.to_owned(), 0)),
         }
     }
 
-    fn call_mut(&mut self, key: &str) -> Option<&mut CallState> {
-        match self.map.get_mut(key) {
-            Some((Stored::Call(state), _)) => Some(state),
+    fn record_mut(&mut self, key: &str) -> Option<&mut Record> {
+        match self.keys.get_mut(key) {
+            Some(Entry {
+                stored: Stored::Call(record),
+                ..
+            }) => Some(record),
             _ => None,
         }
     }
 
     /// Ends the call under `key` for `reason`, keeping its tombstone.
-    fn end(&mut self, key: &str, reason: EndReason) -> Option<CallState> {
-        let state = self.call_mut(key)?;
-        let before = state.clone();
-        state.end(reason);
-        let ended = state.clone();
-        self.set(key, Stored::Call(ended), Instant::now() + TOMBSTONE);
+    fn end(&mut self, key: &str, reason: EndReason) -> Option<Record> {
+        let record = self.record_mut(key)?;
+        let before = record.clone();
+        record.end(reason);
+        self.retouch(key, Instant::now() + TOMBSTONE);
         Some(before)
+    }
+
+    /// Gives `key` a new expiry.
+    fn retouch(&mut self, key: &str, expires: Instant) {
+        if let Some((entry, _)) = self.keys.map.remove(key) {
+            self.keys.set(key, entry, expires);
+        }
+    }
+
+    /// Stores a new call under `key` for `call`, with its device pointers,
+    /// unless one of them is taken; says whether it did.
+    fn store(&mut self, key: &str, call: &Opening<'_>) -> bool {
+        let count = call.devices.len();
+        let push_keys: Vec<String> = (0..count)
+            .filter(|_| count > 1)
+            .map(|index| push_key(key, index, count))
+            .collect();
+        if push_keys.iter().any(|push| self.keys.get(push).is_some()) {
+            return false;
+        }
+        let expires = call.until + TOMBSTONE;
+        let record = Record::ringing(call.devices, deadline_millis(call.until));
+        let owner = call.account;
+        for (index, push) in push_keys.iter().enumerate() {
+            let pointer = Stored::Pointer {
+                call: key.to_owned(),
+                device: index,
+            };
+            let entry = Entry {
+                stored: pointer,
+                owner,
+            };
+            self.keys.set(push, entry, expires);
+        }
+        let entry = Entry {
+            stored: Stored::Call(record),
+            owner,
+        };
+        self.keys.set(key, entry, expires);
+        true
+    }
+
+    /// The calls that `key` names for a cancel: the call under it (or
+    /// whose device key it is), and the legs opened for it as a Call-ID;
+    /// only `account`'s when given.
+    fn named_by(&self, key: &str, account: Option<i64>) -> Vec<String> {
+        let mut calls = Vec::new();
+        match self.keys.get(key).map(|e| &e.stored) {
+            Some(Stored::Pointer { call, .. }) => calls.push(call.clone()),
+            Some(Stored::Call(_)) => calls.push(key.to_owned()),
+            None => {}
+        }
+        calls.extend(self.legs.get(key).into_iter().flatten().cloned());
+        calls.retain(|call| {
+            account.is_none_or(|account| self.keys.get(call).is_some_and(|e| e.owner == account))
+        });
+        calls
     }
 }
 
@@ -120,59 +194,74 @@ impl MemoryBroker {
 
 #[async_trait]
 impl CallBroker for MemoryBroker {
-    async fn open(
-        &self,
-        key: &str,
-        devices: &[Platform],
-        until: Instant,
-    ) -> Result<Wait, BrokerError> {
-        let (news, _) = self.shared.waiters.join(key, devices, until);
-        {
-            let mut records = self.records();
-            records.prune(Instant::now());
-            let rings = records
-                .call_mut(key)
-                .is_some_and(|s| !matches!(s.phase, Phase::Ended(_)));
-            if !rings {
-                let expires = until + TOMBSTONE;
-                let state = CallState::ringing(devices, deadline_millis(until));
-                records.set(key, Stored::Call(state), expires);
-                if devices.len() > 1 {
-                    for index in 0..devices.len() {
-                        let pointer = Stored::Pointer {
-                            call: key.to_owned(),
-                            device: index,
-                        };
-                        records.set(&push_key(key, index, devices.len()), pointer, expires);
-                    }
+    async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError> {
+        for (n, key) in candidates(call.key, call.account).iter().enumerate() {
+            let leg_of = (n > 0).then_some(call.key);
+            let Joined::Waiting {
+                news, generation, ..
+            } = self.shared.waiters.join(key, &call, leg_of)
+            else {
+                continue;
+            };
+            let shared = self.shared.clone();
+            let release_key = key.clone();
+            let wait = Wait::new(key, news, move || {
+                if let Left::Last { cancel: true, .. } =
+                    shared.waiters.leave(&release_key, generation)
+                {
+                    // Nobody ended it: the PBX hung up.
+                    shared
+                        .records
+                        .lock()
+                        .expect("records lock poisoned")
+                        .end(&release_key, EndReason::Cancelled);
                 }
+            });
+            let mut records = self.records();
+            let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
+            let stored = match claim(existing, call.account) {
+                Claim::Join => true,
+                Claim::New => records.store(key, &call),
+                Claim::Taken => false,
+            };
+            if !stored {
+                // Not ours: leaving must not end another account's call.
+                self.shared.waiters.claim_end(key);
+                drop(records);
+                drop(wait);
+                continue;
             }
+            if let Some(call_id) = leg_of {
+                let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
+                if !legs.contains(key) {
+                    legs.push(key.clone());
+                }
+                records.legs.set(call_id, legs, call.until + TOMBSTONE);
+            }
+            return Ok(wait);
         }
-        let shared = self.shared.clone();
-        let key = key.to_owned();
-        Ok(Wait::new(news, move || {
-            if let Left::Last { cancel: true, .. } = shared.waiters.leave(&key) {
-                // Nobody ended it: the PBX hung up.
-                shared
-                    .records
-                    .lock()
-                    .expect("records lock poisoned")
-                    .end(&key, EndReason::Cancelled);
-            }
-        }))
+        Err(BrokerError::Unavailable(
+            "no free key for the call".to_owned(),
+        ))
     }
 
-    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError> {
+    async fn answer(
+        &self,
+        key: &str,
+        available: bool,
+        stale: bool,
+    ) -> Result<Verdict, BrokerError> {
         let (call, index, verdict) = {
             let mut records = self.records();
             let Some((call, index)) = records.call_of(key) else {
                 return Ok(Verdict::Unknown);
             };
-            let Some(state) = records.call_mut(&call) else {
+            let Some(record) = records.record_mut(&call) else {
                 return Ok(Verdict::Unknown);
             };
-            let before = state.clone();
-            let counted = state.take_answer(index, available, unix_millis(SystemTime::now()));
+            let before = record.clone();
+            let now = unix_millis(SystemTime::now());
+            let counted = record.take(index, available, now, stale);
             (call, index, before.verdict(index, counted))
         };
         if let Verdict::Taken { .. } = verdict {
@@ -185,56 +274,50 @@ impl CallBroker for MemoryBroker {
         Ok(verdict)
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError> {
-        if !self.shared.waiters.ending(key) {
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
+        if !self.shared.waiters.claim_end(key) {
             return Ok(None);
         }
         Ok(self.records().end(key, reason))
     }
 
-    async fn cancel(&self, key: &str) -> Result<bool, BrokerError> {
-        let call = {
+    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
+        let cancelled: Vec<String> = {
             let mut records = self.records();
-            let Some((call, _)) = records.call_of(key).or_else(|| {
-                // The call key of a call rung on several devices.
-                records.call_mut(key).map(|_| (key.to_owned(), 0))
-            }) else {
-                return Ok(false);
-            };
-            let rings = records
-                .call_mut(&call)
-                .is_some_and(|s| matches!(s.phase, Phase::Ringing { .. }));
-            if !rings {
-                return Ok(false);
-            }
-            records.end(&call, EndReason::Cancelled);
-            call
+            let calls = records.named_by(key, account);
+            calls
+                .into_iter()
+                .filter(|call| {
+                    let cancelled = records.record_mut(call).is_some_and(Record::cancel);
+                    if cancelled {
+                        records.retouch(call, Instant::now() + TOMBSTONE);
+                    }
+                    cancelled
+                })
+                .collect()
         };
-        self.shared.waiters.ended(&call, EndReason::Cancelled);
-        Ok(true)
+        for call in &cancelled {
+            self.shared.waiters.ended(call, EndReason::Cancelled);
+        }
+        Ok(!cancelled.is_empty())
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError> {
+        Ok(self.records().keys.get(key).map(|entry| {
+            let owner = matches!(entry.stored, Stored::Call(_)).then_some(entry.owner);
+            (entry.stored.clone(), owner)
+        }))
     }
 
     async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
-        let mut records = self.records();
-        let now = Instant::now();
-        records.prune_aliases(now);
-        let expires = until + TOMBSTONE;
-        records
+        self.records()
             .aliases
-            .insert(alias.to_owned(), (key.to_owned(), expires));
-        records
-            .aliases_expiring
-            .push_back((expires, alias.to_owned()));
+            .set(alias, key.to_owned(), until + TOMBSTONE);
         Ok(())
     }
 
     async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
-        let records = self.records();
-        Ok(records
-            .aliases
-            .get(alias)
-            .filter(|(_, expires)| *expires > Instant::now())
-            .map(|(key, _)| key.clone()))
+        Ok(self.records().aliases.get(alias).cloned())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

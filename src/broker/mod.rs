@@ -4,14 +4,19 @@
 //! atomically wherever the answers arrive, which answer counts.
 //!
 //! A call rings every device of its account. The broker stores one record
-//! per call under the call's key (see [`CallState`]): every device's
-//! platform and answer, and the call's phase (ringing, won by a device,
-//! ended with a reason). The first `available=true` answer wins the call;
-//! a decline takes only its device out. When the call ends its record
-//! stays a while as a tombstone, so a late answer learns why (410 Gone)
-//! rather than a bare 404. A device's push carries the call's key when the
-//! account has one device, else its own key, `<call key>.<n>`, which the
-//! broker stores as a pointer to the call.
+//! per call under the call's key (a [`Record`]: every device's platform and
+//! answer, and the call's phase), with the account that owns the key beside
+//! it. The record's transitions are [`crate::lifecycle`]'s: this module
+//! stores them and carries their news, and decides nothing of its own. A
+//! device's push carries the call's key when the account has one device,
+//! else its own key, `<call key>.<n>`, which the broker stores as a pointer
+//! to the call. When the call ends its record stays a while as a tombstone,
+//! so a late answer learns why (410 Gone) rather than a bare 404.
+//!
+//! The call's key is the PBX's `call_id` when the key is free for the
+//! account (see [`crate::lifecycle::claim`]); a ring group's other legs,
+//! which share the Call-ID, get [`leg_key`]s of their own, listed under
+//! the Call-ID so a cancel by it finds them all.
 //!
 //! Two implementations: [`memory::MemoryBroker`] (one process, zero set-up)
 //! and [`redis::RedisBroker`] (many instances behind a load balancer). Both
@@ -20,20 +25,26 @@
 
 pub mod memory;
 pub mod redis;
+mod waiters;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::lifecycle::{Phase, Record, Stored, Verdict};
 use crate::store::{EndReason, Platform};
+pub(crate) use waiters::{Joined, Left, Waiters};
 
 /// How long an ended call's record stays, so an answer that comes late is
 /// told why (410 Gone) rather than 404. The contract says at least 60 s.
 pub const TOMBSTONE: Duration = Duration::from_secs(70);
+
+/// The longest push key: a `call_id` (255), a leg's `~<account>` (20) and
+/// a device's `.<n>`.
+pub const PUSH_KEY_MAX: usize = 300;
 
 /// What went wrong in the broker.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +72,16 @@ pub struct News {
     pub ended: Option<EndReason>,
 }
 
+/// The call a wait opens: the key asked for (the PBX's `call_id`, or a
+/// random one), the account, its devices, and the call's deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    pub key: &'a str,
+    pub account: i64,
+    pub devices: &'a [Platform],
+    pub until: Instant,
+}
+
 /// The push key of device `index` (from 0) of a call rung on `devices`
 /// devices: the call's key itself for a lone device, so an account with one
 /// device sees exactly the key it always saw.
@@ -70,6 +91,27 @@ pub fn push_key(call: &str, index: usize, devices: usize) -> String {
     } else {
         format!("{call}.{}", index + 1)
     }
+}
+
+/// The key of `account`'s leg of the call `call_id` when another account's
+/// call holds the `call_id` itself (a ring group): the same for every
+/// request of that account, so a PBX retry finds its leg.
+pub fn leg_key(call_id: &str, account: i64) -> String {
+    format!("{call_id}~{account}")
+}
+
+/// The keys a call asking for `key` tries, in order: the key itself, its
+/// account's [`leg_key`], and a random key, which no other call holds.
+fn candidates(key: &str, account: i64) -> [String; 3] {
+    [key.to_owned(), leg_key(key, account), random_key()]
+}
+
+/// A fresh key: 128 bits from the OS generator, as 32 hex characters.
+/// call-response is unauthenticated, so the key is the only secret.
+pub fn random_key() -> String {
+    let mut bytes = [0u8; 16];
+    rand::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The alias of an account's device, by its push token: what a SIP proxy's
@@ -96,249 +138,42 @@ pub(crate) fn deadline_millis(until: Instant) -> i64 {
     unix_millis(at)
 }
 
-/// Where a call is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for an answer until the Unix millisecond `until`.
-    Ringing { until: i64 },
-    /// A device answered `available=true`; the holder is ending the call.
-    Won { until: i64 },
-    /// Over, for this reason (as a late answer from a device that did not
-    /// answer hears it).
-    Ended(EndReason),
-}
-
-/// One device of a call, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceState {
-    pub platform: Platform,
-    /// Its answer, once it gave one.
-    pub answer: Option<bool>,
-}
-
-/// A call's stored record.
-///
-/// Stored as text, one word each, so a Lua script reads it with a pattern
-/// and a fallback check reads many with one `MGET`: the phase (`ring`,
-/// `won`, `ended`), the deadline in Unix ms (or the end reason), then each
-/// device's platform with `+` once it answered available and `-` once it
-/// declined: `ring 1733250000000 android apns+`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallState {
-    pub phase: Phase,
-    pub devices: Vec<DeviceState>,
-}
-
-/// What a broker key holds: a call's record, or a pointer from a device's
-/// push key to its call (`to <n> <call key>`, `n` from 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stored {
-    Call(CallState),
-    Pointer { call: String, device: usize },
-}
-
-impl Stored {
-    pub fn decode(text: &str) -> Option<Stored> {
-        if let Some(rest) = text.strip_prefix("to ") {
-            let (n, call) = rest.split_once(' ')?;
-            let n: usize = n.parse().ok()?;
-            return (n >= 1).then(|| Stored::Pointer {
-                call: call.to_owned(),
-                device: n - 1,
-            });
-        }
-        CallState::decode(text).map(Stored::Call)
-    }
-
-    pub(crate) fn pointer(call: &str, device: usize) -> String {
-        format!("to {} {call}", device + 1)
-    }
-}
-
-impl CallState {
-    /// A call that starts ringing `devices` until `until` (Unix ms).
-    pub fn ringing(devices: &[Platform], until: i64) -> CallState {
-        CallState {
-            phase: Phase::Ringing { until },
-            devices: devices
-                .iter()
-                .map(|&platform| DeviceState {
-                    platform,
-                    answer: None,
-                })
-                .collect(),
-        }
-    }
-
-    /// The text stored, see [`CallState`].
-    pub fn encode(&self) -> String {
-        let mut text = match self.phase {
-            Phase::Ringing { until } => format!("ring {until}"),
-            Phase::Won { until } => format!("won {until}"),
-            Phase::Ended(reason) => format!("ended {reason}"),
-        };
-        for device in &self.devices {
-            text.push(' ');
-            text.push_str(device.platform.as_str());
-            match device.answer {
-                Some(true) => text.push('+'),
-                Some(false) => text.push('-'),
-                None => {}
-            }
-        }
-        text
-    }
-
-    /// The record stored as `text`; `None` for text no broker writes.
-    pub fn decode(text: &str) -> Option<CallState> {
-        let mut words = text.split(' ');
-        let phase = words.next()?;
-        let second = words.next()?;
-        let phase = match phase {
-            "ring" => Phase::Ringing {
-                until: second.parse().ok()?,
-            },
-            "won" => Phase::Won {
-                until: second.parse().ok()?,
-            },
-            "ended" => Phase::Ended(EndReason::parse(second)?),
-            _ => return None,
-        };
-        let devices = words
-            .map(|word| {
-                let (name, answer) = match word.as_bytes().last() {
-                    Some(b'+') => (&word[..word.len() - 1], Some(true)),
-                    Some(b'-') => (&word[..word.len() - 1], Some(false)),
-                    _ => (word, None),
-                };
-                Some(DeviceState {
-                    platform: Platform::parse(name)?,
-                    answer,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        (!devices.is_empty()).then_some(CallState { phase, devices })
-    }
-
-    /// Takes device `index`'s answer if it counts: the call still rings
-    /// (before `now`, Unix ms, reaches its deadline) and the device has not
-    /// answered. An available answer wins the call. Says whether it counted.
-    /// The Redis broker's answer script does exactly this in Lua
-    /// ([`redis`]'s `ANSWER_SCRIPT`).
-    pub fn take_answer(&mut self, index: usize, available: bool, now: i64) -> bool {
-        let Phase::Ringing { until } = self.phase else {
-            return false;
-        };
-        match self.devices.get_mut(index) {
-            Some(device) if device.answer.is_none() && now < until => {
-                device.answer = Some(available);
-                if available {
-                    self.phase = Phase::Won { until };
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Ends the call for `reason` unless it has ended already; a call a
-    /// device won ends `answered_elsewhere` whatever the reason given. The
-    /// Redis broker's end script does exactly this in Lua.
-    pub fn end(&mut self, reason: EndReason) {
-        self.phase = match self.phase {
-            Phase::Ended(_) => return,
-            Phase::Won { .. } => Phase::Ended(EndReason::AnsweredElsewhere),
-            Phase::Ringing { .. } => Phase::Ended(reason),
-        };
-    }
-
-    /// What an answer of device `index` became, given the record before it
-    /// and whether it counted.
-    pub fn verdict(&self, index: usize, counted: bool) -> Verdict {
-        let Some(device) = self.devices.get(index) else {
-            return Verdict::Unknown;
-        };
-        if counted {
-            return Verdict::Taken {
-                platform: device.platform,
-            };
-        }
-        if device.answer.is_some() {
-            return Verdict::Repeat;
-        }
-        Verdict::Gone(match self.phase {
-            Phase::Ended(reason) => reason,
-            Phase::Won { .. } => EndReason::AnsweredElsewhere,
-            // Still ringing, yet not counted: it came after the deadline.
-            Phase::Ringing { .. } => EndReason::TimedOut,
-        })
-    }
-
-    /// The answers it holds, as a wait's news.
-    fn news(&self) -> News {
-        News {
-            answers: self
-                .devices
-                .iter()
-                .map(|d| {
-                    d.answer.map(|available| Answer {
-                        available,
-                        received_at: None,
-                    })
-                })
-                .collect(),
-            ended: match self.phase {
-                Phase::Ended(reason) => Some(reason),
-                _ => None,
-            },
-        }
-    }
-}
-
-/// What became of an app's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// The key was never issued, or its call's record is gone.
-    Unknown,
-    /// The first answer of its device, taken: `platform` is the device's.
-    Taken { platform: Platform },
-    /// The device had answered already; its first answer stands.
-    Repeat,
-    /// The call is over for this device (late, answered elsewhere, ended).
-    Gone(EndReason),
-}
-
 /// The broker boundary. Implementations are cheap to share (`Arc<dyn CallBroker>`).
 #[async_trait]
 pub trait CallBroker: Send + Sync + 'static {
-    /// Opens a wait for the call `key`, ringing `devices`, until `until` (the
-    /// call's deadline): subscribes to the call's news and then stores its
-    /// record (and a pointer per device key when there are several), in
-    /// that order, so no answer can slip between. A record still ringing
-    /// under the key (a PBX forking one call to several legs with one
-    /// `call_id`) is joined, not replaced; a tombstone is replaced.
-    async fn open(
-        &self,
-        key: &str,
-        devices: &[Platform],
-        until: Instant,
-    ) -> Result<Wait, BrokerError>;
+    /// Opens a wait for a call: subscribes to the call's news and then
+    /// stores its record (and a pointer per device key when there are
+    /// several), in that order, so no answer can slip between. Under the
+    /// key asked for, or the first of its [`candidates`] that the account
+    /// may claim ([`crate::lifecycle::claim`]): this account's call still
+    /// ringing there is joined (a PBX retry), another account's is never
+    /// touched. [`Wait::key`] says which key it got.
+    async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError>;
 
-    /// Takes an app's answer to the push key `key`, and wakes whoever waits
-    /// on its call, here at once and elsewhere through the broker.
-    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError>;
+    /// Takes an app's answer to the push key `key` ([`Record::take`]; a
+    /// `stale` answer never counts), and wakes whoever waits on its call,
+    /// here at once and elsewhere through the broker.
+    async fn answer(&self, key: &str, available: bool, stale: bool)
+        -> Result<Verdict, BrokerError>;
 
     /// Ends the call `key` for `reason` (its tombstone from now on) and
     /// returns its record before, `None` when it had none. Ends nothing
     /// while another request here still waits on the same key. A call a
     /// device won ends `answered_elsewhere`: the record before tells the
     /// holder that it was won, even when its own timer fired first.
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError>;
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError>;
 
-    /// Ends a ringing call as `cancelled` from any instance (`key` is its
-    /// call key or a device's push key), waking its waits. Says whether it
-    /// ended one: `false` when none rings under the key.
-    async fn cancel(&self, key: &str) -> Result<bool, BrokerError>;
+    /// Ends as `cancelled`, from any instance, every ringing call that
+    /// `key` names: the call under the key (or whose device key it is),
+    /// and every leg opened for it as a `call_id` ([`leg_key`]); only
+    /// `account`'s when given. Wakes their waits. Says whether it ended
+    /// any.
+    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
+
+    /// What the key holds, and the account that owns it (`None` for a
+    /// pointer, or a record stored without one): a key's state, read
+    /// without changing it.
+    async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError>;
 
     /// Notes that the device `alias` ([`device_alias`]) rings under the push
     /// key `key` until `until` (and a tombstone's life after): how a SIP
@@ -360,22 +195,36 @@ pub trait CallBroker: Send + Sync + 'static {
 /// process's bookkeeping and the subscription; a call nobody ended (the
 /// PBX hung up) is ended `cancelled` in the background.
 pub struct Wait {
+    key: Arc<str>,
     news: watch::Receiver<News>,
     _release: Release,
 }
 
 impl Wait {
-    /// A wait that learns from `news` and runs `release` when dropped: what
-    /// a broker outside this crate (the benchmarks' polling one) builds its
-    /// waits from.
+    /// A wait on the call `key` that learns from `news` and runs `release`
+    /// when dropped: what a broker outside this crate (the benchmarks'
+    /// polling one) builds its waits from.
     pub fn new(
+        key: &str,
         news: watch::Receiver<News>,
         release: impl FnOnce() + Send + Sync + 'static,
     ) -> Wait {
         Wait {
+            key: Arc::from(key),
             news,
             _release: Release::new(release),
         }
+    }
+
+    /// The call's key: the one asked for, or the leg's own.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Another receiver of the wait's news, to read them where the wait
+    /// is not at hand.
+    pub fn subscribe(&self) -> watch::Receiver<News> {
+        self.news.clone()
     }
 
     /// What the wait knows now.
@@ -408,348 +257,5 @@ impl Drop for Release {
         if let Some(cleanup) = self.0.take() {
             cleanup();
         }
-    }
-}
-
-/// This process's waits, by call key: the same shape as mini-redis's pub/sub
-/// map. Several requests may wait on one key (a PBX forking one call to
-/// several legs with the same `call_id`); all get the news.
-#[derive(Default)]
-pub(crate) struct Waiters {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    slots: HashMap<Arc<str>, Slot>,
-    /// The push keys of calls waited on here with several devices: their
-    /// call and device, so an answer reaching this process needs no lookup.
-    devices: HashMap<Arc<str>, (Arc<str>, usize)>,
-}
-
-struct Slot {
-    news: watch::Sender<News>,
-    waiters: usize,
-    /// The devices as the first waiter gave them, and until when the key is
-    /// waited on (the latest waiter's deadline): what a broker needs to
-    /// store the call's record again (see [`Waiters::pending`]).
-    devices: Vec<Platform>,
-    until: Instant,
-    /// Whether a waiter ended the call itself (else leaving cancels it).
-    ended: bool,
-}
-
-/// What leaving a key means for the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Left {
-    /// Others still wait on the key here.
-    Others,
-    /// The last waiter left: unsubscribe; `cancel` when nobody ended the
-    /// call (the PBX hung up). `push_keys`: the device keys it registered.
-    Last {
-        cancel: bool,
-        push_keys: Vec<Arc<str>>,
-    },
-}
-
-impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("waiters lock poisoned")
-    }
-
-    /// Registers one more waiter on `key`. Says whether it is the first, i.e.
-    /// whether the process must subscribe.
-    pub(crate) fn join(
-        &self,
-        key: &str,
-        devices: &[Platform],
-        until: Instant,
-    ) -> (watch::Receiver<News>, bool) {
-        let mut inner = self.lock();
-        if let Some(slot) = inner.slots.get_mut(key) {
-            slot.waiters += 1;
-            slot.until = slot.until.max(until);
-            return (slot.news.subscribe(), false);
-        }
-        let key: Arc<str> = Arc::from(key);
-        if devices.len() > 1 {
-            for index in 0..devices.len() {
-                let push = Arc::from(push_key(&key, index, devices.len()));
-                inner.devices.insert(push, (key.clone(), index));
-            }
-        }
-        let (news, receiver) = watch::channel(News {
-            answers: vec![None; devices.len()],
-            ended: None,
-        });
-        inner.slots.insert(
-            key,
-            Slot {
-                news,
-                waiters: 1,
-                devices: devices.to_vec(),
-                until,
-                ended: false,
-            },
-        );
-        (receiver, true)
-    }
-
-    /// Removes one waiter from `key`.
-    pub(crate) fn leave(&self, key: &str) -> Left {
-        let mut inner = self.lock();
-        let Some(slot) = inner.slots.get_mut(key) else {
-            return Left::Others;
-        };
-        slot.waiters -= 1;
-        if slot.waiters > 0 {
-            return Left::Others;
-        }
-        let cancel = !slot.ended;
-        let count = slot.devices.len();
-        inner.slots.remove(key);
-        let mut push_keys = Vec::new();
-        if count > 1 {
-            for index in 0..count {
-                if let Some((push, _)) = inner
-                    .devices
-                    .remove_entry(push_key(key, index, count).as_str())
-                {
-                    push_keys.push(push);
-                }
-            }
-        }
-        Left::Last { cancel, push_keys }
-    }
-
-    /// Notes that a waiter ends the call itself. Says whether it may: only
-    /// the last waiter on a key ends its call.
-    pub(crate) fn ending(&self, key: &str) -> bool {
-        let mut inner = self.lock();
-        match inner.slots.get_mut(key) {
-            Some(slot) if slot.waiters == 1 => {
-                slot.ended = true;
-                true
-            }
-            Some(_) => false,
-            // Not waited on here (a broker's own tests): nothing to keep.
-            None => true,
-        }
-    }
-
-    /// The call and device index a push key answers for, when its call is
-    /// waited on here.
-    pub(crate) fn device_of(&self, push_key: &str) -> Option<(Arc<str>, usize)> {
-        let inner = self.lock();
-        if let Some(found) = inner.devices.get(push_key) {
-            return Some(found.clone());
-        }
-        inner
-            .slots
-            .get_key_value(push_key)
-            .filter(|(_, slot)| slot.devices.len() == 1)
-            .map(|(key, _)| (key.clone(), 0))
-    }
-
-    /// Hands device `index`'s answer to every waiter on `key`. A device's
-    /// first answer stands; a repeat (the message after a local delivery)
-    /// changes nothing.
-    pub(crate) fn deliver(&self, key: &str, index: usize, answer: Answer) {
-        let inner = self.lock();
-        if let Some(slot) = inner.slots.get(key) {
-            slot.news
-                .send_if_modified(|news| match news.answers.get_mut(index) {
-                    Some(seen @ None) => {
-                        *seen = Some(answer);
-                        true
-                    }
-                    _ => false,
-                });
-        }
-    }
-
-    /// Tells every waiter on `key` that the call was ended from outside.
-    pub(crate) fn ended(&self, key: &str, reason: EndReason) {
-        let inner = self.lock();
-        if let Some(slot) = inner.slots.get(key) {
-            slot.news.send_if_modified(|news| {
-                let first = news.ended.is_none();
-                news.ended.get_or_insert(reason);
-                first
-            });
-        }
-    }
-
-    /// Hands what a stored record says to the waiters on `key` (the
-    /// fallback check).
-    pub(crate) fn deliver_stored(&self, key: &str, state: &CallState) {
-        let news = state.news();
-        for (index, answer) in news.answers.into_iter().enumerate() {
-            if let Some(answer) = answer {
-                self.deliver(key, index, answer);
-            }
-        }
-        if let Some(reason) = news.ended {
-            self.ended(key, reason);
-        }
-    }
-
-    /// Whether anyone here still waits on `key`.
-    pub(crate) fn contains(&self, key: &str) -> bool {
-        self.lock().slots.contains_key(key)
-    }
-
-    /// The keys waited on whose call may still change: what the fallback
-    /// check reads.
-    pub(crate) fn unsettled(&self) -> Vec<Arc<str>> {
-        let inner = self.lock();
-        inner
-            .slots
-            .iter()
-            .filter(|(_, slot)| slot.news.borrow().ended.is_none())
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
-    /// Every key waited on.
-    pub(crate) fn keys(&self) -> Vec<Arc<str>> {
-        self.lock().slots.keys().cloned().collect()
-    }
-
-    /// The calls waited on, not ended, with their devices and deadlines:
-    /// the records a broker whose backing store lost them puts back.
-    pub(crate) fn pending(&self) -> Vec<(Arc<str>, Vec<Platform>, Instant)> {
-        let inner = self.lock();
-        inner
-            .slots
-            .iter()
-            .filter(|(_, slot)| slot.news.borrow().ended.is_none())
-            .map(|(key, slot)| (key.clone(), slot.devices.clone(), slot.until))
-            .collect()
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.lock().slots.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip_as_text() {
-        let mut state = CallState::ringing(&[Platform::Android, Platform::Apns], 1_733_250_000_000);
-        assert_eq!(state.encode(), "ring 1733250000000 android apns");
-        assert!(state.take_answer(1, false, 0));
-        assert!(state.take_answer(0, true, 0));
-        assert_eq!(state.encode(), "won 1733250000000 android+ apns-");
-        state.end(EndReason::TimedOut);
-        assert_eq!(state.encode(), "ended answered_elsewhere android+ apns-");
-        for text in [
-            "ring 1 gcm",
-            "won 5 android+ apns",
-            "ended cancelled apns- android",
-        ] {
-            assert_eq!(
-                CallState::decode(text).map(|s| s.encode()).as_deref(),
-                Some(text)
-            );
-        }
-        for bad in [
-            "",
-            "ring",
-            "ring 1",
-            "ring x gcm",
-            "ended late gcm",
-            "ring 1 windows",
-        ] {
-            assert_eq!(CallState::decode(bad), None, "{bad}");
-        }
-        assert_eq!(
-            Stored::decode("to 2 a key.with spaces"),
-            Some(Stored::Pointer {
-                call: "a key.with spaces".into(),
-                device: 1
-            })
-        );
-        assert_eq!(Stored::decode("to 0 k"), None);
-    }
-
-    #[test]
-    fn the_first_available_answer_wins_and_late_ones_are_told_why() {
-        let mut state = CallState::ringing(&[Platform::Android; 3], 100);
-        let before = state.clone();
-        assert!(state.take_answer(0, false, 10));
-        assert_eq!(
-            before.verdict(0, true),
-            Verdict::Taken {
-                platform: Platform::Android
-            }
-        );
-        let before = state.clone();
-        assert!(
-            !state.take_answer(0, true, 10),
-            "a device's first answer stands"
-        );
-        assert_eq!(before.verdict(0, false), Verdict::Repeat);
-        assert!(state.take_answer(1, true, 10));
-        let before = state.clone();
-        assert!(!state.take_answer(2, true, 10));
-        assert_eq!(
-            before.verdict(2, false),
-            Verdict::Gone(EndReason::AnsweredElsewhere)
-        );
-        assert_eq!(before.verdict(3, false), Verdict::Unknown);
-        let mut late = CallState::ringing(&[Platform::Gcm], 100);
-        assert!(!late.take_answer(0, true, 100));
-        assert_eq!(late.verdict(0, false), Verdict::Gone(EndReason::TimedOut));
-        late.end(EndReason::Cancelled);
-        late.end(EndReason::TimedOut);
-        assert_eq!(late.verdict(0, false), Verdict::Gone(EndReason::Cancelled));
-    }
-
-    #[tokio::test]
-    async fn every_waiter_on_a_key_gets_each_devices_first_answer() {
-        let waiters = Waiters::default();
-        let until = Instant::now();
-        let devices = [Platform::Android, Platform::Apns];
-        let (mut a, first_a) = waiters.join("k", &devices, until);
-        let (mut b, first_b) = waiters.join("k", &devices, until);
-        assert!(first_a && !first_b);
-        assert_eq!(waiters.device_of("k.2"), Some((Arc::from("k"), 1)));
-        assert_eq!(
-            waiters.device_of("k"),
-            None,
-            "a fork's call key is no push key"
-        );
-        let no = Answer {
-            available: false,
-            received_at: None,
-        };
-        let yes = Answer {
-            available: true,
-            received_at: None,
-        };
-        waiters.deliver("k", 1, no);
-        waiters.deliver("k", 1, yes);
-        for news in [&mut a, &mut b] {
-            let seen = news
-                .wait_for(|n| n.answers[1].is_some())
-                .await
-                .unwrap()
-                .clone();
-            assert_eq!(seen.answers, vec![None, Some(no)]);
-        }
-        assert_eq!(waiters.leave("k"), Left::Others);
-        assert!(waiters.ending("k"));
-        assert_eq!(
-            waiters.leave("k"),
-            Left::Last {
-                cancel: false,
-                push_keys: vec![Arc::from("k.1"), Arc::from("k.2")]
-            }
-        );
-        assert_eq!((waiters.len(), waiters.device_of("k.1")), (0, None));
     }
 }

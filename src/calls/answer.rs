@@ -1,14 +1,16 @@
 //! The app's answer to a call push (`/api/call-response/`), handed to the
 //! broker, which decides whether it counts and wakes the waiting PBX
-//! request wherever it is parked; and the PBX's cancel of a call.
+//! request wherever it is parked; a REGISTER that answers; and the PBX's
+//! cancel of a call.
 
-use crate::broker::{device_alias, BrokerError, Verdict};
+use crate::broker::{device_alias, BrokerError};
+use crate::lifecycle::Verdict;
 use crate::state::AppState;
-use crate::store::{now_millis, EndReason, ResponseLogEntry};
+use crate::store::{now_millis, ResponseLogEntry};
 
-/// What the app says.
+/// What the app posts to `/api/call-response/`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AppAnswer {
+pub struct CallResponse {
     /// The key its push carried.
     pub unique_key: String,
     /// Its push's `message_start_time`, echoed back: Unix seconds.
@@ -17,47 +19,33 @@ pub struct AppAnswer {
     pub available: bool,
 }
 
-/// What became of an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answered {
-    /// Delivered to the call's wait (or a repeat of this device's answer).
-    Accepted,
-    /// The call is over for this device, for this reason: the app stops
-    /// ringing.
-    Gone(EndReason),
-    /// No call was ever rung under this key, or it ended long ago.
-    Unknown,
-}
-
-/// Hands the app's answer to the call's wait. A device's first answer
-/// counts for the metrics and the response log; a repeat is accepted
-/// without either.
-pub async fn answer(state: &AppState, answer: AppAnswer) -> Result<Answered, BrokerError> {
+/// Hands the app's answer to the call's wait. An answer to a push older
+/// than the wait is stale: it never counts, and hears `timed_out` while the
+/// call rings on for its other phones and newer pushes. A device's first
+/// answer counts for the metrics and the response log; a repeat is
+/// accepted without either.
+pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict, BrokerError> {
+    let roundtrip = super::unix_seconds() - response.message_start_time;
+    let stale = roundtrip > state.config.wait().as_secs_f64();
     let verdict = state
         .broker
-        .answer(&answer.unique_key, answer.available)
+        .answer(&response.unique_key, response.available, stale)
         .await?;
     let_the_call_go_first(&verdict).await;
-    Ok(match verdict {
-        Verdict::Unknown => Answered::Unknown,
-        Verdict::Gone(reason) => Answered::Gone(reason),
-        Verdict::Repeat => Answered::Accepted,
-        Verdict::Taken { platform } => {
-            // As the app reports it; a forged start time moves no metric
-            // past the wait.
-            let roundtrip = (super::unix_seconds() - answer.message_start_time)
-                .clamp(0.0, state.config.wait().as_secs_f64());
-            state.metrics.wakeup_roundtrip(platform, roundtrip);
-            // Queued: the log row must not delay the answer the PBX waits for.
-            state.response_log.record(ResponseLogEntry {
-                platform,
-                roundtrip,
-                available: answer.available,
-                created_at: now_millis(),
-            });
-            Answered::Accepted
-        }
-    })
+    if let Verdict::Taken { platform } = verdict {
+        // As the app reports it; a forged start time moves no metric past
+        // the wait.
+        let roundtrip = roundtrip.clamp(0.0, state.config.wait().as_secs_f64());
+        state.metrics.wakeup_roundtrip(platform, roundtrip);
+        // Queued: the log row must not delay the answer the PBX waits for.
+        state.response_log.record(ResponseLogEntry {
+            platform,
+            roundtrip,
+            available: response.available,
+            created_at: now_millis(),
+        });
+    }
+    Ok(verdict)
 }
 
 /// A device a SIP proxy registered REGISTERed again (`/api/sip-registration/`):
@@ -71,18 +59,14 @@ pub async fn registered(
     state: &AppState,
     sip_user_id: i64,
     token: &str,
-) -> Result<Option<Answered>, BrokerError> {
+) -> Result<Option<Verdict>, BrokerError> {
     let alias = device_alias(sip_user_id, token);
     let Some(key) = state.broker.resolve(&alias).await? else {
         return Ok(None);
     };
-    let verdict = state.broker.answer(&key, true).await?;
+    let verdict = state.broker.answer(&key, true, false).await?;
     let_the_call_go_first(&verdict).await;
-    Ok(Some(match verdict {
-        Verdict::Unknown => return Ok(None),
-        Verdict::Gone(reason) => Answered::Gone(reason),
-        Verdict::Repeat | Verdict::Taken { .. } => Answered::Accepted,
-    }))
+    Ok((verdict != Verdict::Unknown).then_some(verdict))
 }
 
 /// When this answer counted for a call held by this process, the broker has
@@ -98,8 +82,13 @@ async fn let_the_call_go_first(verdict: &Verdict) {
     }
 }
 
-/// Ends a ringing call as `cancelled`, wherever it is parked (`key`: the
-/// PBX's `call_id`, or a `unique_key`). Says whether one was.
-pub async fn cancel(state: &AppState, key: &str) -> Result<bool, BrokerError> {
-    state.broker.cancel(key).await
+/// Ends as `cancelled` every ringing call that `key` names, wherever it is
+/// parked (`key`: the PBX's `call_id`, every leg of it; or a
+/// `unique_key`), only `account`'s when given. Says whether one was.
+pub async fn cancel(
+    state: &AppState,
+    key: &str,
+    account: Option<i64>,
+) -> Result<bool, BrokerError> {
+    state.broker.cancel(key, account).await
 }

@@ -10,19 +10,24 @@
 //!
 //! Each device's schedule runs in a task of its own beside the wait, so it
 //! never delays an answer, and outlives the PBX's request: a call whose PBX
-//! hung up (its handler dropped) still tells its phones. The call's end
-//! stops it between pushes, never in the middle of one, so a phone is never
-//! told the call is over before its call push has left.
+//! hung up (its handler dropped) still tells its phones. It follows the
+//! [`Course`] the call's state machine steers it on
+//! ([`crate::lifecycle::Call`]): a decline, a win or the call's end stops it
+//! between pushes, never in the middle of one, so a phone is never told the
+//! call is over before its call push has left; and only a course of
+//! [`Course::Tell`] sends the notice, to a phone that was pushed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::history::HistoryRow;
+use super::parking::Scheduled;
+use crate::lifecycle::Course;
 use crate::logs::{redact, Escaped};
-use crate::push::{Payload, PushOutcome, PushTarget, Reason};
+use crate::push::{Payload, PushOutcome, PushTarget, Reason, NOTICE_TTL};
 use crate::state::AppState;
 use crate::store::EndReason;
 
@@ -36,7 +41,7 @@ pub(super) struct Report {
     /// The number of pushes accepted so far, for the call's log line.
     pub attempts: watch::Sender<u32>,
     /// What the push service said to the last call push.
-    pub verdict: Option<Verdict>,
+    pub last_push: Option<LastPush>,
     /// The call's history row, told both when the report is dropped.
     pub history: Option<Arc<HistoryRow>>,
 }
@@ -44,8 +49,8 @@ pub(super) struct Report {
 impl Drop for Report {
     fn drop(&mut self) {
         if let Some(history) = self.history.take() {
-            let verdict = self.verdict.map(|v| v.to_string());
-            history.pushed(self.index, *self.attempts.borrow(), verdict);
+            let last_push = self.last_push.map(|v| v.to_string());
+            history.pushed(self.index, *self.attempts.borrow(), last_push);
         }
     }
 }
@@ -54,21 +59,21 @@ impl Drop for Report {
 /// the `pushes` metric labels them. Copied, not formatted, on the push
 /// path; shown as `delivered`, or e.g. `token_dead UNREGISTERED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Verdict {
+pub(super) struct LastPush {
     outcome: &'static str,
     reason: Reason,
 }
 
-impl From<&PushOutcome> for Verdict {
+impl From<&PushOutcome> for LastPush {
     fn from(outcome: &PushOutcome) -> Self {
-        Verdict {
+        LastPush {
             outcome: outcome.as_str(),
             reason: outcome.reason(),
         }
     }
 }
 
-impl std::fmt::Display for Verdict {
+impl std::fmt::Display for LastPush {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.outcome)?;
         if self.reason != Reason::NONE {
@@ -77,11 +82,6 @@ impl std::fmt::Display for Verdict {
         Ok(())
     }
 }
-
-/// How the call ended for this device: `Some(reason)` to be told,
-/// `None` to stop quietly (it answered, or its token died). A call dropped
-/// without a word (the PBX hung up) ends `cancelled`.
-pub(super) type Ending = oneshot::Receiver<Option<EndReason>>;
 
 /// How often a `call_ended` notice the service refused for now is tried.
 const NOTICE_TRIES: u32 = 3;
@@ -94,28 +94,38 @@ fn retry_delay(retries: u32, asked: Option<Duration>) -> Duration {
     })
 }
 
-/// Rings one device until the call ends, then tells it, if it was pushed
-/// and may be told, why the call is over. `caller` is what the iOS notice
-/// names.
+/// How a device's call pushes came to an end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushes {
+    /// Nothing more to push (iOS accepted, the last attempt left, a push
+    /// failed for good), or the call's course changed: its course decides.
+    Over,
+    /// The push service declared the token dead: nothing more goes to it.
+    TokenDead,
+}
+
+/// Rings one device until its course leaves [`Course::Ring`], then tells
+/// it, if the course says so and it was pushed, why the call is over.
+/// `caller` is what the iOS notice names. `_scheduled` counts the schedule
+/// until it returns, so a draining server waits for its notice.
 pub(super) async fn ring_device(
     state: Arc<AppState>,
     target: PushTarget,
     payload: Payload,
     mut report: Report,
-    mut ending: Ending,
+    mut course: watch::Receiver<Course>,
     caller: String,
+    _scheduled: Scheduled,
 ) {
-    let ended = push_until_done(&state, &target, payload.clone(), &mut report, &mut ending).await;
+    let pushes = push_until_done(&state, &target, payload.clone(), &mut report, &mut course).await;
     let pushed = *report.attempts.borrow() > 0;
     // The call pushes are over: what they came to is final, and dropping the
     // report says so to the call's history.
     drop(report);
-    let reason = match ended {
-        Some(ended) => ended,
-        None => ending.await,
+    if pushes == Pushes::TokenDead {
+        return;
     }
-    .unwrap_or(Some(EndReason::Cancelled));
-    let Some(reason) = reason else {
+    let Course::Tell(reason) = settled(&mut course).await else {
         return;
     };
     if !pushed {
@@ -138,8 +148,25 @@ pub(super) async fn ring_device(
     tell(&state, &target, &notice).await;
 }
 
-/// Sends a `call_ended` notice, retrying a refusal a few times.
+/// The course once it is no longer [`Course::Ring`]. A course nobody steers
+/// any more (the call went away without a word) ends `cancelled`.
+async fn settled(course: &mut watch::Receiver<Course>) -> Course {
+    match course.wait_for(|c| *c != Course::Ring).await {
+        Ok(settled) => *settled,
+        Err(_) => Course::Tell(EndReason::Cancelled),
+    }
+}
+
+/// Resolves once the course leaves [`Course::Ring`]: the call steered this
+/// device out (a decline, a win, the call's end).
+async fn steered_out(course: &mut watch::Receiver<Course>) {
+    let _ = course.wait_for(|c| *c != Course::Ring).await;
+}
+
+/// Sends a `call_ended` notice, retrying a refusal a few times, never past
+/// the notice's life at the push service.
 async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
+    let expires = Instant::now() + NOTICE_TTL;
     for tries in 0..NOTICE_TRIES {
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, notice).await;
@@ -150,7 +177,10 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
             sent_at.elapsed().as_secs_f64(),
         );
         match outcome {
-            PushOutcome::Retry { after, .. } if tries + 1 < NOTICE_TRIES => {
+            PushOutcome::Retry { after, .. }
+                if tries + 1 < NOTICE_TRIES
+                    && Instant::now() + retry_delay(tries, after) < expires =>
+            {
                 tokio::time::sleep(retry_delay(tries, after)).await;
             }
             outcome => {
@@ -166,21 +196,23 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
     }
 }
 
-/// The call pushes, until the schedule is done (iOS accepted, the last
-/// attempt accepted, the token dead, a push failed for good: `None`) or
-/// the call ends between two pushes (`Some` of what `ending` said).
+/// The call pushes, until the schedule is done or the course leaves
+/// [`Course::Ring`] between two pushes.
 async fn push_until_done(
     state: &AppState,
     target: &PushTarget,
     mut payload: Payload,
     report: &mut Report,
-    ending: &mut Ending,
-) -> Option<Result<Option<EndReason>, oneshot::error::RecvError>> {
+    course: &mut watch::Receiver<Course>,
+) -> Pushes {
     let interval = state.config.resend_interval();
     let max_attempts = state.config.max_attempts();
     let mut attempt = 1;
     let mut retries = 0;
     loop {
+        if *course.borrow() != Course::Ring {
+            return Pushes::Over;
+        }
         if let Payload::Call {
             attempt: number, ..
         } = &mut payload
@@ -195,18 +227,18 @@ async fn push_until_done(
             &outcome,
             sent_at.elapsed().as_secs_f64(),
         );
-        report.verdict = Some(Verdict::from(&outcome));
+        report.last_push = Some(LastPush::from(&outcome));
         match outcome {
             PushOutcome::Delivered => {
                 report.attempts.send_replace(attempt);
                 if target.platform.is_apns() || attempt >= max_attempts {
-                    return None;
+                    return Pushes::Over;
                 }
                 retries = 0;
                 attempt += 1;
                 tokio::select! {
                     _ = tokio::time::sleep_until(sent_at + interval) => {}
-                    ended = &mut *ending => return Some(ended),
+                    _ = steered_out(course) => return Pushes::Over,
                 }
             }
             PushOutcome::Retry { after, refusal } => {
@@ -223,7 +255,7 @@ async fn push_until_done(
                 retries += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    ended = &mut *ending => return Some(ended),
+                    _ = steered_out(course) => return Pushes::Over,
                 }
             }
             PushOutcome::TokenDead(refusal) => {
@@ -243,7 +275,7 @@ async fn push_until_done(
                     }
                 });
                 let _ = report.dead_token.send(report.index);
-                return None;
+                return Pushes::TokenDead;
             }
             PushOutcome::Failed(refusal) => {
                 tracing::error!(
@@ -254,7 +286,7 @@ async fn push_until_done(
                     reason = %refusal,
                     "push failed; this device will not ring"
                 );
-                return None;
+                return Pushes::Over;
             }
         }
     }
@@ -278,18 +310,18 @@ mod tests {
     fn a_verdict_is_the_outcome_and_the_services_reason() {
         use crate::push::Refusal;
         assert_eq!(
-            Verdict::from(&PushOutcome::Delivered).to_string(),
+            LastPush::from(&PushOutcome::Delivered).to_string(),
             "delivered"
         );
         let refusal = Refusal::new(Reason::OTHER, "FCM 500");
         assert_eq!(
-            Verdict::from(&PushOutcome::Failed(refusal)).to_string(),
+            LastPush::from(&PushOutcome::Failed(refusal)).to_string(),
             "failed other"
         );
         let retry = PushOutcome::Retry {
             after: None,
             refusal: Refusal::unanswered("timed out"),
         };
-        assert_eq!(Verdict::from(&retry).to_string(), "retry");
+        assert_eq!(LastPush::from(&retry).to_string(), "retry");
     }
 }

@@ -210,6 +210,7 @@ fn payload(kind: PushKind, config: &Config) -> Payload {
             response_api: config.response_api(config.listen),
             message_start_time: unix_seconds(),
             attempt: 1,
+            call_id: None,
         },
         PushKind::Message => Payload::Message {
             message: TEST_TEXT.into(),

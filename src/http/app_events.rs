@@ -45,7 +45,7 @@ pub(super) async fn hangup_reason(
     let (_, fields) = read_authorized(state, peer, request, Source::Body).await?;
     let hangup = HangupReason {
         sip_user_id: fields.sip_user_id()?,
-        unique_key: fields.required_text("unique_key", 255)?,
+        unique_key: fields.required_text("unique_key", crate::broker::PUSH_KEY_MAX)?,
         reason: fields.required_text("reason", 255)?,
         created_at: now_millis(),
     };

@@ -241,6 +241,29 @@ impl Fields {
         Ok(self.text(field, max)?.filter(|t| !t.trim().is_empty()))
     }
 
+    /// The PBX's `call_id`, at most 255 characters: empty (or absent) is
+    /// none, and the call gets a random key; blank is refused, since the
+    /// PBX could never cancel the call by it.
+    pub fn call_id(&self) -> Result<Option<String>, ApiError> {
+        match self.text("call_id", 255)? {
+            Some(text) if text.is_empty() => Ok(None),
+            Some(text) if text.trim().is_empty() => Err(ApiError::invalid(
+                "call_id",
+                "must not be blank: leave it empty for a random key",
+            )),
+            given => Ok(given),
+        }
+    }
+
+    /// `sip_user_id` where it may be left out: absent, null or empty is none.
+    pub fn optional_sip_user_id(&self) -> Result<Option<i64>, ApiError> {
+        match self.values.get("sip_user_id") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Text(s)) if s.is_empty() => Ok(None),
+            Some(_) => self.sip_user_id().map(Some),
+        }
+    }
+
     /// `sip_user_id`: a required positive 64-bit integer.
     pub fn sip_user_id(&self) -> Result<i64, ApiError> {
         self.integer(

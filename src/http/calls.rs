@@ -11,11 +11,9 @@ use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, text, Body};
 use crate::auth::AuthError;
-use crate::calls::{self, Answered, AppAnswer, IncomingCall, Outcome};
+use crate::broker::PUSH_KEY_MAX;
+use crate::calls::{self, CallResponse, IncomingCall, Outcome, Verdict};
 use crate::state::AppState;
-
-/// The longest `unique_key`: a `call_id` (255) and a device's `.<n>`.
-const UNIQUE_KEY_MAX: usize = 260;
 
 /// Callers whose number is withheld: they still ring, and are pushed as given.
 const WITHHELD: [&str; 5] = [
@@ -57,7 +55,7 @@ fn parse_incoming_call(fields: &Fields) -> Result<IncomingCall, ApiError> {
         sip_user_id,
         phonenumber,
         caller_id: fields.text("caller_id", 255)?.unwrap_or_default(),
-        call_id: fields.optional_text("call_id", 255)?,
+        call_id: fields.call_id()?,
     })
 }
 
@@ -108,22 +106,22 @@ pub(super) async fn call_response(
         Err(refused) => ApiError::from(refused),
         Ok(()) => ApiError::NotFound("not found"),
     };
-    let unique_key = fields.required_text("unique_key", UNIQUE_KEY_MAX)?;
+    let unique_key = fields.required_text("unique_key", PUSH_KEY_MAX)?;
     let message_start_time = fields.unix_seconds("message_start_time")?;
-    let answer = AppAnswer {
+    let response = CallResponse {
         unique_key,
         message_start_time,
         available: fields.boolean("available", true)?,
     };
-    let unique_key = answer.unique_key.clone();
-    match calls::answer(state, answer).await? {
-        Answered::Accepted => Ok(text(StatusCode::ACCEPTED, "")),
+    let unique_key = response.unique_key.clone();
+    match calls::answer(state, response).await? {
+        Verdict::Taken { .. } | Verdict::Repeat => Ok(text(StatusCode::ACCEPTED, "")),
         // Not a probe: the key was issued. The app stops ringing.
-        Answered::Gone(reason) => Ok(json(
+        Verdict::Gone(reason) => Ok(json(
             StatusCode::GONE,
             &serde_json::json!({ "unique_key": unique_key, "reason": reason.as_str() }),
         )),
-        Answered::Unknown => Err(unknown()),
+        Verdict::Unknown => Err(unknown()),
     }
 }
 
@@ -136,13 +134,14 @@ pub(super) async fn cancel_call(
 ) -> Result<Response<Body>, ApiError> {
     pbx_only(state, peer, &request, "call cancel")?;
     let (_, fields) = body::read(request, Source::Body).await?;
-    let key = match fields.optional_text("call_id", 255)? {
+    let key = match fields.call_id()? {
         Some(call_id) => call_id,
         None => fields
-            .optional_text("unique_key", UNIQUE_KEY_MAX)?
+            .optional_text("unique_key", PUSH_KEY_MAX)?
             .ok_or_else(|| ApiError::invalid("call_id", "call_id or unique_key is required"))?,
     };
-    if calls::cancel(state, &key).await? {
+    let account = fields.optional_sip_user_id()?;
+    if calls::cancel(state, &key, account).await? {
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "cancelled": true }),

@@ -18,7 +18,7 @@ use super::calls::pbx_only;
 use super::devices::{check_token, delete_device, store_registration, TOKEN_MAX};
 use super::error::ApiError;
 use super::Body;
-use crate::calls::{self, Answered};
+use crate::calls::{self, Verdict};
 use crate::logs::redact;
 use crate::push::fcm;
 use crate::state::AppState;
@@ -281,7 +281,7 @@ pub(super) async fn register(
         calls::registered(state, sip_user_id, &token)
     );
     match answered {
-        Ok(Some(Answered::Accepted)) => tracing::info!(
+        Ok(Some(Verdict::Taken { .. } | Verdict::Repeat)) => tracing::info!(
             sip_user_id,
             token = %redact(&token),
             "a REGISTER answered the call ringing for its device"

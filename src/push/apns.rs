@@ -549,6 +549,7 @@ mod tests {
             response_api: "https://notify.example.com/api/call-response/".into(),
             message_start_time: 1_700_000_000.25,
             attempt: 2,
+            call_id: None,
         }
     }
 

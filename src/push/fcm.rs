@@ -205,14 +205,10 @@ impl FcmApp {
     }
 }
 
-/// How long a `call_ended` notice lives at FCM: a phone that stays out of
-/// reach longer has long stopped ringing by itself.
-pub const NOTICE_TTL: &str = "60s";
-
 /// The FCM v1 request body: data-only, every value a string, Android
 /// priority HIGH so a dozing phone wakes at once. A call push lives no
 /// longer than the wait (`ttl`, whole seconds rounded down). A `call_ended`
-/// notice lives [`NOTICE_TTL`] and collapses under the call's `unique_key`,
+/// notice lives [`super::NOTICE_TTL`] and collapses under the call's `unique_key`,
 /// so a phone that was offline gets one, not one per resend. A text push
 /// keeps FCM's default, so a phone that is off learns it later.
 pub fn message(target: &PushTarget, payload: &Payload, call_ttl: Duration) -> Value {
@@ -220,7 +216,7 @@ pub fn message(target: &PushTarget, payload: &Payload, call_ttl: Duration) -> Va
     match payload {
         Payload::Call { .. } => android["ttl"] = format!("{}s", call_ttl.as_secs()).into(),
         Payload::CallEnded { unique_key, .. } => {
-            android["ttl"] = NOTICE_TTL.into();
+            android["ttl"] = format!("{}s", super::NOTICE_TTL.as_secs()).into();
             android["collapse_key"] = unique_key.as_str().into();
         }
         Payload::Message { .. } => {}
@@ -389,6 +385,7 @@ mod tests {
             response_api: "http://127.0.0.1:1/api/call-response/".into(),
             message_start_time: 1_700_000_000.5,
             attempt: 3,
+            call_id: None,
         };
         let body = message(&target(), &payload, Duration::from_millis(4_500));
         assert_eq!(

@@ -22,6 +22,11 @@ use serde_json::{Map, Value};
 
 use crate::store::{EndReason, NewDevice, Platform};
 
+/// How long a `call_ended` notice lives at the push service: a phone that
+/// stays out of reach longer has long stopped ringing by itself, so a
+/// refused notice is never retried past it either.
+pub const NOTICE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushTarget {
@@ -99,6 +104,10 @@ pub enum Payload {
         message_start_time: f64,
         /// Which push of this call this is, from 1.
         attempt: u32,
+        /// The PBX's `call_id`, verbatim, when it gave one: the app pairs
+        /// the push with the INVITE that follows (CallKit shows two calls
+        /// when it cannot). A data key only when given.
+        call_id: Option<String>,
     },
     /// The call this device was rung for is over; stop ringing. Sent once
     /// per device that was pushed for the call and did not answer it.
@@ -127,6 +136,7 @@ impl Payload {
                 response_api,
                 message_start_time,
                 attempt,
+                call_id,
             } => {
                 map.insert("type".into(), "call".into());
                 map.insert("unique_key".into(), unique_key.as_str().into());
@@ -135,6 +145,9 @@ impl Payload {
                 map.insert("response_api".into(), response_api.as_str().into());
                 map.insert("message_start_time".into(), (*message_start_time).into());
                 map.insert("attempt".into(), (*attempt).into());
+                if let Some(call_id) = call_id {
+                    map.insert("call_id".into(), call_id.as_str().into());
+                }
             }
             Payload::CallEnded {
                 unique_key, reason, ..
@@ -363,6 +376,7 @@ mod tests {
             response_api: "http://x/api/call-response/".into(),
             message_start_time: 1.5,
             attempt: 2,
+            call_id: None,
         };
         let data = payload.to_string_map();
         assert_eq!(data["attempt"], "2");
@@ -414,6 +428,7 @@ mod tests {
             response_api: "http://x/api/call-response/".into(),
             message_start_time: 1.0,
             attempt: 1,
+            call_id: None,
         };
         let bare = device(Platform::Apns, None);
         let alerting = device(Platform::Apns, Some("a1e2"));
@@ -445,6 +460,7 @@ mod tests {
             response_api: "".into(),
             message_start_time: 1.0,
             attempt: 1,
+            call_id: None,
         };
         let kinds = [call, ended, message].map(|p| p.kind());
         assert_eq!(kinds, Payload::KINDS);

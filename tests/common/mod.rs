@@ -420,21 +420,34 @@ pub fn sorted_keys(object: &serde_json::Map<String, serde_json::Value>) -> Vec<&
     keys
 }
 
-/// Checks that a call push's payload carries exactly the contract's keys.
-pub fn assert_call_push_keys(payload: &serde_json::Map<String, serde_json::Value>, what: &str) {
+/// Checks that a call push's payload carries exactly the contract's keys:
+/// with the PBX's `call_id` verbatim when it gave one (issue #23: the app
+/// pairs the push with the INVITE), without the key when it did not.
+pub fn assert_call_push_keys(
+    payload: &serde_json::Map<String, serde_json::Value>,
+    call_id: Option<&str>,
+    what: &str,
+) {
+    let mut expected = vec![
+        "attempt",
+        "caller_id",
+        "message_start_time",
+        "phonenumber",
+        "response_api",
+        "type",
+        "unique_key",
+    ];
+    if call_id.is_some() {
+        expected.insert(1, "call_id");
+    }
     assert_eq!(
         sorted_keys(payload),
-        [
-            "attempt",
-            "caller_id",
-            "message_start_time",
-            "phonenumber",
-            "response_api",
-            "type",
-            "unique_key"
-        ],
+        expected,
         "{what}: the keys of a call push"
     );
+    if let Some(call_id) = call_id {
+        assert_eq!(payload["call_id"], call_id, "{what}: the call_id, verbatim");
+    }
 }
 
 /// A response, read whole.

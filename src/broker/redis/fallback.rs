@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::{keys::state_key, Shared, BATCH};
-use crate::broker::{BrokerError, CallState};
+use crate::broker::{BrokerError, Record};
 use crate::logs::Escaped;
 
 /// How long after a reconnect or a dropped node connection the fallback
@@ -91,7 +91,7 @@ impl Shared {
             let names: Vec<String> = chunk.iter().map(|k| state_key(k)).collect();
             let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
             for (key, value) in chunk.iter().zip(values) {
-                if let Some(state) = value.as_deref().and_then(CallState::decode) {
+                if let Some(state) = value.as_deref().and_then(Record::decode) {
                     tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
                     self.waiters.deliver_stored(key, &state);
                 }

@@ -2,22 +2,38 @@
 //! change a call's record, the published messages, and the command that
 //! stores a ringing record.
 //!
-//! `cn:{<call key>}` holds the call's record ([`CallState`]'s text), and
+//! `cn:{<call key>}` holds the call's record ([`Record`]'s text),
+//! `cn:{<call key>}:account` the account that owns the key, and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
-//! channel. The braces are a Redis Cluster hash tag: a call's record and
-//! its channel always share a slot, so each script touches one slot.
+//! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
+//! that another account's call held. The braces are a Redis Cluster hash
+//! tag: a call's record, its owner and its channel always share a slot, so
+//! each script touches one slot.
+//!
+//! Each script is [`crate::lifecycle`]'s transition of the same name, in
+//! Lua; `tests/lifecycle_model.rs` holds them to it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{deadline_millis, Answer, CallState, Stored, TOMBSTONE};
+use crate::broker::{deadline_millis, Answer, Record, Stored, TOMBSTONE};
 use crate::store::{EndReason, Platform};
 
 /// The Redis key that holds the record (or pointer) of `key`.
 pub fn state_key(key: &str) -> String {
     format!("cn:{{{key}}}")
+}
+
+/// The Redis key that holds the account that owns `key`.
+pub fn owner_key(key: &str) -> String {
+    format!("cn:{{{key}}}:account")
+}
+
+/// The Redis key of the set of leg keys opened for the Call-ID `call_id`.
+pub fn legs_key(call_id: &str) -> String {
+    format!("cn:legs:{{{call_id}}}")
 }
 
 /// The Redis key that holds the push key a device's alias rings under.
@@ -53,56 +69,97 @@ fn ttl_millis(until: Instant) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `SET cn:{key} ring <until> <platforms> PX <ttl> NX`: stores a ringing
-/// record, keeping whatever Redis already has (an answered or ended call
-/// must never ring again). What a subscriber that reconnects puts back.
-pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cmd {
+/// `SET <name> <value> PX <ttl until `until` and a tombstone> NX`:
+/// stores a value unless Redis has one (an answered or ended call must
+/// never ring again). What a subscriber that reconnects puts back.
+pub fn set_missing(name: String, value: String, until: Instant) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
-    cmd.arg(state_key(key))
-        .arg(CallState::ringing(devices, deadline_millis(until)).encode())
+    cmd.arg(name)
+        .arg(value)
         .arg("PX")
         .arg(ttl_millis(until))
         .arg("NX");
     cmd
 }
 
-/// Opens a call: stores its ringing record unless one still rings (another
-/// leg of the same call joins it); a tombstone (the PBX trying the same
-/// `call_id` again) is replaced.
+/// A ringing record for `devices` until `until`, where Redis has none:
+/// see [`set_missing`].
+pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cmd {
+    let record = Record::ringing(devices, deadline_millis(until)).encode();
+    set_missing(state_key(key), record, until)
+}
+
+/// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
+/// its owner; ARGV[1] the ringing record, ARGV[2] its TTL, ARGV[3] the
+/// account. Returns `new` (stored), `join` (this account's call rings
+/// there) or `taken` (another account's call, or a device pointer: not
+/// this call's key). A record without an owner, written by a release that
+/// stored none, counts as this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
-if before and (string.sub(before, 1, 5) == 'ring ' or string.sub(before, 1, 4) == 'won ') then
-  return 0
+if before then
+  if string.sub(before, 1, 3) == 'to ' then return 'taken' end
+  local owner = redis.call('GET', KEYS[2])
+  if owner and owner ~= ARGV[3] then return 'taken' end
+  local phase = string.match(before, '^(%S+)')
+  if phase == 'ring' or phase == 'won' then return 'join' end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+return 'new'
 "#;
 
 /// The arguments of [`OPEN_SCRIPT`] for a call.
 pub(super) fn open_args(devices: &[Platform], until: Instant) -> (String, u64) {
     (
-        CallState::ringing(devices, deadline_millis(until)).encode(),
+        Record::ringing(devices, deadline_millis(until)).encode(),
         ttl_millis(until),
     )
 }
 
-/// The pointer of device `index`'s push key to its call.
-pub(super) fn set_pointer(push_key: &str, call: &str, index: usize, until: Instant) -> redis::Cmd {
+/// Device `index`'s pointer to its call, stored unless the push key holds
+/// something already (`SET … NX GET`, Redis 7): the reply is `nil` when it
+/// was stored, else what the key holds (the same pointer for a call being
+/// joined; anything else means the key is another call's).
+pub(super) fn claim_pointer(
+    push_key: &str,
+    call: &str,
+    index: usize,
+    until: Instant,
+) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
     cmd.arg(state_key(push_key))
         .arg(Stored::pointer(call, index))
         .arg("PX")
-        .arg(ttl_millis(until));
+        .arg(ttl_millis(until))
+        .arg("NX")
+        .arg("GET");
     cmd
+}
+
+/// Notes `leg` under the Call-ID `call_id`, for a cancel by it, as long
+/// as the leg's record lives.
+pub(super) fn add_leg(call_id: &str, leg: &str, until: Instant) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SADD")
+        .arg(legs_key(call_id))
+        .arg(leg)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(legs_key(call_id))
+        .arg(ttl_millis(until))
+        .ignore();
+    pipe
 }
 
 /// Takes device ARGV[1]'s (from 1) answer (ARGV[2]: `+` available, `-`
 /// not) and publishes it (ARGV[5]: `PUBLISH`, or `SPUBLISH` on a cluster,
-/// ARGV[4] on channel ARGV[3]): exactly [`CallState::take_answer`], atomic,
-/// in one round trip. ARGV[6] `1`: the key was given as it is, so it must
-/// be a lone device's call (a call rung on several devices is answered
-/// only through its devices' keys). Returns `{counted, record before}`,
-/// `{0, pointer}` for a pointer, nil when there is nothing.
+/// ARGV[4] on channel ARGV[3]): exactly [`Record::take`], atomic, in one
+/// round trip. ARGV[6] `1`: the key was given as it is, so it must be a
+/// lone device's call (a call rung on several devices is answered only
+/// through its devices' keys). ARGV[7] `1`: the answer is stale and never
+/// counts. Returns `{counted, record before}`, `{0, pointer}` for a
+/// pointer, nil when there is nothing.
 pub(super) const ANSWER_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before then return false end
@@ -114,7 +171,7 @@ local i = 2 + tonumber(ARGV[1])
 local d = f[i]
 if f[1] ~= 'ring' or not d then return {0, before} end
 local last = string.sub(d, -1)
-if last == '+' or last == '-' then return {0, before} end
+if last == '+' or last == '-' or ARGV[7] == '1' then return {0, before} end
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(f[2]) then
   return {0, before}
@@ -126,10 +183,12 @@ redis.call(ARGV[5], ARGV[3], ARGV[4])
 return {1, before}
 "#;
 
-/// Ends a call: exactly [`CallState::end`], its record kept ARGV[2] ms as
-/// a tombstone. ARGV[3] `cancel`: only a ringing call ends, as
-/// `cancelled`, and the end is published (ARGV[6] ARGV[5] on channel
-/// ARGV[4]) to wake its holder. Returns the record before, nil when none.
+/// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and owner
+/// (KEYS[2]) kept ARGV[2] ms as a tombstone. ARGV[3] `cancel`: exactly
+/// [`Record::cancel`]: only a ringing call ends, as `cancelled`, and only
+/// when ARGV[7] is empty or its owner; the end is published (ARGV[6]
+/// ARGV[5] on channel ARGV[4]) to wake its holder. Returns the record
+/// before, nil when none (or another account's).
 pub(super) const END_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before or string.sub(before, 1, 3) == 'to ' then return false end
@@ -137,12 +196,17 @@ local phase, rest = string.match(before, '^(%S+) %S+(.*)$')
 if phase == 'ended' then return before end
 local reason = ARGV[1]
 if ARGV[3] == 'cancel' then
+  if ARGV[7] ~= '' then
+    local owner = redis.call('GET', KEYS[2])
+    if owner and owner ~= ARGV[7] then return false end
+  end
   if phase ~= 'ring' then return before end
   redis.call(ARGV[6], ARGV[4], ARGV[5])
 elseif phase == 'won' then
   reason = 'answered_elsewhere'
 end
 redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return before
 "#;
 

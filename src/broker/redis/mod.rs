@@ -50,12 +50,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{
-    push_key, Answer, BrokerError, CallBroker, CallState, Left, Phase, Release, Stored, Verdict,
-    Wait, Waiters,
+    candidates, push_key, Answer, BrokerError, CallBroker, Joined, Left, Opening, Phase, Record,
+    Release, Stored, Verdict, Wait, Waiters,
 };
-use crate::store::{EndReason, Platform};
+use crate::store::EndReason;
 use connections::{Link, ServerConnection};
-pub use keys::{channel, set_pending, state_key};
+pub use keys::{channel, owner_key, set_pending, state_key};
 use subscriber::{Subscriber, Subscriptions};
 
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -211,61 +211,75 @@ impl Shared {
 
 #[async_trait]
 impl CallBroker for RedisBroker {
-    async fn open(
-        &self,
-        key: &str,
-        devices: &[Platform],
-        until: Instant,
-    ) -> Result<Wait, BrokerError> {
+    async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError> {
         let shared = &self.shared;
-        let (news, first) = shared.waiters.join(key, devices, until);
-        let release = {
-            let shared = shared.clone();
-            let key: Arc<str> = Arc::from(key);
-            Release::new(move || {
-                if let Left::Last { cancel, .. } = shared.waiters.leave(&key) {
-                    // The retirer only stops when the broker is gone, and
-                    // then there is nothing left to clean.
-                    let _ = shared.retire.send((key, cancel));
+        for (n, key) in candidates(call.key, call.account).iter().enumerate() {
+            let leg_of = (n > 0).then_some(call.key);
+            let Joined::Waiting {
+                news,
+                first,
+                generation,
+            } = shared.waiters.join(key, &call, leg_of)
+            else {
+                continue;
+            };
+            let release = {
+                let shared = shared.clone();
+                let key: Arc<str> = Arc::from(key.as_str());
+                Release::new(move || {
+                    if let Left::Last { cancel, .. } = shared.waiters.leave(&key, generation) {
+                        // The retirer only stops when the broker is gone, and
+                        // then there is nothing left to clean.
+                        let _ = shared.retire.send((key, cancel));
+                    }
+                })
+            };
+            let claimed = async {
+                if first {
+                    shared
+                        .subscriptions
+                        .subscribe(channel(key), shared.options.acquire_timeout)
+                        .await?;
                 }
-            })
-        };
-        if first {
-            shared
-                .subscriptions
-                .subscribe(channel(key), shared.options.acquire_timeout)
-                .await?;
-        }
-        let (record, ttl) = keys::open_args(devices, until);
-        let mut open = shared.open.prepare_invoke();
-        open.key(state_key(key)).arg(record).arg(ttl);
-        let pointers = (devices.len() > 1).then(|| {
-            (0..devices.len()).map(|index| {
-                let push = push_key(key, index, devices.len());
-                keys::set_pointer(&push, key, index, until)
-            })
-        });
-        match pointers {
-            None => shared.invoke::<()>(&open).await?,
-            Some(pointers) => {
-                // Every pointer lives in its own slot: one command each,
-                // all at once.
-                let set = pointers.map(|cmd| async move { shared.query::<()>(&cmd).await });
-                let (opened, set) = tokio::join!(
-                    shared.invoke::<()>(&open),
-                    futures_util::future::join_all(set)
-                );
-                opened?;
-                set.into_iter().collect::<Result<Vec<()>, _>>()?;
+                shared.claim(key, &call).await
+            };
+            match claimed.await {
+                Ok(true) => {}
+                // Not ours (or not stored): leaving must not end the call
+                // that holds the key.
+                Ok(false) => {
+                    shared.waiters.claim_end(key);
+                    continue;
+                }
+                Err(e) => {
+                    shared.waiters.claim_end(key);
+                    return Err(e);
+                }
             }
+            if let Some(call_id) = leg_of {
+                if let Err(e) = shared
+                    .pipeline::<()>(&keys::add_leg(call_id, key, call.until))
+                    .await
+                {
+                    shared.waiters.claim_end(key);
+                    return Err(e);
+                }
+            }
+            return Ok(Wait {
+                key: Arc::from(key.as_str()),
+                news,
+                _release: release,
+            });
         }
-        Ok(Wait {
-            news,
-            _release: release,
-        })
+        Err(unavailable("no free key for the call"))
     }
 
-    async fn answer(&self, key: &str, available: bool) -> Result<Verdict, BrokerError> {
+    async fn answer(
+        &self,
+        key: &str,
+        available: bool,
+        stale: bool,
+    ) -> Result<Verdict, BrokerError> {
         let shared = &self.shared;
         // A call held here names its device at once; any other key is
         // tried as a lone device's call, then through its pointer.
@@ -283,7 +297,8 @@ impl CallBroker for RedisBroker {
                 .arg(channel(&call))
                 .arg(keys::encode_answer(index, available, received_at))
                 .arg(shared.publish_command())
-                .arg(if as_given { "1" } else { "0" });
+                .arg(if as_given { "1" } else { "0" })
+                .arg(if stale { "1" } else { "0" });
             let reply: Option<(u8, String)> = shared.invoke(&script).await?;
             let Some((counted, before)) = reply else {
                 return Ok(Verdict::Unknown);
@@ -295,7 +310,7 @@ impl CallBroker for RedisBroker {
                 }) if as_given => {
                     (call, index, as_given) = (pointed, device, false);
                 }
-                Some(Stored::Call(state)) => break (counted == 1, state),
+                Some(Stored::Call(record)) => break (counted == 1, record),
                 _ => return Ok(Verdict::Unknown),
             }
         };
@@ -312,39 +327,69 @@ impl CallBroker for RedisBroker {
         Ok(verdict)
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<CallState>, BrokerError> {
-        if !self.shared.waiters.ending(key) {
+    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
+        if !self.shared.waiters.claim_end(key) {
             return Ok(None);
         }
-        self.shared.end(key, reason, false).await
+        self.shared.end(key, reason, None).await
     }
 
-    async fn cancel(&self, key: &str) -> Result<bool, BrokerError> {
+    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
         let shared = &self.shared;
-        let call = match shared.waiters.device_of(key) {
-            Some((call, _)) => call.to_string(),
-            None => match shared
-                .query::<Option<String>>(redis::cmd("GET").arg(state_key(key)))
-                .await?
-                .as_deref()
-                .and_then(Stored::decode)
-            {
+        let named = async {
+            if let Some((call, _)) = shared.waiters.device_of(key) {
+                return Ok(call.to_string());
+            }
+            let stored: Option<String> =
+                shared.query(redis::cmd("GET").arg(state_key(key))).await?;
+            Ok(match stored.as_deref().and_then(Stored::decode) {
                 Some(Stored::Pointer { call, .. }) => call,
                 _ => key.to_owned(),
-            },
+            })
         };
-        let before = shared.end(&call, EndReason::Cancelled, true).await?;
-        let cancelled = before.is_some_and(|b| matches!(b.phase, Phase::Ringing { .. }));
-        if cancelled {
-            shared.waiters.ended(&call, EndReason::Cancelled);
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(keys::legs_key(key));
+        let legs = shared.query::<Vec<String>>(&members);
+        let (named, legs) = tokio::join!(named, legs);
+        let mut calls = vec![named?];
+        calls.extend(legs?);
+        let ended = calls.iter().map(|call| async move {
+            let before = shared
+                .end(call, EndReason::Cancelled, Some(account))
+                .await?;
+            let cancelled = before.is_some_and(|b| matches!(b.phase, Phase::Ringing { .. }));
+            if cancelled {
+                shared.waiters.ended(call, EndReason::Cancelled);
+            }
+            Ok::<_, BrokerError>(cancelled)
+        });
+        let mut any = false;
+        for cancelled in futures_util::future::join_all(ended).await {
+            any |= cancelled?;
         }
-        Ok(cancelled)
+        Ok(any)
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError> {
+        let (stored, owner): (Option<String>, Option<i64>) = self
+            .shared
+            .query(redis::cmd("MGET").arg(state_key(key)).arg(owner_key(key)))
+            .await?;
+        Ok(stored.as_deref().and_then(Stored::decode).map(|stored| {
+            let owner = owner.filter(|_| matches!(stored, Stored::Call(_)));
+            (stored, owner)
+        }))
     }
 
     async fn alias(&self, alias: &str, key: &str, until: Instant) -> Result<(), BrokerError> {
         self.shared
             .query::<()>(&keys::set_alias(alias, key, until))
-            .await
+            .await?;
+        // Stored again with the call if Redis loses it.
+        if let Some((call, _)) = self.shared.waiters.device_of(key) {
+            self.shared.waiters.note_alias(&call, alias, key);
+        }
+        Ok(())
     }
 
     async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
@@ -367,24 +412,82 @@ impl CallBroker for RedisBroker {
 }
 
 impl Shared {
+    /// Stores the call's record under `key` ([`keys::OPEN_SCRIPT`]) and
+    /// then its device pointers, each only where the key is free or already
+    /// this call's. Says whether the key is this call's: when another
+    /// call's record or pointer stands in the way, what this one stored is
+    /// taken back and the key is left to its owner.
+    async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<bool, BrokerError> {
+        let (record, ttl) = keys::open_args(call.devices, call.until);
+        let mut open = self.open.prepare_invoke();
+        open.key(state_key(key))
+            .key(owner_key(key))
+            .arg(record)
+            .arg(ttl)
+            .arg(call.account);
+        let opened: String = self.invoke(&open).await?;
+        if opened == "taken" {
+            return Ok(false);
+        }
+        let count = call.devices.len();
+        if count == 1 {
+            return Ok(true);
+        }
+        // Every pointer lives in its own slot: one command each, all at once.
+        let pointers = (0..count).map(|index| {
+            let push = push_key(key, index, count);
+            let expected = Stored::pointer(key, index);
+            let cmd = keys::claim_pointer(&push, key, index, call.until);
+            async move {
+                let held: Option<String> = self.query(&cmd).await?;
+                Ok::<_, BrokerError>((push, held.is_none(), held.is_none_or(|h| h == expected)))
+            }
+        });
+        let pointers = futures_util::future::join_all(pointers)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        if pointers.iter().all(|(_, _, ours)| *ours) {
+            return Ok(true);
+        }
+        let mut undo = redis::pipe();
+        for (push, stored, _) in &pointers {
+            if *stored {
+                undo.cmd("DEL").arg(state_key(push)).ignore();
+            }
+        }
+        if opened == "new" {
+            undo.cmd("DEL").arg(state_key(key)).ignore();
+            undo.cmd("DEL").arg(owner_key(key)).ignore();
+        }
+        // Each in its own slot on a cluster: one at a time.
+        for cmd in undo.cmd_iter() {
+            self.query::<()>(cmd).await?;
+        }
+        Ok(false)
+    }
+
     /// Runs the end script on the call `key`: see [`keys::END_SCRIPT`].
+    /// `cancel`: the PBX's cancel, `Some(account)` for only that account's.
     async fn end(
         &self,
         key: &str,
         reason: EndReason,
-        cancel: bool,
-    ) -> Result<Option<CallState>, BrokerError> {
+        cancel: Option<Option<i64>>,
+    ) -> Result<Option<Record>, BrokerError> {
         let mut script = self.end.prepare_invoke();
         script
             .key(state_key(key))
+            .key(owner_key(key))
             .arg(reason.as_str())
             .arg(keys::tombstone_millis())
-            .arg(if cancel { "cancel" } else { "end" })
+            .arg(if cancel.is_some() { "cancel" } else { "end" })
             .arg(channel(key))
             .arg(keys::encode_end(EndReason::Cancelled))
-            .arg(self.publish_command());
+            .arg(self.publish_command())
+            .arg(cancel.flatten().map(|a| a.to_string()).unwrap_or_default());
         let before: Option<String> = self.invoke(&script).await?;
-        Ok(before.as_deref().and_then(CallState::decode))
+        Ok(before.as_deref().and_then(Record::decode))
     }
 }
 

@@ -35,7 +35,7 @@ pub(super) async fn retirer(
         let hung_up = batch.iter().filter(|(_, cancel)| *cancel).map(|(key, _)| {
             let shared = &shared;
             async move {
-                if let Err(e) = shared.end(key, EndReason::Cancelled, false).await {
+                if let Err(e) = shared.end(key, EndReason::Cancelled, None).await {
                     tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot end a call whose PBX hung up; its record expires by itself");
                 }
             }
@@ -46,5 +46,26 @@ pub(super) async fn retirer(
             .subscriptions
             .unsubscribe(channels, shared.options.acquire_timeout)
             .await;
+        // A new wait on one of these keys may have subscribed while the
+        // round trips above were under way, and the unsubscribe just took
+        // its subscription away: subscribe it again, and let the fallback
+        // check cover what was published in between.
+        let back: Vec<&Arc<str>> = batch
+            .iter()
+            .map(|(key, _)| key)
+            .filter(|key| shared.waiters.contains(key))
+            .collect();
+        if !back.is_empty() {
+            shared.mark_unsure();
+            for key in back {
+                if let Err(e) = shared
+                    .subscriptions
+                    .subscribe(channel(key), shared.options.acquire_timeout)
+                    .await
+                {
+                    tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot subscribe again a call's channel; the fallback check covers it");
+                }
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use redis::{FromRedisValue, PushInfo, PushKind};
 use tokio::sync::{mpsc, watch};
 
 use super::keys::{self, channel, key_of_channel, Message};
-use super::{unavailable, Shared, BATCH};
+use super::{owner_key, push_key, state_key, unavailable, Shared, Stored, BATCH};
 use crate::broker::BrokerError;
 use crate::logs::Escaped;
 
@@ -332,12 +332,25 @@ async fn cluster(
                 // good. Every confirmation is seen here: one for a channel
                 // nobody here waits on is undone at once.
                 if let Ok(channel) = String::from_redis_value_ref(channel) {
-                    if key_of_channel(&channel).is_some_and(|key| !shared.waiters.contains(key)) {
+                    let Some(key) = key_of_channel(&channel) else {
+                        continue;
+                    };
+                    if !shared.waiters.contains(key) {
                         tracing::debug!(channel = %Escaped(&channel), "undoing the resubscription of a finished call's channel");
+                        let key = key.to_owned();
                         shared
                             .subscriptions
-                            .unsubscribe(vec![channel], shared.options.acquire_timeout)
+                            .unsubscribe(vec![channel.clone()], shared.options.acquire_timeout)
                             .await;
+                        // A new wait on the key that subscribed meanwhile
+                        // lost its subscription to the undo: give it back.
+                        if shared.waiters.contains(&key) {
+                            shared.mark_unsure();
+                            let _ = shared
+                                .subscriptions
+                                .subscribe(channel, shared.options.acquire_timeout)
+                                .await;
+                        }
                     }
                 }
             }
@@ -363,19 +376,22 @@ async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), Broker
     Ok(())
 }
 
-/// Stores again, where Redis has none, the pending state of every wait of
-/// this process still unanswered; says how many it stored. Called each time
-/// the subscriber connects again, before the broker says it is ready.
+/// Stores again, where Redis has none, every key a call parked here needs:
+/// its ringing record and owner, its device pointers, its devices' aliases
+/// and its leg under the Call-ID; says how many calls it stored again.
+/// Called each time the subscriber connects again, before the broker says
+/// it is ready.
 ///
-/// Why: a Redis that restarted without persistence has lost the pending
-/// states of the calls parked here while their PBX requests still wait.
-/// Without them the app's answer gets 404 and the call ends NAK at its wait,
-/// although the app answered in time. This process knows every key it waits
-/// on and its devices ([`crate::broker::Waiters::pending`]), so putting them
-/// back costs one pipelined `SET NX` per parked call, once per reconnect.
-/// `NX` keeps what Redis still has (the subscriber connection dropped but
-/// Redis did not), so an answered key never turns pending again. Each key
-/// expires with its wait, as when it was first stored.
+/// Why: a Redis that restarted without persistence has lost the keys of
+/// the calls parked here while their PBX requests still wait. Without them
+/// the app's answer (through any instance, to any device's key) gets 404,
+/// a REGISTER finds no call, and the call ends NAK at its wait although
+/// the app answered in time. This process knows every call it waits on
+/// ([`crate::broker::Waiters::pending`]), so putting them back costs one
+/// pipelined `SET NX` per key, once per reconnect. `NX` keeps what Redis
+/// still has (the subscriber connection dropped but Redis did not), so an
+/// answered key never turns pending again. Each key expires with its wait,
+/// as when it was first stored.
 ///
 /// An answer that reached Redis before it went down is lost with it: that
 /// call ends NAK at its wait unless the app answers again. A cluster is left
@@ -385,8 +401,28 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
     let mut restored = 0;
     for chunk in shared.waiters.pending().chunks(BATCH) {
         let mut pipe = redis::pipe();
-        for (key, devices, until) in chunk {
-            pipe.add_command(keys::set_pending(key, devices, *until));
+        for call in chunk {
+            pipe.add_command(keys::set_pending(&call.key, &call.devices, call.until));
+            let owner = call.account.to_string();
+            pipe.add_command(keys::set_missing(owner_key(&call.key), owner, call.until))
+                .ignore();
+            let count = call.devices.len();
+            for index in (0..count).filter(|_| count > 1) {
+                let push = push_key(&call.key, index, count);
+                let pointer = Stored::pointer(&call.key, index);
+                pipe.add_command(keys::set_missing(state_key(&push), pointer, call.until))
+                    .ignore();
+            }
+            for (alias, push) in &call.aliases {
+                let name = keys::alias_key(alias);
+                pipe.add_command(keys::set_missing(name, push.clone(), call.until))
+                    .ignore();
+            }
+            if let Some(call_id) = &call.leg_of {
+                for cmd in keys::add_leg(call_id, &call.key, call.until).cmd_iter() {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+            }
         }
         let stored: Vec<Option<String>> = shared.pipeline(&pipe).await?;
         restored += stored.iter().filter(|s| s.is_some()).count();
@@ -394,7 +430,7 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
     if restored > 0 {
         tracing::warn!(
             restored,
-            "Redis had lost the pending state of calls parked here; stored it again"
+            "Redis had lost the keys of calls parked here; stored them again"
         );
     }
     Ok(restored)

@@ -1,0 +1,435 @@
+//! Ringing one call, in four steps a reader can follow:
+//!
+//! 1. **open**: find the account's devices and open the wait in the broker
+//!    (subscribed and stored before any push), noting proxy-registered
+//!    devices for their REGISTER;
+//! 2. **ring**: start a push schedule per device, each steered by a
+//!    [`Course`];
+//! 3. **settle**: feed everything that reaches the call (answers, dead
+//!    tokens, the cancel, the deadline, shutdown) to its state machine
+//!    ([`crate::lifecycle::Call`]) and steer the devices as it says, until
+//!    it wakes the PBX;
+//! 4. **finish**: store the call's end, and tell the phones still ringing.
+//!
+//! The state machine decides; this file only carries its events in and its
+//! effects out.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::log::CallLog;
+use super::{schedule, unix_seconds, IncomingCall};
+use crate::broker::{device_alias, push_key, BrokerError, News, Opening, Wait};
+use crate::lifecycle::{Call, Course, Effect, Event, NakReason, Outcome};
+use crate::push::{Payload, PushTarget};
+use crate::shutdown::{phase_reached, Phase};
+use crate::state::AppState;
+use crate::store::{Device, EndReason};
+
+/// How long a call that is over waits for the broker's last word (whether
+/// an answer won it as its timer fired) before it answers NAK anyway: a
+/// Redis that hangs must not hold the PBX past its wait by more than this.
+const LAST_WORD: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Rings every device of `call.sip_user_id` and waits for the first of
+/// their apps to take the call.
+///
+/// Dropping this future (the PBX hung up) is a clean exit: the call's
+/// [`Steering`] tells the phones still ringing `cancelled`, and the wait's
+/// guard ends the call in the broker and drops the subscription.
+pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
+    let mut log = CallLog::start(state, call.sip_user_id);
+    let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
+        tracing::warn!(
+            max = state.config.max_pending_calls,
+            "too many parked calls; answering NAK"
+        );
+        return log.end(Outcome::Nak(NakReason::Overloaded));
+    };
+    // Nothing waits past the wait (see `within`); a database or Redis that
+    // refuses fails at once.
+    let deadline = Instant::from_std(log.started) + state.config.wait();
+    let (devices, wait) = match open(state, &call, &mut log, deadline).await {
+        Ok(opened) => opened,
+        Err(outcome) => return log.end(outcome),
+    };
+    let mut ringing = ring_devices(state, &call, devices, wait, &mut log);
+    match ringing.settle(state, deadline).await {
+        Outcome::Ack => ringing.finish_answered(state, log),
+        outcome => ringing.finish_unanswered(state, log, outcome).await,
+    }
+}
+
+/// Step 1: the account's devices, and the wait opened for them. The wait
+/// is open (subscribed, record stored) before any push: a call that cannot
+/// be answered is never rung.
+async fn open(
+    state: &Arc<AppState>,
+    call: &IncomingCall,
+    log: &mut CallLog,
+    deadline: Instant,
+) -> Result<(Vec<Device>, Wait), Outcome> {
+    let looked_up = state.store.devices(call.sip_user_id);
+    let devices = within(state, call, deadline, "store", "device lookup", looked_up).await?;
+    if devices.is_empty() {
+        return Err(Outcome::Nak(NakReason::NoDevice));
+    }
+    log.devices(&devices);
+    let key = call.call_id.clone().unwrap_or_else(super::random_key);
+    let opening = Opening {
+        key: &key,
+        account: call.sip_user_id,
+        devices: log.platforms(),
+        until: deadline,
+    };
+    let opened = state.broker.open(opening);
+    let wait = within(state, call, deadline, "broker", "opening the wait", opened).await?;
+    log.unique_key = Some(wait.key().to_owned());
+    note_aliases(state, &devices, wait.key(), deadline).await;
+    Ok((devices, wait))
+}
+
+/// Notes each device its SIP proxy registered under its push key, before
+/// its push leaves, so its next REGISTER finds the call; within the call's
+/// wait. A device not noted still answers through its app.
+async fn note_aliases(state: &AppState, devices: &[Device], key: &str, deadline: Instant) {
+    let count = devices.len();
+    let aliases = devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.registration.expires_at.is_some())
+        .map(|(index, d)| {
+            let alias = device_alias(d.registration.sip_user_id, &d.registration.token);
+            let push = push_key(key, index, count);
+            async move { state.broker.alias(&alias, &push, deadline).await }
+        });
+    let noted = tokio::time::timeout_at(deadline, futures_util::future::join_all(aliases)).await;
+    let Ok(noted) = noted else {
+        state.metrics.error("broker");
+        tracing::warn!("noting proxy-registered devices took the whole wait");
+        return;
+    };
+    for noted in noted {
+        if let Err(e) = noted {
+            state.metrics.error("broker");
+            tracing::warn!(error = %e, "cannot note a proxy-registered device for its REGISTER");
+        }
+    }
+}
+
+/// Step 2: a push schedule per device, each on the course the call steers
+/// it; and the call's state machine, which steers them.
+fn ring_devices(
+    state: &Arc<AppState>,
+    call: &IncomingCall,
+    devices: Vec<Device>,
+    wait: Wait,
+    log: &mut CallLog,
+) -> Ringing {
+    let caller = if call.caller_id.trim().is_empty() {
+        call.phonenumber.clone()
+    } else {
+        call.caller_id.clone()
+    };
+    let count = devices.len();
+    let message_start_time = unix_seconds();
+    let (dead_token, died) = mpsc::unbounded_channel();
+    let mut courses = Vec::with_capacity(count);
+    for (index, device) in devices.into_iter().enumerate() {
+        let (attempts, attempts_seen) = watch::channel(0u32);
+        log.attempts(attempts_seen);
+        let (course, steered) = watch::channel(Course::Ring);
+        courses.push(course);
+        let payload = Payload::Call {
+            unique_key: push_key(wait.key(), index, count),
+            phonenumber: call.phonenumber.clone(),
+            caller_id: call.caller_id.clone(),
+            response_api: state.response_api.clone(),
+            message_start_time,
+            attempt: 1,
+            call_id: call.call_id.clone(),
+        };
+        let report = schedule::Report {
+            index,
+            dead_token: dead_token.clone(),
+            attempts,
+            last_push: None,
+            history: log.history.clone(),
+        };
+        tokio::spawn(schedule::ring_device(
+            state.clone(),
+            PushTarget::from(device.registration),
+            payload,
+            report,
+            steered,
+            caller.clone(),
+            state.parking.schedule(),
+        ));
+    }
+    Ringing {
+        steering: Steering {
+            call: Call::ringing(count),
+            courses,
+            news: wait.subscribe(),
+            seen: News::default(),
+            died,
+            deferred: Vec::new(),
+        },
+        wait,
+        message_start_time,
+    }
+}
+
+/// A call being rung: its wait in the broker and its steering.
+struct Ringing {
+    /// Declared first: dropped (a hang-up steered) before the wait's guard
+    /// ends the call in the broker.
+    steering: Steering,
+    wait: Wait,
+    message_start_time: f64,
+}
+
+impl Ringing {
+    /// Step 3: feeds the call's state machine until it wakes the PBX.
+    async fn settle(&mut self, state: &AppState, deadline: Instant) -> Outcome {
+        let mut phase = state.phase.subscribe();
+        let mut effects = self.steering.absorb(&self.wait.news());
+        loop {
+            if let Some(outcome) = self.steering.apply(effects) {
+                return outcome;
+            }
+            effects = tokio::select! {
+                news = self.wait.changed() => self.steering.absorb(&news),
+                Some(device) = self.steering.died.recv() => self.steering.call.step(Event::Dead { device }),
+                _ = tokio::time::sleep_until(deadline) => self.last_word(state, Event::Timeout).await,
+                _ = phase_reached(&mut phase, |p| *p == Phase::Aborting) => self.last_word(state, Event::Shutdown).await,
+            };
+        }
+    }
+
+    /// The wait ran out, or the server must stop: ends the call in the
+    /// broker first, for an answer may have won it just as the timer fired
+    /// (and the app that gave it was told so); then the event.
+    async fn last_word(&mut self, state: &AppState, event: Event) -> Vec<Effect> {
+        let reason = match event {
+            Event::Timeout => EndReason::TimedOut,
+            _ => EndReason::Failed,
+        };
+        let mut effects = Vec::new();
+        if let Some(before) = end_in_broker(state, self.wait.key(), reason).await {
+            for (device, stored) in before.devices.iter().enumerate() {
+                if let Some(available) = stored.answer {
+                    effects.extend(self.steering.call.step(Event::Answer { device, available }));
+                }
+            }
+        }
+        effects.extend(self.steering.call.step(event));
+        effects
+    }
+
+    /// Step 4 for an answered call: the PBX hears ACK first; the other
+    /// phones' notices, the log line, the tombstone and the wait's release
+    /// follow in a task of their own, which this worker runs once this
+    /// task has written the ACK.
+    fn finish_answered(mut self, state: &Arc<AppState>, mut log: CallLog) -> Outcome {
+        self.observe_wakeup(state, &mut log, Outcome::Ack);
+        log.end(Outcome::Ack);
+        let state = state.clone();
+        tokio::spawn(async move {
+            self.steering.steer_deferred();
+            drop(log);
+            // Ended before the wait is released, or the release would end
+            // it again, as a hang-up.
+            if let Err(e) = state
+                .broker
+                .end(self.wait.key(), EndReason::AnsweredElsewhere)
+                .await
+            {
+                state.metrics.error("broker");
+                tracing::warn!(error = %e, "cannot store the end of an answered call; its record expires by itself");
+            }
+            drop(self);
+        });
+        Outcome::Ack
+    }
+
+    /// Step 4 for a call that ended NAK: its tombstone (already stored when
+    /// the wait ran out), and the log line.
+    async fn finish_unanswered(
+        self,
+        state: &AppState,
+        mut log: CallLog,
+        outcome: Outcome,
+    ) -> Outcome {
+        self.observe_wakeup(state, &mut log, outcome);
+        if !matches!(
+            outcome,
+            Outcome::Nak(NakReason::Timeout | NakReason::Shutdown)
+        ) {
+            end_in_broker(state, self.wait.key(), outcome.end_reason()).await;
+        }
+        log.end(outcome)
+    }
+
+    /// The wake-up latency (from the answer that settled the call reaching
+    /// us to the PBX waking) and, for an ACK, the device that took it.
+    fn observe_wakeup(&self, state: &AppState, log: &mut CallLog, outcome: Outcome) {
+        let answers = &self.steering.seen.answers;
+        let settling = match outcome {
+            Outcome::Ack => {
+                let winner = self.steering.call.winner();
+                let received_at = winner
+                    .and_then(|w| answers.get(w).copied().flatten())
+                    .and_then(|a| a.received_at);
+                if let Some(winner) = winner {
+                    log.answered(winner, received_at, self.message_start_time);
+                }
+                received_at
+            }
+            Outcome::Nak(NakReason::NotAvailable) => {
+                answers.iter().flatten().filter_map(|a| a.received_at).max()
+            }
+            Outcome::Nak(_) => None,
+        };
+        if let Some(latency) = settling.and_then(|at| at.elapsed().ok()) {
+            state.metrics.wakeup_latency.observe(latency.as_secs_f64());
+        }
+    }
+}
+
+/// Ends the call `key` in the broker for `reason`, within [`LAST_WORD`];
+/// its record before, when the broker had one and answered in time.
+async fn end_in_broker(
+    state: &AppState,
+    key: &str,
+    reason: EndReason,
+) -> Option<crate::lifecycle::Record> {
+    let ended = tokio::time::timeout(LAST_WORD, state.broker.end(key, reason)).await;
+    match ended.unwrap_or_else(|_| {
+        Err(BrokerError::Unavailable(format!(
+            "no answer within {LAST_WORD:?}"
+        )))
+    }) {
+        Ok(before) => before,
+        Err(e) => {
+            state.metrics.error("broker");
+            tracing::warn!(error = %e, "cannot store the end of a call; its record expires by itself");
+            None
+        }
+    }
+}
+
+/// The call's state machine and the devices it steers. Dropped while the
+/// call still rings (the PBX hung up, and hyper dropped the call's future
+/// mid-wait), it steers the hang-up: the phones still ringing are told
+/// `cancelled`, after whatever news had reached the wait.
+struct Steering {
+    call: Call,
+    courses: Vec<watch::Sender<Course>>,
+    /// The wait's news, read once more on a hang-up.
+    news: watch::Receiver<News>,
+    /// The news fed to the state machine so far.
+    seen: News,
+    /// Device indexes whose token the push service declared dead.
+    died: mpsc::UnboundedReceiver<usize>,
+    /// Steering held back until the PBX has heard its ACK.
+    deferred: Vec<(usize, Course)>,
+}
+
+impl Steering {
+    /// Feeds the wait's news to the state machine: each device's answer,
+    /// then the cancel. A device's answer steps the machine once; a repeat
+    /// moves nothing.
+    fn absorb(&mut self, news: &News) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for (device, answer) in news.answers.iter().enumerate() {
+            if let Some(answer) = answer {
+                effects.extend(self.call.step(Event::Answer {
+                    device,
+                    available: answer.available,
+                }));
+            }
+        }
+        if news.ended.is_some() {
+            effects.extend(self.call.step(Event::Cancel));
+        }
+        self.seen = news.clone();
+        effects
+    }
+
+    /// Steers the devices; returns the outcome to wake the PBX with, if
+    /// the effects say so. After an ACK the steering waits
+    /// ([`Steering::steer_deferred`]): nothing comes before the PBX's ACK.
+    fn apply(&mut self, effects: Vec<Effect>) -> Option<Outcome> {
+        let outcome = effects.iter().find_map(|effect| match effect {
+            Effect::Wake(outcome) => Some(*outcome),
+            Effect::Steer(..) => None,
+        });
+        for effect in effects {
+            if let Effect::Steer(device, course) = effect {
+                if outcome == Some(Outcome::Ack) {
+                    self.deferred.push((device, course));
+                } else {
+                    self.steer(device, course);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn steer(&self, device: usize, course: Course) {
+        if let Some(sender) = self.courses.get(device) {
+            sender.send_replace(course);
+        }
+    }
+
+    fn steer_deferred(&mut self) {
+        for (device, course) in std::mem::take(&mut self.deferred) {
+            self.steer(device, course);
+        }
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        if self.call.over().is_none() {
+            let news = self.news.borrow().clone();
+            let mut effects = self.absorb(&news);
+            while let Ok(device) = self.died.try_recv() {
+                effects.extend(self.call.step(Event::Dead { device }));
+            }
+            effects.extend(self.call.step(Event::HangUp));
+            for effect in effects {
+                if let Effect::Steer(device, course) = effect {
+                    self.steer(device, course);
+                }
+            }
+        }
+        self.steer_deferred();
+    }
+}
+
+/// Runs one step of a call's set-up (`what`, on `component`) within the
+/// call's wait. A step that fails, or takes the whole wait, is an error of
+/// its component, and the call ends NAK `unavailable`: a database or Redis
+/// that hangs (answers nothing, rather than refusing) keeps no PBX longer
+/// than its wait.
+async fn within<T, E: std::fmt::Display>(
+    state: &AppState,
+    call: &IncomingCall,
+    deadline: Instant,
+    component: &'static str,
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Outcome> {
+    let error = match tokio::time::timeout_at(deadline, step).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "took the whole wait".to_owned(),
+    };
+    state.metrics.error(component);
+    tracing::error!(sip_user_id = call.sip_user_id, %error, "{what} failed; answering NAK");
+    Err(Outcome::Nak(NakReason::Unavailable))
+}
