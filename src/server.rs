@@ -77,6 +77,10 @@ impl Server {
     }
 }
 
+/// Beyond `--push-timeout-ms`, what the last `call_ended` notices of a
+/// drain may take to be handed to the push client once their calls ended.
+const NOTICE_MARGIN: Duration = Duration::from_millis(200);
+
 impl Running {
     /// The base URL to reach it, e.g. `http://127.0.0.1:40123`.
     pub fn url(&self) -> String {
@@ -99,17 +103,27 @@ impl Running {
         self.state.phase.send_replace(Phase::Aborting);
     }
 
-    /// Drains and returns when the last connection has finished and the
-    /// response log is written.
+    /// Drains and returns when the last connection has finished, the last
+    /// `call_ended` notice has left and the response log is written.
     pub async fn stop(mut self) {
         self.drain();
         let _ = (&mut self.task).await;
-        self.flush_writers().await;
+        self.finish().await;
     }
 
-    /// Writes what the batched writers (response log, call history) hold,
-    /// once the last call has ended.
-    async fn flush_writers(&self) {
+    /// What follows the last connection: the `call_ended` notices of the
+    /// calls that just ended (each push bounded by `--push-timeout-ms`, so
+    /// the exit is held no longer than that past the last call), then what
+    /// the batched writers (response log, call history) hold.
+    async fn finish(&self) {
+        let notices = self.state.parking.schedules_done();
+        let bound = self.state.config.push_timeout() + NOTICE_MARGIN;
+        if tokio::time::timeout(bound, notices).await.is_err() {
+            tracing::warn!(
+                schedules = self.state.parking.schedules(),
+                "exiting with call_ended notices still unsent after --push-timeout-ms"
+            );
+        }
         self.state.response_log.flush().await;
         self.state.call_history.flush().await;
     }
@@ -142,7 +156,7 @@ impl Running {
                 }
             }
         }
-        self.flush_writers().await;
+        self.finish().await;
     }
 }
 

@@ -166,7 +166,10 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         form(
             ANSWER,
-            &format!("unique_key={}&message_start_time=1", "k".repeat(261)),
+            &format!(
+                "unique_key={}&message_start_time=1",
+                "k".repeat(call_notifier::broker::PUSH_KEY_MAX + 1)
+            ),
             "unique_key",
         ),
         form(ANSWER, "unique_key=k", "message_start_time"),

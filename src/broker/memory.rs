@@ -139,7 +139,17 @@ impl Records {
             .filter(|_| count > 1)
             .map(|index| push_key(key, index, count))
             .collect();
-        if push_keys.iter().any(|push| self.keys.get(push).is_some()) {
+        // A device key holding anything but this call's own pointer (left
+        // by its previous call under the same key) is another call's.
+        let taken = push_keys.iter().enumerate().any(|(index, push)| {
+            self.keys
+                .get(push)
+                .is_some_and(|entry| match &entry.stored {
+                    Stored::Pointer { call, device } => (call.as_str(), *device) != (key, index),
+                    Stored::Call(_) => true,
+                })
+        });
+        if taken {
             return false;
         }
         let expires = call.until + TOMBSTONE;
@@ -219,9 +229,19 @@ impl CallBroker for MemoryBroker {
             });
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
+            let replacing = existing.is_some();
             let stored = match claim(existing, call.account) {
                 Claim::Join => true,
-                Claim::New => records.store(key, &call),
+                Claim::New => {
+                    let stored = records.store(key, &call);
+                    if !stored && replacing {
+                        // A device key of the new call is another call's:
+                        // the key's old tombstone goes with the attempt, as
+                        // the Redis broker's undo takes it.
+                        records.keys.map.remove(key.as_str());
+                    }
+                    stored
+                }
                 Claim::Taken => false,
             };
             if !stored {

@@ -413,10 +413,10 @@ impl CallBroker for RedisBroker {
 
 impl Shared {
     /// Stores the call's record under `key` ([`keys::OPEN_SCRIPT`]) and
-    /// then its device pointers, each only where the key is free or already
-    /// this call's. Says whether the key is this call's: when another
-    /// call's record or pointer stands in the way, what this one stored is
-    /// taken back and the key is left to its owner.
+    /// then, for a new call, its device pointers, each only where the key
+    /// is free. Says whether the key is this call's: when another call's
+    /// record or pointer stands in the way, what this one stored is taken
+    /// back and the key is left to its owner.
     async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<bool, BrokerError> {
         let (record, ttl) = keys::open_args(call.devices, call.until);
         let mut open = self.open.prepare_invoke();
@@ -426,8 +426,11 @@ impl Shared {
             .arg(ttl)
             .arg(call.account);
         let opened: String = self.invoke(&open).await?;
-        if opened == "taken" {
-            return Ok(false);
+        match opened.as_str() {
+            "taken" => return Ok(false),
+            // Joined as it is, pointers and all.
+            "join" => return Ok(true),
+            _ => {}
         }
         let count = call.devices.len();
         if count == 1 {

@@ -1,0 +1,281 @@
+//! The Redis scripts held to the call's state machine (issue #23): the
+//! in-process broker runs [`call_notifier::lifecycle`]'s transitions
+//! directly; the Redis broker runs them as Lua. A property test applies the
+//! same random sequences of events (opens and joins by two accounts sharing
+//! one Call-ID, with one to three devices each; answers, declines and stale
+//! answers to any of the keys in play; ends; cancels by the Call-ID, with
+//! and without an account) to both, and compares every verdict and every
+//! stored record, step by step, on one Redis and on the Cluster.
+//!
+//! Changing a transition in either copy makes it fail: with the owner check
+//! taken out of the open script, the shrunk sequence is two opens, one by
+//! each account, whose second joins the first account's call on Redis and
+//! gets a key of its own in process.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use call_notifier::broker::memory::MemoryBroker;
+use call_notifier::broker::redis::{RedisBroker, RedisOptions};
+use call_notifier::broker::{leg_key, CallBroker, Opening, Wait};
+use call_notifier::lifecycle::{Phase, Record, Stored};
+use call_notifier::store::{EndReason, Platform};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// One event of a sequence.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Account `account` (0 or 1) opens the shared Call-ID on `devices`.
+    Open { account: usize, devices: usize },
+    /// An app answers the `key`-th of [`keys`], through instance `via`.
+    Answer {
+        key: usize,
+        available: bool,
+        stale: bool,
+        via: usize,
+    },
+    /// The holder of the `call`-th call key ends it.
+    End { call: usize, reason: EndReason },
+    /// The PBX cancels the Call-ID, for one account or all, through
+    /// instance `via`.
+    Cancel { account: Option<usize>, via: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let reason = prop::sample::select(EndReason::ALL.to_vec());
+    prop_oneof![
+        3 => (0..2usize, 1..=3usize).prop_map(|(account, devices)| Op::Open { account, devices }),
+        4 => (0..12usize, any::<bool>(), prop::bool::weighted(0.15), 0..2usize)
+            .prop_map(|(key, available, stale, via)| Op::Answer { key, available, stale, via }),
+        1 => (0..3usize, reason).prop_map(|(call, reason)| Op::End { call, reason }),
+        1 => (prop::option::of(0..2usize), 0..2usize)
+            .prop_map(|(account, via)| Op::Cancel { account, via }),
+    ]
+}
+
+/// The call keys in play for the Call-ID `call_id` and the two accounts.
+fn calls(call_id: &str, accounts: [i64; 2]) -> [String; 3] {
+    [
+        call_id.to_owned(),
+        leg_key(call_id, accounts[0]),
+        leg_key(call_id, accounts[1]),
+    ]
+}
+
+/// Every key in play: each call key and its three device keys.
+fn keys(call_id: &str, accounts: [i64; 2]) -> Vec<String> {
+    calls(call_id, accounts)
+        .into_iter()
+        .flat_map(|call| {
+            (0..4).map(move |n| {
+                if n == 0 {
+                    call.clone()
+                } else {
+                    format!("{call}.{n}")
+                }
+            })
+        })
+        .collect()
+}
+
+/// A record with its deadline taken out: each broker computes it from its
+/// own clock reading.
+fn comparable(stored: Option<(Stored, Option<i64>)>) -> Option<(Stored, Option<i64>)> {
+    stored.map(|(stored, owner)| {
+        let stored = match stored {
+            Stored::Call(record) => Stored::Call(without_deadline(record)),
+            pointer => pointer,
+        };
+        (stored, owner)
+    })
+}
+
+fn without_deadline(mut record: Record) -> Record {
+    record.phase = match record.phase {
+        Phase::Ringing { .. } => Phase::Ringing { until: 0 },
+        Phase::Won { .. } => Phase::Won { until: 0 },
+        ended => ended,
+    };
+    record
+}
+
+/// One side under test: its instances (the model is one process; Redis is
+/// two instances, each account's calls held on its own, so a key another
+/// account holds is found taken by the script, not by the process's own
+/// waits), the waits opened (kept open until the sequence ends, so no
+/// hang-up cleans up behind the test's back), and which instance holds
+/// each call key.
+struct Side {
+    instances: Vec<Arc<dyn CallBroker>>,
+    waits: Vec<Wait>,
+    holders: [usize; 3],
+}
+
+impl Side {
+    fn new(instances: Vec<Arc<dyn CallBroker>>) -> Side {
+        Side {
+            instances,
+            waits: Vec::new(),
+            holders: [0; 3],
+        }
+    }
+
+    fn instance(&self, n: usize) -> &dyn CallBroker {
+        self.instances[n % self.instances.len()].as_ref()
+    }
+
+    /// Applies `op`; what it answered, as text both sides can agree on.
+    async fn apply(&mut self, op: &Op, call_id: &str, accounts: [i64; 2]) -> String {
+        let keys = keys(call_id, accounts);
+        let calls = calls(call_id, accounts);
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        match op {
+            Op::Open { account, devices } => {
+                let platforms = vec![Platform::Android; *devices];
+                let opening = Opening {
+                    key: call_id,
+                    account: accounts[*account],
+                    devices: &platforms,
+                    until,
+                };
+                match self.instance(*account).open(opening).await {
+                    Ok(wait) => {
+                        let key = match calls.iter().position(|c| c == wait.key()) {
+                            Some(n) => {
+                                self.holders[n] = *account;
+                                format!("call {n}")
+                            }
+                            None => "a random key".to_owned(),
+                        };
+                        self.waits.push(wait);
+                        key
+                    }
+                    Err(e) => format!("error {e}"),
+                }
+            }
+            Op::Answer {
+                key,
+                available,
+                stale,
+                via,
+            } => format!(
+                "{:?}",
+                self.instance(*via)
+                    .answer(&keys[*key], *available, *stale)
+                    .await
+                    .map_err(|e| e.to_string())
+            ),
+            Op::End { call, reason } => format!(
+                "{:?}",
+                self.instance(self.holders[*call])
+                    .end(&calls[*call], *reason)
+                    .await
+                    .map(|before| before.map(without_deadline))
+                    .map_err(|e| e.to_string())
+            ),
+            Op::Cancel { account, via } => format!(
+                "{:?}",
+                self.instance(*via)
+                    .cancel(call_id, account.map(|a| accounts[a]))
+                    .await
+                    .map_err(|e| e.to_string())
+            ),
+        }
+    }
+
+    /// What every key in play holds.
+    async fn stored(&self, call_id: &str, accounts: [i64; 2]) -> Vec<String> {
+        let mut stored = Vec::new();
+        for key in keys(call_id, accounts) {
+            let read = self.instance(0).read(&key).await.map(comparable);
+            stored.push(format!("{key}: {read:?}"));
+        }
+        stored
+    }
+}
+
+/// Applies `ops` to the model (the in-process broker) and to `redis`,
+/// comparing each answer and every stored key after each step.
+async fn check(redis: Vec<Arc<dyn CallBroker>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let call_id = format!("model-{}", call_notifier::calls::random_key());
+    let base: i64 = rand_account();
+    let accounts = [base, base + 1];
+    let mut model = Side::new(vec![Arc::new(MemoryBroker::new())]);
+    let mut lua = Side::new(redis);
+    let mut seen = Vec::new();
+    for op in &ops {
+        seen.push(format!("{op:?}"));
+        let expected = model.apply(op, &call_id, accounts).await;
+        let got = lua.apply(op, &call_id, accounts).await;
+        prop_assert_eq!(&got, &expected, "the answer to {:?} after {:#?}", op, seen);
+        let expected = model.stored(&call_id, accounts).await;
+        let got = lua.stored(&call_id, accounts).await;
+        prop_assert_eq!(got, expected, "the records after {:#?}", seen);
+    }
+    Ok(())
+}
+
+fn rand_account() -> i64 {
+    let key = call_notifier::calls::random_key();
+    i64::from_str_radix(&key[..12], 16).expect("hex") + 1
+}
+
+/// The Redis URLs to hold to the model: one Redis and the Cluster. Set but
+/// unreachable fails; neither set fails too, since the test was asked for.
+fn redis_urls() -> Vec<String> {
+    let urls: Vec<String> = ["TEST_REDIS_URL", "TEST_REDIS_CLUSTER_URL"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .collect();
+    assert!(
+        !urls.is_empty(),
+        "set TEST_REDIS_URL (and TEST_REDIS_CLUSTER_URL) to hold the Redis scripts to the model"
+    );
+    urls
+}
+
+#[test]
+#[ignore = "needs TEST_REDIS_URL and TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
+fn the_redis_scripts_follow_the_call_state_machine() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    for url in redis_urls() {
+        let connect = |url: String| async move {
+            let broker = RedisBroker::connect(RedisOptions {
+                url: url.clone(),
+                acquire_timeout: Duration::from_secs(2),
+                poll_interval: Duration::from_millis(100),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+            // The subscriber connection comes up in the background.
+            common::bounded("the Redis broker ready", async {
+                while broker.ping().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            Arc::new(broker) as Arc<dyn CallBroker>
+        };
+        let redis = runtime
+            .block_on(async { vec![connect(url.clone()).await, connect(url.clone()).await] });
+        let mut runner = TestRunner::new(Config {
+            cases: 64,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let sequences = prop::collection::vec(op(), 1..10);
+        let result = runner.run(&sequences, |ops| {
+            runtime.block_on(check(redis.clone(), ops))
+        });
+        if let Err(failure) = result {
+            panic!("{url}: the Redis scripts and the model disagree: {failure}");
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! A call's life in the cases real traffic makes (issue #23), on every
+//! backend: a decline stops that phone ringing, a hang-up tells only the
+//! phones still ringing, a ring group's legs sharing one Call-ID stay apart,
+//! a stale answer is refused, a call over is over for every phone but its
+//! winner, and a drain's notices leave before the server returns.
+//!
+//! The first four tests failed on the code before the call's state machine
+//! (3da3c14): the decliner got attempts 2 and 3 and a `cancelled` notice,
+//! the second leg joined the first leg's call, and the stale answer took
+//! the call.
+
+mod common;
+
+use std::time::Duration;
+
+use call_notifier::store::EndReason;
+use common::*;
+use hyper::StatusCode;
+
+/// A server that keeps up to three devices per account and waits 8 s, so a
+/// call sees several resend ticks (one a second).
+async fn server(backend: &Backend) -> TestServer {
+    start(backend, |c| {
+        c.max_devices_per_account = 3;
+        c.wait_ms = 8000;
+    })
+    .await
+}
+
+/// A fresh account with an Android device per token, registered in order.
+async fn account(server: &TestServer, tokens: &[&str]) -> String {
+    let user = sip_user_id();
+    for token in tokens {
+        assert_eq!(
+            server.client.register("android", &user, token).await,
+            StatusCode::CREATED,
+            "{}",
+            server.backend.name()
+        );
+    }
+    user
+}
+
+/// With Redis, a second instance on the same backend; in process, none.
+async fn other_instance(backend: &Backend) -> Option<TestServer> {
+    match backend.redis_url() {
+        Some(_) => Some(server(backend).await),
+        None => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decline_stops_that_phone_ringing_while_another_rings_on() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let user = account(&server, &["dec-a", "dec-b"]).await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let a = server.call_push("dec-a", &format!("{key}.1")).await;
+        server.call_push("dec-b", &format!("{key}.2")).await;
+        let decline = server
+            .client
+            .call_response(&format!("{key}.1"), start_time_of(&a), false)
+            .await;
+        assert_eq!(decline.status, StatusCode::ACCEPTED, "{}", backend.name());
+
+        // B rings on: its attempts 2 and 3 (at 1 s and 2 s) go out; A's do not.
+        let b = server.pushes("dec-b", 3).await;
+        let answer = server
+            .client
+            .call_response(&format!("{key}.2"), start_time_of(&b[0]), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+        assert_no_bookkeeping(&server).await;
+        assert_eq!(
+            server.calls_to("dec-a").len(),
+            1,
+            "{}: the phone that declined rang once",
+            backend.name()
+        );
+        assert!(
+            server.notices_to("dec-a").is_empty(),
+            "{}: it answered, so it is told nothing",
+            backend.name()
+        );
+        assert!(server.notices_to("dec-b").is_empty(), "the winner neither");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_up_tells_only_the_phones_still_ringing() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let user = account(&server, &["hup-a", "hup-b"]).await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let a = server.call_push("hup-a", &format!("{key}.1")).await;
+        let decline = server
+            .client
+            .call_response(&format!("{key}.1"), start_time_of(&a), false)
+            .await;
+        assert_eq!(decline.status, StatusCode::ACCEPTED);
+        // B's second push: the decline has been taken in by then.
+        server.pushes("hup-b", 2).await;
+        pbx.abort();
+        let _ = pbx.await;
+        assert_eq!(
+            server.notice("hup-b").await,
+            (format!("{key}.2"), EndReason::Cancelled),
+            "{}",
+            backend.name()
+        );
+        assert_no_bookkeeping(&server).await;
+        assert!(
+            server.notices_to("hup-a").is_empty(),
+            "{}: the phone that declined is not told of a missed call",
+            backend.name()
+        );
+        assert_eq!(server.calls_to("hup-a").len(), 1);
+        // Over: the decliner hears the call's reason, not a 202.
+        let late = server
+            .client
+            .call_response(&format!("{key}.1"), start_time_of(&a), true)
+            .await;
+        assert_eq!(late.status, StatusCode::GONE, "{}", backend.name());
+        assert_eq!(late.json()["reason"], "cancelled");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_groups_legs_sharing_one_call_id_stay_apart() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let u42 = account(&server, &["rg-42"]).await;
+        let u43 = account(&server, &["rg-43"]).await;
+        let call = call_id();
+        let pbx42 = server.client.park(&u42, &call);
+        let push42 = server.call_push("rg-42", &call).await;
+        let pbx43 = second.client.park(&u43, &call);
+        let push43 = second.push("rg-43").await;
+        let key43 = push43.payload.to_json()["unique_key"]
+            .as_str()
+            .expect("a key")
+            .to_owned();
+        assert_ne!(
+            key43,
+            call,
+            "{}: no two legs share a push key",
+            backend.name()
+        );
+        for push in [&push42, &push43] {
+            assert_eq!(
+                push.payload.to_json()["call_id"],
+                call.as_str(),
+                "the PBX's call_id, verbatim, pairs the push with the INVITE"
+            );
+        }
+
+        // 43's answer (through the first instance) takes only 43's call.
+        let answer = server
+            .client
+            .call_response(&key43, start_time_of(&push43), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
+        assert_eq!(pbx43.await.unwrap().body, "status=ACK");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !pbx42.is_finished(),
+            "{}: 42's call rings on",
+            backend.name()
+        );
+        assert!(server.notices_to("rg-42").is_empty());
+        let answer = second
+            .client
+            .call_response(&call, start_time_of(&push42), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(
+            pbx42.await.unwrap().body,
+            "status=ACK",
+            "{}",
+            backend.name()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_by_call_id_ends_every_leg_and_with_an_account_only_its_own() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let u42 = account(&server, &["cx-42"]).await;
+        let u43 = account(&server, &["cx-43"]).await;
+        let u44 = account(&server, &["cx-44"]).await;
+        let call = call_id();
+        let pbx42 = server.client.park(&u42, &call);
+        server.push("cx-42").await;
+        let pbx43 = second.client.park(&u43, &call);
+        server.pushes("cx-42", 1).await;
+        second.push("cx-43").await;
+        let pbx44 = server.client.park(&u44, &call);
+        let push44 = server.push("cx-44").await;
+
+        // With the account: that leg only.
+        let one = second
+            .client
+            .post(
+                "/api/incoming-call/cancel/",
+                &[("call_id", &call), ("sip_user_id", &u43)],
+            )
+            .await;
+        assert_eq!(
+            one.status,
+            StatusCode::OK,
+            "{}: {}",
+            backend.name(),
+            one.body
+        );
+        assert_eq!(pbx43.await.unwrap().body, "status=NAK");
+        assert_eq!(second.notice("cx-43").await.1, EndReason::Cancelled);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pbx42.is_finished() && !pbx44.is_finished());
+
+        // Without: every leg left.
+        let all = second
+            .client
+            .post("/api/incoming-call/cancel/", &[("call_id", &call)])
+            .await;
+        assert_eq!(
+            all.status,
+            StatusCode::OK,
+            "{}: {}",
+            backend.name(),
+            all.body
+        );
+        assert_eq!(
+            pbx42.await.unwrap().body,
+            "status=NAK",
+            "{}",
+            backend.name()
+        );
+        assert_eq!(
+            pbx44.await.unwrap().body,
+            "status=NAK",
+            "{}",
+            backend.name()
+        );
+        assert_eq!(server.notice("cx-42").await.1, EndReason::Cancelled);
+        assert_eq!(server.notice("cx-44").await.1, EndReason::Cancelled);
+        let late = server
+            .client
+            .call_response(
+                push44.payload.to_json()["unique_key"].as_str().unwrap(),
+                start_time_of(&push44),
+                true,
+            )
+            .await;
+        assert_eq!(late.status, StatusCode::GONE);
+        assert_eq!(late.json()["reason"], "cancelled");
+    })
+    .await;
+}
+
+/// `K1.1` is the push key of the first device of call `K1` rung on two
+/// devices; a call of another account whose `call_id` is `K1.1` must not
+/// take that device's answers, nor lose its own, whichever parks first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_id_equal_to_another_calls_device_key_crosses_nothing() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        for fork_first in [true, false] {
+            let [x1, x2, y] = ["x1", "x2", "y"].map(|t| format!("dk-{t}-{fork_first}"));
+            let pair = account(&server, &[&x1, &x2]).await;
+            let lone = account(&server, &[&y]).await;
+            let k1 = call_id();
+            let k11 = format!("{k1}.1");
+            let (pbx_pair, pbx_lone) = if fork_first {
+                let pbx = server.client.park(&pair, &k1);
+                server.call_push(&x1, &k11).await;
+                (pbx, server.client.park(&lone, &k11))
+            } else {
+                let pbx = server.client.park(&lone, &k11);
+                server.call_push(&y, &k11).await;
+                (server.client.park(&pair, &k1), pbx)
+            };
+            let key_of = |push: &call_notifier::push::recording::Recorded| {
+                push.payload.to_json()["unique_key"]
+                    .as_str()
+                    .expect("a key")
+                    .to_owned()
+            };
+            let push_x1 = server.push(&x1).await;
+            let push_x2 = server.push(&x2).await;
+            let push_y = server.push(&y).await;
+            let keys = [key_of(&push_x1), key_of(&push_x2), key_of(&push_y)];
+            assert!(
+                keys[0] != keys[2] && keys[1] != keys[2],
+                "{} (fork first: {fork_first}): push keys {keys:?}",
+                backend.name()
+            );
+            // The lone call's answer takes only the lone call.
+            let answer = server
+                .client
+                .call_response(&keys[2], start_time_of(&push_y), true)
+                .await;
+            assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
+            assert_eq!(pbx_lone.await.unwrap().body, "status=ACK");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                !pbx_pair.is_finished(),
+                "{} (fork first: {fork_first}): the fork rings on",
+                backend.name()
+            );
+            let answer = server
+                .client
+                .call_response(&keys[0], start_time_of(&push_x1), true)
+                .await;
+            assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
+            assert_eq!(pbx_pair.await.unwrap().body, "status=ACK");
+            assert_eq!(server.notice(&x2).await.1, EndReason::AnsweredElsewhere);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_is_refused_and_the_call_rings_on() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let user = account(&server, &["stale"]).await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let push = server.push("stale").await;
+        let wait = server.running.state.config.wait().as_secs_f64();
+        let stale = server
+            .client
+            .call_response(
+                &key,
+                call_notifier::calls::unix_seconds() - wait - 1.0,
+                true,
+            )
+            .await;
+        assert_eq!(stale.status, StatusCode::GONE, "{}", backend.name());
+        assert_eq!(
+            stale.json(),
+            serde_json::json!({"unique_key": key, "reason": "timed_out"})
+        );
+        // Still ringing: the next push goes out, and a timely answer wins.
+        server.pushes("stale", 2).await;
+        assert!(!pbx.is_finished());
+        let timely = server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(timely.status, StatusCode::ACCEPTED, "{}", backend.name());
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_id_whose_call_has_ended_starts_a_new_call() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let user = account(&server, &["again"]).await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let first = server.push("again").await;
+        let decline = server
+            .client
+            .call_response(&key, start_time_of(&first), false)
+            .await;
+        assert_eq!(decline.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=NAK");
+
+        // The PBX tries the same call_id again: a new call that rings, and
+        // its phone is not told it is over in the same breath.
+        let pbx = server.client.park(&user, &key);
+        let pushes = server.pushes("again", 2).await;
+        assert_eq!(pushes[1].payload.attempt(), Some(1), "{}", backend.name());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(server.notices_to("again").is_empty(), "{}", backend.name());
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&pushes[1]), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+    })
+    .await;
+}
+
+/// Shutdown out of time (a second signal) while three phones ring: each is
+/// told `failed`, and the server returns only once the notices have left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_tells_every_ringing_phone_before_it_returns() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let tokens = ["down-a", "down-b", "down-c"];
+        let user = account(&server, &tokens).await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        for (n, token) in tokens.iter().enumerate() {
+            server.call_push(token, &format!("{key}.{}", n + 1)).await;
+        }
+        let (signal, signals) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let signals = futures_util::stream::unfold(signals, |mut rx| async move {
+            rx.recv().await.map(|()| ((), rx))
+        });
+        let TestServer {
+            running, pusher, ..
+        } = server;
+        let stopped = tokio::spawn(running.run_until_signalled(Box::pin(signals)));
+        signal.send(()).expect("the first signal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        signal.send(()).expect("the second signal");
+        assert_eq!(pbx.await.unwrap().body, "status=NAK");
+        bounded("the server returning", stopped)
+            .await
+            .expect("the server task");
+        for (n, token) in tokens.iter().enumerate() {
+            let notices: Vec<_> = pusher
+                .sent_to(token)
+                .into_iter()
+                .filter(|p| p.payload.kind() == "call_ended")
+                .map(|p| p.payload.to_json())
+                .collect();
+            assert_eq!(notices.len(), 1, "{}: {token}", backend.name());
+            assert_eq!(notices[0]["reason"], "failed");
+            assert_eq!(notices[0]["unique_key"], format!("{key}.{}", n + 1));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_call_id_is_refused_and_an_empty_one_gets_a_random_key() {
+    let server = start(&Backend::embedded(), |_| {}).await;
+    let user = server.registered("android", "blank").await;
+    let blank = server
+        .client
+        .post(
+            "/api/incoming-call/",
+            &[
+                ("sip_user_id", &user),
+                ("phonenumber", "123"),
+                ("call_id", "\t"),
+            ],
+        )
+        .await;
+    assert_eq!(blank.status, StatusCode::BAD_REQUEST);
+    assert_eq!(blank.json()["field"], "call_id", "{}", blank.body);
+    assert!(server.pusher.sent().is_empty(), "nothing rang");
+    let pbx = {
+        let client = server.client.clone();
+        let user = user.clone();
+        tokio::spawn(async move {
+            client
+                .post(
+                    "/api/incoming-call/",
+                    &[
+                        ("sip_user_id", &user),
+                        ("phonenumber", "123"),
+                        ("call_id", ""),
+                    ],
+                )
+                .await
+        })
+    };
+    let push = server.push("blank").await;
+    let json = push.payload.to_json();
+    let key = json["unique_key"].as_str().expect("a key");
+    assert_eq!(key.len(), 32, "128 random bits as hex: {key}");
+    assert!(json.get("call_id").is_none(), "no call_id was given");
+    let answer = server
+        .client
+        .call_response(key, start_time_of(&push), true)
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(pbx.await.unwrap().body, "status=ACK");
+}
