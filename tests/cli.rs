@@ -418,6 +418,7 @@ fn device(sip_user_id: i64, platform: Platform, token: &str) -> NewDevice {
         sandbox: false,
         alert_token: None,
         expires_at: None,
+        proxy_expires_at: None,
     }
 }
 

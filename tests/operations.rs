@@ -485,3 +485,25 @@ async fn the_shutdown_timeout_and_a_second_signal_answer_parked_calls_nak() {
         assert_eq!(process.exit_code(Duration::from_secs(5)).await, Some(0));
     }
 }
+
+/// Issue #23: the takeover notice is a push like any other, counted under
+/// `kind="message"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_takeover_notice_is_counted_as_a_message_push() {
+    let server = start(&Backend::embedded(), |_| {}).await;
+    let user = server.registered("android", "tok-old").await;
+    assert_eq!(
+        server.client.register("android", &user, "tok-new").await,
+        StatusCode::OK
+    );
+    server.push("tok-old").await;
+    let counted = eventually(Duration::from_secs(3), || async {
+        let m = server.client.get("/metrics").await.body;
+        sample(
+            &m,
+            "call_notifier_pushes_total{platform=\"android\",kind=\"message\",outcome=\"delivered\",reason=\"none\"}",
+        ) == 1.0
+    })
+    .await;
+    assert!(counted, "{}", server.client.get("/metrics").await.body);
+}

@@ -490,3 +490,80 @@ async fn the_register_of_a_ringing_device_answers_its_call() {
     })
     .await;
 }
+
+/// Issue #23: a proxy binding the token an app registered itself refreshes
+/// only its binding: the app's `alert_token` and name stay, the device keeps
+/// no expiry of its own (so the binding's lapse never takes it away), and
+/// while bound the device's REGISTER still answers its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_binding_an_app_registered_device_keeps_what_the_app_gave() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = sip_user_id();
+        let app = server
+            .client
+            .post(
+                "/api/apns-device/",
+                &[
+                    ("sip_user_id", &user),
+                    ("token", VOIP),
+                    ("app", APP),
+                    ("alert_token", REMOTE),
+                    ("name", "Alice's iPhone"),
+                ],
+            )
+            .await;
+        assert_eq!(app.status, StatusCode::CREATED, "{}", app.body);
+        let bound = server.client.post(PATH, &apns(&user, "apns", "600")).await;
+        assert_eq!(
+            bound.status,
+            StatusCode::OK,
+            "{}: {}",
+            backend.name(),
+            bound.body
+        );
+        let device = server.device(&user).await.expect("still stored");
+        assert_eq!(
+            device.alert_token.as_deref(),
+            Some(REMOTE),
+            "{}",
+            backend.name()
+        );
+        assert_eq!(device.name.as_deref(), Some("Alice's iPhone"));
+        assert_eq!(device.expires_at, None, "the app's device never expires");
+        assert!(
+            device.proxy_bound(now_millis()),
+            "{}: bound",
+            backend.name()
+        );
+        assert!(
+            !device.proxy_bound(now_millis() + 700_000),
+            "the binding lapses with its REGISTER"
+        );
+        assert_eq!(server.tokens(&user).await, [VOIP]);
+
+        // The app registering again keeps the binding; the REGISTER that
+        // follows answers the call ringing for the device.
+        let again = server
+            .client
+            .post(
+                "/api/apns-device/",
+                &[
+                    ("sip_user_id", &user),
+                    ("token", VOIP),
+                    ("app", APP),
+                    ("alert_token", REMOTE),
+                ],
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        server.call_push(VOIP, &key).await;
+        let register = server.client.post(PATH, &apns(&user, "apns", "600")).await;
+        assert_eq!(register.status, StatusCode::OK, "{}", register.body);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+        assert_eq!(server.device(&user).await.and_then(|d| d.expires_at), None);
+    })
+    .await;
+}

@@ -348,3 +348,45 @@ impl CallBroker for MemoryBroker {
         self.shared.waiters.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Platform;
+
+    /// Issue #23: a tombstone ends on time however quiet the server: no
+    /// other call needs to open for it to go.
+    #[tokio::test(start_paused = true)]
+    async fn a_tombstone_ends_on_time_on_a_quiet_server() {
+        let broker = MemoryBroker::new();
+        let devices = [Platform::Android];
+        let wait = broker
+            .open(Opening {
+                key: "k",
+                account: 42,
+                devices: &devices,
+                until: Instant::now() + std::time::Duration::from_secs(4),
+            })
+            .await
+            .expect("opened");
+        assert!(broker
+            .end("k", EndReason::TimedOut)
+            .await
+            .expect("ended")
+            .is_some());
+        drop(wait);
+        tokio::time::advance(TOMBSTONE - std::time::Duration::from_secs(1)).await;
+        assert_eq!(
+            broker.answer("k", true, false).await.expect("answered"),
+            Verdict::Gone(EndReason::TimedOut),
+            "410 while the tombstone lives"
+        );
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        assert_eq!(
+            broker.answer("k", true, false).await.expect("answered"),
+            Verdict::Unknown,
+            "404 once it is past"
+        );
+        assert_eq!(broker.read("k").await.expect("read"), None);
+    }
+}

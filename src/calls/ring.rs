@@ -26,7 +26,7 @@ use crate::lifecycle::{Call, Course, Effect, Event, NakReason, Outcome};
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
-use crate::store::{Device, EndReason};
+use crate::store::{now_millis, Device, EndReason};
 
 /// How long a call that is over waits for the broker's last word (whether
 /// an answer won it as its timer fired) before it answers NAK anyway: a
@@ -99,7 +99,7 @@ async fn note_aliases(state: &AppState, devices: &[Device], key: &str, deadline:
     let aliases = devices
         .iter()
         .enumerate()
-        .filter(|(_, d)| d.registration.expires_at.is_some())
+        .filter(|(_, d)| d.registration.proxy_bound(now_millis()))
         .map(|(index, d)| {
             let alias = device_alias(d.registration.sip_user_id, &d.registration.token);
             let push = push_key(key, index, count);

@@ -24,8 +24,10 @@ pub enum RemoveError {
 /// Prints the devices of `sip_user_id`: a table with tokens shortened, or
 /// with `json` one object per line with every field and the full token.
 /// An account without devices prints a note on stderr (nothing on stdout).
+/// Devices whose SIP registration lapsed are listed too (their
+/// `expires_at` in the JSON), and left in place: listing changes nothing.
 pub async fn list(store: &dyn Store, sip_user_id: i64, json: bool) -> Result<(), StoreError> {
-    let devices = store.devices(sip_user_id).await?;
+    let devices = store.listed(sip_user_id).await?;
     if devices.is_empty() {
         eprintln!("no device for SIP account {sip_user_id}");
     } else if json {
@@ -142,6 +144,7 @@ mod tests {
                 sandbox: false,
                 alert_token: Some("b2".into()),
                 expires_at: None,
+                proxy_expires_at: None,
             },
             created_at: 0,
             updated_at: 0,

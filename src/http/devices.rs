@@ -109,6 +109,7 @@ fn parse_device(platform: Platform, fields: &Fields) -> Result<NewDevice, ApiErr
         alert_token: alert_token(platform, fields)?,
         // The app's own registrations never expire.
         expires_at: None,
+        proxy_expires_at: None,
     })
 }
 
@@ -202,17 +203,21 @@ fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
         );
         return;
     }
-    let pusher = state.pusher.clone();
+    let state = state.clone();
     tokio::spawn(async move {
         let target = PushTarget::from(previous);
-        let outcome = pusher
-            .send(
-                &target,
-                &Payload::Message {
-                    message: TAKEN_OVER.to_owned(),
-                },
-            )
-            .await;
+        let notice = Payload::Message {
+            message: TAKEN_OVER.to_owned(),
+        };
+        let sent_at = std::time::Instant::now();
+        let outcome = state.pusher.send(&target, &notice).await;
+        // Counted like every other push (`kind="message"`).
+        state.metrics.push(
+            target.platform,
+            notice.kind(),
+            &outcome,
+            sent_at.elapsed().as_secs_f64(),
+        );
         tracing::info!(
             sip_user_id = target.sip_user_id,
             ?outcome,

@@ -257,6 +257,7 @@ pub(super) async fn register(
         return remove(state, device).await;
     }
     let (sip_user_id, token) = (device.sip_user_id, device.token.clone());
+    let until = now_millis() + expires * 1000 + GRACE_MS;
     let stored = NewDevice {
         sip_user_id,
         platform: device.provider.platform(),
@@ -269,7 +270,8 @@ pub(super) async fn register(
         remote_logging_id: None,
         sandbox: device.provider == Provider::Apns { sandbox: true },
         alert_token: device.alert_token,
-        expires_at: Some(now_millis() + expires * 1000 + GRACE_MS),
+        expires_at: Some(until),
+        proxy_expires_at: Some(until),
     };
     // The REGISTER answers the call ringing for its device (if one is)
     // while it is stored, not after: the phone is awake and the proxy has

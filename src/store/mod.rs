@@ -56,6 +56,11 @@ pub trait Store: Send + Sync + 'static {
     /// and deleted, as in [`Store::device`].
     async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError>;
 
+    /// Every device of a SIP account as stored, expired ones included,
+    /// oldest registration first, changing nothing: what an operator's
+    /// `device list` shows (a look must not delete what it looks at).
+    async fn listed(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError>;
+
     /// Deletes the devices of `sip_user_id`: every one, or with `token` only
     /// the one that has it. Returns the rows deleted, so the caller can say
     /// what went (an empty list: nothing matched).

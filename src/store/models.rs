@@ -118,6 +118,13 @@ pub struct NewDevice {
     /// never expires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// Until when a SIP proxy's binding of the device lives, Unix ms: while
+    /// it does, the device's REGISTER answers its calls. Apart from
+    /// [`NewDevice::expires_at`], so a proxy that binds a device its app
+    /// registered refreshes only this, and its lapse never takes the app's
+    /// device away.
+    #[serde(skip)]
+    pub proxy_expires_at: Option<i64>,
 }
 
 impl NewDevice {
@@ -125,6 +132,33 @@ impl NewDevice {
     /// ms): it is not pushed, and holds no place in its account.
     pub fn expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether a SIP proxy's binding of the device lives at `now`.
+    pub fn proxy_bound(&self, now: i64) -> bool {
+        self.proxy_expires_at.is_some_and(|at| at > now)
+    }
+
+    /// This registration, arriving for the device `previous` (the same
+    /// token) holds: what each side owns of it. A proxy's registration of a
+    /// device its app registered refreshes only the proxy's binding, and
+    /// never clears what the app gave (`alert_token`, its name, versions);
+    /// the app registering a device its proxy bound keeps the binding.
+    pub fn merged_over(self, previous: &NewDevice) -> NewDevice {
+        let app_owned = previous.expires_at.is_none();
+        if self.expires_at.is_some() && app_owned {
+            return NewDevice {
+                proxy_expires_at: self.proxy_expires_at,
+                ..previous.clone()
+            };
+        }
+        if self.expires_at.is_none() {
+            return NewDevice {
+                proxy_expires_at: previous.proxy_expires_at,
+                ..self
+            };
+        }
+        self
     }
 }
 
@@ -299,4 +333,39 @@ pub struct CalledDevice {
     /// `failed BadDeviceToken`, `retry` for a push that got no answer);
     /// `None` when no push had been answered by the call's end.
     pub verdict: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(expires_at: Option<i64>, proxy_expires_at: Option<i64>) -> NewDevice {
+        NewDevice {
+            sip_user_id: 42,
+            platform: Platform::Apns,
+            token: "voip".into(),
+            app_id: "app".into(),
+            name: expires_at.is_none().then(|| "Alice's iPhone".into()),
+            os_version: None,
+            client_version: None,
+            remote_logging_id: None,
+            sandbox: false,
+            alert_token: expires_at.is_none().then(|| "alert".into()),
+            expires_at,
+            proxy_expires_at,
+        }
+    }
+
+    #[test]
+    fn the_proxy_and_the_app_each_refresh_only_what_they_own() {
+        let app = device(None, None);
+        let proxy = device(Some(100), Some(100));
+        let bound = proxy.clone().merged_over(&app);
+        assert_eq!(bound, device(None, Some(100)), "the app's fields stay");
+        let again = device(None, None).merged_over(&bound);
+        assert_eq!(again.proxy_expires_at, Some(100), "the binding stays");
+        assert_eq!(proxy.clone().merged_over(&proxy), proxy, "a proxy's own");
+        assert!(!bound.expired(1_000), "an app's device never expires");
+        assert!(bound.proxy_bound(99) && !bound.proxy_bound(100));
+    }
 }

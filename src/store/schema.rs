@@ -27,6 +27,7 @@ diesel::table! {
         created_at -> BigInt,
         updated_at -> BigInt,
         last_seen_at -> BigInt,
+        proxy_expires_at -> Nullable<BigInt>,
     }
 }
 

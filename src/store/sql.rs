@@ -425,6 +425,11 @@ macro_rules! diesel_store {
                     let previous = match replaced {
                         Some(index) => {
                             let previous = existing.remove(index);
+                            let device = if same.is_some() {
+                                device.clone().merged_over(&previous.registration)
+                            } else {
+                                device.clone()
+                            };
                             diesel::update(devices::table.find(previous.id))
                                 .set((
                                     &device,
@@ -506,16 +511,19 @@ macro_rules! diesel_store {
             }
 
             async fn devices(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError> {
+                let all = self.listed(sip_user_id).await?;
+                Ok(self.live(all).await)
+            }
+
+            async fn listed(&self, sip_user_id: i64) -> Result<Vec<Device>, StoreError> {
                 let mut conn = checkout(&self.reach, &self.read).await?;
-                let all = devices::table
+                devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
                     .order((devices::created_at, devices::id))
                     .select(Device::as_select())
                     .load(&mut conn)
                     .await
-                    .map_err(query_error)?;
-                drop(conn);
-                Ok(self.live(all).await)
+                    .map_err(query_error)
             }
 
             async fn remove_devices(

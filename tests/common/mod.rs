@@ -689,6 +689,7 @@ pub fn android_device(sip_user_id: i64, token: &str, expires_at: Option<i64>) ->
         sandbox: false,
         alert_token: None,
         expires_at,
+        proxy_expires_at: expires_at,
     }
 }
 
