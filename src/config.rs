@@ -12,9 +12,20 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// What `call-notifier --version` prints after the name: the release and the
+/// commit it was built from (`build.rs`; `unknown` when built without git
+/// and without `CALL_NOTIFIER_COMMIT`), so an operator can tell two builds of
+/// one release apart.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CALL_NOTIFIER_COMMIT"),
+    ")"
+);
+
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(name = "call-notifier", version, about)]
+#[command(name = "call-notifier", version = VERSION, about)]
 pub struct Cli {
     /// What to do; `serve` when none is given.
     #[command(subcommand)]

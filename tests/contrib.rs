@@ -18,6 +18,12 @@ use serde_json::Value;
 const DASHBOARD: &str = "contrib/grafana/call-notifier.json";
 const ALERTS: &str = "contrib/prometheus/alerts.yml";
 const UNIT: &str = "contrib/systemd/call-notifier.service";
+/// The package's settings file, installed as /etc/call-notifier/call-notifier.env.
+const SETTINGS: &str = "contrib/debian/call-notifier.env";
+/// Where the unit reads it from.
+const SETTINGS_INSTALLED: &str = "/etc/call-notifier/call-notifier.env";
+/// The system user the package creates and the unit runs as.
+const USER: &str = "call-notifier";
 
 fn read(path: &str) -> String {
     let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
@@ -464,7 +470,8 @@ fn the_systemd_unit_runs_serve_with_settings_the_binary_accepts() {
         "{UNIT}: TimeoutStopSec={stop} kills the process before --shutdown-timeout-secs ({drain} s) has passed"
     );
     for (key, value) in [
-        ("DynamicUser", "yes"),
+        ("User", USER),
+        ("Group", USER),
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
@@ -472,5 +479,127 @@ fn the_systemd_unit_runs_serve_with_settings_the_binary_accepts() {
         ("Restart", "on-failure"),
     ] {
         assert_eq!(setting(key), value, "{UNIT}: {key}");
+    }
+}
+
+/// `VARIABLE=value` of every setting line of the settings file, commented
+/// out (`#CALL_NOTIFIER_...=`) or not, with its line number.
+fn settings_lines(text: &str) -> Vec<(usize, &str, &str)> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(n, line)| {
+            let line = line.strip_prefix('#').unwrap_or(line);
+            line.starts_with("CALL_NOTIFIER_")
+                .then(|| line.split_once('='))
+                .flatten()
+                .map(|(name, value)| (n + 1, name, value))
+        })
+        .collect()
+}
+
+/// The settings file holds every setting the binary reads from the
+/// environment, each once, with the default it has under the unit (the
+/// unit's `Environment=` where it sets one, else the flag's own), and no
+/// variable the binary does not read: it must stay in step with
+/// `config.rs`, since operators edit it rather than read `--help`.
+#[test]
+fn the_settings_file_lists_every_setting_with_its_default() {
+    let text = read(SETTINGS);
+    let lines = settings_lines(&text);
+    let unit = read(UNIT);
+    let unit_sets: Vec<(&str, &str)> = unit_settings(&unit)
+        .into_iter()
+        .filter(|(key, _)| *key == "Environment")
+        .filter_map(|(_, assignment)| assignment.split_once('='))
+        .collect();
+    // Read by main.rs, not by clap: the log filter.
+    let extra = ["CALL_NOTIFIER_LOG"];
+    let cli = Cli::command();
+    let mut problems = Vec::new();
+    for arg in cli.get_arguments() {
+        let Some(env) = arg.get_env().map(|e| e.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let found: Vec<_> = lines.iter().filter(|(_, name, _)| *name == env).collect();
+        if arg.is_hide_set() {
+            // Deprecated and without effect: not offered to new installs.
+            if !found.is_empty() {
+                problems.push(format!("{env}: a deprecated setting is offered"));
+            }
+            continue;
+        }
+        let [(line, _, value)] = found[..] else {
+            problems.push(format!("{env}: {} lines, not one", found.len()));
+            continue;
+        };
+        let long = arg.get_long().expect("every setting has a long flag");
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let takes_value = arg.get_action().takes_values();
+        let expected = unit_sets
+            .iter()
+            .find(|(name, _)| *name == env)
+            .map(|(_, value)| (*value).to_owned())
+            .or_else(|| (!defaults.is_empty()).then(|| defaults.join(",")));
+        match expected {
+            Some(expected) if *value != expected => problems.push(format!(
+                "{SETTINGS}:{line}: {env}={value}, but its default is {expected}"
+            )),
+            // No default: the line shows an example, which must parse.
+            None if takes_value => {
+                let flag = format!("--{long}");
+                if let Err(e) = Cli::try_parse_from(["call-notifier", flag.as_str(), value]) {
+                    problems.push(format!("{SETTINGS}:{line}: {env}={value}: {e}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (line, name, _) in &lines {
+        let known = extra.contains(name)
+            || cli
+                .get_arguments()
+                .any(|arg| arg.get_env().is_some_and(|env| env == *name));
+        if !known {
+            problems.push(format!(
+                "{SETTINGS}:{line}: {name} is no variable the binary reads"
+            ));
+        }
+    }
+    for name in extra {
+        if !lines.iter().any(|(_, n, _)| *n == name) {
+            problems.push(format!("{name}: missing"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The unit reads the settings file where the package installs it, and
+/// runs as the user the maintainer scripts create and purge.
+#[test]
+fn the_unit_and_the_package_agree_on_the_settings_file_and_the_user() {
+    let unit = read(UNIT);
+    let settings = unit_settings(&unit);
+    let files: Vec<&str> = settings
+        .iter()
+        .filter(|(key, _)| *key == "EnvironmentFile")
+        .map(|(_, value)| value.trim_start_matches('-'))
+        .collect();
+    assert_eq!(files, [SETTINGS_INSTALLED], "{UNIT}: EnvironmentFile");
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains(&format!(
+            "[\"{SETTINGS}\", \"etc/call-notifier/\", \"640\"]"
+        )),
+        "Cargo.toml: [package.metadata.deb] does not install {SETTINGS} as {SETTINGS_INSTALLED}"
+    );
+    for script in ["contrib/debian/postinst", "contrib/debian/postrm"] {
+        assert!(
+            read(script).contains(&format!("USER={USER}\n")),
+            "{script}: not for the user {USER}"
+        );
     }
 }

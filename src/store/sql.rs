@@ -35,6 +35,20 @@ use super::schema::{apps, call_history, devices, hangup_reasons, response_log};
 use super::{now_millis, Store, StoreError};
 use crate::pool::Reachability;
 
+/// The migrations, embedded, one set per backend.
+///
+/// During a rolling upgrade the previous release keeps serving on the schema
+/// the first upgraded instance migrated (README.md, "Upgrading"), so a
+/// release's migrations only expand: new tables, indexes, and columns that
+/// are nullable or have a default (the previous release's inserts do not
+/// name them). Nothing is renamed, retyped, dropped or narrowed in the
+/// release whose code stops using it; that contraction ships one release
+/// later, when no instance of a release that uses it can still run. Keys and
+/// constraints count too: the devices-per-account migration dropped the
+/// `sip_user_id` primary key the older code's `ON CONFLICT` named, which is
+/// why upgrades across it stop every instance (CHANGELOG.md). `tests/upgrade.rs`
+/// runs the release in `.ci/previous-release` on this schema to hold every
+/// new migration to the rule.
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 

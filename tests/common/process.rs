@@ -2,6 +2,7 @@
 //! what only a process shows (signals, exit codes, its file limit).
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +25,22 @@ impl Process {
     /// Starts it with at most `open_files` file descriptors
     /// (`RLIMIT_NOFILE`), when given.
     pub async fn start_limited(args: &[&str], open_files: Option<u64>) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_call-notifier"));
+        Process::start_program(
+            Path::new(env!("CARGO_BIN_EXE_call-notifier")),
+            args,
+            open_files,
+        )
+        .await
+    }
+
+    /// Starts another build of call-notifier than this one, e.g. the
+    /// previous release beside this build in the rolling-upgrade test.
+    pub async fn start_binary(binary: &Path, args: &[&str]) -> Process {
+        Process::start_program(binary, args, None).await
+    }
+
+    async fn start_program(binary: &Path, args: &[&str], open_files: Option<u64>) -> Process {
+        let mut command = Command::new(binary);
         command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
