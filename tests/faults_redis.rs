@@ -299,3 +299,68 @@ async fn redis_lost_while_calls_wait_reconnects_and_ends_every_call_by_its_wait(
     assert_redis_clean(&redis.url()).await;
     assert_fresh_call_is_ack(&server, &user, token).await;
 }
+
+/// Issue #23: Redis restarted without persistence while a fork call (two
+/// devices, one proxy-registered) waits. The instance that holds the call
+/// stores back every key it needs (its record and meta, both device
+/// pointers, the proxy device's alias), so an answer through another
+/// instance to a device's key still counts, and so would that device's
+/// REGISTER.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own redis-server: run with --include-ignored, as .ci/run does"]
+async fn redis_restarted_mid_fork_keeps_every_key_the_call_needs() {
+    let mut redis = RedisServer::start().await;
+    let two = |c: &mut Config| c.max_devices_per_account = 2;
+    let (holder, user) = ready_on(&redis, "fork-a", two).await;
+    let id: i64 = user.parse().expect("an id");
+    let proxy_device = android_device(
+        id,
+        "fork-b",
+        Some(call_notifier::store::now_millis() + 600_000),
+    );
+    holder
+        .running
+        .state
+        .store
+        .register_device(proxy_device, 2)
+        .await
+        .expect("the proxy's device");
+    let other = start(&Backend::embedded(), |c| c.redis_url = Some(redis.url())).await;
+    ready_again(&other).await;
+
+    let key = call_id();
+    let pbx = holder.client.park(&user, &key);
+    holder.call_push("fork-a", &format!("{key}.1")).await;
+    let push_b = holder.call_push("fork-b", &format!("{key}.2")).await;
+
+    redis.restart().await;
+    ready_again(&holder).await;
+    ready_again(&other).await;
+    let mut conn = common::redis(&redis.url()).await;
+    for name in [
+        state_key(&key),
+        call_notifier::broker::redis::meta_key(&key),
+        state_key(&format!("{key}.1")),
+        state_key(&format!("{key}.2")),
+        format!("cn:alias:{{{id} fork-b}}"),
+    ] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert!(exists, "{name} stored back after the restart");
+    }
+
+    let answer = other
+        .client
+        .call_response(&format!("{key}.2"), start_time_of(&push_b), true)
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(pbx.await.expect("the PBX request").body, "status=ACK");
+    assert_eq!(
+        holder.notice("fork-a").await.1,
+        call_notifier::store::EndReason::AnsweredElsewhere
+    );
+    assert_no_bookkeeping(&holder).await;
+}

@@ -3,12 +3,13 @@
 //! stores a ringing record.
 //!
 //! `cn:{<call key>}` holds the call's record ([`Record`]'s text),
-//! `cn:{<call key>}:account` the account that owns the key, and
+//! `cn:{<call key>}:meta` the record's format version and the account that
+//! owns the key (`1 42`, see [`meta`]), and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
 //! that another account's call held. The braces are a Redis Cluster hash
-//! tag: a call's record, its owner and its channel always share a slot, so
+//! tag: a call's record, its meta and its channel always share a slot, so
 //! each script touches one slot.
 //!
 //! Each script is [`crate::lifecycle`]'s transition of the same name, in
@@ -26,9 +27,29 @@ pub fn state_key(key: &str) -> String {
     format!("cn:{{{key}}}")
 }
 
-/// The Redis key that holds the account that owns `key`.
-pub fn owner_key(key: &str) -> String {
-    format!("cn:{{{key}}}:account")
+/// The Redis key that holds the format version of `key`'s record and the
+/// account that owns it.
+pub fn meta_key(key: &str) -> String {
+    format!("cn:{{{key}}}:meta")
+}
+
+/// The format of the records this release writes. Format 0 is the record
+/// alone, as 0.2.0 wrote it (no meta key); format 1 adds the meta key and
+/// stores the record's text unchanged, so 0.2.0 reads format 1's records
+/// and this release reads 0.2.0's (a record without meta is any account's).
+/// A release that changes the record's text must still read the format
+/// before it, and write what the release before it reads (README,
+/// "Upgrading").
+pub const FORMAT: u32 = 1;
+
+/// The meta key's value: the format and the owning account.
+pub fn meta(account: i64) -> String {
+    format!("{FORMAT} {account}")
+}
+
+/// The owning account a meta value names, whatever its format.
+pub fn owner_of(meta: &str) -> Option<i64> {
+    meta.split_once(' ')?.1.parse().ok()
 }
 
 /// The Redis key of the set of leg keys opened for the Call-ID `call_id`.
@@ -90,22 +111,23 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 }
 
 /// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
-/// its owner; ARGV[1] the ringing record, ARGV[2] its TTL, ARGV[3] the
-/// account. Returns `new` (stored), `join` (this account's call rings
-/// there) or `taken` (another account's call, or a device pointer: not
-/// this call's key). A record without an owner, written by a release that
-/// stored none, counts as this account's.
+/// its meta; ARGV[1] the ringing record, ARGV[2] its TTL, ARGV[3] the
+/// account, ARGV[4] the meta to store. Returns `new` (stored), `join`
+/// (this account's call rings there) or `taken` (another account's call,
+/// or a device pointer: not this call's key). A record without meta,
+/// written by a release that stored none, counts as this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if before then
   if string.sub(before, 1, 3) == 'to ' then return 'taken' end
-  local owner = redis.call('GET', KEYS[2])
+  local meta = redis.call('GET', KEYS[2])
+  local owner = meta and string.match(meta, ' (%S+)$')
   if owner and owner ~= ARGV[3] then return 'taken' end
   local phase = string.match(before, '^(%S+)')
   if phase == 'ring' or phase == 'won' then return 'join' end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
 return 'new'
 "#;
 
@@ -183,7 +205,7 @@ redis.call(ARGV[5], ARGV[3], ARGV[4])
 return {1, before}
 "#;
 
-/// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and owner
+/// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and meta
 /// (KEYS[2]) kept ARGV[2] ms as a tombstone. ARGV[3] `cancel`: exactly
 /// [`Record::cancel`]: only a ringing call ends, as `cancelled`, and only
 /// when ARGV[7] is empty or its owner; the end is published (ARGV[6]
@@ -197,7 +219,8 @@ if phase == 'ended' then return before end
 local reason = ARGV[1]
 if ARGV[3] == 'cancel' then
   if ARGV[7] ~= '' then
-    local owner = redis.call('GET', KEYS[2])
+    local meta = redis.call('GET', KEYS[2])
+    local owner = meta and string.match(meta, ' (%S+)$')
     if owner and owner ~= ARGV[7] then return false end
   end
   if phase ~= 'ring' then return before end

@@ -55,7 +55,7 @@ use super::{
 };
 use crate::store::EndReason;
 use connections::{Link, ServerConnection};
-pub use keys::{channel, owner_key, set_pending, state_key};
+pub use keys::{channel, meta_key, set_pending, state_key, FORMAT};
 use subscriber::{Subscriber, Subscriptions};
 
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -371,12 +371,15 @@ impl CallBroker for RedisBroker {
     }
 
     async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError> {
-        let (stored, owner): (Option<String>, Option<i64>) = self
+        let (stored, meta): (Option<String>, Option<String>) = self
             .shared
-            .query(redis::cmd("MGET").arg(state_key(key)).arg(owner_key(key)))
+            .query(redis::cmd("MGET").arg(state_key(key)).arg(meta_key(key)))
             .await?;
         Ok(stored.as_deref().and_then(Stored::decode).map(|stored| {
-            let owner = owner.filter(|_| matches!(stored, Stored::Call(_)));
+            let owner = meta
+                .as_deref()
+                .and_then(keys::owner_of)
+                .filter(|_| matches!(stored, Stored::Call(_)));
             (stored, owner)
         }))
     }
@@ -421,10 +424,11 @@ impl Shared {
         let (record, ttl) = keys::open_args(call.devices, call.until);
         let mut open = self.open.prepare_invoke();
         open.key(state_key(key))
-            .key(owner_key(key))
+            .key(meta_key(key))
             .arg(record)
             .arg(ttl)
-            .arg(call.account);
+            .arg(call.account)
+            .arg(keys::meta(call.account));
         let opened: String = self.invoke(&open).await?;
         match opened.as_str() {
             "taken" => return Ok(false),
@@ -461,7 +465,7 @@ impl Shared {
         }
         if opened == "new" {
             undo.cmd("DEL").arg(state_key(key)).ignore();
-            undo.cmd("DEL").arg(owner_key(key)).ignore();
+            undo.cmd("DEL").arg(meta_key(key)).ignore();
         }
         // Each in its own slot on a cluster: one at a time.
         for cmd in undo.cmd_iter() {
@@ -481,7 +485,7 @@ impl Shared {
         let mut script = self.end.prepare_invoke();
         script
             .key(state_key(key))
-            .key(owner_key(key))
+            .key(meta_key(key))
             .arg(reason.as_str())
             .arg(keys::tombstone_millis())
             .arg(if cancel.is_some() { "cancel" } else { "end" })

@@ -20,7 +20,7 @@ use redis::{FromRedisValue, PushInfo, PushKind};
 use tokio::sync::{mpsc, watch};
 
 use super::keys::{self, channel, key_of_channel, Message};
-use super::{owner_key, push_key, state_key, unavailable, Shared, Stored, BATCH};
+use super::{meta_key, push_key, state_key, unavailable, Shared, Stored, BATCH};
 use crate::broker::BrokerError;
 use crate::logs::Escaped;
 
@@ -377,7 +377,7 @@ async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), Broker
 }
 
 /// Stores again, where Redis has none, every key a call parked here needs:
-/// its ringing record and owner, its device pointers, its devices' aliases
+/// its ringing record and meta, its device pointers, its devices' aliases
 /// and its leg under the Call-ID; says how many calls it stored again.
 /// Called each time the subscriber connects again, before the broker says
 /// it is ready.
@@ -403,8 +403,8 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
         let mut pipe = redis::pipe();
         for call in chunk {
             pipe.add_command(keys::set_pending(&call.key, &call.devices, call.until));
-            let owner = call.account.to_string();
-            pipe.add_command(keys::set_missing(owner_key(&call.key), owner, call.until))
+            let meta = keys::meta(call.account);
+            pipe.add_command(keys::set_missing(meta_key(&call.key), meta, call.until))
                 .ignore();
             let count = call.devices.len();
             for index in (0..count).filter(|_| count > 1) {
