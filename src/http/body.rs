@@ -255,11 +255,11 @@ impl Fields {
         }
     }
 
-    /// `sip_user_id` where it may be left out: absent, null or empty is none.
+    /// `sip_user_id` where it may be left out: absent is none; given, it
+    /// must be one (a cancel that names an account must name it right).
     pub fn optional_sip_user_id(&self) -> Result<Option<i64>, ApiError> {
         match self.values.get("sip_user_id") {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Text(s)) if s.is_empty() => Ok(None),
+            None => Ok(None),
             Some(_) => self.sip_user_id().map(Some),
         }
     }
