@@ -100,13 +100,17 @@ pub(super) async fn call_response(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, fields) = body::read(request, Source::Body).await?;
-    let source = state.access.network.client_ip(peer.ip(), &parts.headers);
-    // One 404 for unknown and too late: a prober learns nothing from it, and
-    // is refused for a while once it has probed too often.
-    let unknown = || match state.access.probes.miss(source) {
-        Err(refused) => ApiError::from(refused),
-        Ok(()) => ApiError::NotFound("not found"),
+    let source = state.access.network.client_ip(peer.ip(), request.headers());
+    // A source over the unknown-key limit is refused here, hit or miss,
+    // before its body is read or the broker hears of its key: a guess that
+    // hit would otherwise still act on the call, and tell the guesser so.
+    let probe = state.access.probes.attempt(source)?;
+    let (_, fields) = body::read(request, Source::Body).await?;
+    // One 404 for unknown and too late: a prober learns nothing from it.
+    // Only a miss keeps its place in the source's window.
+    let unknown = || {
+        probe.missed();
+        ApiError::NotFound("not found")
     };
     let unique_key = fields.required_text("unique_key", UNIQUE_KEY_MAX)?;
     let message_start_time = fields.unix_seconds("message_start_time")?;
