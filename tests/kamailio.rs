@@ -14,14 +14,14 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::digest::{credentials, md5_hex, password, Challenge};
 use common::fcm::{FcmServer, PROJECT};
 use common::*;
 use hyper::StatusCode;
-use md5::{Digest, Md5};
 use tokio::process::{Child, Command};
 
 const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kamailio");
@@ -29,16 +29,33 @@ const CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/kamailio/kamailio.cfg"
 );
-/// The example's db_text store, which the test copies and fills.
-const DBTEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/kamailio/dbtext");
-/// The example's default digest realm (not set with -A).
-const REALM: &str = "sip.example.com";
 /// The secret of the call_id hash.
 const SECRET: &str = "0f3c5e1d8a7b4c2e9f6a1b3c5d7e9f20";
 /// Where the PBX sends from: PBX_NETWORK, never challenged.
 const PBX_IP: &str = "127.0.0.2";
 /// The phone's FCM token, as its REGISTER's `pn-prid` carries it.
 const TOKEN: &str = "phone-fcm-token";
+
+/// The digest the SIP bench's phone signs with (tests/common/digest.rs) is
+/// RFC 2617's: its section 3.5 example, signed.
+#[test]
+fn digest_signs_as_rfc_2617_says() {
+    let challenge = Challenge::parse(
+        r#"Digest realm="testrealm@host.com", qop="auth,auth-int", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41""#,
+    )
+    .expect("a challenge");
+    let signed = challenge.authorization(
+        ("Mufasa", "Circle Of Life"),
+        ("GET", "/dir/index.html"),
+        1,
+        "0a4f113b",
+    );
+    assert!(
+        signed.contains(r#"response="6629fae49393a05397450978507c4ef1""#),
+        "{signed}"
+    );
+    assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
+}
 
 fn requires_kamailio() {
     assert_eq!(
@@ -54,21 +71,6 @@ fn free_udp_port() -> u16 {
         .and_then(|s| s.local_addr())
         .expect("a free UDP port")
         .port()
-}
-
-/// The password of a test account.
-fn password(user: &str) -> String {
-    format!("secret-of-{user}")
-}
-
-/// MD5 of `text` in hex: a digest HA1 is MD5("user:realm:password").
-fn md5_hex(text: &str) -> String {
-    Md5::digest(text.as_bytes())
-        .iter()
-        .fold(String::new(), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
 }
 
 /// Who sends a scenario.
@@ -96,18 +98,7 @@ impl Proxy {
     async fn start(server: &str, accounts: &[&str]) -> Proxy {
         requires_kamailio();
         let dir = tempfile::tempdir().expect("a temp dir").keep();
-        let db = dir.join("dbtext");
-        std::fs::create_dir(&db).expect("the db_text dir");
-        std::fs::copy(Path::new(DBTEXT).join("version"), db.join("version"))
-            .expect("the version table");
-        let mut subscriber =
-            std::fs::read_to_string(Path::new(DBTEXT).join("subscriber")).expect("the table");
-        for (n, user) in accounts.iter().enumerate() {
-            let ha1 = md5_hex(&format!("{user}:{REALM}:{}", password(user)));
-            writeln!(subscriber, "{}:{user}:{REALM}::{ha1}:", n + 1).expect("a row");
-        }
-        std::fs::write(db.join("subscriber"), subscriber).expect("the subscriber table");
-
+        let db = credentials(&dir, accounts);
         let port = free_udp_port();
         let log = std::fs::File::create(dir.join("kamailio.log")).expect("a log file");
         let mut child = Command::new("kamailio")
