@@ -43,6 +43,8 @@ impl Kamailio {
             .args(["-A", &format!("CALL_NOTIFIER=\"{call_notifier}\"")])
             .args(["-A", &format!("DBURL=\"text://{}\"", db.display())])
             .args(["-A", "PBX_NETWORK=\"127.0.0.1/32\""])
+            // Longer than the bench's --wait-ms (8 s).
+            .args(["-A", "HTTP_TIMEOUT=10"])
             .args(["-A", "CALL_KEY_SECRET=\"sip-bench-call-key-secret\""])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
