@@ -554,7 +554,7 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
             StatusCode::CREATED,
             "{name}"
         );
-        assert_eq!(server.tokens(&user).await, [lower.clone()], "{name}");
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
         let again = register_with(&server, "apns", &user, &lower, &[]).await;
         assert_eq!(again.status, StatusCode::OK, "{name}: {}", again.body);
         let mixed = format!("{user}EfEf");
@@ -565,7 +565,7 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
             StatusCode::OK,
             "{name}"
         );
-        assert_eq!(server.tokens(&user).await, [lower.clone()], "{name}");
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
         assert_eq!(
             server.client.unregister("apns", &user, &mixed).await.status,
             StatusCode::OK,
@@ -583,7 +583,7 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
             ..android_device(id, &upper, None)
         };
         store.register_device(old(), 3).await.expect("stored");
-        assert_eq!(server.tokens(&user).await, [upper.clone()], "{name}");
+        assert_eq!(server.tokens(&user).await, [upper.as_str()], "{name}");
         assert_eq!(
             register_with(&server, "apns", &user, &lower, &[])
                 .await
@@ -591,9 +591,9 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
             StatusCode::OK,
             "{name}"
         );
-        assert_eq!(server.tokens(&user).await, [lower.clone()], "{name}");
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
         store.register_device(old(), 1).await.expect("stored");
-        assert_eq!(server.tokens(&user).await, [upper.clone()], "{name}");
+        assert_eq!(server.tokens(&user).await, [upper.as_str()], "{name}");
         assert_eq!(
             server.client.unregister("apns", &user, &lower).await.status,
             StatusCode::OK,
