@@ -1,8 +1,9 @@
 //! End to end with real SIP software: Kamailio running
 //! `examples/kamailio/kamailio.cfg`, SIPp as the phone and as the caller,
-//! call-notifier pushing to an FCM stand-in. Everything on loopback: the
-//! phones on 127.0.0.1, signing with the digest credentials the test writes
-//! into Kamailio's db_text store; the PBX on 127.0.0.2, recognised by its
+//! call-notifier pushing to an FCM stand-in; once, linphone-daemon
+//! (`linphone-cli`) as a real phone. Everything on loopback: the phones on
+//! 127.0.0.1, signing with the digest credentials the test writes into
+//! Kamailio's db_text store; the PBX on 127.0.0.2, recognised by its
 //! address.
 //!
 //! Ignored by a plain `cargo test`, so a fresh machine needs no SIP
@@ -61,7 +62,7 @@ fn requires_kamailio() {
     assert_eq!(
         std::env::var("TEST_KAMAILIO").as_deref(),
         Ok("1"),
-        "this test runs Kamailio and SIPp: set TEST_KAMAILIO=1 (apt-get install kamailio kamailio-utils-modules sip-tester)"
+        "this test runs Kamailio and SIPp: set TEST_KAMAILIO=1 (apt-get install kamailio kamailio-utils-modules sip-tester linphone-cli)"
     );
 }
 
@@ -554,4 +555,113 @@ async fn kamailio_refuses_a_register_call_notifier_did_not_take() {
     proxy
         .succeeds("a call to it gets 480, not a relay to its contact", refused)
         .await;
+}
+
+/// linphone-daemon (Debian's `linphone-cli`) as `user`'s phone: a real SIP
+/// user agent registering through the proxy with digest credentials and
+/// RFC 8599 parameters (liblinphone's `contact_uri_parameters`), listening
+/// on `port`, answering calls itself when `answers`. Its files live in the
+/// proxy's directory.
+async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool) -> Child {
+    let home = proxy.dir.join("linphone");
+    // Where liblinphone keeps its database: without it, the core never
+    // gets to its "on" state, and answers every INVITE 503.
+    std::fs::create_dir_all(home.join(".local/share/linphone")).expect("linphone's home");
+    let rc = home.join("linphonerc");
+    std::fs::write(
+        &rc,
+        format!(
+            "[sip]\nsip_port={port}\nsip_tcp_port=-1\nsip_tls_port=-1\ndefault_proxy=0\n\
+             register_only_when_network_is_up=0\n\
+             [proxy_0]\nreg_proxy=<sip:127.0.0.1:{proxy_port};transport=udp>\n\
+             reg_identity=sip:{user}@sip.example.com\nreg_expires=2\nreg_sendregister=1\n\
+             contact_uri_parameters=pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}\n\
+             [auth_info_0]\nusername={user}\nuserid={user}\npasswd={password}\n\
+             realm=sip.example.com\n",
+            proxy_port = proxy.port,
+            password = password(user),
+        ),
+    )
+    .expect("linphonerc");
+    let mut command = Command::new("linphone-daemon");
+    command
+        .arg("--config")
+        .arg(&rc)
+        .arg("--log")
+        .arg(home.join(if answers { "woken.log" } else { "first.log" }))
+        .env("HOME", &home)
+        // Kept open by the Child: the daemon reads commands from it.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if answers {
+        command.arg("--auto-answer");
+    }
+    let mut child = command
+        .spawn()
+        .expect("TEST_KAMAILIO=1 but linphone-daemon does not run (apt-get install linphone-cli)");
+    // The port of the configuration file is not bound; told on the command
+    // line, the daemon binds it and registers.
+    let mut stdin = child.stdin.take().expect("the daemon's stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("port sip {port} udp\n").as_bytes())
+        .await
+        .expect("a command to linphone-daemon");
+    // Kept open: the daemon quits at the end of its input.
+    child.stdin = Some(stdin);
+    child
+}
+
+/// The stretch: a real SIP user agent instead of SIPp as the phone. It
+/// registers with its credentials and RFC 8599 parameters (a device is
+/// stored), goes to sleep (killed, its 2 s registration lapses), is woken
+/// by the push of a call from the PBX, and its REGISTER releases the call,
+/// which it answers itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp + linphonec: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_wakes_a_real_linphone() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let port = free_udp_port();
+    let linphone_log = |name: &str| {
+        std::fs::read_to_string(proxy.dir.join("linphone").join(name)).unwrap_or_default()
+    };
+
+    let mut first = linphone(&proxy, &user, port, false).await;
+    let stored = eventually(Duration::from_secs(10), || async {
+        server.device(&user).await.is_some()
+    })
+    .await;
+    assert!(
+        stored,
+        "linphone's REGISTER stored no device:\n{}\n{}",
+        proxy.log(),
+        linphone_log("first.log")
+    );
+    let device = server.device(&user).await.expect("a device");
+    assert_eq!(device.token, TOKEN);
+    // Its User-Agent (liblinphone's daemon says "Unknown").
+    assert!(device.client_version.is_some(), "{device:?}");
+    // Asleep: gone without a word, its registration lapses.
+    first.start_kill().expect("linphonec killed");
+    let _ = first.wait().await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+
+    let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
+    server.pushes(1, Duration::from_secs(10)).await;
+    let _woken = linphone(&proxy, &user, port, true).await;
+    let answered = call.wait_with_output();
+    let out = bounded("the caller's call answered by linphone", answered)
+        .await
+        .expect("sipp ran");
+    assert!(
+        out.status.success(),
+        "the call was not answered by linphone: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log(),
+        linphone_log("woken.log")
+    );
 }
