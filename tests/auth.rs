@@ -307,3 +307,40 @@ async fn hits_do_not_reset_a_sources_misses() {
     let refused = answer_from(client, source, &key, start, true).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// Phones behind one address (a carrier NAT) answer as many calls at once
+/// as they have: live keys count nothing against the limit, in flight
+/// together or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_answers_at_once_from_one_address_are_not_held_back() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |c| {
+        c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let client = &server.client;
+    let mut calls = Vec::new();
+    for n in 0..40 {
+        let token = format!("tok-nat-{n}");
+        let user = server.registered("android", &token).await;
+        let key = call_id();
+        let pbx = client.park(&user, &key);
+        calls.push((token, key, pbx));
+    }
+    let mut answers = Vec::new();
+    for (token, key, _) in &calls {
+        let start = start_time_of(&server.push(token).await);
+        let (client, key) = (client.clone(), key.clone());
+        answers.push(tokio::spawn(async move {
+            answer_from(&client, "198.51.100.99", &key, start, true)
+                .await
+                .status
+        }));
+    }
+    for answer in answers {
+        assert_eq!(answer.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    for (_, _, pbx) in calls {
+        assert_eq!(pbx.await.unwrap().body, "status=ACK");
+    }
+}

@@ -19,7 +19,7 @@ use hyper::HeaderMap;
 
 pub use account_api::AccountApi;
 pub use logins::LoginLimiter;
-pub use network::{ClientAddr, Network, Probe, ProbeLimiter};
+pub use network::{ClientAddr, Network, ProbeLimiter};
 pub(crate) use windows::Windows;
 
 use crate::config::Config;

@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::HeaderMap;
@@ -156,10 +155,12 @@ const PROBE_RULE: &str = "at most 20 unknown keys per source in 10 s";
 
 /// Counts call-responses with unknown keys per source (IPv6 by /64). A
 /// source over the limit gets 429 for every call-response until its window
-/// ends, for a live key too: were a hit still answered (and acted on), a
-/// blocked guesser would learn when it hit and could answer the call it hit.
-/// A phone behind the same NAT as a prober is held back with it; its
-/// SIP REGISTER (through a proxy) or its other networks still answer.
+/// ends, for a live key too ([`ProbeLimiter::check`], before the key is
+/// looked up): were a hit still answered and acted on, a blocked guesser
+/// would learn when it hit and could answer the call it hit. Answers with
+/// live keys count nothing, so phones behind the same NAT as each other
+/// answer as many calls at once as they have; one behind the same address
+/// as a prober waits with it.
 #[derive(Debug)]
 pub struct ProbeLimiter {
     windows: Windows<ClientAddr>,
@@ -174,56 +175,34 @@ impl Default for ProbeLimiter {
 }
 
 impl ProbeLimiter {
-    /// Lets one call-response from `client` go on, or refuses it when its
-    /// source is over the limit, before anyone looks its key up. The answer
-    /// holds a place in the source's window until it turns out known
-    /// ([`Probe`]), so a burst sent at once is held to the limit too.
-    pub fn attempt(&self, client: ClientAddr) -> Result<Probe<'_>, AuthError> {
+    /// Refuses every call-response from `client` while its source is over
+    /// the limit; counts nothing, so a hit never uses up a source's window
+    /// (nor wipes out its misses).
+    pub fn check(&self, client: ClientAddr) -> Result<(), AuthError> {
+        self.windows
+            .check(client.source())
+            .map_err(|retry_after| AuthError::Throttled {
+                rule: PROBE_RULE,
+                retry_after,
+            })
+    }
+
+    /// Records one unknown key from `client`; refuses it when its source
+    /// is over the limit (misses that were in flight together when it got
+    /// there).
+    pub fn miss(&self, client: ClientAddr) -> Result<(), AuthError> {
         let source = client.source();
         match self.windows.take(source) {
-            Ok(used_up) => Ok(Probe {
-                limiter: self,
-                source,
-                used_up,
-                missed: AtomicBool::new(false),
-            }),
+            Ok(used_up) => {
+                if used_up {
+                    tracing::warn!(%source, "call-response with unknown keys too often; refusing every call-response from it for a while");
+                }
+                Ok(())
+            }
             Err(retry_after) => Err(AuthError::Throttled {
                 rule: PROBE_RULE,
                 retry_after,
             }),
-        }
-    }
-}
-
-/// One call-response let through [`ProbeLimiter::attempt`]: its place in
-/// the window is given back when it is dropped, unless its key turned out
-/// unknown ([`Probe::missed`]). Dropped, not told: a client that hangs up
-/// mid-answer, or an answer that fails, counts as no miss. A hit gives back
-/// only its own place; the source's misses stay.
-#[derive(Debug)]
-pub struct Probe<'a> {
-    limiter: &'a ProbeLimiter,
-    source: ClientAddr,
-    /// This one took the window's last place: its miss starts a block.
-    used_up: bool,
-    /// Atomic rather than a `Cell`: the handler's future holds a reference
-    /// to it across an `.await` and must stay `Send`.
-    missed: AtomicBool,
-}
-
-impl Probe<'_> {
-    /// The key was unknown: the place taken stays counted.
-    pub fn missed(&self) {
-        if !self.missed.swap(true, Ordering::Relaxed) && self.used_up {
-            tracing::warn!(source = %self.source, "call-response with unknown keys too often; refusing every call-response from it for a while");
-        }
-    }
-}
-
-impl Drop for Probe<'_> {
-    fn drop(&mut self) {
-        if !self.missed.load(Ordering::Relaxed) {
-            self.limiter.windows.give_back(self.source);
         }
     }
 }
@@ -239,11 +218,6 @@ mod tests {
 
     fn ip(s: &str) -> ClientAddr {
         ClientAddr::Known(s.parse().unwrap())
-    }
-
-    /// One call-response from `client` whose key was unknown.
-    fn miss(limiter: &ProbeLimiter, client: ClientAddr) -> Result<(), AuthError> {
-        limiter.attempt(client).map(|probe| probe.missed())
     }
 
     /// Headers with one `X-Forwarded-For` line per item, raw bytes allowed.
@@ -372,27 +346,24 @@ mod tests {
         let limiter = ProbeLimiter::default();
         let a = ip("203.0.113.1");
         for _ in 0..PROBE_LIMIT {
-            assert!(miss(&limiter, a).is_ok());
+            assert!(limiter.miss(a).is_ok());
         }
-        assert!(matches!(
-            miss(&limiter, a),
-            Err(AuthError::Throttled { .. })
-        ));
-        assert!(miss(&limiter, ip("203.0.113.2")).is_ok());
+        assert!(matches!(limiter.miss(a), Err(AuthError::Throttled { .. })));
+        assert!(limiter.miss(ip("203.0.113.2")).is_ok());
     }
 
     #[test]
     fn one_64_shares_a_probe_count_and_unknown_is_one_source() {
         let limiter = ProbeLimiter::default();
         for n in 0..PROBE_LIMIT {
-            assert!(miss(&limiter, ip(&format!("2001:db8:0:1::{n:x}"))).is_ok());
+            assert!(limiter.miss(ip(&format!("2001:db8:0:1::{n:x}"))).is_ok());
         }
-        assert!(miss(&limiter, ip("2001:db8:0:1:ffff::1")).is_err());
-        assert!(miss(&limiter, ip("2001:db8:0:2::1")).is_ok());
+        assert!(limiter.miss(ip("2001:db8:0:1:ffff::1")).is_err());
+        assert!(limiter.miss(ip("2001:db8:0:2::1")).is_ok());
         for _ in 0..PROBE_LIMIT {
-            assert!(miss(&limiter, ClientAddr::Unknown).is_ok());
+            assert!(limiter.miss(ClientAddr::Unknown).is_ok());
         }
-        assert!(miss(&limiter, ClientAddr::Unknown).is_err());
+        assert!(limiter.miss(ClientAddr::Unknown).is_err());
     }
 
     #[test]
@@ -400,30 +371,17 @@ mod tests {
         let limiter = ProbeLimiter::default();
         let a = ip("203.0.113.1");
         for _ in 0..PROBE_LIMIT - 1 {
-            assert!(miss(&limiter, a).is_ok());
+            assert!(limiter.check(a).is_ok());
+            assert!(limiter.miss(a).is_ok());
         }
-        // Hits (dropped without a miss) give their place back, and only it.
-        for _ in 0..5 {
-            drop(limiter.attempt(a).expect("under the limit"));
+        // Hits are checked and count nothing, however many.
+        for _ in 0..100 {
+            assert!(limiter.check(a).is_ok());
         }
-        assert!(miss(&limiter, a).is_ok(), "the last place");
+        assert!(limiter.miss(a).is_ok(), "the last miss");
         // Over: every answer is refused before its key is looked up.
-        assert!(matches!(
-            limiter.attempt(a),
-            Err(AuthError::Throttled { .. })
-        ));
-    }
-
-    #[test]
-    fn answers_in_flight_together_are_held_to_the_limit() {
-        let limiter = ProbeLimiter::default();
-        let a = ip("203.0.113.1");
-        let in_flight: Vec<Probe<'_>> = (0..PROBE_LIMIT)
-            .map(|_| limiter.attempt(a).expect("under the limit"))
-            .collect();
-        assert!(limiter.attempt(a).is_err(), "no place left while they run");
-        drop(in_flight);
-        assert!(limiter.attempt(a).is_ok(), "hits gave their places back");
+        assert!(matches!(limiter.check(a), Err(AuthError::Throttled { .. })));
+        assert!(limiter.check(ip("203.0.113.2")).is_ok());
     }
 
     #[test]
@@ -431,14 +389,14 @@ mod tests {
         let limiter = ProbeLimiter::default();
         let prober = ip("203.0.113.1");
         for _ in 0..PROBE_LIMIT {
-            assert!(miss(&limiter, prober).is_ok());
+            assert!(limiter.miss(prober).is_ok());
         }
-        assert!(miss(&limiter, prober).is_err());
+        assert!(limiter.miss(prober).is_err());
         // Distinct /64s, each one new source.
         for n in 0..(PROBE_SOURCES_CAP as u128 + 5_000) {
             let other = Ipv6Addr::from((0x2001_0db8_u128 << 96) | (n << 64));
-            assert!(miss(&limiter, ClientAddr::Known(IpAddr::V6(other))).is_ok());
+            assert!(limiter.miss(ClientAddr::Known(IpAddr::V6(other))).is_ok());
         }
-        assert!(miss(&limiter, prober).is_err(), "still blocked");
+        assert!(limiter.miss(prober).is_err(), "still blocked");
     }
 }

@@ -104,13 +104,12 @@ pub(super) async fn call_response(
     // A source over the unknown-key limit is refused here, hit or miss,
     // before its body is read or the broker hears of its key: a guess that
     // hit would otherwise still act on the call, and tell the guesser so.
-    let probe = state.access.probes.attempt(source)?;
+    state.access.probes.check(source)?;
     let (_, fields) = body::read(request, Source::Body).await?;
     // One 404 for unknown and too late: a prober learns nothing from it.
-    // Only a miss keeps its place in the source's window.
-    let unknown = || {
-        probe.missed();
-        ApiError::NotFound("not found")
+    let unknown = || match state.access.probes.miss(source) {
+        Err(refused) => ApiError::from(refused),
+        Ok(()) => ApiError::NotFound("not found"),
     };
     let unique_key = fields.required_text("unique_key", UNIQUE_KEY_MAX)?;
     let message_start_time = fields.unix_seconds("message_start_time")?;
