@@ -89,7 +89,10 @@ enum Side<'a> {
 struct Proxy {
     dir: PathBuf,
     port: u16,
-    _kamailio: Child,
+    /// Its main process. SIGKILL (what `kill_on_drop` sends) would leave
+    /// its children behind, so [`Proxy`]'s drop sends SIGTERM, which the
+    /// main process passes on to them.
+    kamailio: Child,
 }
 
 impl Proxy {
@@ -126,7 +129,7 @@ impl Proxy {
         Proxy {
             dir,
             port,
-            _kamailio: child,
+            kamailio: child,
         }
     }
 
@@ -227,6 +230,15 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        if let Some(pid) = self.kamailio.id() {
+            // SAFETY: a plain kill(2) of our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            // Its children stop within a moment; kill_on_drop then makes
+            // sure of the main process.
+            std::thread::sleep(Duration::from_millis(500));
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
