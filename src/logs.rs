@@ -10,12 +10,15 @@
 
 use std::fmt::{self, Display, Write};
 
-/// Unicode format characters that change how the text around them is shown
+/// Unicode characters that change how the text around them is shown
 /// without showing themselves: the soft hyphen, the bidirectional marks
 /// (U+061C, U+200E, U+200F), embeddings and overrides (U+202A to U+202E)
 /// and isolates (U+2066 to U+2069), and the zero-width and other invisible
 /// ones (U+180E, U+200B to U+200D, U+2060 to U+206F, U+FEFF, U+FFF9 to
-/// U+FFFB).
+/// U+FFFB). Also the line and paragraph separators (U+2028, U+2029), which
+/// are not controls but break a line in many viewers (a forged log line),
+/// and the tag characters (U+E0000 to U+E007F), invisible letters that can
+/// smuggle a whole hidden text past a reader.
 pub fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
@@ -23,10 +26,11 @@ pub fn is_invisible_format(c: char) -> bool {
             | '\u{061C}'
             | '\u{180E}'
             | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
+            | '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{206F}'
             | '\u{FEFF}'
             | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
     )
 }
 
@@ -81,6 +85,10 @@ mod tests {
             "call\\u{a}\\u{202e}evil é-1"
         );
         assert_eq!(Escaped("plain").to_string(), "plain");
+        assert_eq!(
+            Escaped("a\u{2028}b\u{2029}c\u{E0041}\u{E007F}").to_string(),
+            "a\\u{2028}b\\u{2029}c\\u{e0041}\\u{e007f}"
+        );
     }
 
     #[test]
@@ -92,12 +100,34 @@ mod tests {
     #[test]
     fn invisible_formatting_characters_are_recognised() {
         for c in [
-            '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
-            '\u{200B}', '\u{FEFF}',
+            '\u{202A}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{061C}',
+            '\u{200B}',
+            '\u{FEFF}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{E0000}',
+            '\u{E0041}',
+            '\u{E007F}',
         ] {
             assert!(is_invisible_format(c), "{c:?}");
         }
-        for c in ['a', '0', '-', ':', '_', 'é', '\u{05D0}'] {
+        for c in [
+            'a',
+            '0',
+            '-',
+            ':',
+            '_',
+            'é',
+            '\u{05D0}',
+            '\u{2027}',
+            '\u{E0080}',
+        ] {
             assert!(!is_invisible_format(c), "{c:?}");
         }
     }

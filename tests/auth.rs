@@ -206,41 +206,141 @@ async fn no_auth_on_a_public_address_refuses_to_start() {
     bounded("the server stopping", server.running.stop()).await;
 }
 
+/// A call-response from `source` (loopback is a trusted proxy here, so the
+/// test plays any client through `X-Forwarded-For`).
+async fn answer_from(
+    client: &TestClient,
+    source: &str,
+    key: &str,
+    start: f64,
+    available: bool,
+) -> Reply {
+    client
+        .post_with(
+            "/api/call-response/",
+            &[("x-forwarded-for", source.as_bytes())],
+            &[
+                ("unique_key", key),
+                ("message_start_time", &start.to_string()),
+                ("available", if available { "true" } else { "false" }),
+            ],
+        )
+        .await
+}
+
+/// A source over the unknown-key limit is refused every call-response,
+/// for a key that hits too, and the call that key names is left alone: a
+/// guesser that hit learns nothing and answers nothing. The phone, from its
+/// own network, still answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_probing_unknown_keys_is_refused_for_a_while() {
+async fn a_source_probing_unknown_keys_is_refused_hit_or_miss() {
     let backend = Backend::embedded();
-    let server = start(&backend, |_| {}).await;
+    let server = start(&backend, |c| {
+        c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let client = &server.client;
+    let (prober, phone) = ("203.0.113.50", "198.51.100.7");
     let now = call_notifier::calls::unix_seconds();
+    let user = server.registered("android", "tok-probe").await;
+    let key = call_id();
+    let pbx = client.park(&user, &key);
+    let push = server.push("tok-probe").await;
+
     let mut statuses = Vec::new();
-    for _ in 0..25 {
+    for _ in 0..20 {
         statuses.push(
-            server
-                .client
-                .call_response(&call_id(), now, true)
+            answer_from(client, prober, &call_id(), now, true)
                 .await
                 .status,
         );
     }
     assert!(
-        statuses[..20].iter().all(|s| *s == StatusCode::NOT_FOUND),
+        statuses.iter().all(|s| *s == StatusCode::NOT_FOUND),
         "{statuses:?}"
     );
-    let refused = server.client.call_response(&call_id(), now, true).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(refused.headers.contains_key("retry-after"));
-
-    // A live key from the same source is still answered at once.
-    let user = server.registered("android", "tok-probe").await;
-    let key = call_id();
-    let pbx = server.client.park(&user, &key);
-    let push = server.push("tok-probe").await;
-    assert_eq!(
-        server
-            .client
-            .call_response(&key, start_time_of(&push), true)
-            .await
-            .status,
-        StatusCode::ACCEPTED
-    );
+    for (what, key) in [("a miss", call_id()), ("the live key", key.clone())] {
+        let refused = answer_from(client, prober, &key, start_time_of(&push), false).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{what}");
+        let retry_after: u64 = refused.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .expect("Retry-After in seconds");
+        assert!((1..=10).contains(&retry_after), "{what}: {retry_after}");
+    }
+    // The decline was not taken: the call still rings, and the phone's own
+    // answer from its network is the first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!pbx.is_finished(), "the PBX request still waits");
+    let answer = answer_from(client, phone, &key, start_time_of(&push), true).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     assert_eq!(pbx.await.unwrap().body, "status=ACK");
+}
+
+/// A source's answers to live keys give back only their own place in its
+/// window: they do not wipe out the misses it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_do_not_reset_a_sources_misses() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |c| {
+        c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let client = &server.client;
+    let source = "203.0.113.51";
+    let now = call_notifier::calls::unix_seconds();
+    for _ in 0..19 {
+        let miss = answer_from(client, source, &call_id(), now, true).await;
+        assert_eq!(miss.status, StatusCode::NOT_FOUND);
+    }
+    let user = server.registered("android", "tok-hits").await;
+    let key = call_id();
+    let pbx = client.park(&user, &key);
+    let push = server.push("tok-hits").await;
+    let start = start_time_of(&push);
+    let hit = answer_from(client, source, &key, start, true).await;
+    assert_eq!(hit.status, StatusCode::ACCEPTED, "{}", hit.body);
+    assert_eq!(pbx.await.unwrap().body, "status=ACK");
+    let twentieth = answer_from(client, source, &call_id(), now, true).await;
+    assert_eq!(twentieth.status, StatusCode::NOT_FOUND, "the 20th miss");
+    let refused = answer_from(client, source, &key, start, true).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// Phones behind one address (a carrier NAT) answer as many calls at once
+/// as they have: live keys count nothing against the limit, in flight
+/// together or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_answers_at_once_from_one_address_are_not_held_back() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |c| {
+        c.trusted_proxy = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let client = &server.client;
+    let mut calls = Vec::new();
+    for n in 0..40 {
+        let token = format!("tok-nat-{n}");
+        let user = server.registered("android", &token).await;
+        let key = call_id();
+        let pbx = client.park(&user, &key);
+        calls.push((token, key, pbx));
+    }
+    let mut answers = Vec::new();
+    for (token, key, _) in &calls {
+        let start = start_time_of(&server.push(token).await);
+        let (client, key) = (client.clone(), key.clone());
+        answers.push(tokio::spawn(async move {
+            answer_from(&client, "198.51.100.99", &key, start, true)
+                .await
+                .status
+        }));
+    }
+    for answer in answers {
+        assert_eq!(answer.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    for (_, _, pbx) in calls {
+        assert_eq!(pbx.await.unwrap().body, "status=ACK");
+    }
 }

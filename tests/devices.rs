@@ -5,7 +5,7 @@
 mod common;
 
 use call_notifier::push::Payload;
-use call_notifier::store::{Platform, Registration};
+use call_notifier::store::{NewDevice, Platform, Registration};
 use common::*;
 use futures_util::future::join_all;
 use hyper::{Method, StatusCode};
@@ -532,4 +532,78 @@ fn the_device_limit_is_checked_at_start_up() {
             "{bad}: {error}"
         );
     }
+}
+
+/// APNs tokens are hex, and apps post them in either case: `EFEF…` and
+/// `efef…` are one device (one row, one VoIP push per call), stored in
+/// lower case, deleted by either. A row stored in upper case before tokens
+/// were normalised is found by both too, and the registration that finds
+/// it leaves one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_tokens_differing_only_in_case_are_one_device() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| c.max_devices_per_account = 3).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        let upper = format!("{user}EFEF");
+        let lower = upper.to_ascii_lowercase();
+        assert_eq!(
+            register_with(&server, "apns", &user, &upper, &[])
+                .await
+                .status,
+            StatusCode::CREATED,
+            "{name}"
+        );
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
+        let again = register_with(&server, "apns", &user, &lower, &[]).await;
+        assert_eq!(again.status, StatusCode::OK, "{name}: {}", again.body);
+        let mixed = format!("{user}EfEf");
+        assert_eq!(
+            register_with(&server, "apns", &user, &mixed, &[])
+                .await
+                .status,
+            StatusCode::OK,
+            "{name}"
+        );
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
+        assert_eq!(
+            server.client.unregister("apns", &user, &mixed).await.status,
+            StatusCode::OK,
+            "{name}"
+        );
+        assert!(server.tokens(&user).await.is_empty(), "{name}");
+
+        // A row of an older server, in upper case: the lower-case
+        // registration updates it (200, one row), and a delete in lower
+        // case finds it.
+        let store = &server.running.state.store;
+        let id: i64 = user.parse().expect("a number");
+        let old = || NewDevice {
+            platform: Platform::Apns,
+            ..android_device(id, &upper, None)
+        };
+        store.register_device(old(), 3).await.expect("stored");
+        assert_eq!(server.tokens(&user).await, [upper.as_str()], "{name}");
+        assert_eq!(
+            register_with(&server, "apns", &user, &lower, &[])
+                .await
+                .status,
+            StatusCode::OK,
+            "{name}"
+        );
+        assert_eq!(server.tokens(&user).await, [lower.as_str()], "{name}");
+        store.register_device(old(), 1).await.expect("stored");
+        assert_eq!(server.tokens(&user).await, [upper.as_str()], "{name}");
+        assert_eq!(
+            server.client.unregister("apns", &user, &lower).await.status,
+            StatusCode::OK,
+            "{name}"
+        );
+        assert!(server.tokens(&user).await.is_empty(), "{name}");
+        assert!(
+            server.pusher.sent().is_empty(),
+            "{name}: no notice to itself"
+        );
+    })
+    .await;
 }

@@ -209,3 +209,75 @@ async fn no_takeover_notice_is_handed_over_for_an_apns_token() {
     })
     .await;
 }
+
+/// An account registering fresh tokens in a loop (each one replacing the
+/// last) sends a few takeover notices a minute, not one per token; and
+/// however many it tried, another account's notice still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_fresh_tokens_on_one_account_send_a_handful_of_notices() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let name = backend.name();
+        let flooder = sip_user_id();
+        for n in 0..1_000 {
+            let token = format!("{flooder}-fresh-{n}");
+            let status = server.client.register("android", &flooder, &token).await;
+            assert!(status.is_success(), "{name}: {n}: {status}");
+        }
+        // The notices are handed over off the reply's path: give the last
+        // ones a moment to be sent.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let told = server.pusher.sent().len();
+        assert!((1..=5).contains(&told), "{name}: {told} takeover notices");
+
+        let other = sip_user_id();
+        let first = format!("{other}-first");
+        let created = server.client.register("android", &other, &first).await;
+        assert_eq!(created, StatusCode::CREATED, "{name}");
+        let replaced = server
+            .client
+            .register("android", &other, &format!("{other}-second"))
+            .await;
+        assert_eq!(replaced, StatusCode::OK, "{name}");
+        server.pushes(&first, 1).await;
+    })
+    .await;
+}
+
+/// Line and paragraph separators break a line in many log viewers, and tag
+/// characters hide text: refused in tokens like the other invisible ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_separators_or_tag_characters_is_refused() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let id: i64 = user.parse().expect("a number");
+    for platform in PLATFORMS {
+        let path = format!("/api/{platform}-device/");
+        // The separators are whitespace to Rust, and refused as such.
+        let refused = [
+            (r"\u2028", "whitespace"),
+            (r"\u2029", "whitespace"),
+            (r"\udb40\udc00", "invisible formatting"),
+            (r"\udb40\udc41", "invisible formatting"),
+            (r"\udb40\udc7f", "invisible formatting"),
+        ];
+        for (escape, rule) in refused {
+            let body =
+                format!(r#"{{"sip_user_id": {id}, "token": "ab{escape}cd", "app": "{APP}"}}"#);
+            for method in [Method::POST, Method::DELETE] {
+                let reply = server
+                    .client
+                    .send(
+                        method.clone(),
+                        &path,
+                        Some("application/json"),
+                        body.clone().into_bytes(),
+                    )
+                    .await;
+                assert_invalid_token(&reply, rule, &format!("{method} {platform} {escape}"));
+            }
+        }
+    }
+    assert_eq!(server.device(&user).await, None, "nothing was registered");
+}

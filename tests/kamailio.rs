@@ -1,6 +1,10 @@
 //! End to end with real SIP software: Kamailio running
 //! `examples/kamailio/kamailio.cfg`, SIPp as the phone and as the caller,
-//! call-notifier pushing to an FCM stand-in. Everything on loopback.
+//! call-notifier pushing to an FCM stand-in; once, linphone-daemon
+//! (`linphone-cli`) as a real phone. Everything on loopback: the phones on
+//! 127.0.0.1, signing with the digest credentials the test writes into
+//! Kamailio's db_text store; the PBX on 127.0.0.2, recognised by its
+//! address.
 //!
 //! Ignored by a plain `cargo test`, so a fresh machine needs no SIP
 //! software; run with `--include-ignored` and `TEST_KAMAILIO=1` (`.ci/run`
@@ -10,10 +14,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::digest::{credentials, md5_hex, password, Challenge};
 use common::fcm::{FcmServer, PROJECT};
 use common::*;
 use hyper::StatusCode;
@@ -24,8 +30,41 @@ const CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/kamailio/kamailio.cfg"
 );
+/// The secret of the call_id hash.
+const SECRET: &str = "0f3c5e1d8a7b4c2e9f6a1b3c5d7e9f20";
+/// Where the PBX sends from: PBX_NETWORK, never challenged.
+const PBX_IP: &str = "127.0.0.2";
 /// The phone's FCM token, as its REGISTER's `pn-prid` carries it.
 const TOKEN: &str = "phone-fcm-token";
+
+/// The digest the SIP bench's phone signs with (tests/common/digest.rs) is
+/// RFC 2617's: its section 3.5 example, signed.
+#[test]
+fn digest_signs_as_rfc_2617_says() {
+    let challenge = Challenge::parse(
+        r#"Digest realm="testrealm@host.com", qop="auth,auth-int", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41""#,
+    )
+    .expect("a challenge");
+    let signed = challenge.authorization(
+        ("Mufasa", "Circle Of Life"),
+        ("GET", "/dir/index.html"),
+        1,
+        "0a4f113b",
+    );
+    assert!(
+        signed.contains(r#"response="6629fae49393a05397450978507c4ef1""#),
+        "{signed}"
+    );
+    assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
+}
+
+fn requires_kamailio() {
+    assert_eq!(
+        std::env::var("TEST_KAMAILIO").as_deref(),
+        Ok("1"),
+        "this test runs Kamailio and SIPp: set TEST_KAMAILIO=1 (apt-get install kamailio kamailio-utils-modules sip-tester linphone-cli)"
+    );
+}
 
 /// A free loopback UDP port (free when asked; nothing else here binds).
 fn free_udp_port() -> u16 {
@@ -35,192 +74,606 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// SIPp running `scenario` once against Kamailio at `proxy`, from `port`,
-/// for the account `user`, with `keys` for the scenario's keywords.
-fn sipp(
-    dir: &Path,
-    scenario: &str,
-    proxy: u16,
+/// Who sends a scenario.
+enum Side<'a> {
+    /// The PBX: from [`PBX_IP`], unsigned.
+    Pbx,
+    /// A phone listening on this port for what Kamailio relays to its
+    /// contact; it sends nothing that is challenged.
+    Listening(u16),
+    /// A phone signing with these credentials when challenged.
+    Signed { user: &'a str, password: &'a str },
+}
+
+/// Kamailio with the example configuration, in front of a call-notifier.
+struct Proxy {
+    dir: PathBuf,
     port: u16,
-    user: &str,
-    keys: &[(&str, &str)],
-) -> Child {
-    let mut command = Command::new("sipp");
-    command
-        .arg(format!("127.0.0.1:{proxy}"))
-        .args(["-sf", &format!("{SCENARIOS}/{scenario}")])
-        .args(["-i", "127.0.0.1", "-p", &port.to_string()])
-        .args([
-            "-s",
-            user,
-            "-m",
-            "1",
-            "-nostdin",
-            "-timeout",
-            "20s",
-            "-timeout_error",
-        ])
-        .args(["-trace_err", "-trace_msg"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, value) in keys {
-        command.args(["-key", key, value]);
-    }
-    command
-        .spawn()
-        .expect("TEST_KAMAILIO=1 but sipp does not run (apt-get install sip-tester)")
+    /// Its main process. SIGKILL (what `kill_on_drop` sends) would leave
+    /// its children behind, so [`Proxy`]'s drop sends SIGTERM, which the
+    /// main process passes on to them.
+    kamailio: Child,
 }
 
-/// Waits for SIPp to finish its one call, and fails the test (with its
-/// traces) unless the call succeeded.
-async fn succeeds(dir: &Path, what: &str, child: Child) {
-    let out = bounded(what, child.wait_with_output())
-        .await
-        .expect("sipp ran");
-    if !out.status.success() {
-        let mut traces = String::new();
-        for entry in std::fs::read_dir(dir).expect("the trace dir").flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            traces.push_str(&format!("--- {}\n{text}\n", entry.path().display()));
+impl Proxy {
+    /// Kamailio on a free port, posting to `server`, with credentials for
+    /// `accounts` (each with [`password`]); registrations of 1 s are taken,
+    /// so a test can let one lapse.
+    async fn start(server: &str, accounts: &[&str]) -> Proxy {
+        requires_kamailio();
+        let dir = tempfile::tempdir().expect("a temp dir").keep();
+        let db = credentials(&dir, accounts);
+        let port = free_udp_port();
+        let log = std::fs::File::create(dir.join("kamailio.log")).expect("a log file");
+        let mut child = Command::new("kamailio")
+            .args(["-f", CONFIG, "-DD", "-E", "-Y"])
+            .arg(&dir)
+            .args(["-A", &format!("LISTEN=udp:127.0.0.1:{port}")])
+            .args(["-A", &format!("CALL_NOTIFIER=\"{server}\"")])
+            .args(["-A", &format!("DBURL=\"text://{}\"", db.display())])
+            .args(["-A", &format!("PBX_NETWORK=\"{PBX_IP}/32\"")])
+            .args(["-A", &format!("CALL_KEY_SECRET=\"{SECRET}\"")])
+            .args(["-A", "HTTP_TIMEOUT=10"])
+            .args(["-A", "MIN_EXPIRES=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("TEST_KAMAILIO=1 but kamailio does not run (apt-get install kamailio kamailio-utils-modules)");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default();
+            panic!("kamailio exited {status}:\n{log}");
         }
-        panic!(
-            "{what}: sipp {}: {}\n{traces}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        Proxy {
+            dir,
+            port,
+            kamailio: child,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kamailio.log")).unwrap_or_default()
+    }
+
+    /// SIPp running `scenario` once for the account `service`, from
+    /// `side`, with `extra` arguments (`-key`s and the like).
+    fn sipp(&self, scenario: &str, side: Side<'_>, service: &str, extra: &[&str]) -> Child {
+        let (ip, port) = match side {
+            Side::Pbx => (PBX_IP, free_udp_port()),
+            Side::Listening(port) => ("127.0.0.1", port),
+            Side::Signed { .. } => ("127.0.0.1", free_udp_port()),
+        };
+        let mut command = Command::new("sipp");
+        command
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["-sf", &format!("{SCENARIOS}/{scenario}")])
+            .args(["-i", ip, "-p", &port.to_string()])
+            .args(["-s", service, "-m", "1", "-nostdin"])
+            .args(["-timeout", "20s", "-timeout_error"])
+            .args(["-trace_err", "-trace_msg"])
+            .args(extra)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Side::Signed { user, password } = side {
+            command.args(["-au", user, "-ap", password]);
+        }
+        command
+            .spawn()
+            .expect("TEST_KAMAILIO=1 but sipp does not run (apt-get install sip-tester)")
+    }
+
+    /// A REGISTER of `user`'s phone with push parameters for `project`,
+    /// its contact on `contact_port`, signed as `signer` with `password`.
+    fn register(
+        &self,
+        scenario: &str,
+        user: &str,
+        (signer, password): (&str, &str),
+        project: &str,
+        (contact_port, expires): (u16, &str),
+    ) -> Child {
+        let contact_port = contact_port.to_string();
+        self.sipp(
+            scenario,
+            Side::Signed {
+                user: signer,
+                password,
+            },
+            user,
+            &[
+                "-key",
+                "contact_port",
+                &contact_port,
+                "-key",
+                "token",
+                TOKEN,
+                "-key",
+                "project",
+                project,
+                "-key",
+                "expires",
+                expires,
+            ],
+        )
+    }
+
+    /// Waits for SIPp to finish its one call, and fails the test (with its
+    /// traces and Kamailio's log) unless the call went as scripted.
+    async fn succeeds(&self, what: &str, child: Child) {
+        let out = bounded(what, child.wait_with_output())
+            .await
+            .expect("sipp ran");
+        if !out.status.success() {
+            let mut traces = String::new();
+            for entry in std::fs::read_dir(&self.dir)
+                .expect("the trace dir")
+                .flatten()
+            {
+                if entry.path().is_file() {
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    let _ = writeln!(traces, "--- {}\n{text}", entry.path().display());
+                }
+            }
+            panic!(
+                "{what}: sipp {}: {}\n{traces}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
 
-/// Kamailio on `port` with the example configuration, posting to `server`;
-/// registrations of 1 s are taken, so a test can let one lapse.
-async fn kamailio(dir: &Path, port: u16, server: &str) -> Child {
-    let log = std::fs::File::create(dir.join("kamailio.log")).expect("a log file");
-    let mut child = Command::new("kamailio")
-        .args(["-f", CONFIG, "-DD", "-E", "-Y"])
-        .arg(dir)
-        .args(["-A", &format!("LISTEN=udp:127.0.0.1:{port}")])
-        .args(["-A", &format!("CALL_NOTIFIER=\"{server}\"")])
-        .args(["-A", "MIN_EXPIRES=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("TEST_KAMAILIO=1 but kamailio does not run (apt-get install kamailio kamailio-utils-modules)");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    if let Ok(Some(status)) = child.try_wait() {
-        let log = std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default();
-        panic!("kamailio exited {status}:\n{log}");
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(pid) = self.kamailio.id() {
+            // SAFETY: a plain kill(2) of our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            // Its children stop within a moment; kill_on_drop then makes
+            // sure of the main process.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
-    child
-}
-
-fn kamailio_log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
 async fn kamailio_wakes_the_phone_and_relays_the_call() {
-    assert_eq!(
-        std::env::var("TEST_KAMAILIO").as_deref(),
-        Ok("1"),
-        "this test runs Kamailio and SIPp: set TEST_KAMAILIO=1 (apt-get install kamailio kamailio-utils-modules sip-tester)"
-    );
+    requires_kamailio();
     let backend = Backend::embedded();
     let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let dir: PathBuf = dir.keep();
-    let proxy = free_udp_port();
+    let (user, caller, unsupported) = (sip_user_id(), sip_user_id(), sip_user_id());
+    let proxy = Proxy::start(server.client.base(), &[&user, &caller, &unsupported]).await;
     let phone_port = free_udp_port();
-    let _kamailio = kamailio(&dir, proxy, server.client.base()).await;
-    let user = sip_user_id();
-    let register = |expires: &'static str| {
-        sipp(
-            &dir,
+    let secret = password(&user);
+    let register = |expires| {
+        proxy.register(
             "register.xml",
-            proxy,
-            free_udp_port(),
             &user,
-            &[
-                ("contact_port", &phone_port.to_string()),
-                ("token", TOKEN),
-                ("project", PROJECT),
-                ("expires", expires),
-            ],
+            (&user, &secret),
+            PROJECT,
+            (phone_port, expires),
         )
     };
 
     // The phone registers with RFC 8599 parameters: the device is stored.
-    succeeds(&dir, "the first REGISTER", register("1")).await;
+    proxy.succeeds("the first REGISTER", register("1")).await;
     let device = server.device(&user).await;
-    let device = device.unwrap_or_else(|| panic!("no device stored:\n{}", kamailio_log(&dir)));
+    let device = device.unwrap_or_else(|| panic!("no device stored:\n{}", proxy.log()));
     assert_eq!(device.token, TOKEN);
     assert_eq!(device.app_id, APP);
     assert_eq!(device.client_version.as_deref(), Some("SIPp-phone/3.6"));
     // It goes quiet: its 1 s contact lapses (the device lives on its grace).
     tokio::time::sleep(Duration::from_millis(2_000)).await;
 
-    // The caller INVITEs; the FCM stand-in receives the push.
-    let caller = sipp(&dir, "caller.xml", proxy, free_udp_port(), &user, &[]);
+    // The PBX INVITEs; the FCM stand-in receives the push.
+    let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
     let pushes = server.pushes(1, Duration::from_secs(10)).await;
     let push = pushes.last().expect("a push");
     assert_eq!(push.json()["message"]["token"], TOKEN, "{:?}", push.json());
 
     // The phone wakes: listens, REGISTERs again (that answers the call), and
     // its app posts call-response (a repeat by then).
-    let phone = sipp(&dir, "phone.xml", proxy, phone_port, &user, &[]);
+    let phone = proxy.sipp("phone.xml", Side::Listening(phone_port), &user, &[]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    succeeds(&dir, "the REGISTER of the woken phone", register("60")).await;
+    proxy
+        .succeeds("the REGISTER of the woken phone", register("60"))
+        .await;
     let answer = server.answer(push, true).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
-    succeeds(&dir, "the phone answering the INVITE", phone).await;
-    succeeds(&dir, "the caller's call answered 200", caller).await;
+    proxy
+        .succeeds("the phone answering the INVITE", phone)
+        .await;
+    proxy.succeeds("the caller's call answered 200", call).await;
 
-    // An account with no device: 480 at once.
+    // An account with no device: 480 at once, for the PBX's call and for a
+    // local user's, which is challenged first.
     let nobody = sip_user_id();
-    let refused = sipp(&dir, "caller-480.xml", proxy, free_udp_port(), &nobody, &[]);
-    succeeds(
-        &dir,
-        "a call to an account with no device gets 480",
-        refused,
-    )
-    .await;
+    let refused = proxy.sipp("caller-480.xml", Side::Pbx, &nobody, &[]);
+    proxy
+        .succeeds("a call to an account with no device gets 480", refused)
+        .await;
+    let caller_secret = password(&caller);
+    let signed = Side::Signed {
+        user: &caller,
+        password: &caller_secret,
+    };
+    let refused = proxy.sipp(
+        "caller-signed-480.xml",
+        signed,
+        &nobody,
+        &["-key", "caller", &caller],
+    );
+    proxy
+        .succeeds("a local user's call is challenged, then gets 480", refused)
+        .await;
 
     // Push parameters naming no app: 555, and the binding just saved is
     // removed again, so a call to the account is not relayed to it but
     // asks call-notifier, which has no device for it: 480.
-    let unsupported = sip_user_id();
-    let refused = sipp(
-        &dir,
+    let unsupported_secret = password(&unsupported);
+    let refused = proxy.register(
         "register-unsupported.xml",
-        proxy,
-        free_udp_port(),
         &unsupported,
+        (&unsupported, &unsupported_secret),
+        "no-such-project",
+        (free_udp_port(), "60"),
+    );
+    proxy
+        .succeeds("a REGISTER naming no app gets 555", refused)
+        .await;
+    assert_eq!(server.device(&unsupported).await, None);
+    let refused = proxy.sipp("caller-480.xml", Side::Pbx, &unsupported, &[]);
+    proxy
+        .succeeds(
+            "a call after a 555 is not relayed to its binding: 480",
+            refused,
+        )
+        .await;
+}
+
+/// The account's devices as `call-notifier device list` prints them (one
+/// line each; nothing when it has none).
+async fn device_list(backend: &Backend, user: &str) -> String {
+    let out = bounded(
+        "call-notifier device list",
+        Command::new(env!("CARGO_BIN_EXE_call-notifier"))
+            .args(["--database-url", &backend.config().database_url])
+            .args(["device", "list", "--sip-user-id", user])
+            .env("CALL_NOTIFIER_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the binary runs");
+    assert!(out.status.success(), "device list: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Only a REGISTER signed with its own account's credentials reaches
+/// call-notifier: none is challenged, a wrong password and another
+/// account's credentials are refused, and none of them stores a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_takes_push_parameters_only_from_the_accounts_own_credentials() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let (victim, attacker) = (sip_user_id(), sip_user_id());
+    let proxy = Proxy::start(server.client.base(), &[&victim, &attacker]).await;
+    let contact = (free_udp_port(), "60");
+    let attacker_secret = password(&attacker);
+
+    let unsigned = proxy.sipp(
+        "register-unsigned.xml",
+        Side::Listening(free_udp_port()),
+        &victim,
         &[
-            ("contact_port", &free_udp_port().to_string()),
-            ("token", TOKEN),
-            ("project", "no-such-project"),
+            "-key",
+            "contact_port",
+            &contact.0.to_string(),
+            "-key",
+            "token",
+            TOKEN,
+            "-key",
+            "project",
+            PROJECT,
+            "-key",
+            "expires",
+            "60",
         ],
     );
-    succeeds(&dir, "a REGISTER naming no app gets 555", refused).await;
-    assert_eq!(server.device(&unsupported).await, None);
-    let refused = sipp(
-        &dir,
-        "caller-480.xml",
-        proxy,
-        free_udp_port(),
-        &unsupported,
-        &[],
+    proxy
+        .succeeds("a REGISTER without credentials is challenged", unsigned)
+        .await;
+    for (what, signer, secret) in [
+        ("a wrong password", victim.as_str(), "not-the-password"),
+        (
+            "another account's credentials",
+            attacker.as_str(),
+            attacker_secret.as_str(),
+        ),
+    ] {
+        let refused = proxy.register(
+            "register-refused.xml",
+            &victim,
+            (signer, secret),
+            PROJECT,
+            contact,
+        );
+        proxy
+            .succeeds(&format!("a REGISTER with {what} is refused"), refused)
+            .await;
+    }
+    assert_eq!(device_list(&backend, &victim).await, "", "nothing stored");
+    assert_eq!(server.device(&victim).await, None);
+
+    let victim_secret = password(&victim);
+    let registered = proxy.register(
+        "register.xml",
+        &victim,
+        (&victim, &victim_secret),
+        PROJECT,
+        contact,
     );
-    succeeds(
-        &dir,
-        "a call after a 555 is not relayed to its binding: 480",
-        refused,
-    )
+    proxy
+        .succeeds("a REGISTER with its own credentials", registered)
+        .await;
+    let listed = device_list(&backend, &victim).await;
+    assert_eq!(
+        listed.lines().count(),
+        2,
+        "a header and the device: {listed}"
+    );
+    assert!(listed.contains("android"), "{listed}");
+}
+
+/// The push keys are not derived from the SIP Call-ID the caller chose,
+/// and the caller giving up stops the phone at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_hides_the_call_id_and_passes_a_cancel_on() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (free_udp_port(), "1"),
+    );
+    proxy.succeeds("the REGISTER", registered).await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+
+    let sip_call_id = format!("cancel-{}@caller.invalid", call_id());
+    let call = proxy.sipp(
+        "caller-cancel.xml",
+        Side::Pbx,
+        &user,
+        &["-cid_str", &sip_call_id],
+    );
+    let push = server.pushes(1, Duration::from_secs(10)).await[0].clone();
+    let data = &push.json()["message"]["data"];
+    let key = data["unique_key"]
+        .as_str()
+        .expect("a unique_key")
+        .to_owned();
+    let bare = sip_call_id.split('@').next().expect("a Call-ID");
+    assert!(
+        !key.contains(bare) && !data.to_string().contains(bare),
+        "the push names the SIP Call-ID: {data}"
+    );
+    // What the caller could make of the Call-ID it chose: unknown keys.
+    let now = call_notifier::calls::unix_seconds();
+    for guess in [
+        sip_call_id.clone(),
+        format!("{sip_call_id}.1"),
+        format!("{sip_call_id}.0"),
+    ] {
+        let reply = server.client.call_response(&guess, now, true).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "{guess}: {}",
+            reply.body
+        );
+    }
+
+    // The caller CANCELs 0.5 s into the wake-up: 487 for it, NAK for the
+    // PBX request, and the phone is told the call was cancelled.
+    proxy
+        .succeeds("the caller's CANCEL answered 487", call)
+        .await;
+    let ended = |p: &common::stand_in::Received| {
+        let data = &p.json()["message"]["data"];
+        data["type"] == "call_ended" && data["reason"] == "cancelled"
+    };
+    let told = eventually(Duration::from_secs(2), || async {
+        server.fcm.received().iter().any(ended)
+    })
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        told,
+        "no call_ended cancelled: {:?}\n{}",
+        server.fcm.received(),
+        proxy.log()
+    );
+    // Within 1 s of the CANCEL, which left 0.5 s after the INVITE (whose
+    // push arrived first).
+    let index = server.fcm.received().iter().position(ended).expect("told");
+    let arrivals = server.arrivals.lock().expect("arrivals").clone();
+    let after = arrivals[index].duration_since(arrivals[0]);
+    assert!(
+        after < Duration::from_millis(1_500),
+        "told {after:?} after the push"
+    );
+    let nak = format!("incoming-call for {user}: 200 status=NAK");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            proxy.log().contains(&nak)
+        })
+        .await,
+        "the PBX request NAKed:\n{}",
+        proxy.log()
+    );
+}
+
+/// A REGISTER call-notifier did not take (here: it is down) is not
+/// answered 200, and leaves no binding a call could be relayed to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_refuses_a_register_call_notifier_did_not_take() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = start(&backend, |_| {}).await;
+    let base = server.client.base().to_owned();
+    let user = sip_user_id();
+    let proxy = Proxy::start(&base, &[&user]).await;
+    bounded("call-notifier stopping", server.running.stop()).await;
+
+    let secret = password(&user);
+    let failed = proxy.register(
+        "register-failed.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (free_udp_port(), "60"),
+    );
+    proxy
+        .succeeds("a REGISTER call-notifier did not take gets 503", failed)
+        .await;
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("sip-registration of {user} failed")),
+        "the log says why:\n{}",
+        proxy.log()
+    );
+    let refused = proxy.sipp("caller-480.xml", Side::Pbx, &user, &[]);
+    proxy
+        .succeeds("a call to it gets 480, not a relay to its contact", refused)
+        .await;
+}
+
+/// linphone-daemon (Debian's `linphone-cli`) as `user`'s phone: a real SIP
+/// user agent registering through the proxy with digest credentials and
+/// RFC 8599 parameters (liblinphone's `contact_uri_parameters`), listening
+/// on `port`, answering calls itself when `answers`. Its files live in the
+/// proxy's directory.
+async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool) -> Child {
+    let home = proxy.dir.join("linphone");
+    // Where liblinphone keeps its database: without it, the core never
+    // gets to its "on" state, and answers every INVITE 503.
+    std::fs::create_dir_all(home.join(".local/share/linphone")).expect("linphone's home");
+    let rc = home.join("linphonerc");
+    std::fs::write(
+        &rc,
+        format!(
+            "[sip]\nsip_port={port}\nsip_tcp_port=-1\nsip_tls_port=-1\ndefault_proxy=0\n\
+             register_only_when_network_is_up=0\n\
+             [proxy_0]\nreg_proxy=<sip:127.0.0.1:{proxy_port};transport=udp>\n\
+             reg_identity=sip:{user}@sip.example.com\nreg_expires=2\nreg_sendregister=1\n\
+             contact_uri_parameters=pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}\n\
+             [auth_info_0]\nusername={user}\nuserid={user}\npasswd={password}\n\
+             realm=sip.example.com\n",
+            proxy_port = proxy.port,
+            password = password(user),
+        ),
+    )
+    .expect("linphonerc");
+    let mut command = Command::new("linphone-daemon");
+    command
+        .arg("--config")
+        .arg(&rc)
+        .arg("--log")
+        .arg(home.join(if answers { "woken.log" } else { "first.log" }))
+        .env("HOME", &home)
+        // Kept open by the Child: the daemon reads commands from it.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if answers {
+        command.arg("--auto-answer");
+    }
+    let mut child = command
+        .spawn()
+        .expect("TEST_KAMAILIO=1 but linphone-daemon does not run (apt-get install linphone-cli)");
+    // The port of the configuration file is not bound; told on the command
+    // line, the daemon binds it and registers.
+    let mut stdin = child.stdin.take().expect("the daemon's stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("port sip {port} udp\n").as_bytes())
+        .await
+        .expect("a command to linphone-daemon");
+    // Kept open: the daemon quits at the end of its input.
+    child.stdin = Some(stdin);
+    child
+}
+
+/// The stretch: a real SIP user agent instead of SIPp as the phone. It
+/// registers with its credentials and RFC 8599 parameters (a device is
+/// stored), goes to sleep (killed, its 2 s registration lapses), is woken
+/// by the push of a call from the PBX, and its REGISTER releases the call,
+/// which it answers itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp + linphonec: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_wakes_a_real_linphone() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let port = free_udp_port();
+    let linphone_log = |name: &str| {
+        std::fs::read_to_string(proxy.dir.join("linphone").join(name)).unwrap_or_default()
+    };
+
+    let mut first = linphone(&proxy, &user, port, false).await;
+    let stored = eventually(Duration::from_secs(10), || async {
+        server.device(&user).await.is_some()
+    })
+    .await;
+    assert!(
+        stored,
+        "linphone's REGISTER stored no device:\n{}\n{}",
+        proxy.log(),
+        linphone_log("first.log")
+    );
+    let device = server.device(&user).await.expect("a device");
+    assert_eq!(device.token, TOKEN);
+    // Its User-Agent (liblinphone's daemon says "Unknown").
+    assert!(device.client_version.is_some(), "{device:?}");
+    // Asleep: gone without a word, its registration lapses.
+    first.start_kill().expect("linphonec killed");
+    let _ = first.wait().await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+
+    let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
+    server.pushes(1, Duration::from_secs(10)).await;
+    let _woken = linphone(&proxy, &user, port, true).await;
+    let answered = call.wait_with_output();
+    let out = bounded("the caller's call answered by linphone", answered)
+        .await
+        .expect("sipp ran");
+    assert!(
+        out.status.success(),
+        "the call was not answered by linphone: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log(),
+        linphone_log("woken.log")
+    );
 }

@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use tokio::net::UdpSocket;
 use tokio::process::{Child, Command};
 
+use crate::common::digest::credentials;
+
 const CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/kamailio/kamailio.cfg"
@@ -23,9 +25,12 @@ pub struct Kamailio {
 
 impl Kamailio {
     /// Starts Kamailio on a free loopback UDP port, posting to
-    /// `call_notifier` (a base URL), logging into `dir`; returns once it
-    /// answers SIP.
-    pub async fn start(dir: &Path, call_notifier: &str) -> Result<Kamailio> {
+    /// `call_notifier` (a base URL), logging into `dir`, with digest
+    /// credentials for `accounts`; returns once it answers SIP. The caller
+    /// sends from loopback, which is the PBX here: its INVITEs are not
+    /// challenged (the phone's REGISTERs are).
+    pub async fn start(dir: &Path, call_notifier: &str, accounts: &[&str]) -> Result<Kamailio> {
+        let db = credentials(dir, accounts);
         let port = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -36,6 +41,11 @@ impl Kamailio {
             .arg(dir)
             .args(["-A", &format!("LISTEN=udp:{addr}")])
             .args(["-A", &format!("CALL_NOTIFIER=\"{call_notifier}\"")])
+            .args(["-A", &format!("DBURL=\"text://{}\"", db.display())])
+            .args(["-A", "PBX_NETWORK=\"127.0.0.1/32\""])
+            // Longer than the bench's --wait-ms (8 s).
+            .args(["-A", "HTTP_TIMEOUT=10"])
+            .args(["-A", "CALL_KEY_SECRET=\"sip-bench-call-key-secret\""])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

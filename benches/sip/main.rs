@@ -175,6 +175,8 @@ fn main() -> ExitCode {
 /// Everything a call needs.
 struct Bench {
     server: FcmServer,
+    /// The accounts Kamailio has credentials for, one taken per call.
+    accounts: std::sync::Mutex<Vec<String>>,
     /// Each push as it reached the FCM stand-in.
     pushes: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Instant, Received)>>,
     tap: Tap,
@@ -195,10 +197,17 @@ async fn run(options: Options) -> Result<()> {
     let call_notifier: SocketAddr = server.running.addr;
     let tap = Tap::start(call_notifier).await?;
     let dir = tempfile::tempdir().context("a temp dir")?;
-    let mut kamailio = Kamailio::start(dir.path(), &format!("http://{}", tap.addr)).await?;
+    // Every call has an account of its own, with credentials Kamailio
+    // must know from the start: a warm-up and `calls` per mode.
+    let accounts: Vec<String> = (0..2 * (options.calls + 1))
+        .map(|_| sip_user_id())
+        .collect();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    let mut kamailio = Kamailio::start(dir.path(), &format!("http://{}", tap.addr), &names).await?;
     let udp = UdpRelay::start(kamailio.addr, ONE_WAY).await?;
     let tcp = TcpRelay::start(call_notifier, ONE_WAY).await?;
     let bench = Bench {
+        accounts: std::sync::Mutex::new(accounts),
         caller: Arc::new(Caller::bind(kamailio.addr).await?),
         phone: Phone::bind(udp.inner, udp.outer, kamailio.addr).await?,
         server,
@@ -254,7 +263,12 @@ fn ms(d: Duration) -> f64 {
 /// One call to a fresh account whose phone sleeps (a device, no contact),
 /// checked from end to end.
 async fn call(bench: &Bench, mode: Mode) -> Result<Sample> {
-    let user = sip_user_id();
+    let user = bench
+        .accounts
+        .lock()
+        .expect("accounts lock")
+        .pop()
+        .context("more calls than accounts")?;
     let token = format!("sip-bench-token-{user}");
     let phone = &bench.phone;
     phone.forget().await;
@@ -303,9 +317,9 @@ async fn call(bench: &Bench, mode: Mode) -> Result<Sample> {
     let (pushed_at, push) = tokio::time::timeout(STEP, async {
         loop {
             let (at, push) = pushes.recv().await.ok_or_else(|| anyhow!("no pushes"))?;
-            let json = push.json();
-            let key = json["message"]["data"]["unique_key"].as_str().unwrap_or("");
-            if json["message"]["token"] == token.as_str() && key.starts_with(&call_id) {
+            // The account's token: the key is a hash of the Call-ID now,
+            // which only Kamailio can make.
+            if push.json()["message"]["token"] == token.as_str() {
                 return Ok::<_, anyhow::Error>((at, push));
             }
         }
@@ -352,8 +366,12 @@ async fn call(bench: &Bench, mode: Mode) -> Result<Sample> {
     let exchanges = bench.tap.exchanges();
     let incoming = exchanges
         .iter()
-        .find(|e| e.request.starts_with("POST /api/incoming-call/") && e.request.contains(&call_id))
-        .ok_or_else(|| anyhow!("the tap saw no incoming-call for {call_id}"))?;
+        .find(|e| {
+            // The account, not the Call-ID: Kamailio posts a hash of it.
+            e.request.starts_with("POST /api/incoming-call/")
+                && e.request.contains(&format!("sip_user_id={user}&"))
+        })
+        .ok_or_else(|| anyhow!("the tap saw no incoming-call for {user}"))?;
     ensure!(
         incoming.response.contains("status=ACK"),
         "the incoming-call was answered {:?}",

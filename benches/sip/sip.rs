@@ -3,11 +3,14 @@
 //! answering the INVITE and the BYE).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
+
+use crate::common::digest::{password, Challenge};
 
 /// A SIP message, parsed loosely: start line and headers in order (the
 /// body is not needed).
@@ -288,7 +291,11 @@ pub struct Phone {
     relay: SocketAddr,
     public: SocketAddr,
     proxy: SocketAddr,
-    cseq: std::sync::atomic::AtomicU32,
+    cseq: AtomicU32,
+    /// The proxy's last digest challenge, signed with until it says stale.
+    challenge: std::sync::Mutex<Option<Challenge>>,
+    /// The nonce count (`nc`) of the next use of that challenge's nonce.
+    nonce_uses: AtomicU32,
 }
 
 /// The RFC 8599 push parameters of a Contact.
@@ -308,6 +315,8 @@ impl Phone {
             public,
             proxy,
             cseq: 1.into(),
+            challenge: std::sync::Mutex::new(None),
+            nonce_uses: 1.into(),
         })
     }
 
@@ -347,6 +356,10 @@ impl Phone {
     /// seconds, with push parameters or without, and waits for the answer:
     /// its status. `None` as `push` and 0 as `expires` remove every
     /// binding of the account (`Contact: *`).
+    ///
+    /// Signed with the account's digest credentials, as a SIP client does:
+    /// with the last nonce the proxy gave (no extra round trip while it is
+    /// good), and again with a fresh one when challenged (401).
     pub async fn register(
         &self,
         user: &str,
@@ -363,32 +376,61 @@ impl Phone {
             ),
         };
         let call_id = format!("reg-{user}-{}", random_hex());
-        let cseq = self.cseq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let register = format!(
-            "REGISTER sip:{proxy} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {public};branch=z9hG4bK-{branch}\r\n\
-             From: <sip:{user}@{host}>;tag={tag}\r\n\
-             To: <sip:{user}@{host}>\r\n\
-             Call-ID: {call_id}\r\n\
-             CSeq: {cseq} REGISTER\r\n\
-             Contact: {contact}\r\n\
-             Expires: {expires}\r\n\
-             Max-Forwards: 70\r\n\
-             User-Agent: call-notifier-sip-bench/1\r\n\
-             Content-Length: 0\r\n\r\n",
-            host = proxy.ip(),
-            branch = random_hex(),
-            tag = random_hex(),
-        );
-        self.socket.send_to(register.as_bytes(), self.relay).await?;
-        let (_, answer) = self
-            .take(
-                Duration::from_secs(5),
-                "the phone waiting for the answer to its REGISTER",
-                |m| m.call_id() == call_id && m.status().is_some_and(|s| s >= 200),
-            )
-            .await?;
-        answer.status().context("a status")
+        let tag = random_hex();
+        let uri = format!("sip:{proxy}");
+        let password = password(user);
+        for _ in 0..2 {
+            let challenge = self.challenge.lock().expect("challenge lock").clone();
+            let authorization = challenge.map(|c| {
+                let nc = self.nonce_uses.fetch_add(1, Ordering::Relaxed);
+                let signed =
+                    c.authorization((user, &password), ("REGISTER", &uri), nc, &random_hex());
+                format!("Authorization: {signed}\r\n")
+            });
+            let cseq = self.cseq.fetch_add(1, Ordering::Relaxed);
+            let register = format!(
+                "REGISTER {uri} SIP/2.0\r\n\
+                 Via: SIP/2.0/UDP {public};branch=z9hG4bK-{branch}\r\n\
+                 From: <sip:{user}@{host}>;tag={tag}\r\n\
+                 To: <sip:{user}@{host}>\r\n\
+                 Call-ID: {call_id}\r\n\
+                 CSeq: {cseq} REGISTER\r\n\
+                 Contact: {contact}\r\n\
+                 Expires: {expires}\r\n\
+                 {authorization}\
+                 Max-Forwards: 70\r\n\
+                 User-Agent: call-notifier-sip-bench/1\r\n\
+                 Content-Length: 0\r\n\r\n",
+                host = proxy.ip(),
+                branch = random_hex(),
+                authorization = authorization.unwrap_or_default(),
+            );
+            self.socket.send_to(register.as_bytes(), self.relay).await?;
+            let (_, answer) = self
+                .take(
+                    Duration::from_secs(5),
+                    "the phone waiting for the answer to its REGISTER",
+                    |m| {
+                        m.call_id() == call_id
+                            && m.cseq_method() == "REGISTER"
+                            && m.header("cseq")
+                                .is_some_and(|c| c.starts_with(&format!("{cseq} ")))
+                            && m.status().is_some_and(|s| s >= 200)
+                    },
+                )
+                .await?;
+            let status = answer.status().context("a status")?;
+            if status != 401 {
+                return Ok(status);
+            }
+            let challenge = answer
+                .header("www-authenticate")
+                .and_then(Challenge::parse)
+                .context("a 401 without a digest challenge")?;
+            *self.challenge.lock().expect("challenge lock") = Some(challenge);
+            self.nonce_uses.store(1, Ordering::Relaxed);
+        }
+        bail!("the REGISTER of {user} was challenged twice: its credentials are refused")
     }
 
     /// Waits for the INVITE of `call_id` and answers it 200 at once, then

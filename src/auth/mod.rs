@@ -1,8 +1,9 @@
 //! Who may do what: the device endpoints answer only to the owner of the SIP
 //! account (HTTP Basic, checked by the operator's account API) and slow down
 //! whoever keeps failing, the PBX endpoint only to PBX networks, and
-//! call-response (unauthenticated, for speed) slows down whoever keeps
-//! probing unknown keys.
+//! call-response (unauthenticated, for speed) refuses whoever keeps
+//! probing unknown keys. [`Windows`], the counting behind every limit, also
+//! serves the push side's limit on takeover notices.
 //!
 //! This module decides; it does not build responses. [`AuthError`] becomes
 //! 401/403/429/503 in `http::error`, like every other error.
@@ -19,6 +20,7 @@ use hyper::HeaderMap;
 pub use account_api::AccountApi;
 pub use logins::LoginLimiter;
 pub use network::{ClientAddr, Network, ProbeLimiter};
+pub(crate) use windows::Windows;
 
 use crate::config::Config;
 

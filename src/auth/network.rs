@@ -154,9 +154,13 @@ const PROBE_SOURCES_CAP: usize = 10_000;
 const PROBE_RULE: &str = "at most 20 unknown keys per source in 10 s";
 
 /// Counts call-responses with unknown keys per source (IPv6 by /64). A
-/// source over the limit gets 429 for unknown keys until its window ends;
-/// answers with a live key are never held back, so phones behind the same
-/// NAT as a prober still get their calls.
+/// source over the limit gets 429 for every call-response until its window
+/// ends, for a live key too ([`ProbeLimiter::check`], before the key is
+/// looked up): were a hit still answered and acted on, a blocked guesser
+/// would learn when it hit and could answer the call it hit. Answers with
+/// live keys count nothing, so phones behind the same NAT as each other
+/// answer as many calls at once as they have; one behind the same address
+/// as a prober waits with it.
 #[derive(Debug)]
 pub struct ProbeLimiter {
     windows: Windows<ClientAddr>,
@@ -171,14 +175,27 @@ impl Default for ProbeLimiter {
 }
 
 impl ProbeLimiter {
+    /// Refuses every call-response from `client` while its source is over
+    /// the limit; counts nothing, so a hit never uses up a source's window
+    /// (nor wipes out its misses).
+    pub fn check(&self, client: ClientAddr) -> Result<(), AuthError> {
+        self.windows
+            .check(client.source())
+            .map_err(|retry_after| AuthError::Throttled {
+                rule: PROBE_RULE,
+                retry_after,
+            })
+    }
+
     /// Records one unknown key from `client`; refuses it when its source
-    /// is over the limit.
+    /// is over the limit (misses that were in flight together when it got
+    /// there).
     pub fn miss(&self, client: ClientAddr) -> Result<(), AuthError> {
         let source = client.source();
         match self.windows.take(source) {
             Ok(used_up) => {
                 if used_up {
-                    tracing::warn!(%source, "call-response with unknown keys too often; refusing for a while");
+                    tracing::warn!(%source, "call-response with unknown keys too often; refusing every call-response from it for a while");
                 }
                 Ok(())
             }
@@ -347,6 +364,24 @@ mod tests {
             assert!(limiter.miss(ClientAddr::Unknown).is_ok());
         }
         assert!(limiter.miss(ClientAddr::Unknown).is_err());
+    }
+
+    #[test]
+    fn a_blocked_source_is_refused_hit_or_miss_and_hits_do_not_reset_misses() {
+        let limiter = ProbeLimiter::default();
+        let a = ip("203.0.113.1");
+        for _ in 0..PROBE_LIMIT - 1 {
+            assert!(limiter.check(a).is_ok());
+            assert!(limiter.miss(a).is_ok());
+        }
+        // Hits are checked and count nothing, however many.
+        for _ in 0..100 {
+            assert!(limiter.check(a).is_ok());
+        }
+        assert!(limiter.miss(a).is_ok(), "the last miss");
+        // Over: every answer is refused before its key is looked up.
+        assert!(matches!(limiter.check(a), Err(AuthError::Throttled { .. })));
+        assert!(limiter.check(ip("203.0.113.2")).is_ok());
     }
 
     #[test]

@@ -53,6 +53,19 @@ impl<K: Hash + Eq + Copy> Windows<K> {
             .map_or(0, |w| w.count)
     }
 
+    /// Whether `key` has used up its window, and if so how long it must
+    /// still wait: a look, which counts nothing.
+    pub(crate) fn check(&self, key: K) -> Result<(), Duration> {
+        let now = Instant::now();
+        let table = self.table.lock().expect("windows lock");
+        match table.get(&key) {
+            Some(w) if now.duration_since(w.start) < self.window && w.count >= self.limit => {
+                Err(self.window - now.duration_since(w.start))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Counts one for `key`, unless it has used up its window: then says
     /// how long it must still wait. Checking and counting under one lock
     /// lets no two requests in flight together past the limit. `Ok(true)`
@@ -164,6 +177,20 @@ mod tests {
         assert!(windows.take(1).is_err_and(|wait| wait <= WINDOW));
         assert_eq!(windows.counted(1), 3, "a refusal does not count");
         assert_eq!(windows.take(2), Ok(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_counts_nothing_and_says_how_long_a_block_lasts() {
+        let windows = Windows::new(2, WINDOW, 100);
+        assert_eq!(windows.check(1), Ok(()));
+        windows.take(1).unwrap();
+        assert_eq!(windows.check(1), Ok(()));
+        assert_eq!(windows.counted(1), 1, "checks count nothing");
+        windows.take(1).unwrap();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(windows.check(1), Err(Duration::from_secs(40)));
+        tokio::time::advance(Duration::from_secs(40)).await;
+        assert_eq!(windows.check(1), Ok(()), "the block ended with its window");
     }
 
     #[test]

@@ -98,10 +98,13 @@ pub(super) async fn call_response(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, fields) = body::read(request, Source::Body).await?;
-    let source = state.access.network.client_ip(peer.ip(), &parts.headers);
-    // One 404 for unknown and too late: a prober learns nothing from it, and
-    // is refused for a while once it has probed too often.
+    let source = state.access.network.client_ip(peer.ip(), request.headers());
+    // A source over the unknown-key limit is refused here, hit or miss,
+    // before its body is read or the broker hears of its key: a guess that
+    // hit would otherwise still act on the call, and tell the guesser so.
+    state.access.probes.check(source)?;
+    let (_, fields) = body::read(request, Source::Body).await?;
+    // One 404 for unknown and too late: a prober learns nothing from it.
     let unknown = || match state.access.probes.miss(source) {
         Err(refused) => ApiError::from(refused),
         Ok(()) => ApiError::NotFound("not found"),

@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::{json, Body};
 use crate::auth::{AuthError, Authorized};
 use crate::logs::{is_invisible_format, redact};
-use crate::push::{Payload, PushTarget};
+use crate::push::{Payload, PushOutcome, PushTarget};
 use crate::state::AppState;
 use crate::store::{NewDevice, Platform, Registration};
 
@@ -25,7 +25,8 @@ const TAKEN_OVER: &str = "Another device has been registered for your account; t
 /// whitespace, no control characters ([`Fields::text`] refuses those) and no invisible formatting characters:
 /// a token is written to logs and handed to push services, and a U+202E in
 /// one reversed the log lines it was written to. An APNs device token is
-/// hex (Apple's are 32 bytes as 64 hex digits; no length is assumed).
+/// hex (Apple's are 32 bytes as 64 hex digits; no length is assumed), and
+/// comes back in lower case ([`Platform::normal_token`]).
 fn token(platform: Platform, fields: &Fields) -> Result<String, ApiError> {
     check_token(
         "token",
@@ -57,7 +58,8 @@ pub(super) fn check_token(
         return Err(ApiError::invalid(
             field,
             "must not contain invisible formatting characters (bidirectional marks, \
-             embeddings, overrides and isolates, zero-width characters)",
+             embeddings, overrides and isolates, zero-width characters, line and \
+             paragraph separators, tag characters)",
         ));
     }
     if platform.is_apns() && !token.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -66,7 +68,7 @@ pub(super) fn check_token(
             "must be hexadecimal digits (0-9, a-f, A-F) for apns",
         ));
     }
-    Ok(token)
+    Ok(platform.normal_token(token))
 }
 
 /// Reads an app request and checks that its credentials own its
@@ -135,7 +137,7 @@ fn alert_token(platform: Platform, fields: &Fields) -> Result<Option<String>, Ap
             "must be hex digits only (an APNs device token), without whitespace",
         ));
     }
-    Ok(Some(token))
+    Ok(Some(platform.normal_token(token)))
 }
 
 pub(super) async fn register(
@@ -183,9 +185,9 @@ pub(super) async fn store_registration(
 /// every VoIP push to CallKit as a call, and stops waking an app that does
 /// not, so the pusher sends this notice as an alert push to that token,
 /// never as a VoIP push; an `apns` device without one is not told. Each
-/// token is told at most once a minute ([`crate::push::notices`]), so an
-/// account re-registered in a loop does not push the phone it replaced in a
-/// loop.
+/// token is told at most once a minute, each account sends a few a minute
+/// ([`crate::push::notices`]), so an account re-registered in a loop does
+/// not push the phones it replaced in a loop.
 fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
     if previous.platform.is_apns() && previous.alert_token.is_none() {
         tracing::info!(
@@ -195,11 +197,14 @@ fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
         );
         return;
     }
-    if !state.takeover_notices.may_tell(&previous.token) {
+    if let Err(held_back) = state
+        .takeover_notices
+        .may_tell(previous.sip_user_id, &previous.token)
+    {
         tracing::info!(
             sip_user_id = previous.sip_user_id,
             token = %redact(&previous.token),
-            "the previous device was told it was replaced within the minute; not telling it again"
+            "the previous device is not told it was replaced: {held_back}"
         );
         return;
     }
@@ -218,11 +223,19 @@ fn notify_taken_over(state: &Arc<AppState>, previous: NewDevice) {
             &outcome,
             sent_at.elapsed().as_secs_f64(),
         );
-        tracing::info!(
-            sip_user_id = target.sip_user_id,
-            ?outcome,
-            "told the previous device it was replaced"
-        );
+        // Said as it went: a notice the push service refused was not sent.
+        if matches!(outcome, PushOutcome::Delivered) {
+            tracing::info!(
+                sip_user_id = target.sip_user_id,
+                "told the previous device it was replaced"
+            );
+        } else {
+            tracing::warn!(
+                sip_user_id = target.sip_user_id,
+                ?outcome,
+                "the notice that the previous device was replaced was not delivered"
+            );
+        }
     });
 }
 

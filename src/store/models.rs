@@ -47,6 +47,29 @@ impl Platform {
     pub fn is_apns(self) -> bool {
         self == Platform::Apns
     }
+
+    /// A token as this platform stores it. APNs tokens are hex, which apps
+    /// post in either case: stored in lower case, `EFEF…` and `efef…` are
+    /// one device (one row, one VoIP push per call), not two. Other
+    /// platforms' tokens are case-sensitive and kept as given.
+    pub fn normal_token(self, token: String) -> String {
+        if self.is_apns() {
+            token.to_ascii_lowercase()
+        } else {
+            token
+        }
+    }
+
+    /// Whether two tokens of this platform name one device: APNs tokens
+    /// compare without case, since rows stored before tokens were
+    /// normalised may hold upper case.
+    pub fn same_token(self, a: &str, b: &str) -> bool {
+        if self.is_apns() {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            a == b
+        }
+    }
 }
 
 impl<DB: Backend> ToSql<Text, DB> for Platform

@@ -35,6 +35,11 @@ use super::schema::{apps, call_history, devices, hangup_reasons, response_log};
 use super::{now_millis, Store, StoreError};
 use crate::pool::Reachability;
 
+diesel::define_sql_function! {
+    /// SQL's `lower()`, which SQLite and PostgreSQL both have.
+    fn lower(text: diesel::sql_types::Text) -> diesel::sql_types::Text;
+}
+
 /// The migrations, embedded, one set per backend.
 ///
 /// During a rolling upgrade the previous release keeps serving on the schema
@@ -409,16 +414,23 @@ macro_rules! diesel_store {
                         .await?;
                     let is_same = |d: &Device| {
                         let d = &d.registration;
-                        (d.platform, &d.app_id, &d.token)
-                            == (device.platform, &device.app_id, &device.token)
+                        (d.platform, &d.app_id) == (device.platform, &device.app_id)
+                            && d.platform.same_token(&d.token, &device.token)
                     };
                     // A device whose SIP registration lapsed holds no place:
                     // it goes quietly (it is not told of a takeover) before
                     // any live device is displaced, unless it is the one
-                    // registering again, which is refreshed.
+                    // registering again, which is refreshed. So does a
+                    // second row of that one (an APNs token stored in both
+                    // cases before tokens were normalised): one phone, one row.
+                    let first_same = rows.iter().find(|d| is_same(d)).map(|d| d.id);
                     let (expired, mut existing): (Vec<Device>, Vec<Device>) =
                         rows.into_iter().partition(|d| {
-                            d.registration.expired(now) && !is_same(d)
+                            if is_same(d) {
+                                Some(d.id) != first_same
+                            } else {
+                                d.registration.expired(now)
+                            }
                         });
                     if !expired.is_empty() {
                         let ids: Vec<i64> = expired.iter().map(|d| d.id).collect();
@@ -480,7 +492,10 @@ macro_rules! diesel_store {
                     Ok(match previous {
                         None => Registration::Created { displaced },
                         Some(previous) => {
-                            if previous.registration.token != device.token {
+                            if !device
+                                .platform
+                                .same_token(&previous.registration.token, &device.token)
+                            {
                                 displaced.push(previous.clone());
                             }
                             Registration::Updated {
@@ -502,13 +517,20 @@ macro_rules! diesel_store {
                 app_id: &str,
             ) -> Result<bool, StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                let deleted = diesel::delete(
-                    devices::table
-                        .filter(devices::sip_user_id.eq(sip_user_id))
-                        .filter(devices::platform.eq(platform.as_str()))
-                        .filter(devices::token.eq(token))
-                        .filter(devices::app_id.eq(app_id)),
-                )
+                let mut delete = diesel::delete(devices::table)
+                    .filter(devices::sip_user_id.eq(sip_user_id))
+                    .filter(devices::platform.eq(platform.as_str()))
+                    .filter(devices::app_id.eq(app_id))
+                    .into_boxed();
+                // Either case of an APNs token (rows stored before tokens
+                // were normalised keep theirs): the account's few rows are
+                // found by the index first, so `lower()` costs nothing.
+                delete = if platform.is_apns() {
+                    delete.filter(lower(devices::token).eq(token.to_ascii_lowercase()))
+                } else {
+                    delete.filter(devices::token.eq(token))
+                };
+                let deleted = delete
                 .execute(&mut conn)
                 .await
                 .map_err(query_error)?;

@@ -13,6 +13,7 @@
 
 #![allow(dead_code)]
 
+pub mod digest;
 pub mod fault;
 pub mod fcm;
 pub mod process;
