@@ -552,30 +552,25 @@ impl Config {
         Cli::parse_from(["call-notifier"]).config
     }
 
+    // The duration flags, as `Duration`s.
     pub fn wait(&self) -> Duration {
         Duration::from_millis(self.wait_ms)
     }
-
     pub fn resend_interval(&self) -> Duration {
         Duration::from_millis(self.resend_interval_ms)
     }
-
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
     }
-
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
-
     pub fn push_timeout(&self) -> Duration {
         Duration::from_millis(self.push_timeout_ms)
     }
-
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
     }
-
     pub fn keep_alive_timeout(&self) -> Duration {
         Duration::from_secs(self.keep_alive_timeout_secs)
     }

@@ -61,8 +61,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::App(command) => app(config, *command).await?,
         Command::Push(PushCommand::Test(test)) => {
             let store = commands::open_store(&config).await?;
-            let verdict = push_test::run(store, &config, &test).await?;
-            return Ok(ExitCode::from(verdict.exit_code()));
+            let finding = push_test::run(store, &config, &test).await?;
+            return Ok(ExitCode::from(finding.exit_code()));
         }
         Command::Device(command) => {
             let store = commands::open_store(&config).await?;

@@ -42,7 +42,7 @@ pub mod exit {
 
 /// What came of a test push.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
+pub enum Finding {
     /// The push went out; what the push service (or the way to it) said.
     Answered(PushOutcome),
     /// Not sent: no app with that platform and id.
@@ -53,43 +53,43 @@ pub enum Verdict {
     Unusable(String),
 }
 
-impl Verdict {
+impl Finding {
     /// The process's exit status: 0 only for a delivered push.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Verdict::Answered(PushOutcome::Delivered) => exit::DELIVERED,
-            Verdict::Answered(PushOutcome::TokenDead(_)) => exit::TOKEN_DEAD,
-            Verdict::Answered(PushOutcome::Retry { .. }) => exit::REFUSED_FOR_NOW,
-            Verdict::Answered(PushOutcome::Failed(_)) => exit::REFUSED,
-            Verdict::LogOnly | Verdict::Unusable(_) => exit::NO_CREDENTIALS,
-            Verdict::UnknownApp => exit::UNKNOWN_APP,
+            Finding::Answered(PushOutcome::Delivered) => exit::DELIVERED,
+            Finding::Answered(PushOutcome::TokenDead(_)) => exit::TOKEN_DEAD,
+            Finding::Answered(PushOutcome::Retry { .. }) => exit::REFUSED_FOR_NOW,
+            Finding::Answered(PushOutcome::Failed(_)) => exit::REFUSED,
+            Finding::LogOnly | Finding::Unusable(_) => exit::NO_CREDENTIALS,
+            Finding::UnknownApp => exit::UNKNOWN_APP,
         }
     }
 }
 
-/// The verdict, with what it was about, as the command prints it.
-struct Report<'a> {
+/// The finding, with what it was about, as the command prints it.
+struct Printout<'a> {
     test: &'a PushTest,
-    verdict: &'a Verdict,
+    finding: &'a Finding,
 }
 
-impl fmt::Display for Report<'_> {
+impl fmt::Display for Printout<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let PushTest {
             platform, app_id, ..
         } = self.test;
         let app_id = Escaped(app_id);
         let service = service(*platform);
-        match self.verdict {
-            Verdict::Answered(PushOutcome::Delivered) => {
+        match self.finding {
+            Finding::Answered(PushOutcome::Delivered) => {
                 write!(f, "delivered: {service} accepted the push")
             }
-            Verdict::Answered(PushOutcome::TokenDead(refusal)) => write!(
+            Finding::Answered(PushOutcome::TokenDead(refusal)) => write!(
                 f,
                 "token dead: {} (a call would forget the device with this token)",
                 detail(refusal)
             ),
-            Verdict::Answered(PushOutcome::Retry { after, refusal }) => {
+            Finding::Answered(PushOutcome::Retry { after, refusal }) => {
                 write!(
                     f,
                     "refused for now: {} (a call would try again",
@@ -100,20 +100,20 @@ impl fmt::Display for Report<'_> {
                 }
                 f.write_str(")")
             }
-            Verdict::Answered(PushOutcome::Failed(refusal)) => {
+            Finding::Answered(PushOutcome::Failed(refusal)) => {
                 write!(f, "refused: {}", detail(refusal))
             }
-            Verdict::UnknownApp => write!(
+            Finding::UnknownApp => write!(
                 f,
                 "no {platform} app {app_id}: add it with \
                  `call-notifier app add --platform {platform} --app-id {app_id} ...`"
             ),
-            Verdict::LogOnly => write!(
+            Finding::LogOnly => write!(
                 f,
                 "not sent: the {platform} app {app_id} has no push credentials (log-only); \
                  give them with `call-notifier app add`"
             ),
-            Verdict::Unusable(error) => write!(
+            Finding::Unusable(error) => write!(
                 f,
                 "credentials cannot be used: the {platform} app {app_id}: {}",
                 Escaped(error)
@@ -137,31 +137,31 @@ fn service(platform: Platform) -> &'static str {
 
 /// Sends the test push and prints what came of it, a line before sending
 /// and one after. Only the database failing is an error; every answer of
-/// the push service, and an app that cannot push, is a [`Verdict`].
+/// the push service, and an app that cannot push, is a [`Finding`].
 pub async fn run(
     store: Arc<dyn Store>,
     config: &Config,
     test: &PushTest,
-) -> Result<Verdict, StoreError> {
+) -> Result<Finding, StoreError> {
     let router = PushRouter::new(store, config);
-    let verdict = match router.readiness(test.platform, &test.app_id).await? {
-        Readiness::Unknown => Verdict::UnknownApp,
-        Readiness::LogOnly => Verdict::LogOnly,
-        Readiness::Unusable(error) => Verdict::Unusable(error),
+    let finding = match router.readiness(test.platform, &test.app_id).await? {
+        Readiness::Unknown => Finding::UnknownApp,
+        Readiness::LogOnly => Finding::LogOnly,
+        Readiness::Unusable(error) => Finding::Unusable(error),
         Readiness::Ready => {
             let payload = payload(test.kind, config);
             println!("{}", announce(test, &payload));
-            Verdict::Answered(router.send(&target(test), &payload).await)
+            Finding::Answered(router.send(&target(test), &payload).await)
         }
     };
     println!(
         "{}",
-        Report {
+        Printout {
             test,
-            verdict: &verdict
+            finding: &finding
         }
     );
-    Ok(verdict)
+    Ok(finding)
 }
 
 /// Who the test push goes to. On iOS only a call goes to the VoIP token;
@@ -313,18 +313,18 @@ mod tests {
     fn only_a_delivered_push_exits_zero_and_every_verdict_has_its_own_status() {
         let refusal = || Refusal::unanswered("x");
         let verdicts = [
-            Verdict::Answered(PushOutcome::Delivered),
-            Verdict::Answered(PushOutcome::TokenDead(refusal())),
-            Verdict::Answered(PushOutcome::Retry {
+            Finding::Answered(PushOutcome::Delivered),
+            Finding::Answered(PushOutcome::TokenDead(refusal())),
+            Finding::Answered(PushOutcome::Retry {
                 after: None,
                 refusal: refusal(),
             }),
-            Verdict::Answered(PushOutcome::Failed(refusal())),
-            Verdict::Unusable("x".into()),
-            Verdict::UnknownApp,
+            Finding::Answered(PushOutcome::Failed(refusal())),
+            Finding::Unusable("x".into()),
+            Finding::UnknownApp,
         ];
-        let codes: Vec<u8> = verdicts.iter().map(Verdict::exit_code).collect();
+        let codes: Vec<u8> = verdicts.iter().map(Finding::exit_code).collect();
         assert_eq!(codes, [0, 3, 4, 5, 6, 7]);
-        assert_eq!(Verdict::LogOnly.exit_code(), exit::NO_CREDENTIALS);
+        assert_eq!(Finding::LogOnly.exit_code(), exit::NO_CREDENTIALS);
     }
 }
