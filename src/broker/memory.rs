@@ -205,7 +205,8 @@ impl MemoryBroker {
 #[async_trait]
 impl CallBroker for MemoryBroker {
     async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError> {
-        for (n, key) in candidates(call.key, call.account).iter().enumerate() {
+        for (n, key) in candidates(call.key, call.account).enumerate() {
+            let key = &key;
             let leg_of = (n > 0).then_some(call.key);
             let Joined::Waiting {
                 news, generation, ..

@@ -102,8 +102,14 @@ pub fn leg_key(call_id: &str, account: i64) -> String {
 
 /// The keys a call asking for `key` tries, in order: the key itself, its
 /// account's [`leg_key`], and a random key, which no other call holds.
-fn candidates(key: &str, account: i64) -> [String; 3] {
-    [key.to_owned(), leg_key(key, account), random_key()]
+/// Each made only when the one before it was taken: nearly every call
+/// takes the first.
+fn candidates(key: &str, account: i64) -> impl Iterator<Item = String> + '_ {
+    (0..3).map(move |n| match n {
+        0 => key.to_owned(),
+        1 => leg_key(key, account),
+        _ => random_key(),
+    })
 }
 
 /// A fresh key: 128 bits from the OS generator, as 32 hex characters.

@@ -95,11 +95,15 @@ async fn open(
 /// its push leaves, so its next REGISTER finds the call; within the call's
 /// wait. A device not noted still answers through its app.
 async fn note_aliases(state: &AppState, devices: &[Device], key: &str, deadline: Instant) {
+    let now = now_millis();
+    if !devices.iter().any(|d| d.registration.proxy_bound(now)) {
+        return;
+    }
     let count = devices.len();
     let aliases = devices
         .iter()
         .enumerate()
-        .filter(|(_, d)| d.registration.proxy_bound(now_millis()))
+        .filter(|(_, d)| d.registration.proxy_bound(now))
         .map(|(index, d)| {
             let alias = device_alias(d.registration.sip_user_id, &d.registration.token);
             let push = push_key(key, index, count);

@@ -213,7 +213,8 @@ impl Shared {
 impl CallBroker for RedisBroker {
     async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError> {
         let shared = &self.shared;
-        for (n, key) in candidates(call.key, call.account).iter().enumerate() {
+        for (n, key) in candidates(call.key, call.account).enumerate() {
+            let key = &key;
             let leg_of = (n > 0).then_some(call.key);
             let Joined::Waiting {
                 news,
