@@ -28,7 +28,7 @@ use crate::stats::Samples;
 /// The script the stand-in runs per answer, shaped like the answer script:
 /// read the record, write it, publish on the call's channel (ARGV[2]:
 /// `PUBLISH`, or `SPUBLISH` on a cluster).
-const SCRIPT: &str = "local before = redis.call('GET', KEYS[1]) \
+pub const SCRIPT: &str = "local before = redis.call('GET', KEYS[1]) \
     redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000) \
     redis.call(ARGV[2], KEYS[1], ARGV[1]) return 1";
 

@@ -24,6 +24,7 @@
 //! [`plot`] and [`sys`] for the numbers.
 
 mod client;
+mod clients;
 mod floor;
 mod fork;
 mod generator;
@@ -55,7 +56,7 @@ const USAGE: &str =
     "usage: cargo bench --bench calls [-- [--quick] [--no-shared] [--only SCENARIO] [--devices N]]
   --quick          small sizes; checks that every call gets its answer (for CI)
   --no-shared      skip the PostgreSQL + Redis half (default: run it; fail if they are down)
-  --only SCENARIO  run one scenario: latency, scale, throughput or fork
+  --only SCENARIO  run one scenario: latency, scale, throughput, fork or clients (Redis only)
   --devices N      devices per account in the fork scenario, 1 to 20 (default 3)";
 
 /// The scenarios, for `--only`.
@@ -65,6 +66,7 @@ enum Scenario {
     Scale,
     Throughput,
     Fork,
+    Clients,
 }
 
 /// The command line.
@@ -96,8 +98,9 @@ impl Options {
                         Some("scale") => Scenario::Scale,
                         Some("throughput") => Scenario::Throughput,
                         Some("fork") => Scenario::Fork,
+                        Some("clients") => Scenario::Clients,
                         other => bail!(
-                        "--only takes latency, scale, throughput or fork, not {other:?}\n{USAGE}"
+                        "--only takes latency, scale, throughput, fork or clients, not {other:?}\n{USAGE}"
                     ),
                     })
                 }
@@ -146,6 +149,7 @@ struct Sizes {
     scale: scale::Size,
     throughput: throughput::Size,
     fork: fork::Size,
+    clients: clients::Size,
 }
 
 impl Sizes {
@@ -188,6 +192,7 @@ impl Sizes {
                     per_account: fork::DEVICES,
                 },
             },
+            clients: clients::Size::full(),
         }
     }
 
@@ -223,6 +228,7 @@ impl Sizes {
                     per_account: fork::DEVICES,
                 },
             },
+            clients: clients::Size::quick(),
         }
     }
 }
@@ -288,7 +294,7 @@ async fn run(options: Options) -> Result<()> {
             eprintln!("bench: {e:#}");
         }
     }
-    let (latency, scale, throughput, fork) = measured?;
+    let (latency, scale, throughput, fork, clients) = measured?;
 
     let results = Results {
         machine,
@@ -302,6 +308,7 @@ async fn run(options: Options) -> Result<()> {
         scale,
         throughput,
         fork,
+        clients,
         took: started.elapsed(),
     };
     let markdown = results.markdown();
@@ -336,6 +343,7 @@ type Measured = (
     Vec<scale::Scale>,
     Vec<throughput::Throughput>,
     Vec<fork::Fork>,
+    Vec<clients::Client>,
 );
 
 /// Runs every scenario (or `only` one) on every backend, the embedded one first.
@@ -350,6 +358,7 @@ async fn measure(
     let mut scale = Vec::new();
     let mut throughput = Vec::new();
     let mut fork = Vec::new();
+    let mut clients = Vec::new();
     for (b, backend) in backends.iter().enumerate() {
         let prefix = |scenario: &str| format!("bench-{run_id}-{b}{scenario}-");
         if runs(Scenario::Latency) {
@@ -364,8 +373,15 @@ async fn measure(
         if runs(Scenario::Fork) {
             fork.push(fork::run(backend, &prefix("fork"), sizes.fork).await?);
         }
+        // bb8-redis has no Cluster manager: one server only.
+        let server = backend
+            .redis_url()
+            .filter(|url| url.starts_with("redis://"));
+        if let (true, Some(url)) = (runs(Scenario::Clients), server) {
+            clients.extend(clients::run(url, &prefix("clients"), sizes.clients).await?);
+        }
     }
-    Ok((latency, scale, throughput, fork))
+    Ok((latency, scale, throughput, fork, clients))
 }
 
 /// `target/bench-results`, next to the bench binary's own build directory

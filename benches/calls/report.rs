@@ -28,6 +28,7 @@ pub struct Results {
     pub scale: Vec<Scale>,
     pub throughput: Vec<Throughput>,
     pub fork: Vec<Fork>,
+    pub clients: Vec<crate::clients::Client>,
     pub took: Duration,
 }
 
@@ -88,6 +89,9 @@ impl Results {
         }
         if !self.fork.is_empty() {
             self.fork_table(&mut md);
+        }
+        if !self.clients.is_empty() {
+            self.clients_table(&mut md);
         }
         self.targets_table(&mut md);
         md
@@ -292,22 +296,46 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| backend | wake-up p50 | wake-up p99 | floor p50 | floor p99 | hang-up → notice p50 | hang-up → notice p99 | set-ups/s | server CPU |"
+            "| backend | wake-up p50 | wake-up p99 | floor p50 | floor p99 | call-notifier's share, p50 | hang-up → notice p50 | hang-up → notice p99 | set-ups/s | server CPU |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for f in &self.fork {
+            let (wake_up, floor) = (f.wake_up.percentile(0.5), f.floor.percentile(0.5));
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | **{:.0}** | {:.0}% |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | **{:.0}** | {:.0}% |",
                 f.backend,
-                stats::duration(f.wake_up.percentile(0.5)),
+                stats::duration(wake_up),
                 stats::duration(f.wake_up.percentile(0.99)),
-                stats::duration(f.floor.percentile(0.5)),
+                stats::duration(floor),
                 stats::duration(f.floor.percentile(0.99)),
+                stats::duration(wake_up.saturating_sub(floor)),
                 stats::duration(f.notice.percentile(0.5)),
                 stats::duration(f.notice.percentile(0.99)),
                 f.throughput.per_second(),
                 f.throughput.cpu.server
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn clients_table(&self, md: &mut String) {
+        let _ = writeln!(md, "## The Redis client\n");
+        let _ = writeln!(
+            md,
+            "The answer script's shape (benches/calls/floor.rs) through each client on a two-worker runtime: idle round trip, one at a time after \
+             0 to 200 ms of idleness; throughput, 128 tasks back to back (benches/calls/clients.rs).\n"
+        );
+        let _ = writeln!(md, "| client | idle p50 | idle p99 | scripts/s |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        for c in &self.clients {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | **{:.0}** |",
+                c.client,
+                stats::duration(c.idle.percentile(0.5)),
+                stats::duration(c.idle.percentile(0.99)),
+                c.per_second
             );
         }
         let _ = writeln!(md);

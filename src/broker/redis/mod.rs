@@ -17,6 +17,8 @@
 //!
 //! - [`keys`]: key and channel names, the state's text, the message;
 //! - [`connections`]: command connections;
+//! - [`direct`]: the answer script's short way, on a connection the
+//!   answering task drives itself, with the usual way as its fallback;
 //! - [`subscriber`]: subscribing, and the task that reads answers and hands
 //!   them to the waiters (on one server it reconnects with backoff,
 //!   resubscribes and stores the pending states again);
@@ -35,6 +37,7 @@
 //! meanwhile.
 
 mod connections;
+mod direct;
 mod fallback;
 mod keys;
 mod retire;
@@ -55,6 +58,7 @@ use super::{
 };
 use crate::store::EndReason;
 use connections::{Link, ServerConnection};
+use direct::{Direct, Sent};
 pub use keys::{channel, meta_key, set_pending, state_key, FORMAT};
 use subscriber::{Subscriber, Subscriptions};
 
@@ -93,6 +97,8 @@ struct Shared {
     open: redis::Script,
     answer: redis::Script,
     end: redis::Script,
+    /// The answer script's short way.
+    direct: Direct,
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
     unsure_until: Mutex<Option<std::time::Instant>>,
@@ -123,7 +129,13 @@ impl RedisBroker {
             |e: redis::RedisError| BrokerError::Unavailable(format!("bad Redis URL: {e}"));
         let (stop, stopped) = watch::channel(());
         let (retire, retired) = mpsc::unbounded_channel();
-        let (link, subscriptions, subscriber) = match cluster_nodes(&options.url) {
+        let nodes = cluster_nodes(&options.url);
+        let direct = Direct::new(
+            nodes.as_ref().map_or(&options.url, |nodes| &nodes[0]),
+            nodes.is_some(),
+            options.acquire_timeout,
+        );
+        let (link, subscriptions, subscriber) = match nodes {
             Some(nodes) => {
                 let (pushes, pushed) = mpsc::unbounded_channel();
                 let client = ClusterClientBuilder::new(nodes)
@@ -162,8 +174,12 @@ impl RedisBroker {
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: redis::Script::new(keys::ANSWER_SCRIPT),
             end: redis::Script::new(keys::END_SCRIPT),
+            direct,
             options,
         });
+        if shared.direct.is_cluster() {
+            tokio::spawn(read_slot_maps(Arc::downgrade(&shared), stopped.clone()));
+        }
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
         subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
         tokio::spawn(fallback::fallback_check(Arc::downgrade(&shared), stopped));
@@ -198,6 +214,35 @@ impl Shared {
             .invoke_async(&mut self.link.conn())
             .await
             .map_err(unavailable)
+    }
+
+    /// Runs the answer script ([`keys::ANSWER_SCRIPT`]) on `key`: the
+    /// short way when it can ([`direct`]), else the usual way.
+    async fn answer_script(
+        &self,
+        key: String,
+        args: &[String],
+    ) -> Result<Option<(u8, String)>, BrokerError> {
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(self.answer.get_hash())
+            .arg(1)
+            .arg(&key)
+            .arg(args);
+        match self.direct.send(&key, &evalsha).await {
+            Sent::Reply(value) => {
+                return FromRedisValue::from_redis_value(value).map_err(unavailable)
+            }
+            Sent::TimedOut => {
+                return Err(unavailable(
+                    "Redis did not answer the answer script in time",
+                ))
+            }
+            Sent::Detour => {}
+        }
+        let mut script = self.answer.prepare_invoke();
+        script.key(key).arg(args);
+        self.invoke(&script).await
     }
 
     /// The command that publishes an answer to its channel.
@@ -290,17 +335,16 @@ impl CallBroker for RedisBroker {
         };
         let received_at = SystemTime::now();
         let (counted, before) = loop {
-            let mut script = shared.answer.prepare_invoke();
-            script
-                .key(state_key(&call))
-                .arg(index + 1)
-                .arg(if available { "+" } else { "-" })
-                .arg(channel(&call))
-                .arg(keys::encode_answer(index, available, received_at))
-                .arg(shared.publish_command())
-                .arg(if as_given { "1" } else { "0" })
-                .arg(if stale { "1" } else { "0" });
-            let reply: Option<(u8, String)> = shared.invoke(&script).await?;
+            let args = [
+                (index + 1).to_string(),
+                (if available { "+" } else { "-" }).to_owned(),
+                channel(&call),
+                keys::encode_answer(index, available, received_at),
+                shared.publish_command().to_owned(),
+                (if as_given { "1" } else { "0" }).to_owned(),
+                (if stale { "1" } else { "0" }).to_owned(),
+            ];
+            let reply = shared.answer_script(state_key(&call), &args).await?;
             let Some((counted, before)) = reply else {
                 return Ok(Verdict::Unknown);
             };
@@ -412,6 +456,28 @@ impl CallBroker for RedisBroker {
 
     fn waiting(&self) -> usize {
         self.shared.waiters.len()
+    }
+}
+
+/// Reads the Cluster's slot map for the answer script's short way each
+/// time it asks ([`Direct`]): at the first answer, and after a redirection
+/// or a master it could not reach.
+async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Receiver<()>) {
+    loop {
+        let Some(wanted) = shared.upgrade() else {
+            return;
+        };
+        tokio::select! {
+            _ = wanted.direct.map_wanted.notified() => {}
+            _ = stopped.changed() => return,
+        }
+        let mut conn = wanted.link.conn();
+        let slots: Option<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .ok();
+        wanted.direct.learn(slots.as_ref());
     }
 }
 
