@@ -95,6 +95,17 @@ pub struct Faults {
     fcm: Arc<AtomicU8>,
     /// One fault per service at a time.
     busy: [AtomicBool; 4],
+    /// The pid of a Redis node paused now: woken when the run ends early,
+    /// or nothing could shut the cluster down.
+    paused: std::sync::Mutex<Option<i32>>,
+}
+
+impl Drop for Faults {
+    fn drop(&mut self) {
+        if let Some(pid) = self.paused.lock().map(|mut p| p.take()).ok().flatten() {
+            signal(pid, libc::SIGCONT);
+        }
+    }
 }
 
 impl Faults {
@@ -112,6 +123,7 @@ impl Faults {
             fleet,
             fcm,
             busy: Default::default(),
+            paused: std::sync::Mutex::new(None),
         })
     }
 
@@ -160,6 +172,9 @@ impl Faults {
                 };
                 let pid = node_pid(port).await;
                 let kill = plan.kind == FaultKind::KillMaster;
+                if !kill {
+                    *self.paused.lock().expect("paused") = Some(pid);
+                }
                 signal(pid, if kill { libc::SIGKILL } else { libc::SIGSTOP });
                 let start = self.rec.now();
                 tokio::time::sleep(hold).await;
@@ -167,6 +182,7 @@ impl Faults {
                     self.start_node(port).await;
                 } else {
                     signal(pid, libc::SIGCONT);
+                    *self.paused.lock().expect("paused") = None;
                 }
                 self.record(plan.kind, format!("Redis :{port}"), start);
                 // Healed once every replica is back in sync.

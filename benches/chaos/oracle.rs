@@ -42,13 +42,17 @@ pub struct Violation {
     pub what: String,
 }
 
-/// A counted answer lost in the named window: stored on a master that died
-/// before its replica had it.
+/// A call hit by the named window: a counted answer, or the call's own
+/// keys, stored on a master whose replica took over without them (a master
+/// killed before its replica had them, or one paused through its failover
+/// that took them as it woke, before it learnt it had been replaced).
 #[derive(Debug, Clone)]
 pub struct Lost {
     pub call: usize,
     /// The fault ([`Observations::faults`] index) that opened the window.
     pub fault: usize,
+    /// When the lost write was acknowledged: the answer's 202, or the
+    /// call's first push (its keys stored).
     pub answered: Ms,
 }
 
@@ -95,7 +99,12 @@ pub fn judge(obs: &Observations) -> Verdict {
         });
     }
     for answer in obs.answers.iter().filter(|a| a.call.is_none()) {
-        if answer.status != 404 {
+        let failing = index
+            .fault(answer.sent, answer.replied, |k| {
+                k.redis() || k == FaultKind::PostgresCut
+            })
+            .is_some();
+        if answer.status != 404 && !(answer.status == 503 && failing) {
             verdict.violations.push(Violation {
                 rule: 4,
                 call: None,
@@ -222,11 +231,19 @@ impl<'a> Index<'a> {
             .iter()
             .filter(|a| a.available && !a.stale && !a.register && a.status == 202)
             .collect();
-        let registered_surely = answers.iter().any(|a| {
+        // A REGISTER's 200 says the device is stored, not whether its
+        // answer counted: with Redis or PostgreSQL failing, the call may
+        // have rung on (the app's call-response would answer it then).
+        let sure = |a: &Answer| {
             a.register
                 && (200..300).contains(&a.status)
-                && a.replied + RACE < end.min(call.sent + wait)
-        });
+                && self
+                    .fault(a.sent, a.replied, |k| k.redis() || k == FaultKind::PostgresCut)
+                    .is_none()
+        };
+        let registered_surely = answers
+            .iter()
+            .any(|a| sure(a) && a.replied + RACE < end.min(call.sent + wait));
         let registered_maybe = answers
             .iter()
             .any(|a| a.register && (200..300).contains(&a.status) && a.sent <= end);
@@ -255,44 +272,29 @@ impl<'a> Index<'a> {
                 "ACK, though no phone's available answer counted before the end".into(),
             );
         }
+        let mut found: Vec<(usize, String)> = Vec::new();
+        let mut lost_answer = None;
         if call.naked() {
             let counted = taken.iter().find(|a| a.sent <= end);
             if let Some(answer) = counted {
-                let window = self.obs.faults.iter().position(|f| {
-                    f.kind == FaultKind::KillMaster
-                        && answer.replied <= f.start
-                        && f.start <= answer.replied + REPLICATION_LAG
-                });
-                match window {
-                    Some(fault) => verdict.lost.push(Lost {
-                        call: i,
-                        fault,
-                        answered: answer.replied,
-                    }),
-                    None => verdict.violations.push(Violation {
-                        rule: 2,
-                        call: Some(i),
-                        what: format!(
+                match self.lost_window(answer.replied, answer.replied) {
+                    Some(fault) => lost_answer = Some((fault, answer.replied)),
+                    None => found.push((
+                        2,
+                        format!(
                             "NAK, though {}'s available answer counted (202 at {} ms)",
                             answer.token, answer.replied
                         ),
-                    }),
+                    )),
                 }
             } else if registered_surely && !troubled {
-                verdict.violations.push(Violation {
-                    rule: 2,
-                    call: Some(i),
-                    what: "NAK, though a REGISTER answered the call before its end".into(),
-                });
+                found.push((
+                    2,
+                    "NAK, though a REGISTER answered the call before its end".into(),
+                ));
             }
         }
-        let mut violation = |rule: usize, what: String| {
-            verdict.violations.push(Violation {
-                rule,
-                call: Some(i),
-                what,
-            })
-        };
+        let mut violation = |rule: usize, what: String| found.push((rule, what));
         if taken
             .iter()
             .map(|a| a.token.as_str())
@@ -326,9 +328,7 @@ impl<'a> Index<'a> {
                 .collect();
             let mine = || answers.iter().filter(|a| a.token == token);
             let answered = mine().any(|a| a.status == 202 && !a.stale && !a.register)
-                || mine().any(|a| {
-                    a.register && (200..300).contains(&a.status) && a.replied + RACE < end
-                });
+                || mine().any(|a| sure(a) && a.replied + RACE < end);
             let maybe_answered = mine()
                 .any(|a| a.register && (200..300).contains(&a.status) && a.sent <= end + RACE);
             if answered {
@@ -415,11 +415,7 @@ impl<'a> Index<'a> {
                         || (reason == "not_available" && declined);
                     winner != Some(answer.token.as_str()) && (ringing_on || over)
                 }
-                404 => self
-                    .fault(answer.sent.saturating_sub(5_000), answer.replied, |k| {
-                        k == FaultKind::KillMaster
-                    })
-                    .is_some(),
+
                 503 => fault_near(redis_or_store),
                 0 => fault_near(|k| k == FaultKind::RestartInstance),
                 _ => false,
@@ -441,6 +437,52 @@ impl<'a> Index<'a> {
                 );
             }
         }
+        // A call whose keys Redis took in the named window (its record,
+        // its pointers) may have lost them: what follows from that is
+        // counted apart, next to the fault, not as a broken promise.
+        let opened = pushes
+            .iter()
+            .filter(|p| p.kind == "call")
+            .map(|p| p.at)
+            .min()
+            .unwrap_or(call.sent);
+        let keys_lost = self.lost_window(call.sent, opened + RACE);
+        let lost = match (lost_answer, keys_lost) {
+            (Some((fault, answered)), _) => Some((fault, answered)),
+            (None, Some(fault)) if !found.is_empty() => Some((fault, opened)),
+            _ => None,
+        };
+        if let Some((fault, answered)) = lost {
+            verdict.lost.push(Lost {
+                call: i,
+                fault,
+                answered,
+            });
+            return;
+        }
+        verdict
+            .violations
+            .extend(found.into_iter().map(|(rule, what)| Violation {
+                rule,
+                call: Some(i),
+                what,
+            }));
+    }
+
+    /// The fault whose named window (a write Redis acknowledged and then
+    /// lost) overlaps `from..=to`: a master killed before its replica had
+    /// the write, or a master paused through its own failover, which on
+    /// waking serves what its clients had queued before it learns it was
+    /// replaced (Redis Cluster's documented write-loss windows).
+    fn lost_window(&self, from: Ms, to: Ms) -> Option<usize> {
+        self.obs.faults.iter().position(|f| {
+            let (open, close) = match f.kind {
+                FaultKind::KillMaster => (f.start.saturating_sub(REPLICATION_LAG), f.start),
+                FaultKind::PauseMaster => (f.end.saturating_sub(RACE), f.end + REPLICATION_LAG),
+                _ => return false,
+            };
+            open <= to && from <= close
+        })
     }
 
     /// Rule 5.

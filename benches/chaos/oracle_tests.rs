@@ -333,3 +333,49 @@ fn metrics_that_do_not_add_up_are_named() {
         .insert("timeout".into(), 2);
     assert_eq!(rules(&judge(&obs)), [6]);
 }
+
+#[test]
+fn an_answer_a_master_took_as_it_woke_from_its_failover_is_counted_apart() {
+    let mut obs = clean();
+    obs.calls[0].end = reply(4_005, "status=NAK");
+    let metrics = obs.lifetimes[0].metrics.as_mut().expect("metrics");
+    metrics.insert("ack".into(), 0);
+    metrics.insert("timeout".into(), 2);
+    obs.pushes[7] = push(4_010, "b", "call_ended", "k0.2", "", Some("timed_out"));
+    // Paused from before the call; woken just as the answer was taken.
+    obs.faults.push(Fault {
+        kind: FaultKind::PauseMaster,
+        target: "Redis :7302".into(),
+        start: 0,
+        end: 1_000,
+    });
+    let verdict = judge(&obs);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!(verdict.lost.len(), 1);
+    // Woken long after: neither the answer nor the call's keys were in
+    // the window.
+    obs.faults[0].end = 6_000;
+    obs.faults[0].kind = FaultKind::PauseMaster;
+    let verdict = judge(&obs);
+    assert!(verdict.lost.is_empty());
+    assert!(rules(&verdict).contains(&2));
+}
+
+#[test]
+fn a_key_lost_with_a_killed_master_is_counted_apart_and_any_other_404_named() {
+    let mut obs = clean();
+    // d's decline, while the call rang, found no key.
+    obs.answers
+        .push(answer(2, "d", "k2", false, 2_000, 404, None));
+    let verdict = judge(&obs);
+    assert_eq!(rules(&verdict), [4], "{:#?}", verdict.violations);
+    obs.faults.push(Fault {
+        kind: FaultKind::KillMaster,
+        target: "Redis :7301".into(),
+        start: 500,
+        end: 9_000,
+    });
+    let verdict = judge(&obs);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!(verdict.lost.len(), 1);
+}

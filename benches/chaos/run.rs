@@ -212,7 +212,7 @@ async fn leftovers_of_instances(rec: &Recorder, fleet: &Fleet) {
         let counts: BTreeMap<String, u64> = metrics
             .lines()
             .filter_map(|line| {
-                let rest = line.strip_prefix("incoming_calls_total{outcome=\"")?;
+                let rest = line.strip_prefix("call_notifier_incoming_calls_total{outcome=\"")?;
                 let (outcome, value) = rest.split_once("\"} ")?;
                 Some((outcome.to_owned(), value.trim().parse().ok()?))
             })
