@@ -18,6 +18,8 @@ mod faults;
 mod fleet;
 #[path = "../benches/chaos/oracle.rs"]
 mod oracle;
+#[path = "../benches/chaos/oracle_tests.rs"]
+mod oracle_tests;
 #[path = "../benches/chaos/recorder.rs"]
 mod recorder;
 #[path = "../benches/chaos/report.rs"]

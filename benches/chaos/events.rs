@@ -259,6 +259,8 @@ pub struct Key {
     pub name: String,
     /// `PTTL`: -1 for none.
     pub pttl_ms: i64,
+    /// When it was read.
+    pub seen_at: Ms,
 }
 
 /// Everything the run saw.
@@ -276,8 +278,6 @@ pub struct Observations {
     pub pushes: Vec<Push>,
     pub faults: Vec<Fault>,
     pub lifetimes: Vec<Lifetime>,
-    /// When the leftovers were read.
-    pub scanned_at: Ms,
     pub keys: Vec<Key>,
     /// Pub/sub channels (sharded or not) left on any node.
     pub channels: Vec<String>,

@@ -495,12 +495,22 @@ impl<'a> Index<'a> {
                 what,
             })
         };
-        // The latest end of the calls with each call_id.
-        let mut ends: HashMap<&str, Ms> = HashMap::new();
-        for call in &obs.calls {
+        // When the keys of the calls with each call_id may expire at the
+        // latest: a record and its pointers live until the call's deadline
+        // (its open, at its first push at the latest, plus the wait) plus
+        // the tombstone; an ended record, the tombstone from its end.
+        let mut expiries: HashMap<&str, Ms> = HashMap::new();
+        for (i, call) in obs.calls.iter().enumerate() {
             let end = call.ended_at().unwrap_or(call.sent);
-            let latest = ends.entry(call.call_id.as_str()).or_default();
-            *latest = (*latest).max(end);
+            let opened = self.pushes[i]
+                .iter()
+                .filter(|p| p.kind == "call")
+                .map(|p| p.at)
+                .min()
+                .unwrap_or(call.sent);
+            let expiry = end.max(opened + obs.wait_ms) + obs.tombstone_ms + ANSWER_SLACK;
+            let latest = expiries.entry(call.call_id.as_str()).or_default();
+            *latest = (*latest).max(expiry);
         }
         let longest = obs.wait_ms + obs.tombstone_ms + ANSWER_SLACK;
         for key in &obs.keys {
@@ -512,12 +522,12 @@ impl<'a> Index<'a> {
                     key.name, key.pttl_ms
                 ));
             }
-            if let Some(end) = ends.get(call_id_of(&key.name)) {
-                if obs.scanned_at > end + longest {
+            if let Some(expiry) = expiries.get(call_id_of(&key.name)) {
+                if key.seen_at > *expiry {
                     violation(format!(
-                        "{} is still there {} ms after its call ended",
+                        "{} is still there {} ms after it should have expired",
                         key.name,
-                        obs.scanned_at - end
+                        key.seen_at - expiry
                     ));
                 }
             }
@@ -601,7 +611,3 @@ pub fn tally(obs: &Observations) -> BTreeMap<(Kind, &'static str), usize> {
     }
     counts
 }
-
-#[cfg(test)]
-#[path = "oracle_tests.rs"]
-mod tests;

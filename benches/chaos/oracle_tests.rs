@@ -1,10 +1,11 @@
 //! The oracle, tested: a copy of the server's behaviour in a few calls,
 //! clean, then with one promise broken on purpose each time; the oracle
-//! must name that promise, and only it.
+//! must name that promise, and only it. Run by `tests/chaos.rs` with a
+//! plain `cargo test`.
 
 use std::collections::BTreeMap;
 
-use super::{judge, Verdict};
+use crate::oracle::{judge, Verdict};
 use crate::events::{
     Answer, Call, Cancel, Fault, FaultKind, Key, Kind, Lifetime, Ms, Observations, PbxEnd, Push,
     Usage,
@@ -136,10 +137,10 @@ fn clean() -> Observations {
             parked: Some(0),
             metrics: Some(metrics),
         }],
-        scanned_at: 10_000,
         keys: vec![Key {
             name: "cn:{k0}".into(),
             pttl_ms: 62_000,
+            seen_at: 10_000,
         }],
         channels: Vec::new(),
     }
@@ -290,10 +291,11 @@ fn a_key_without_ttl_or_past_its_tombstone_and_a_channel_left_are_named() {
     obs.keys.push(Key {
         name: "cn:{k1}:meta".into(),
         pttl_ms: -1,
+        seen_at: 10_000,
     });
     assert_eq!(rules(&judge(&obs)), [5]);
     let mut obs = clean();
-    obs.scanned_at = 200_000;
+    obs.keys[0].seen_at = 200_000;
     assert_eq!(rules(&judge(&obs)), [5]);
     let mut obs = clean();
     obs.channels.push("cn:{k0}:answer on :7301".into());

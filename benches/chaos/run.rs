@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::common::fault::{node_command, proxied_database_at, FaultCluster};
+use crate::common::fault::{proxied_database_at, FaultCluster};
 use crate::common::fcm::{fcm_accepts, StandIns};
 use crate::common::stand_in::{Answer, Received};
 use crate::common::APP;
@@ -234,29 +234,46 @@ async fn leftovers_in_redis(rec: &Recorder, faults: &Faults) {
     let mut keys = Vec::new();
     let mut channels = Vec::new();
     for node in &nodes {
+        let client = redis::Client::open(node.url()).expect("a node URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the node answers");
         if node.master {
-            let names: Vec<String> = node_command(node.port, redis::cmd("KEYS").arg("cn:*"))
+            let names: Vec<String> = redis::cmd("KEYS")
+                .arg("cn:*")
+                .query_async(&mut conn)
                 .await
                 .expect("KEYS");
-            for name in names {
-                let pttl: i64 = node_command(node.port, redis::cmd("PTTL").arg(&name))
-                    .await
-                    .expect("PTTL");
-                if pttl != -2 {
-                    keys.push(Key { name, pttl_ms: pttl });
+            for chunk in names.chunks(500) {
+                let mut pipe = redis::pipe();
+                for name in chunk {
+                    pipe.cmd("PTTL").arg(name);
+                }
+                let ttls: Vec<i64> = pipe.query_async(&mut conn).await.expect("PTTL");
+                let seen_at = rec.now();
+                for (name, pttl) in chunk.iter().zip(ttls) {
+                    if pttl != -2 {
+                        keys.push(Key {
+                            name: name.clone(),
+                            pttl_ms: pttl,
+                            seen_at,
+                        });
+                    }
                 }
             }
         }
         for kind in ["CHANNELS", "SHARDCHANNELS"] {
-            let names: Vec<String> =
-                node_command(node.port, redis::cmd("PUBSUB").arg(kind).arg("cn:*"))
-                    .await
-                    .expect("PUBSUB");
+            let names: Vec<String> = redis::cmd("PUBSUB")
+                .arg(kind)
+                .arg("cn:*")
+                .query_async(&mut conn)
+                .await
+                .expect("PUBSUB");
             channels.extend(names.into_iter().map(|n| format!("{n} on :{}", node.port)));
         }
     }
     rec.with(|o| {
-        o.scanned_at = rec.now();
         o.keys = keys;
         o.channels = channels;
     });
