@@ -233,6 +233,8 @@ pub struct Fault {
 pub struct Lifetime {
     pub instance: usize,
     pub started: Ms,
+    /// How many starts it took (a start fails while PostgreSQL is cut).
+    pub tries: u32,
     /// When it was sent SIGTERM.
     pub signalled: Option<Ms>,
     /// Its exit code after the drain.

@@ -10,7 +10,7 @@ use hyper::StatusCode;
 use rand::Rng;
 
 use crate::common::process::Process;
-use crate::common::{eventually, TestClient};
+use crate::common::TestClient;
 use crate::events::{Lifetime, Usage};
 use crate::recorder::Recorder;
 
@@ -53,19 +53,40 @@ impl Fleet {
         fleet
     }
 
+    /// Starts instance `instance` and waits until it is ready. A start that
+    /// fails (the process exits: it cannot reach PostgreSQL while a fault
+    /// cuts it) is tried again a second later, as systemd's `Restart=`
+    /// would, for up to two minutes.
     async fn launch(self: &Arc<Self>, instance: usize) -> Slot {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let process = Process::start(&args).await;
-        let client = TestClient::new(process.url.clone());
-        let ready = eventually(Duration::from_secs(20), || async {
-            client.get("/health/ready").await.status == StatusCode::OK
-        })
-        .await;
-        assert!(ready, "instance {}: not ready within 20 s", instance + 1);
+        let mut tries = 0;
+        let (process, client) = loop {
+            tries += 1;
+            let args = self.args.clone();
+            // Process::start panics when the process exits before it
+            // listens: caught here, in a task of its own.
+            let started = tokio::spawn(async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Process::start(&args).await
+            })
+            .await;
+            if let Ok(process) = started {
+                let client = TestClient::new(process.url.clone());
+                if ready(&client, Duration::from_secs(20)).await {
+                    break (process, client);
+                }
+            }
+            assert!(
+                tries < 120,
+                "instance {}: did not start in {tries} tries",
+                instance + 1
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let lifetime = self.rec.with(|o| {
             o.lifetimes.push(Lifetime {
                 instance,
                 started: self.rec.now(),
+                tries,
                 ..Lifetime::default()
             });
             o.lifetimes.len() - 1
@@ -148,6 +169,24 @@ impl Fleet {
             .filter_map(|s| Some((s.client.clone()?, s.lifetime, s.process.as_ref()?.pid())))
             .collect()
     }
+}
+
+/// Whether `/health/ready` says 200 within `within`; false too when the
+/// process stops answering.
+async fn ready(client: &TestClient, within: Duration) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < until {
+        let request = hyper::Request::get(format!("{}/health/ready", client.base()))
+            .body(http_body_util::Full::default())
+            .expect("a request");
+        match client.try_request(request).await {
+            Ok(reply) if reply.status == StatusCode::OK => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// Resident memory and open descriptors of `pid`.

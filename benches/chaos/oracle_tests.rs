@@ -130,6 +130,7 @@ fn clean() -> Observations {
         lifetimes: vec![Lifetime {
             instance: 0,
             started: 0,
+            tries: 1,
             signalled: None,
             exit: None,
             warm: Some(usage),
@@ -144,6 +145,18 @@ fn clean() -> Observations {
         }],
         channels: Vec::new(),
     }
+}
+
+/// [`clean`], but call 0 ends as if a's answer had never counted: NAK at
+/// the wait (its instance counting a timeout), b told `timed_out`.
+fn answered_yet_timed_out() -> Observations {
+    let mut obs = clean();
+    obs.calls[0].end = reply(4_005, "status=NAK");
+    let metrics = obs.lifetimes[0].metrics.as_mut().expect("metrics");
+    metrics.insert("ack".into(), 0);
+    metrics.insert("timeout".into(), 2);
+    obs.pushes[7] = push(4_010, "b", "call_ended", "k0.2", "", Some("timed_out"));
+    obs
 }
 
 /// The rules the verdict names, each once, in order.
@@ -213,13 +226,7 @@ fn an_acked_declined_call_is_named() {
 
 #[test]
 fn a_counted_answer_the_pbx_never_heard_is_named_unless_a_master_died_with_it() {
-    let mut obs = clean();
-    obs.calls[0].end = reply(4_005, "status=NAK");
-    let metrics = obs.lifetimes[0].metrics.as_mut().expect("metrics");
-    metrics.insert("ack".into(), 0);
-    metrics.insert("timeout".into(), 2);
-    // b's notice then says timed_out.
-    obs.pushes[7] = push(4_010, "b", "call_ended", "k0.2", "", Some("timed_out"));
+    let mut obs = answered_yet_timed_out();
     obs.pushes[7].reason = Some("failed".into());
     obs.faults.push(Fault {
         kind: FaultKind::PostgresCut,
@@ -338,12 +345,7 @@ fn metrics_that_do_not_add_up_are_named() {
 
 #[test]
 fn an_answer_a_master_took_as_it_woke_from_its_failover_is_counted_apart() {
-    let mut obs = clean();
-    obs.calls[0].end = reply(4_005, "status=NAK");
-    let metrics = obs.lifetimes[0].metrics.as_mut().expect("metrics");
-    metrics.insert("ack".into(), 0);
-    metrics.insert("timeout".into(), 2);
-    obs.pushes[7] = push(4_010, "b", "call_ended", "k0.2", "", Some("timed_out"));
+    let mut obs = answered_yet_timed_out();
     // Paused from before the call; woken just as the answer was taken.
     obs.faults.push(Fault {
         kind: FaultKind::PauseMaster,
