@@ -102,7 +102,10 @@ async fn connections_a_slow_fcm_made_are_closed_once_it_is_fast_again() {
     for n in 0..30 {
         users.push(server.registered("android", &format!("fcm-slow-{n}")).await);
     }
-    let calls: Vec<_> = users.iter().map(|user| server.ring(user, &call_id())).collect();
+    let calls: Vec<_> = users
+        .iter()
+        .map(|user| server.ring(user, &call_id()))
+        .collect();
     let port = server.fcm.addr.port();
     // Every first push is waiting for FCM now.
     tokio::time::sleep(Duration::from_millis(400)).await;

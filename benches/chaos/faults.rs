@@ -127,7 +127,6 @@ impl Faults {
         })
     }
 
-
     /// Opens and heals every fault of `plans` at its time; returns once
     /// every one is healed.
     pub async fn drive(self: &Arc<Self>, plans: Vec<Plan>) -> usize {
@@ -285,7 +284,14 @@ impl Faults {
     async fn start_node(&self, port: u16) {
         let dir = self.cluster.dir.join(port.to_string());
         let status = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+            ])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
             .arg("--cluster-config-file")
             .arg(dir.join("nodes.conf"))
@@ -297,7 +303,10 @@ impl Faults {
             .status()
             .await
             .expect("run redis-server");
-        assert!(status.success(), "redis-server on {port} did not start again");
+        assert!(
+            status.success(),
+            "redis-server on {port} did not start again"
+        );
     }
 }
 

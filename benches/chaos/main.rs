@@ -62,7 +62,11 @@ async fn main() {
     let command = format!(
         "cargo bench --bench chaos -- --minutes {} --seed {seed}{}",
         args.minutes,
-        if args.rate == 50.0 { String::new() } else { format!(" --rate {}", args.rate) }
+        if args.rate == 50.0 {
+            String::new()
+        } else {
+            format!(" --rate {}", args.rate)
+        }
     );
     let path = args.report.unwrap_or_else(|| {
         let dir = env!("CARGO_MANIFEST_DIR");

@@ -222,11 +222,19 @@ impl<'a> Index<'a> {
             || self.obs.lifetimes[call.lifetime]
                 .signalled
                 .is_some_and(|at| at <= end);
-        let cancelled = self
-            .obs
-            .cancels
-            .iter()
-            .any(|c| c.calls.contains(&i) && c.status == 200 && c.sent <= end);
+        // A cancel accepted before the end ends the call `cancelled`; one
+        // that came just as the wait ran out (a ring group's cancel as its
+        // legs time out together) may have ended it either way.
+        let at_deadline = end + RACE >= call.sent + wait;
+        let cancels = || {
+            self.obs
+                .cancels
+                .iter()
+                .filter(|c| c.calls.contains(&i) && c.status == 200 && c.sent <= end)
+        };
+        let racing = |c: &&crate::events::Cancel| at_deadline && c.sent + RACE > end;
+        let cancelled = cancels().any(|c| !racing(&c));
+        let maybe_cancelled = cancels().any(|c| racing(&c));
         let taken: Vec<&&Answer> = answers
             .iter()
             .filter(|a| a.available && !a.stale && !a.register && a.status == 202)
@@ -238,7 +246,9 @@ impl<'a> Index<'a> {
             a.register
                 && (200..300).contains(&a.status)
                 && self
-                    .fault(a.sent, a.replied, |k| k.redis() || k == FaultKind::PostgresCut)
+                    .fault(a.sent, a.replied, |k| {
+                        k.redis() || k == FaultKind::PostgresCut
+                    })
                     .is_none()
         };
         let registered_surely = answers
@@ -258,6 +268,9 @@ impl<'a> Index<'a> {
             let mut reasons = vec!["timed_out"];
             if declined && end + RACE < call.sent + wait {
                 reasons.push("not_available");
+            }
+            if maybe_cancelled {
+                reasons.push("cancelled");
             }
             reasons
         };
@@ -396,8 +409,7 @@ impl<'a> Index<'a> {
             let fault_near = |which: fn(FaultKind) -> bool| {
                 self.fault(answer.sent, answer.replied, which).is_some()
             };
-            let redis_or_store =
-                |k: FaultKind| k.redis() || matches!(k, FaultKind::PostgresCut);
+            let redis_or_store = |k: FaultKind| k.redis() || matches!(k, FaultKind::PostgresCut);
             let fine = match answer.status {
                 _ if answer.register => {
                     (200..300).contains(&answer.status)

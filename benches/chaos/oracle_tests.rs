@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::oracle::{judge, Verdict};
 use crate::events::{
     Answer, Call, Cancel, Fault, FaultKind, Key, Kind, Lifetime, Ms, Observations, PbxEnd, Push,
     Usage,
 };
+use crate::oracle::{judge, Verdict};
 
 fn call(kind: Kind, sip_user_id: i64, call_id: &str, end: PbxEnd) -> Call {
     Call {
@@ -81,11 +81,15 @@ fn clean() -> Observations {
         .into_iter()
         .map(|(t, a)| (t.to_owned(), a))
         .collect();
-    let metrics: BTreeMap<String, u64> =
-        [("ack", 1), ("not_available", 1), ("timeout", 1), ("cancelled", 1)]
-            .into_iter()
-            .map(|(o, n)| (o.to_owned(), n))
-            .collect();
+    let metrics: BTreeMap<String, u64> = [
+        ("ack", 1),
+        ("not_available", 1),
+        ("timeout", 1),
+        ("cancelled", 1),
+    ]
+    .into_iter()
+    .map(|(o, n)| (o.to_owned(), n))
+    .collect();
     let usage = Usage {
         rss_bytes: 10 << 20,
         fds: 40,
@@ -123,7 +127,14 @@ fn clean() -> Observations {
             push(10, "e", "call", "k3", "k3", None),
             push(810, "e", "call_ended", "k3", "", Some("cancelled")),
             push(1_010, "d", "call", "k2", "k2", None),
-            push(1_020, "b", "call_ended", "k0.2", "", Some("answered_elsewhere")),
+            push(
+                1_020,
+                "b",
+                "call_ended",
+                "k0.2",
+                "",
+                Some("answered_elsewhere"),
+            ),
             push(4_010, "d", "call_ended", "k2", "", Some("timed_out")),
         ],
         faults: Vec::new(),
@@ -176,7 +187,8 @@ fn a_run_that_keeps_every_promise_has_no_violation() {
 #[test]
 fn a_skipped_notice_is_named() {
     let mut obs = clean();
-    obs.pushes.retain(|p| !(p.token == "b" && p.kind == "call_ended"));
+    obs.pushes
+        .retain(|p| !(p.token == "b" && p.kind == "call_ended"));
     let verdict = judge(&obs);
     assert_eq!(rules(&verdict), [3], "{:#?}", verdict.violations);
     assert_eq!(verdict.violations[0].call, Some(0));
@@ -185,8 +197,14 @@ fn a_skipped_notice_is_named() {
 #[test]
 fn a_notice_twice_or_with_the_wrong_reason_is_named() {
     let mut obs = clean();
-    obs.pushes
-        .push(push(1_030, "b", "call_ended", "k0.2", "", Some("answered_elsewhere")));
+    obs.pushes.push(push(
+        1_030,
+        "b",
+        "call_ended",
+        "k0.2",
+        "",
+        Some("answered_elsewhere"),
+    ));
     assert_eq!(rules(&judge(&obs)), [3]);
     let mut obs = clean();
     obs.pushes[7].reason = Some("timed_out".into());
@@ -196,8 +214,14 @@ fn a_notice_twice_or_with_the_wrong_reason_is_named() {
 #[test]
 fn a_notice_to_a_phone_that_declined_is_named() {
     let mut obs = clean();
-    obs.pushes
-        .push(push(600, "c", "call_ended", "k1", "", Some("not_available")));
+    obs.pushes.push(push(
+        600,
+        "c",
+        "call_ended",
+        "k1",
+        "",
+        Some("not_available"),
+    ));
     assert_eq!(rules(&judge(&obs)), [3]);
 }
 
@@ -382,4 +406,18 @@ fn a_key_lost_with_a_killed_master_is_counted_apart_and_any_other_404_named() {
     let verdict = judge(&obs);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.lost.len(), 1);
+}
+
+#[test]
+fn a_cancelled_call_told_timed_out_is_named_unless_the_cancel_came_as_it_timed_out() {
+    // Call 3's cancel was accepted at 800 ms; its phone told `timed_out`
+    // when the wait ran out: the cancel never reached the call.
+    let mut obs = clean();
+    obs.calls[3].end = reply(4_010, "status=NAK");
+    obs.pushes[5] = push(4_011, "e", "call_ended", "k3", "", Some("timed_out"));
+    assert_eq!(rules(&judge(&obs)), [3]);
+    // A ring group's cancel sent as the leg timed out: either reason.
+    obs.cancels[0].sent = 4_009;
+    obs.cancels[0].replied = 4_012;
+    assert!(judge(&obs).violations.is_empty());
 }

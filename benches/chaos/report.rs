@@ -45,7 +45,9 @@ pub fn wakeup(obs: &Observations) -> Option<(f64, f64, usize)> {
             let answer = obs
                 .answers
                 .iter()
-                .filter(|a| a.call == Some(i) && a.available && !a.stale && !a.register && a.status == 202)
+                .filter(|a| {
+                    a.call == Some(i) && a.available && !a.stale && !a.register && a.status == 202
+                })
                 .map(|a| a.sent)
                 .min()?;
             calm.then(|| end.saturating_sub(answer))
@@ -72,7 +74,11 @@ pub fn in_flight(obs: &Observations) -> BTreeMap<FaultKind, BTreeMap<&'static st
             .map(|f| f.kind)
             .collect();
         if let [kind] = kinds[..] {
-            *by_kind.entry(kind).or_default().entry(outcome(call)).or_default() += 1;
+            *by_kind
+                .entry(kind)
+                .or_default()
+                .entry(outcome(call))
+                .or_default() += 1;
         }
     }
     by_kind
@@ -96,7 +102,11 @@ fn describe(obs: &Observations, i: usize, call: &Call) -> String {
             answer.token,
             answer.unique_key,
             if answer.register { "REGISTER " } else { "" },
-            if answer.available { "available" } else { "declined" },
+            if answer.available {
+                "available"
+            } else {
+                "declined"
+            },
             if answer.stale { " stale" } else { "" },
             answer.sent,
             answer.status,
@@ -116,8 +126,15 @@ fn describe(obs: &Observations, i: usize, call: &Call) -> String {
             push.unique_key,
             push.token,
             push.at,
-            push.reason.as_deref().map(|r| format!(" {r}")).unwrap_or_default(),
-            if push.delivered { "" } else { " (refused by FCM)" }
+            push.reason
+                .as_deref()
+                .map(|r| format!(" {r}"))
+                .unwrap_or_default(),
+            if push.delivered {
+                ""
+            } else {
+                " (refused by FCM)"
+            }
         );
     }
     for cancel in obs.cancels.iter().filter(|c| c.calls.contains(&i)) {
@@ -169,7 +186,10 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
             out,
             "| {} | {} | {} |",
             kind.name(),
-            row.iter().map(usize::to_string).collect::<Vec<_>>().join(" | "),
+            row.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" | "),
             row.iter().sum::<usize>()
         );
     }
@@ -182,7 +202,10 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
     );
 
     let _ = writeln!(out, "## Faults\n");
-    let _ = writeln!(out, "| # | fault | target | from (s) | healed (s) | held (s) |");
+    let _ = writeln!(
+        out,
+        "| # | fault | target | from (s) | healed (s) | held (s) |"
+    );
     let _ = writeln!(out, "|---:|---|---|---:|---:|---:|");
     let mut faults: Vec<_> = obs.faults.iter().enumerate().collect();
     faults.sort_by_key(|(_, f)| f.start);
@@ -220,7 +243,12 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
         for violation in broken.iter().take(SHOWN) {
             let _ = writeln!(out, "   - {}", violation.what);
             if let Some(i) = violation.call {
-                let _ = writeln!(out, "     ({}, seed {})", describe(obs, i, &obs.calls[i]), obs.seed);
+                let _ = writeln!(
+                    out,
+                    "     ({}, seed {})",
+                    describe(obs, i, &obs.calls[i]),
+                    obs.seed
+                );
             }
         }
     }
@@ -261,9 +289,14 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
     }
     let _ = writeln!(out, "\n## The instances at the end\n");
     let _ = writeln!(out, "| instance | lifetime | started (s) | starts tried | stopped (s) | drain exit | parked | RSS after warm-up (KiB) | RSS at the end (KiB) | fds after warm-up | fds at the end |");
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    );
     for (n, life) in obs.lifetimes.iter().enumerate() {
-        let kib = |u: Option<crate::events::Usage>| u.map_or("-".into(), |u| (u.rss_bytes / 1024).to_string());
+        let kib = |u: Option<crate::events::Usage>| {
+            u.map_or("-".into(), |u| (u.rss_bytes / 1024).to_string())
+        };
         let fds = |u: Option<crate::events::Usage>| u.map_or("-".into(), |u| u.fds.to_string());
         let _ = writeln!(
             out,
@@ -271,7 +304,8 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
             life.instance + 1,
             life.started as f64 / 1000.0,
             life.tries,
-            life.signalled.map_or("-".into(), |s| format!("{:.1}", s as f64 / 1000.0)),
+            life.signalled
+                .map_or("-".into(), |s| format!("{:.1}", s as f64 / 1000.0)),
             life.exit.map_or("-".into(), |e| format!("{e:?}")),
             life.parked.map_or("-".into(), |p| p.to_string()),
             kib(life.warm),

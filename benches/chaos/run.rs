@@ -16,7 +16,7 @@ use crate::common::fcm::{fcm_accepts, StandIns};
 use crate::common::stand_in::{Answer, Received};
 use crate::common::APP;
 use crate::events::{Key, Ms, Observations, Push};
-use crate::faults::{self, FcmMode, Faults, Pace};
+use crate::faults::{self, Faults, FcmMode, Pace};
 use crate::fleet::{usage, Fleet};
 use crate::oracle::{judge, Verdict};
 use crate::recorder::Recorder;
@@ -148,10 +148,9 @@ fn fcm(
         let answer = match FcmMode::read(&mode) {
             FcmMode::Accept => fcm_accepts(),
             FcmMode::Slow => fcm_accepts().after(Duration::from_secs(1)),
-            FcmMode::Errors if errors.fetch_add(1, Ordering::Relaxed) % 2 == 0 => Answer::json(
-                500,
-                json!({"error": {"code": 500, "status": "INTERNAL"}}),
-            ),
+            FcmMode::Errors if errors.fetch_add(1, Ordering::Relaxed) % 2 == 0 => {
+                Answer::json(500, json!({"error": {"code": 500, "status": "INTERNAL"}}))
+            }
             FcmMode::Errors => Answer::json(
                 429,
                 json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}),
@@ -192,7 +191,14 @@ fn add_apps(database_url: &str, stand_ins: &StandIns) {
         &["--platform", "apns"][..],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-notifier"))
-            .args(["app", "add", "--app-id", APP, "--database-url", database_url])
+            .args([
+                "app",
+                "add",
+                "--app-id",
+                APP,
+                "--database-url",
+                database_url,
+            ])
             .args(extra)
             .output()
             .expect("run call-notifier app add");

@@ -51,7 +51,9 @@ pub fn accounts(seed: u64, count: usize) -> Vec<Account> {
             };
             Account {
                 sip_user_id,
-                android: (1..=apps).map(|d| format!("fcm-{sip_user_id}-{d}")).collect(),
+                android: (1..=apps)
+                    .map(|d| format!("fcm-{sip_user_id}-{d}"))
+                    .collect(),
                 proxy: proxied.then(|| format!("fcm-{sip_user_id}-proxy")),
                 ios: rng.random_bool(0.2),
             }
@@ -206,7 +208,10 @@ impl Traffic {
                 ));
             }
             if let Some(token) = &account.proxy {
-                requests.push(("/api/sip-registration/".into(), register_fields(account.sip_user_id, token)));
+                requests.push((
+                    "/api/sip-registration/".into(),
+                    register_fields(account.sip_user_id, token),
+                ));
             }
             if account.ios {
                 let token: String = (0..64)
@@ -233,8 +238,10 @@ impl Traffic {
                         return;
                     };
                     let (client, _) = traffic.fleet.pick(&mut rng).expect("a live instance");
-                    let fields: Vec<(&str, &str)> =
-                        fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let fields: Vec<(&str, &str)> = fields
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     let reply = client.post(&path, &fields).await;
                     assert!(
                         reply.status.is_success(),
@@ -312,7 +319,11 @@ impl Traffic {
             }
             kind => {
                 let proxied = kind == Kind::Register;
-                let at_least = if kind == Kind::DeclineThenAnswer { 2 } else { 1 };
+                let at_least = if kind == Kind::DeclineThenAnswer {
+                    2
+                } else {
+                    1
+                };
                 let Some(account) = self.take(proxied, &mut rng, at_least) else {
                     return self.skip();
                 };
@@ -320,7 +331,8 @@ impl Traffic {
                 let hang_up = (kind == Kind::HangUp).then(|| rng.random_range(500..3_000));
                 let cancel = (kind == Kind::Cancel).then(|| rng.random_range(500..3_000));
                 let by_account = rng.random_bool(0.5);
-                let Some((index, over)) = self.open(kind, &call_id, account, None, roles, &mut rng) else {
+                let Some((index, over)) = self.open(kind, &call_id, account, None, roles, &mut rng)
+                else {
                     self.give_back(account);
                     return self.skip();
                 };
@@ -419,10 +431,20 @@ impl Traffic {
 
     /// The PBX's request for call `index`, on the instance it was recorded
     /// for; hangs up after `hang_up` ms when given.
-    async fn pbx(&self, index: usize, hang_up: Option<Ms>, over: watch::Sender<bool>, rng: &mut StdRng) {
-        let (sip_user_id, call_id, lifetime) =
-            self.rec
-                .with(|o| (o.calls[index].sip_user_id, o.calls[index].call_id.clone(), o.calls[index].lifetime));
+    async fn pbx(
+        &self,
+        index: usize,
+        hang_up: Option<Ms>,
+        over: watch::Sender<bool>,
+        rng: &mut StdRng,
+    ) {
+        let (sip_user_id, call_id, lifetime) = self.rec.with(|o| {
+            (
+                o.calls[index].sip_user_id,
+                o.calls[index].call_id.clone(),
+                o.calls[index].lifetime,
+            )
+        });
         // The instance the call was recorded on, if still live; else another.
         let client = (0..8)
             .find_map(|_| self.fleet.pick(rng).filter(|(_, l)| *l == lifetime))
@@ -490,7 +512,9 @@ impl Traffic {
     /// The PBX's cancel of `call_id` (only `sip_user_id`'s leg when given).
     async fn cancel(&self, call_id: &str, sip_user_id: Option<i64>, calls: Vec<usize>) {
         let mut rng = StdRng::seed_from_u64(calls[0] as u64);
-        let Some((client, _)) = self.fleet.pick(&mut rng) else { return };
+        let Some((client, _)) = self.fleet.pick(&mut rng) else {
+            return;
+        };
         let user = sip_user_id.map(|s| s.to_string());
         let mut fields = vec![("call_id", call_id)];
         if let Some(user) = &user {
@@ -522,7 +546,8 @@ impl Traffic {
             attempt: None,
             delivered: true,
         };
-        self.answer(None, &push, "1700000000", true, false, false).await;
+        self.answer(None, &push, "1700000000", true, false, false)
+            .await;
     }
 
     /// Hands each delivered call push to its phone.
@@ -532,8 +557,12 @@ impl Traffic {
             message_start_time,
         }) = woken.recv().await
         {
-            let Some(call_id) = push.call_id.clone() else { continue };
-            let Some(&sip_user_id) = self.by_token.get(&push.token) else { continue };
+            let Some(call_id) = push.call_id.clone() else {
+                continue;
+            };
+            let Some(&sip_user_id) = self.by_token.get(&push.token) else {
+                continue;
+            };
             let live = self
                 .ringing
                 .lock()
@@ -560,23 +589,27 @@ impl Traffic {
             } => {
                 sleep(after).await;
                 let late = *live.over.borrow();
-                self.answer(Some(live.call), &push, &mst, available, false, late).await;
+                self.answer(Some(live.call), &push, &mst, available, false, late)
+                    .await;
                 if twice {
                     sleep(300).await;
                     let late = *live.over.borrow();
-                    self.answer(Some(live.call), &push, &mst, available, false, late).await;
+                    self.answer(Some(live.call), &push, &mst, available, false, late)
+                        .await;
                 }
             }
             Role::Stale { after } => {
                 sleep(after).await;
                 let late = *live.over.borrow();
-                self.answer(Some(live.call), &push, &mst, true, true, late).await;
+                self.answer(Some(live.call), &push, &mst, true, true, late)
+                    .await;
             }
             Role::Late { after } => {
                 let mut over = live.over.clone();
                 let _ = over.wait_for(|o| *o).await;
                 sleep(after).await;
-                self.answer(Some(live.call), &push, &mst, true, false, true).await;
+                self.answer(Some(live.call), &push, &mst, true, false, true)
+                    .await;
             }
             Role::Register { after } => {
                 sleep(after).await;
@@ -596,7 +629,9 @@ impl Traffic {
         late: bool,
     ) {
         let mut rng = StdRng::seed_from_u64(push.at ^ u64::from(available));
-        let Some((client, _)) = self.fleet.pick(&mut rng) else { return };
+        let Some((client, _)) = self.fleet.pick(&mut rng) else {
+            return;
+        };
         let mst = if stale {
             let sent: f64 = mst.parse().unwrap_or(0.0);
             format!("{:.3}", sent - self.wait_ms as f64 / 1000.0 - 1.0)
@@ -609,18 +644,27 @@ impl Traffic {
             ("available", if available { "true" } else { "false" }),
         ];
         let sent = self.rec.now();
-        let reply = self.bounded(client.try_post("/api/call-response/", &fields)).await;
+        let reply = self
+            .bounded(client.try_post("/api/call-response/", &fields))
+            .await;
         self.record(call, push, available, stale, false, late, sent, reply);
     }
 
     async fn register(&self, call: usize, push: &Push, late: bool) {
         let mut rng = StdRng::seed_from_u64(push.at);
-        let Some((client, _)) = self.fleet.pick(&mut rng) else { return };
+        let Some((client, _)) = self.fleet.pick(&mut rng) else {
+            return;
+        };
         let sip_user_id = self.by_token[&push.token];
         let fields = register_fields(sip_user_id, &push.token);
-        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let fields: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let sent = self.rec.now();
-        let reply = self.bounded(client.try_post("/api/sip-registration/", &fields)).await;
+        let reply = self
+            .bounded(client.try_post("/api/sip-registration/", &fields))
+            .await;
         self.record(Some(call), push, true, false, true, late, sent, reply);
     }
 
@@ -688,7 +732,8 @@ fn register_fields(sip_user_id: i64, token: &str) -> Vec<(String, String)> {
 /// What each phone of `account` does in a call of `kind`.
 fn roles(kind: Kind, account: &Account, rng: &mut StdRng) -> HashMap<String, Role> {
     let tokens = account.tokens();
-    let mut roles: HashMap<String, Role> = tokens.iter().map(|t| (t.clone(), Role::Ignore)).collect();
+    let mut roles: HashMap<String, Role> =
+        tokens.iter().map(|t| (t.clone(), Role::Ignore)).collect();
     let one = |rng: &mut StdRng| tokens[rng.random_range(0..tokens.len())].clone();
     match kind {
         Kind::Answer | Kind::AnswerTwice => {
@@ -715,7 +760,11 @@ fn roles(kind: Kind, account: &Account, rng: &mut StdRng) -> HashMap<String, Rol
         }
         Kind::DeclineThenAnswer => {
             let first = one(rng);
-            let second = tokens.iter().find(|t| **t != first).cloned().unwrap_or_else(|| first.clone());
+            let second = tokens
+                .iter()
+                .find(|t| **t != first)
+                .cloned()
+                .unwrap_or_else(|| first.clone());
             roles.insert(
                 first,
                 Role::Answer {
@@ -734,11 +783,21 @@ fn roles(kind: Kind, account: &Account, rng: &mut StdRng) -> HashMap<String, Rol
             );
         }
         Kind::Late => {
-            roles.insert(one(rng), Role::Late { after: rng.random_range(100..1_000) });
+            roles.insert(
+                one(rng),
+                Role::Late {
+                    after: rng.random_range(100..1_000),
+                },
+            );
         }
         Kind::Stale => {
             let stale = one(rng);
-            roles.insert(stale.clone(), Role::Stale { after: rng.random_range(0..2_000) });
+            roles.insert(
+                stale.clone(),
+                Role::Stale {
+                    after: rng.random_range(0..2_000),
+                },
+            );
             if let Some(other) = tokens.iter().find(|t| **t != stale) {
                 if rng.random_bool(0.5) {
                     roles.insert(
@@ -754,7 +813,12 @@ fn roles(kind: Kind, account: &Account, rng: &mut StdRng) -> HashMap<String, Rol
         }
         Kind::Register => {
             if let Some(proxy) = &account.proxy {
-                roles.insert(proxy.clone(), Role::Register { after: rng.random_range(0..3_000) });
+                roles.insert(
+                    proxy.clone(),
+                    Role::Register {
+                        after: rng.random_range(0..3_000),
+                    },
+                );
             }
         }
         Kind::NoAnswer | Kind::HangUp | Kind::Cancel | Kind::Fork => {}
