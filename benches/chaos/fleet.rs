@@ -161,6 +161,22 @@ impl Fleet {
         }
     }
 
+    /// Stops every instance (SIGKILL as their handles drop): the run is
+    /// over, and tasks still holding the fleet must not keep them alive.
+    pub fn stop_all(&self) {
+        let processes: Vec<Process> = self
+            .slots
+            .lock()
+            .expect("slots")
+            .iter_mut()
+            .filter_map(|s| {
+                s.client = None;
+                s.process.take()
+            })
+            .collect();
+        drop(processes);
+    }
+
     /// Every live instance: its client, lifetime and pid.
     pub fn instances(&self) -> Vec<(TestClient, usize, u32)> {
         let slots = self.slots.lock().expect("slots");

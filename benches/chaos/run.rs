@@ -124,6 +124,7 @@ pub async fn run(options: Options) -> Run {
 
     leftovers_of_instances(&rec, &fleet).await;
     leftovers_in_redis(&rec, &faults).await;
+    fleet.stop_all();
     let observations = rec.take();
     let verdict = judge(&observations);
     let skipped_calls = *traffic.skipped.lock().expect("skipped");
