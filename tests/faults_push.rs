@@ -60,3 +60,73 @@ async fn a_hanging_fcm_is_bounded_by_the_push_timeout_and_the_call_ends_on_time(
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     assert_eq!(pbx.await.expect("the PBX").body, "status=ACK");
 }
+
+// ---------------------------------------------------------------------------
+// FCM slow for a while (the chaos run found this).
+
+/// The connections of this process to `port` that are open (ESTABLISHED),
+/// from `/proc/net/tcp`: the stand-in lives in this process too, so only
+/// the side whose remote port is `port` counts.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|remote| remote.rsplit(':').next())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            remote_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// Over HTTP/1.1 each push in flight has a connection of its own: FCM slow
+/// for a while makes one per push waiting. Once it is fast again, no more
+/// than `outbound::IDLE_PER_HOST` of them stay open (before, every one
+/// stayed, idle, for the pool's 90 s: descriptors and memory the chaos run
+/// saw still held after the load stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_a_slow_fcm_made_are_closed_once_it_is_fast_again() {
+    let server = FcmServer::start(&Backend::embedded(), |c| {
+        c.wait_ms = 1500;
+        c.resend_interval_ms = 1000;
+    })
+    .await;
+    server
+        .fcm
+        .answer_with(|_| fcm_accepts().after(Duration::from_millis(700)));
+    let mut users = Vec::new();
+    for n in 0..30 {
+        users.push(server.registered("android", &format!("fcm-slow-{n}")).await);
+    }
+    let calls: Vec<_> = users
+        .iter()
+        .map(|user| server.ring(user, &call_id()))
+        .collect();
+    let port = server.fcm.addr.port();
+    // Every first push is waiting for FCM now.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let busiest = connections_to(port);
+    for call in calls {
+        let reply = bounded("a call while FCM is slow", call)
+            .await
+            .expect("the PBX request");
+        assert_eq!(reply.body, "status=NAK");
+    }
+    assert!(busiest > 10, "FCM slow made only {busiest} connections");
+    server.fcm.answer_with(|_| fcm_accepts());
+    // The call_ended notices and the last pushes come back.
+    let settled = eventually(Duration::from_secs(5), || async {
+        connections_to(port) <= call_notifier::outbound::IDLE_PER_HOST
+    })
+    .await;
+    assert!(
+        settled,
+        "{} connections to FCM still open, {} while it was slow",
+        connections_to(port),
+        busiest
+    );
+}

@@ -337,7 +337,12 @@ pub fn database_url() -> String {
 /// A fresh schema of `TEST_DATABASE_URL` behind a proxy of its own: the
 /// proxy, and the URL a server reaches the schema through it with.
 pub async fn proxied_database() -> (TcpProxy, String) {
-    let url = super::fresh_schema(&database_url()).await;
+    proxied_database_at(&database_url()).await
+}
+
+/// [`proxied_database`] on the PostgreSQL at `url`.
+pub async fn proxied_database_at(url: &str) -> (TcpProxy, String) {
+    let url = super::fresh_schema(url).await;
     let (upstream, _) = through(&url, SocketAddr::from(([127, 0, 0, 1], 0)));
     let proxy = TcpProxy::start(upstream).await;
     let (_, proxied) = through(&url, proxy.addr);
@@ -479,22 +484,32 @@ pub const FAULT_CLUSTER_PORTS: [u16; 6] = [7101, 7102, 7103, 7104, 7105, 7106];
 const FAULT_CLUSTER_DIR: &str = "/tmp/cn-fault-cluster";
 
 /// A 6-node Redis Cluster (3 masters, a replica each) on
-/// [`FAULT_CLUSTER_PORTS`], started by `.ci/redis-cluster` and shut down
-/// (every node, without saving) when dropped. Holds a file lock meanwhile, so
-/// two test processes never share it.
+/// [`FAULT_CLUSTER_PORTS`] (or ports of the caller's: [`Self::start_on`]),
+/// started by `.ci/redis-cluster` and shut down (every node, without saving)
+/// when dropped. Holds a file lock meanwhile, so two test processes never
+/// share it.
 pub struct FaultCluster {
+    pub ports: [u16; 6],
+    /// Where each node keeps its config and log (`<dir>/<port>/`).
+    pub dir: PathBuf,
     _lock: std::fs::File,
 }
 
 impl FaultCluster {
     pub async fn start() -> FaultCluster {
-        let lock = tokio::task::spawn_blocking(|| {
+        FaultCluster::start_on(FAULT_CLUSTER_PORTS, FAULT_CLUSTER_DIR).await
+    }
+
+    /// A cluster on `ports`, its nodes' files under `dir`.
+    pub async fn start_on(ports: [u16; 6], dir: &str) -> FaultCluster {
+        let lock_path = format!("{dir}.lock");
+        let lock = tokio::task::spawn_blocking(move || {
             use std::os::fd::AsRawFd;
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(format!("{FAULT_CLUSTER_DIR}.lock"))
+                .open(lock_path)
                 .expect("open the fault cluster's lock file");
             // SAFETY: flock on a descriptor we own; it is released when the file closes.
             let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
@@ -503,15 +518,19 @@ impl FaultCluster {
         })
         .await
         .expect("the lock task");
-        let cluster = FaultCluster { _lock: lock };
+        let cluster = FaultCluster {
+            ports,
+            dir: PathBuf::from(dir),
+            _lock: lock,
+        };
         // A node a previous run left must not be mistaken for a healthy cluster.
         cluster.shutdown();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".ci/redis-cluster");
-        let ports: Vec<String> = FAULT_CLUSTER_PORTS.iter().map(u16::to_string).collect();
+        let port_list: Vec<String> = ports.iter().map(u16::to_string).collect();
         let out = tokio::process::Command::new("bash")
             .arg(script)
-            .env("REDIS_CLUSTER_PORTS", ports.join(" "))
-            .env("REDIS_CLUSTER_DIR", FAULT_CLUSTER_DIR)
+            .env("REDIS_CLUSTER_PORTS", port_list.join(" "))
+            .env("REDIS_CLUSTER_DIR", dir)
             .output()
             .await
             .expect("run .ci/redis-cluster");
@@ -521,10 +540,16 @@ impl FaultCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // A replica that has not finished its first sync cannot take over:
-        // wait until every one has (the master delays that sync by seconds).
-        let until = Instant::now() + Duration::from_secs(30);
-        for port in FAULT_CLUSTER_PORTS {
+        cluster.synced(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// Waits until every replica has finished its sync with its master: a
+    /// replica that has not cannot take over (the master delays that sync
+    /// by seconds).
+    pub async fn synced(&self, within: Duration) {
+        let until = Instant::now() + within;
+        for port in self.ports {
             loop {
                 let info: String = node_command(port, redis::cmd("INFO").arg("replication"))
                     .await
@@ -539,12 +564,11 @@ impl FaultCluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        cluster
     }
 
     /// The `redis+cluster://` URL the server is given: the first three nodes.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = FAULT_CLUSTER_PORTS[..3]
+        let hosts: Vec<String> = self.ports[..3]
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
@@ -554,7 +578,7 @@ impl FaultCluster {
     /// Asks every node to exit at once, without saving. Quiet about nodes
     /// that are gone already.
     fn shutdown(&self) {
-        for port in FAULT_CLUSTER_PORTS {
+        for port in self.ports {
             let _ = std::process::Command::new("redis-cli")
                 .args(["-p", &port.to_string(), "shutdown", "nosave"])
                 .stdout(Stdio::null())

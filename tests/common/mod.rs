@@ -487,21 +487,39 @@ impl TestClient {
     /// Sends a request as built, and reads the whole answer within [`BOUND`].
     pub async fn request(&self, request: Request<Full<Bytes>>) -> Reply {
         let what = format!("{} {}", request.method(), request.uri());
-        let (parts, body) = bounded(&what, async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .expect("the server answers");
-            let (parts, body) = response.into_parts();
-            (parts, body.collect().await.expect("a body").to_bytes())
-        })
-        .await;
-        Reply {
+        bounded(&what, self.try_request(request))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the server answers: {e}"))
+    }
+
+    /// Sends a request as built and reads the whole answer; a connection
+    /// refused or closed before the answer is an error, not a panic (the
+    /// chaos run stops servers under its clients).
+    pub async fn try_request(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
-        }
+        })
+    }
+
+    /// A form POST that may fail: see [`Self::try_request`].
+    pub async fn try_post(&self, path: &str, fields: &[(&str, &str)]) -> Result<Reply, String> {
+        let body = serde_urlencoded::to_string(fields).expect("form-encodable");
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request");
+        self.try_request(request).await
     }
 
     /// Sends a raw request: method, path, content type and body bytes.

@@ -95,6 +95,11 @@ impl Process {
         }
     }
 
+    /// Its process id, for signals and `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// How many log lines so far carry `message`.
     pub fn logged(&self, message: &str) -> usize {
         self.logs
