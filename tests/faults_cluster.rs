@@ -18,6 +18,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use call_notifier::broker::redis::{channel, state_key};
+use call_notifier::broker::Record;
 use common::fault::*;
 use common::*;
 use hyper::StatusCode;
@@ -186,6 +187,135 @@ async fn a_cluster_failover_during_waits_ends_every_call_by_its_wait() {
     })
     .await;
     assert!(clean, "sharded subscriptions left after the failover");
+}
+
+// ---------------------------------------------------------------------------
+// A master paused (no connection drops, commands time out) while the other
+// shards' messages are lost: the fallback check must still find them.
+
+/// A master that stops answering drops no connection, so only its commands
+/// timing out tell; and while it hangs, a fallback check that reads every
+/// parked call in one multi-slot `MGET` fails as a whole. Here the paused
+/// master's replica is kept from taking over, so it hangs for as long as
+/// the test likes: an answer stored on a healthy shard whose message was
+/// lost (written straight into Redis, as in `faults_redis.rs`) must still
+/// end its call with ACK long before the wait runs out. Found by the chaos
+/// run (docs/chaos.md): a cancel accepted just before a failover reached
+/// its call only at the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own Redis Cluster on 127.0.0.1:7101-7106: run with --include-ignored, as .ci/run does"]
+async fn a_paused_master_keeps_no_other_shard_from_finding_a_lost_answer() {
+    let cluster = FaultCluster::start().await;
+    let first = FAULT_CLUSTER_PORTS[0];
+    let nodes = cluster_nodes(first).await;
+    let masters: Vec<&ClusterNode> = nodes.iter().filter(|n| n.master && !n.failed).collect();
+    assert_eq!(masters.len(), 3, "{nodes:?}");
+    let victim = masters[0].clone();
+    let replica = nodes
+        .iter()
+        .find(|n| n.master_id.as_deref() == Some(victim.id.as_str()))
+        .expect("the victim's replica");
+    // No failover (the victim hangs until resumed), and the healthy shards
+    // keep serving while its slots are uncovered.
+    let no_failover = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("cluster-replica-no-failover")
+        .arg("yes")
+        .clone();
+    let _: () = node_command(replica.port, &no_failover)
+        .await
+        .expect("CONFIG SET");
+    for node in &nodes {
+        let partial = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-require-full-coverage")
+            .arg("no")
+            .clone();
+        let _: () = node_command(node.port, &partial).await.expect("CONFIG SET");
+    }
+    let (mut held, mut other) = (None, None);
+    while held.is_none() || other.is_none() {
+        let key = call_id();
+        let slot = key_slot(first, &state_key(&key)).await;
+        if victim.serves(slot) {
+            held.get_or_insert(key);
+        } else {
+            other.get_or_insert((key, slot));
+        }
+    }
+    let (held, (other, other_slot)) = (held.expect("a key"), other.expect("a key"));
+    let other_master = masters
+        .iter()
+        .find(|m| m.serves(other_slot))
+        .expect("the other key's master")
+        .port;
+    let server = start(&Backend::embedded(), |c| {
+        c.redis_url = Some(cluster.url());
+        c.wait_ms = 10_000;
+        c.poll_interval_ms = 100;
+    })
+    .await;
+    let wait = server.running.state.config.wait();
+    let token = "tok-paused";
+    let user = server.registered("android", token).await;
+    ready_again(&server).await;
+    assert_fresh_call_is_ack(&server, &user, token).await;
+
+    let held_call = ring(&server, &user, &held);
+    let held_push = server.call_push(token, &held).await;
+    let other_call = ring(&server, &user, &other);
+    server.call_push(token, &other).await;
+
+    let victim_pid = node_pid(victim.port).await;
+    // SAFETY: kill(2) on the pid of a redis-server this test started.
+    assert_eq!(unsafe { libc::kill(victim_pid, libc::SIGSTOP) }, 0);
+    // The app answers the call on the hanging shard: nothing can store it.
+    let refused = server
+        .client
+        .call_response(&held, start_time_of(&held_push), true)
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    // The other call is answered on its healthy shard, and the message
+    // is lost.
+    let state: String = node_command(other_master, redis::cmd("GET").arg(state_key(&other)))
+        .await
+        .expect("GET");
+    let mut record = Record::decode(&state).expect("a call's record");
+    assert!(record.take(0, true, 0, false));
+    let _: () = node_command(
+        other_master,
+        redis::cmd("SET")
+            .arg(state_key(&other))
+            .arg(record.encode())
+            .arg("KEEPTTL"),
+    )
+    .await
+    .expect("SET");
+    let answered = tokio::time::timeout(wait / 2, other_call).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(victim_pid, libc::SIGCONT) }, 0);
+    let (reply, _) = answered
+        .expect("the lost answer was found while the master still hung")
+        .expect("the PBX request");
+    assert_eq!(reply.body, "status=ACK");
+    // The refused answer is indeterminate, as any write that timed out:
+    // it waited in the hung master's socket, which runs it on waking (ACK),
+    // or the call rings out its wait (NAK). Either way, by the wait.
+    let (reply, took) = held_call.await.expect("the PBX request");
+    assert!(
+        ["status=ACK", "status=NAK"].contains(&reply.body.as_str()),
+        "{}",
+        reply.body
+    );
+    assert!(took <= wait + MARGIN, "the held call took {took:?}");
+
+    ready_again(&server).await;
+    assert_fresh_call_is_ack(&server, &user, token).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -224,17 +224,22 @@ impl<'a> Index<'a> {
                 .is_some_and(|at| at <= end);
         // A cancel accepted before the end ends the call `cancelled`; one
         // that came just as the wait ran out (a ring group's cancel as its
-        // legs time out together) may have ended it either way.
+        // legs time out together) may have ended it either way. A cancel
+        // that failed (5xx) or got no answer is indeterminate, as Jepsen
+        // treats an operation that timed out: a group's cancel ends each
+        // leg on its own shard, and answers 503 when any of them failed,
+        // after ending the legs on the healthy shards.
         let at_deadline = end + RACE >= call.sent + wait;
-        let cancels = || {
+        let cancels = |accepted: fn(u16) -> bool| {
             self.obs
                 .cancels
                 .iter()
-                .filter(|c| c.calls.contains(&i) && c.status == 200 && c.sent <= end)
+                .filter(move |c| c.calls.contains(&i) && accepted(c.status) && c.sent <= end)
         };
         let racing = |c: &&crate::events::Cancel| at_deadline && c.sent + RACE > end;
-        let cancelled = cancels().any(|c| !racing(&c));
-        let maybe_cancelled = cancels().any(|c| racing(&c));
+        let cancelled = cancels(|s| s == 200).any(|c| !racing(&c));
+        let maybe_cancelled = cancels(|s| s == 200).any(|c| racing(&c))
+            || cancels(|s| s == 0 || s >= 500).next().is_some();
         let taken: Vec<&&Answer> = answers
             .iter()
             .filter(|a| a.available && !a.stale && !a.register && a.status == 202)

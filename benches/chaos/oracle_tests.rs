@@ -421,3 +421,24 @@ fn a_cancelled_call_told_timed_out_is_named_unless_the_cancel_came_as_it_timed_o
     obs.cancels[0].replied = 4_012;
     assert!(judge(&obs).violations.is_empty());
 }
+
+#[test]
+fn a_cancel_that_failed_may_have_ended_its_call_but_one_refused_did_not() {
+    // A group's cancel answered 503 (one leg's shard was down) after it
+    // had ended call 3 on a healthy shard: indeterminate, so `cancelled`
+    // is as good as `timed_out`.
+    let mut obs = clean();
+    obs.cancels[0].status = 503;
+    obs.cancels[0].replied = 1_805;
+    assert!(
+        judge(&obs).violations.is_empty(),
+        "{:#?}",
+        judge(&obs).violations
+    );
+    obs.cancels[0].status = 0;
+    assert!(judge(&obs).violations.is_empty());
+    // A 404 says no call rang under the key: its phone told `cancelled`
+    // was told a reason nothing gave.
+    obs.cancels[0].status = 404;
+    assert_eq!(rules(&judge(&obs)), [3]);
+}

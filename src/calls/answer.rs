@@ -85,6 +85,9 @@ async fn let_the_call_go_first(verdict: &Verdict) {
 /// Ends as `cancelled` every ringing call that `key` names, wherever it is
 /// parked (`key`: the PBX's `call_id`, every leg of it; or a
 /// `unique_key`), only `account`'s when given. Says whether one was.
+/// Each leg ends on its own shard, all of them tried: an error for one
+/// leaves the others cancelled, and the PBX hears 503, so a repeat (which
+/// finds the ended legs ended) is what finishes the job.
 pub async fn cancel(
     state: &AppState,
     key: &str,

@@ -383,7 +383,7 @@ fn frame_end(buffer: &[u8], at: usize) -> Result<Option<usize>, ()> {
 }
 
 /// The Cluster slot of `key` (CRC16 of its hash tag, as Redis computes it).
-fn slot(key: &[u8]) -> u16 {
+pub(super) fn slot(key: &[u8]) -> u16 {
     let tag = key
         .iter()
         .position(|b| *b == b'{')

@@ -1,22 +1,27 @@
-//! The fallback check: one `MGET` for every unsettled call waited on here,
-//! every poll interval, but only while the subscription is not known good
+//! The fallback check: one `MGET` for every unsettled call waited on here
+//! (one per slot on a cluster), every poll interval, but only while the subscription is not known good
 //! (down, for [`UNSURE_WINDOW`] after a reconnect, or for
-//! [`CLUSTER_SETTLING`] after a cluster node's connection dropped). A healthy subscription loses no message (Redis
+//! [`CLUSTER_SETTLING`] after a cluster node's connection dropped or a
+//! cluster command failed). A healthy subscription loses no message (Redis
 //! delivers pub/sub over one TCP connection, in order), so parked calls then
 //! cost Redis no command at all, however many they are.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{keys::state_key, Shared, BATCH};
+use super::{direct::slot, keys::state_key, Shared, BATCH};
 use crate::broker::{BrokerError, Record};
 use crate::logs::Escaped;
 
 /// How long after a reconnect or a dropped node connection the fallback
 /// check keeps running: covers answers published into the gap.
 const UNSURE_WINDOW: Duration = Duration::from_secs(5);
+
+/// How many slots' `MGET`s one fallback check on a cluster has in flight.
+const SLOTS_AT_ONCE: usize = 32;
 
 /// How long after a cluster node's connection dropped the fallback check
 /// keeps running. A failover takes the cluster's node timeout plus an
@@ -83,18 +88,38 @@ impl Shared {
         }
     }
 
-    /// The fallback check: one `MGET` for the record of every call waited
-    /// on here that may still change.
+    /// The fallback check: the record of every call waited on here that
+    /// may still change, in one `MGET` on one server. On a cluster one
+    /// `MGET` per slot, each on its own: a multi-slot `MGET` fails as a
+    /// whole while any shard is down, and a shard failing over is exactly
+    /// when the other shards' lost messages must still be found.
     pub(super) async fn check_stored(&self) -> Result<(), BrokerError> {
-        let keys = self.waiters.unsettled();
-        for chunk in keys.chunks(BATCH) {
-            let names: Vec<String> = chunk.iter().map(|k| state_key(k)).collect();
-            let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
-            for (key, value) in chunk.iter().zip(values) {
-                if let Some(state) = value.as_deref().and_then(Record::decode) {
-                    tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
-                    self.waiters.deliver_stored(key, &state);
-                }
+        let mut keys = self.waiters.unsettled();
+        let groups: Vec<&[Arc<str>]> = if self.is_cluster() {
+            keys.sort_by_cached_key(|k| slot(state_key(k).as_bytes()));
+            keys.chunk_by(|a, b| slot(state_key(a).as_bytes()) == slot(state_key(b).as_bytes()))
+                .flat_map(|same_slot| same_slot.chunks(BATCH))
+                .collect()
+        } else {
+            keys.chunks(BATCH).collect()
+        };
+        let reads: Vec<_> = groups.into_iter().map(|g| self.read_stored(g)).collect();
+        let read: Vec<Result<(), BrokerError>> = futures_util::stream::iter(reads)
+            .buffer_unordered(SLOTS_AT_ONCE)
+            .collect()
+            .await;
+        read.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    }
+
+    /// Reads the records of `keys` (one slot's on a cluster) and hands
+    /// each to its waiters.
+    async fn read_stored(&self, keys: &[Arc<str>]) -> Result<(), BrokerError> {
+        let names: Vec<String> = keys.iter().map(|k| state_key(k)).collect();
+        let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
+        for (key, value) in keys.iter().zip(values) {
+            if let Some(state) = value.as_deref().and_then(Record::decode) {
+                tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
+                self.waiters.deliver_stored(key, &state);
             }
         }
         Ok(())

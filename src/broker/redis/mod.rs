@@ -191,18 +191,36 @@ impl RedisBroker {
 }
 
 impl Shared {
+    fn is_cluster(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
+    }
+
+    /// A command failed. On a cluster that is often the only sign of a
+    /// failing node: a paused master answers nothing and drops no
+    /// connection, so no `Disconnection` push comes, yet a failover may
+    /// give its slots to a replica where this process's sharded
+    /// subscriptions are not. The fallback check then runs for
+    /// [`fallback::CLUSTER_SETTLING`], so an answer published meanwhile is
+    /// still read.
+    fn failed(&self, e: impl std::fmt::Display) -> BrokerError {
+        if self.is_cluster() {
+            self.mark_unsure_for(fallback::CLUSTER_SETTLING);
+        }
+        unavailable(e)
+    }
+
     /// Runs one command.
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
         cmd.query_async(&mut self.link.conn())
             .await
-            .map_err(unavailable)
+            .map_err(|e| self.failed(e))
     }
 
     /// Runs a pipeline (on a cluster, all of it must be in one slot).
     async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, BrokerError> {
         pipe.query_async(&mut self.link.conn())
             .await
-            .map_err(unavailable)
+            .map_err(|e| self.failed(e))
     }
 
     /// Runs a script.
@@ -213,7 +231,7 @@ impl Shared {
         script
             .invoke_async(&mut self.link.conn())
             .await
-            .map_err(unavailable)
+            .map_err(|e| self.failed(e))
     }
 
     /// Runs the answer script ([`keys::ANSWER_SCRIPT`]) on `key`: the
@@ -234,9 +252,7 @@ impl Shared {
                 return FromRedisValue::from_redis_value(value).map_err(unavailable)
             }
             Sent::TimedOut => {
-                return Err(unavailable(
-                    "Redis did not answer the answer script in time",
-                ))
+                return Err(self.failed("Redis did not answer the answer script in time"))
             }
             Sent::Detour => {}
         }
@@ -247,9 +263,10 @@ impl Shared {
 
     /// The command that publishes an answer to its channel.
     fn publish_command(&self) -> &'static str {
-        match self.link {
-            Link::Single(_) => "PUBLISH",
-            Link::Cluster(_) => "SPUBLISH",
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
         }
     }
 }

@@ -354,6 +354,27 @@ async fn cluster(
                     }
                 }
             }
+            (PushKind::SUnsubscribe, [channel, ..]) => {
+                // Redis drops a node's sharded subscriptions of the slots it
+                // gives up (a slot moved away, a replica moved to another
+                // master) and says so with `sunsubscribe`, ours included.
+                // A wait still here must go on hearing its answers: it is
+                // subscribed again (the slot's owner now), and the stored
+                // state is read meanwhile.
+                let Ok(channel) = String::from_redis_value_ref(channel) else {
+                    continue;
+                };
+                if key_of_channel(&channel).is_some_and(|key| shared.waiters.contains(key)) {
+                    shared.mark_unsure_for(super::fallback::CLUSTER_SETTLING);
+                    tracing::debug!(channel = %Escaped(&channel), "Redis dropped the subscription of a call waited on; subscribing again");
+                    // Off this task: a shard failing over must not hold up
+                    // the other shards' answers.
+                    tokio::spawn(async move {
+                        let timeout = shared.options.acquire_timeout;
+                        let _ = shared.subscriptions.subscribe(channel, timeout).await;
+                    });
+                }
+            }
             (PushKind::Disconnection, _) => {
                 shared.mark_unsure_for(super::fallback::CLUSTER_SETTLING);
                 tracing::warn!(
