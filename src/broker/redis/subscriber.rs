@@ -356,23 +356,20 @@ async fn cluster(
             }
             (PushKind::SUnsubscribe, [channel, ..]) => {
                 // Redis drops a node's sharded subscriptions of the slots it
-                // gives up (a slot moved away, a replica moved to another
-                // master) and says so with `sunsubscribe`, ours included.
-                // A wait still here must go on hearing its answers: it is
-                // subscribed again (the slot's owner now), and the stored
-                // state is read meanwhile.
+                // gives up (a master paused through its failover wakes as a
+                // replica) and says so with `sunsubscribe`. A call still
+                // waited on here then hears no message: the fallback check
+                // reads its stored state instead. Not subscribed again: the
+                // cluster connection's slot map may still name the woken
+                // node, and a replica accepts `SSUBSCRIBE` for its master's
+                // slots, where no `SUNSUBSCRIBE` routed by slot would find it
+                // again (the chaos run's stranded channels).
                 let Ok(channel) = String::from_redis_value_ref(channel) else {
                     continue;
                 };
                 if key_of_channel(&channel).is_some_and(|key| shared.waiters.contains(key)) {
                     shared.mark_unsure_for(super::fallback::CLUSTER_SETTLING);
-                    tracing::debug!(channel = %Escaped(&channel), "Redis dropped the subscription of a call waited on; subscribing again");
-                    // Off this task: a shard failing over must not hold up
-                    // the other shards' answers.
-                    tokio::spawn(async move {
-                        let timeout = shared.options.acquire_timeout;
-                        let _ = shared.subscriptions.subscribe(channel, timeout).await;
-                    });
+                    tracing::debug!(channel = %Escaped(&channel), "Redis dropped the subscription of a call waited on; the fallback check covers it");
                 }
             }
             (PushKind::Disconnection, _) => {
