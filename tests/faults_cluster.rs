@@ -17,7 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use call_notifier::broker::redis::{channel, state_key};
+use call_notifier::broker::redis::{channel, meta_key, state_key};
 use call_notifier::broker::Record;
 use common::fault::*;
 use common::*;
@@ -316,6 +316,118 @@ async fn a_paused_master_keeps_no_other_shard_from_finding_a_lost_answer() {
 
     ready_again(&server).await;
     assert_fresh_call_is_ack(&server, &user, token).await;
+}
+
+// ---------------------------------------------------------------------------
+// A node gives up a slot whose channel the server listens on, unasked.
+
+/// A Redis Cluster node that gives up a slot drops the sharded
+/// subscriptions of that slot and says so with a `sunsubscribe` push that
+/// nobody asked for (a master that slept through its failover does it as
+/// it wakes). The redis crate before 1.8.2 took that push for the reply to
+/// the oldest command in flight on the node's connection, and from then on
+/// handed each command the reply of the one before: the chaos run's 503s
+/// and NAKs, for minutes after the fault. Here the node's writes are held
+/// (`CLIENT PAUSE WRITE`) so that a new call's open script is in flight
+/// when the slot of a parked call moves away; that call and the next ones
+/// on the node must still be served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own Redis Cluster on 127.0.0.1:7101-7106: run with --include-ignored, as .ci/run does"]
+async fn a_slot_moving_away_from_a_subscribed_node_hands_no_command_another_reply() {
+    let cluster = FaultCluster::start().await;
+    let first = FAULT_CLUSTER_PORTS[0];
+    let masters: Vec<ClusterNode> = cluster_nodes(first)
+        .await
+        .into_iter()
+        .filter(|n| n.master && !n.failed)
+        .collect();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let (from, to) = (masters[0].clone(), masters[1].clone());
+    let mut on_from = Vec::new();
+    while on_from.len() < 5 {
+        let key = call_id();
+        let slot = key_slot(first, &state_key(&key)).await;
+        if from.serves(slot) && on_from.iter().all(|(_, s)| *s != slot) {
+            on_from.push((key, slot));
+        }
+    }
+    let (moved, moved_slot) = on_from.remove(0);
+    let (busy, _) = on_from.remove(0);
+    let server = start(&Backend::embedded(), |c| {
+        c.redis_url = Some(cluster.url());
+        c.wait_ms = 8000;
+    })
+    .await;
+    let wait = server.running.state.config.wait();
+    let token = "tok-moved";
+    let user = server.registered("android", token).await;
+    ready_again(&server).await;
+    assert_fresh_call_is_ack(&server, &user, token).await;
+
+    // A call parked on `from`: the server's connection to it holds the
+    // call's subscription. Its keys go, as a migration would take them,
+    // so that the slot can be given away.
+    let moved_call = ring(&server, &user, &moved);
+    server.call_push(token, &moved).await;
+    let gone: i64 = node_command(
+        from.port,
+        redis::cmd("DEL")
+            .arg(state_key(&moved))
+            .arg(meta_key(&moved)),
+    )
+    .await
+    .expect("DEL");
+    assert_eq!(gone, 2, "the moved call's record and meta");
+
+    // Writes on `from` wait (a script among them), reads and admin go on.
+    let pause = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(900)
+        .arg("WRITE")
+        .clone();
+    let () = node_command(from.port, &pause).await.expect("CLIENT PAUSE");
+    let busy_call = ring(&server, &user, &busy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slot moves away while the new call's open script is in flight:
+    // `from` unsubscribes the server from the parked call's channel.
+    for master in [&to, &from] {
+        let give = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(moved_slot)
+            .arg("NODE")
+            .arg(&to.id)
+            .clone();
+        let () = node_command(master.port, &give)
+            .await
+            .unwrap_or_else(|e| panic!("CLUSTER SETSLOT on {}: {e}", master.port));
+    }
+    let () = node_command(from.port, redis::cmd("CLIENT").arg("UNPAUSE"))
+        .await
+        .expect("CLIENT UNPAUSE");
+
+    // The call whose open script waited, and the next ones on `from`, are
+    // served as ever.
+    let answered = |key: String, pbx: tokio::task::JoinHandle<(Reply, Duration)>| {
+        let server = &server;
+        async move {
+            let push = server.call_push(token, &key).await;
+            let reply = server
+                .client
+                .call_response(&key, start_time_of(&push), true)
+                .await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{key}: {}", reply.body);
+            let (pbx_reply, _) = pbx.await.expect("the PBX request");
+            assert_eq!(pbx_reply.body, "status=ACK", "{key}");
+        }
+    };
+    answered(busy, busy_call).await;
+    for (key, _) in on_from {
+        let pbx = ring(&server, &user, &key);
+        answered(key, pbx).await;
+    }
+    let (_, took) = moved_call.await.expect("the PBX request");
+    assert!(took <= wait + MARGIN, "the moved call took {took:?}");
+    ready_again(&server).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -26,6 +26,9 @@ struct Slot {
 
 pub struct Fleet {
     args: Vec<String>,
+    /// Where each lifetime's log is written when it ends
+    /// (`lifetime-<n>.log`, JSON lines), to read a failing seed by.
+    logs: std::path::PathBuf,
     slots: Mutex<Vec<Slot>>,
     rec: Arc<Recorder>,
     /// When a lifetime's memory and descriptors are taken as its level.
@@ -39,9 +42,14 @@ impl Fleet {
         args: Vec<String>,
         rec: Arc<Recorder>,
         warm_up: Duration,
+        logs: std::path::PathBuf,
     ) -> Arc<Fleet> {
+        // A rerun of the seed starts from no logs.
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::create_dir_all(&logs).expect("the run's log directory");
         let fleet = Arc::new(Fleet {
             args,
+            logs,
             slots: Mutex::new(Vec::new()),
             rec,
             warm_up,
@@ -143,7 +151,9 @@ impl Fleet {
         self.rec
             .with(|o| o.lifetimes[lifetime].signalled = Some(self.rec.now()));
         process.signal("TERM");
+        let lines = process.log_lines();
         let exit = process.exit_code(DRAIN).await;
+        self.keep_logs(lifetime, &lines);
         self.rec.with(|o| o.lifetimes[lifetime].exit = Some(exit));
         tokio::time::sleep(down).await;
         let slot = self.launch(instance).await;
@@ -164,17 +174,27 @@ impl Fleet {
     /// Stops every instance (SIGKILL as their handles drop): the run is
     /// over, and tasks still holding the fleet must not keep them alive.
     pub fn stop_all(&self) {
-        let processes: Vec<Process> = self
+        let processes: Vec<(usize, Process)> = self
             .slots
             .lock()
             .expect("slots")
             .iter_mut()
             .filter_map(|s| {
                 s.client = None;
-                s.process.take()
+                Some((s.lifetime, s.process.take()?))
             })
             .collect();
-        drop(processes);
+        for (lifetime, process) in processes {
+            self.keep_logs(lifetime, &process.log_lines());
+        }
+    }
+
+    /// Writes a lifetime's log lines to `lifetime-<n>.log`.
+    fn keep_logs(&self, lifetime: usize, lines: &[String]) {
+        let path = self.logs.join(format!("lifetime-{lifetime}.log"));
+        if let Err(e) = std::fs::write(&path, lines.join("\n")) {
+            eprintln!("chaos: cannot write {}: {e}", path.display());
+        }
     }
 
     /// Every live instance: its client, lifetime and pid.

@@ -53,6 +53,12 @@ pub struct Run {
     pub skipped_faults: usize,
 }
 
+/// Where a run of `seed` keeps its instances' logs and its violations:
+/// `target/tmp/chaos-<seed>/`.
+pub fn logs_dir(seed: u64) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{seed}"))
+}
+
 pub async fn run(options: Options) -> Run {
     let database_url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DATABASE_URL.into());
     let cluster_dir = format!("/tmp/chaos-cluster-{}", options.ports[0]);
@@ -85,7 +91,14 @@ pub async fn run(options: Options) -> Run {
     ]
     .map(str::to_owned)
     .to_vec();
-    let fleet = Fleet::start(3, args, rec.clone(), options.warm_up).await;
+    let fleet = Fleet::start(
+        3,
+        args,
+        rec.clone(),
+        options.warm_up,
+        logs_dir(options.seed),
+    )
+    .await;
     let traffic = Traffic::new(
         rec.clone(),
         fleet.clone(),
@@ -127,6 +140,22 @@ pub async fn run(options: Options) -> Run {
     fleet.stop_all();
     let observations = rec.take();
     let verdict = judge(&observations);
+    // Every violation, where the report shows the first few of each rule.
+    let listed: Vec<String> = verdict
+        .violations
+        .iter()
+        .map(|v| match v.call.map(|i| (i, &observations.calls[i])) {
+            Some((i, call)) => format!(
+                "rule {} call {i} ({:?}, call_id {}, sent {} ms, lifetime {}): {}",
+                v.rule, call.kind, call.call_id, call.sent, call.lifetime, v.what
+            ),
+            None => format!("rule {}: {}", v.rule, v.what),
+        })
+        .collect();
+    let path = logs_dir(options.seed).join("violations.txt");
+    if let Err(e) = std::fs::write(&path, listed.join("\n")) {
+        eprintln!("chaos: cannot write {}: {e}", path.display());
+    }
     let skipped_calls = *traffic.skipped.lock().expect("skipped");
     Run {
         options,

@@ -100,6 +100,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Every log line so far, as written (JSON).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().expect("logs lock").clone()
+    }
+
     /// How many log lines so far carry `message`.
     pub fn logged(&self, message: &str) -> usize {
         self.logs
