@@ -8,10 +8,10 @@
 //!   subscriber connection that carries every channel the process waits on,
 //!   never a connection per call;
 //! - a Redis Cluster (`redis+cluster://host:port,host:port`): one cluster
-//!   connection (a multiplexed connection per node, RESP2) carries commands,
-//!   and another (RESP3) the sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`),
-//!   so an answer travels only to the shard that owns its key; the redis
-//!   crate follows slot moves and failovers and resubscribes.
+//!   connection (a multiplexed connection per node, RESP3) carries commands
+//!   and sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`), so an answer travels
+//!   only to the shard that owns its key; the redis crate follows slot moves
+//!   and failovers and resubscribes.
 //!
 //! The jobs, a file each:
 //!
@@ -138,41 +138,19 @@ impl RedisBroker {
         let (link, subscriptions, subscriber) = match nodes {
             Some(nodes) => {
                 let (pushes, pushed) = mpsc::unbounded_channel();
-                let builder = || {
-                    ClusterClientBuilder::new(nodes.clone())
-                        .connection_timeout(options.acquire_timeout)
-                        .response_timeout(options.acquire_timeout)
-                };
-                let unreachable = |e: redis::RedisError| {
-                    BrokerError::Unavailable(format!("cannot reach the Redis Cluster: {e}"))
-                };
-                // Commands and sharded subscriptions on connections of
-                // their own. A node pushes subscription news unasked (a
-                // `sunsubscribe` when it gives up a slot, confirmations of
-                // the redis crate's own resubscriptions after a failover),
-                // and on a connection that also carries commands the crate
-                // can take such a push for a command's reply and hand every
-                // later command the reply of the one before: the chaos run
-                // saw one shard's every command time out for minutes. The
-                // command connection speaks RESP2 and subscribes to
-                // nothing, so nothing reaches it unasked.
-                let commands = builder()
-                    .build()
-                    .map_err(bad_url)?
-                    .get_async_connection()
-                    .await
-                    .map_err(unreachable)?;
-                let subscriptions = builder()
+                let client = ClusterClientBuilder::new(nodes)
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(pushes)
+                    .connection_timeout(options.acquire_timeout)
+                    .response_timeout(options.acquire_timeout)
                     .build()
-                    .map_err(bad_url)?
-                    .get_async_connection()
-                    .await
-                    .map_err(unreachable)?;
+                    .map_err(bad_url)?;
+                let conn = client.get_async_connection().await.map_err(|e| {
+                    BrokerError::Unavailable(format!("cannot reach the Redis Cluster: {e}"))
+                })?;
                 (
-                    Link::Cluster(commands),
-                    Subscriptions::Cluster(subscriptions),
+                    Link::Cluster(conn.clone()),
+                    Subscriptions::Cluster(conn),
                     Subscriber::Cluster(pushed),
                 )
             }
