@@ -31,12 +31,7 @@ use hyper::StatusCode;
 async fn a_cluster_failover_during_waits_ends_every_call_by_its_wait() {
     let cluster = FaultCluster::start().await;
     let first = FAULT_CLUSTER_PORTS[0];
-    let masters: Vec<ClusterNode> = cluster_nodes(first)
-        .await
-        .into_iter()
-        .filter(|n| n.master && !n.failed)
-        .collect();
-    assert_eq!(masters.len(), 3, "{masters:?}");
+    let masters = masters().await;
     let victim = masters[0].clone();
     // A node that stays up, to watch the cluster through.
     let observer = *FAULT_CLUSTER_PORTS
@@ -336,12 +331,7 @@ async fn a_paused_master_keeps_no_other_shard_from_finding_a_lost_answer() {
 async fn a_slot_moving_away_from_a_subscribed_node_hands_no_command_another_reply() {
     let cluster = FaultCluster::start().await;
     let first = FAULT_CLUSTER_PORTS[0];
-    let masters: Vec<ClusterNode> = cluster_nodes(first)
-        .await
-        .into_iter()
-        .filter(|n| n.master && !n.failed)
-        .collect();
-    assert_eq!(masters.len(), 3, "{masters:?}");
+    let masters = masters().await;
     let (from, to) = (masters[0].clone(), masters[1].clone());
     let mut on_from = Vec::new();
     while on_from.len() < 5 {

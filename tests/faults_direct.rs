@@ -53,17 +53,6 @@ async fn evalsha_refused(port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-/// The masters of the test's cluster.
-async fn masters() -> Vec<ClusterNode> {
-    let masters: Vec<ClusterNode> = cluster_nodes(FAULT_CLUSTER_PORTS[0])
-        .await
-        .into_iter()
-        .filter(|n| n.master && !n.failed && !n.slots.is_empty())
-        .collect();
-    assert_eq!(masters.len(), 3, "{masters:?}");
-    masters
-}
-
 /// A server on the cluster whose answers take the short way: calls are
 /// answered until every master holds one of its direct connections.
 async fn warmed_up(cluster: &FaultCluster, token: &str) -> (TestServer, String) {

@@ -617,6 +617,18 @@ impl ClusterNode {
     }
 }
 
+/// The three live masters of the fault cluster ([`FAULT_CLUSTER_PORTS`]),
+/// as its first node sees them.
+pub async fn masters() -> Vec<ClusterNode> {
+    let masters: Vec<ClusterNode> = cluster_nodes(FAULT_CLUSTER_PORTS[0])
+        .await
+        .into_iter()
+        .filter(|n| n.master && !n.failed && !n.slots.is_empty())
+        .collect();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    masters
+}
+
 /// A command on one node (no cluster routing).
 pub async fn node_command<T: redis::FromRedisValue>(
     port: u16,
