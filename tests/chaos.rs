@@ -49,6 +49,7 @@ async fn half_a_minute(seed: u64) {
         duration: 30_000,
         rate: 20.0,
         pace: PACE,
+        faults: events::FaultKind::ALL.to_vec(),
         accounts: 300,
         wait_ms: 4_000,
         ports: [7311, 7312, 7313, 7314, 7315, 7316],

@@ -185,17 +185,35 @@ pub enum FaultKind {
     FcmSlow,
     /// SIGTERM one instance (its drain), started again at the heal.
     RestartInstance,
+    /// Every Redis connection of one instance killed by the nodes
+    /// (`CLIENT KILL`), and again every half second, until the heal.
+    CutInstanceRedis,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillMaster,
         FaultKind::PauseMaster,
         FaultKind::PostgresCut,
         FaultKind::FcmErrors,
         FaultKind::FcmSlow,
         FaultKind::RestartInstance,
+        FaultKind::CutInstanceRedis,
     ];
+
+    /// The short name `--faults` takes.
+    #[allow(dead_code)]
+    pub fn short(self) -> &'static str {
+        match self {
+            FaultKind::KillMaster => "kill",
+            FaultKind::PauseMaster => "pause",
+            FaultKind::PostgresCut => "postgres",
+            FaultKind::FcmErrors => "fcm-errors",
+            FaultKind::FcmSlow => "fcm-slow",
+            FaultKind::RestartInstance => "restart",
+            FaultKind::CutInstanceRedis => "cut-redis",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -205,12 +223,16 @@ impl FaultKind {
             FaultKind::FcmErrors => "FCM 500/429",
             FaultKind::FcmSlow => "FCM slow",
             FaultKind::RestartInstance => "restart an instance",
+            FaultKind::CutInstanceRedis => "cut an instance's Redis connections",
         }
     }
 
     /// Faults that touch Redis.
     pub fn redis(self) -> bool {
-        matches!(self, FaultKind::KillMaster | FaultKind::PauseMaster)
+        matches!(
+            self,
+            FaultKind::KillMaster | FaultKind::PauseMaster | FaultKind::CutInstanceRedis
+        )
     }
 
     pub fn fcm(self) -> bool {

@@ -43,15 +43,20 @@ impl Pace {
     };
 }
 
-/// The faults of a run of `duration`, none opening in its last 10 s.
-pub fn schedule(seed: u64, duration: Ms, pace: Pace) -> Vec<Plan> {
+/// The faults of a run of `duration`, none opening in its last 10 s,
+/// each of one of `kinds` (a schedule of fewer kinds is not a subset of
+/// the full one's: the seed draws from the kinds it is given).
+pub fn schedule(seed: u64, duration: Ms, pace: Pace, kinds: &[FaultKind]) -> Vec<Plan> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17);
     let mut plans = Vec::new();
     let mut at = rng.random_range(pace.first.0..=pace.first.1);
     while at + 10_000 < duration {
         let count = if rng.random_bool(0.3) { 2 } else { 1 };
-        let mut kinds = FaultKind::ALL.to_vec();
+        let mut kinds = kinds.to_vec();
         for _ in 0..count {
+            if kinds.is_empty() {
+                break;
+            }
             let kind = kinds.remove(rng.random_range(0..kinds.len()));
             // Two at a time: never two on Redis, nor two on FCM.
             kinds.retain(|k| !(k.redis() && kind.redis() || k.fcm() && kind.fcm()));
@@ -146,7 +151,7 @@ impl Faults {
 
     fn service(kind: FaultKind) -> usize {
         match kind {
-            FaultKind::KillMaster | FaultKind::PauseMaster => 0,
+            FaultKind::KillMaster | FaultKind::PauseMaster | FaultKind::CutInstanceRedis => 0,
             FaultKind::PostgresCut => 1,
             FaultKind::FcmErrors | FaultKind::FcmSlow => 2,
             FaultKind::RestartInstance => 3,
@@ -216,10 +221,51 @@ impl Faults {
                 self.fleet.restart(instance, hold).await;
                 format!("instance {}", instance + 1)
             }
+            FaultKind::CutInstanceRedis => {
+                let live = self.fleet.instances();
+                if live.is_empty() {
+                    busy.store(false, Ordering::Release);
+                    return false;
+                }
+                let (_, _, pid) = live[rng.random_range(0..live.len())];
+                let instance = self.fleet.instance_of(pid).map_or(0, |i| i + 1);
+                let healed = tokio::time::Instant::now() + hold;
+                let mut cut = 0;
+                while tokio::time::Instant::now() < healed {
+                    cut += self.cut_redis(pid).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                format!("instance {instance} ({cut} connections killed)")
+            }
         };
         self.record(plan.kind, target, start);
         busy.store(false, Ordering::Release);
         true
+    }
+
+    /// Has the Redis nodes kill every connection process `pid` holds to
+    /// them (`CLIENT KILL ADDR`, by the local ports of its sockets); says
+    /// how many were killed. A cluster client connects to every node by the
+    /// address the cluster announces, so no proxy in front of the seed
+    /// addresses could cut them.
+    async fn cut_redis(&self, pid: u32) -> usize {
+        let mut killed = 0;
+        for (local, remote) in tcp_connections(pid) {
+            if !self.cluster.ports.contains(&remote) {
+                continue;
+            }
+            let mut kill = redis::cmd("CLIENT");
+            kill.arg("KILL")
+                .arg("ADDR")
+                .arg(format!("127.0.0.1:{local}"));
+            if crate::common::fault::node_command::<()>(remote, &kill)
+                .await
+                .is_ok()
+            {
+                killed += 1;
+            }
+        }
+        killed
     }
 
     fn record(&self, kind: FaultKind, target: String, start: Ms) {
@@ -314,4 +360,38 @@ fn signal(pid: i32, signal: i32) {
     // SAFETY: kill(2) on the pid of a redis-server of this run's cluster.
     let done = unsafe { libc::kill(pid, signal) };
     assert_eq!(done, 0, "signal {signal} to redis-server {pid}");
+}
+
+/// The (local port, remote port) of every IPv4 TCP connection process
+/// `pid` holds: its socket descriptors' inodes, looked up in
+/// `/proc/<pid>/net/tcp`.
+fn tcp_connections(pid: u32) -> Vec<(u16, u16)> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            let inode = link.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let port = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+            inodes
+                .contains(*inode)
+                .then_some((port(local)?, port(remote)?))
+        })
+        .collect()
 }

@@ -197,6 +197,15 @@ impl Fleet {
         }
     }
 
+    /// Which instance (from 0) process `pid` is.
+    pub fn instance_of(&self, pid: u32) -> Option<usize> {
+        self.slots
+            .lock()
+            .expect("slots")
+            .iter()
+            .position(|s| s.process.as_ref().is_some_and(|p| p.pid() == pid))
+    }
+
     /// Every live instance: its client, lifetime and pid.
     pub fn instances(&self) -> Vec<(TestClient, usize, u32)> {
         let slots = self.slots.lock().expect("slots");

@@ -33,6 +33,12 @@ struct Args {
     /// Calls a second.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
+    /// The kinds of fault to draw from, comma-separated (default: all):
+    /// kill, pause, postgres, fcm-errors, fcm-slow, restart. A run of one
+    /// kind reproduces a finding faster; its schedule differs from the
+    /// full run's for the same seed.
+    #[arg(long, value_delimiter = ',', value_parser = fault_kind)]
+    faults: Vec<events::FaultKind>,
     /// Where the report goes (default: docs/chaos.md for a run of 10
     /// minutes or more, else target/chaos.md).
     #[arg(long)]
@@ -40,6 +46,16 @@ struct Args {
     /// `cargo bench` passes `--bench`.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+fn fault_kind(name: &str) -> Result<events::FaultKind, String> {
+    events::FaultKind::ALL
+        .into_iter()
+        .find(|kind| kind.short() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = events::FaultKind::ALL.iter().map(|k| k.short()).collect();
+            format!("unknown fault {name:?}: one of {}", names.join(", "))
+        })
 }
 
 #[tokio::main]
@@ -53,21 +69,28 @@ async fn main() {
         duration,
         rate: args.rate,
         pace: faults::Pace::FULL,
+        faults: if args.faults.is_empty() {
+            events::FaultKind::ALL.to_vec()
+        } else {
+            args.faults.clone()
+        },
         accounts: (args.rate * 12.0) as usize + 50,
         wait_ms: 4_000,
         ports: [7301, 7302, 7303, 7304, 7305, 7306],
         warm_up: Duration::from_secs(60).min(Duration::from_millis(duration / 4)),
     };
     let run = run::run(options).await;
-    let command = format!(
-        "cargo bench --bench chaos -- --minutes {} --seed {seed}{}",
-        args.minutes,
-        if args.rate == 50.0 {
-            String::new()
-        } else {
-            format!(" --rate {}", args.rate)
-        }
+    let mut command = format!(
+        "cargo bench --bench chaos -- --minutes {} --seed {seed}",
+        args.minutes
     );
+    if args.rate != 50.0 {
+        command += &format!(" --rate {}", args.rate);
+    }
+    if !args.faults.is_empty() {
+        let names: Vec<&str> = args.faults.iter().map(|k| k.short()).collect();
+        command += &format!(" --faults {}", names.join(","));
+    }
     let path = args.report.unwrap_or_else(|| {
         let dir = env!("CARGO_MANIFEST_DIR");
         if args.minutes >= 10.0 {

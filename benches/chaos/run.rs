@@ -15,7 +15,7 @@ use crate::common::fault::{proxied_database_at, FaultCluster};
 use crate::common::fcm::{fcm_accepts, StandIns};
 use crate::common::stand_in::{Answer, Received};
 use crate::common::APP;
-use crate::events::{Key, Ms, Observations, Push};
+use crate::events::{FaultKind, Key, Ms, Observations, Push};
 use crate::faults::{self, Faults, FcmMode, Pace};
 use crate::fleet::{usage, Fleet};
 use crate::oracle::{judge, Verdict};
@@ -36,6 +36,8 @@ pub struct Options {
     /// Calls a second.
     pub rate: f64,
     pub pace: Pace,
+    /// The kinds of fault the schedule draws from.
+    pub faults: Vec<FaultKind>,
     pub accounts: usize,
     pub wait_ms: Ms,
     /// The run's Redis Cluster.
@@ -111,7 +113,12 @@ pub async fn run(options: Options) -> Run {
     let start = rec.now();
     let mut calls = traffic::schedule(options.seed, options.rate, options.duration);
     calls.iter_mut().for_each(|c| c.at += start);
-    let mut breaks = faults::schedule(options.seed, options.duration, options.pace);
+    let mut breaks = faults::schedule(
+        options.seed,
+        options.duration,
+        options.pace,
+        &options.faults,
+    );
     breaks.iter_mut().for_each(|f| f.at += start);
     eprintln!(
         "chaos: seed {}, {} calls and {} faults scheduled over {} s",

@@ -19,21 +19,25 @@
 //! request an error. Every fault test in `tests/faults_*.rs` passes on it.
 //!
 //! A cluster: one cluster connection (a multiplexed connection per node,
-//! RESP3), which follows slot moves and failovers by itself.
+//! RESP3), which follows slot moves and failovers by itself, and which a
+//! watchdog replaces when one shard stops answering it ([`super::cluster`]).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisFuture, RedisResult, Value};
 
+use super::cluster::Cluster;
+
 /// How this process reaches Redis for commands.
 pub(super) enum Link {
     /// One Redis server.
     Single(ServerConnection),
-    /// A Redis Cluster: cheap to clone.
-    Cluster(ClusterConnection),
+    /// A Redis Cluster.
+    Cluster(Arc<Cluster>),
 }
 
 /// The command connection of one Redis server: one multiplexed connection,
@@ -69,7 +73,7 @@ impl Link {
                 manager: server.manager.clone(),
                 db: server.db,
             },
-            Link::Cluster(conn) => Conn::Cluster(conn.clone()),
+            Link::Cluster(cluster) => Conn::Cluster(cluster.conn()),
         }
     }
 }

@@ -177,6 +177,20 @@ impl Direct {
         }
     }
 
+    /// The masters of the slot map as last read (none before it is read).
+    pub(super) fn masters(&self) -> Vec<Arc<str>> {
+        let Servers::Cluster { masters, .. } = &self.servers else {
+            return Vec::new();
+        };
+        let known = masters.read().ok().and_then(|m| m.clone());
+        known.map_or_else(Vec::new, |map| {
+            map.masters()
+                .into_iter()
+                .map(|(master, _)| master)
+                .collect()
+        })
+    }
+
     /// The server holding `key`, when known.
     fn server_of(&self, key: &str) -> Option<Arc<str>> {
         match &self.servers {
@@ -228,7 +242,9 @@ impl Direct {
         self.send_to(server, cmd).await
     }
 
-    async fn send_to(&self, server: Arc<str>, cmd: &redis::Cmd) -> Sent {
+    /// Sends `cmd` to `server` the short way (also the cluster watchdog's
+    /// way to a node: [`super::cluster`]).
+    pub(super) async fn send_to(&self, server: Arc<str>, cmd: &redis::Cmd) -> Sent {
         let idle = self
             .idle
             .lock()
@@ -400,7 +416,7 @@ pub(super) fn slot(key: &[u8]) -> u16 {
 
 impl SlotMap {
     /// From a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id], replicas…], …]`.
-    fn from_reply(reply: &Value) -> Option<SlotMap> {
+    pub(super) fn from_reply(reply: &Value) -> Option<SlotMap> {
         let Value::Array(ranges) = reply else {
             return None;
         };
@@ -428,6 +444,17 @@ impl SlotMap {
             map.push((int(start)?, int(end)?, Arc::from(format!("{host}:{port}"))));
         }
         (!map.is_empty()).then_some(SlotMap(map))
+    }
+
+    /// Each master once, with the first slot it serves.
+    pub(super) fn masters(&self) -> Vec<(Arc<str>, u16)> {
+        let mut masters: Vec<(Arc<str>, u16)> = Vec::new();
+        for (start, _, master) in &self.0 {
+            if !masters.iter().any(|(known, _)| known == master) {
+                masters.push((master.clone(), *start));
+            }
+        }
+        masters
     }
 
     fn master_of(&self, slot: u16) -> Option<&Arc<str>> {
@@ -488,6 +515,18 @@ mod tests {
         let map = SlotMap::from_reply(&reply).expect("a map");
         assert_eq!(map.master_of(0).map(|m| &**m), Some("127.0.0.1:7001"));
         assert_eq!(map.master_of(5461).map(|m| &**m), Some("127.0.0.1:7002"));
+        let masters: Vec<(String, u16)> = map
+            .masters()
+            .into_iter()
+            .map(|(m, slot)| (m.to_string(), slot))
+            .collect();
+        assert_eq!(
+            masters,
+            [
+                ("127.0.0.1:7001".to_owned(), 0),
+                ("127.0.0.1:7002".to_owned(), 5461)
+            ]
+        );
         assert_eq!(SlotMap::from_reply(&Value::Nil), None);
         assert_eq!(SlotMap::from_reply(&Value::Array(vec![])), None);
     }

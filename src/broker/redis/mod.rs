@@ -11,12 +11,15 @@
 //!   connection (a multiplexed connection per node, RESP3) carries commands
 //!   and sharded subscriptions (`SSUBSCRIBE`/`SPUBLISH`), so an answer travels
 //!   only to the shard that owns its key; the redis crate follows slot moves
-//!   and failovers and resubscribes.
+//!   and failovers and resubscribes, and a watchdog replaces the connection
+//!   when the crate gets stuck on one shard.
 //!
 //! The jobs, a file each:
 //!
 //! - [`keys`]: key and channel names, the state's text, the message;
 //! - [`connections`]: command connections;
+//! - [`cluster`]: the cluster connection, and the watchdog that replaces
+//!   it when one shard stops answering it while it answers everyone else;
 //! - [`direct`]: the answer script's short way, on a connection the
 //!   answering task drives itself, with the usual way as its fallback;
 //! - [`subscriber`]: subscribing, and the task that reads answers and hands
@@ -36,6 +39,7 @@
 //! failovers by itself; the fallback check covers answers published
 //! meanwhile.
 
+mod cluster;
 mod connections;
 mod direct;
 mod fallback;
@@ -57,6 +61,7 @@ use super::{
     Release, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
+use cluster::Cluster;
 use connections::{Link, ServerConnection};
 use direct::{Direct, Sent};
 pub use keys::{channel, meta_key, set_pending, state_key, FORMAT};
@@ -138,19 +143,20 @@ impl RedisBroker {
         let (link, subscriptions, subscriber) = match nodes {
             Some(nodes) => {
                 let (pushes, pushed) = mpsc::unbounded_channel();
-                let client = ClusterClientBuilder::new(nodes)
+                let client = ClusterClientBuilder::new(nodes.clone())
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(pushes)
                     .connection_timeout(options.acquire_timeout)
                     .response_timeout(options.acquire_timeout)
                     .build()
                     .map_err(bad_url)?;
-                let conn = client.get_async_connection().await.map_err(|e| {
+                let cluster = Cluster::connect(client, &nodes).await.map_err(|e| {
                     BrokerError::Unavailable(format!("cannot reach the Redis Cluster: {e}"))
                 })?;
+                let cluster = Arc::new(cluster);
                 (
-                    Link::Cluster(conn.clone()),
-                    Subscriptions::Cluster(conn),
+                    Link::Cluster(cluster.clone()),
+                    Subscriptions::Cluster(cluster),
                     Subscriber::Cluster(pushed),
                 )
             }
@@ -180,6 +186,9 @@ impl RedisBroker {
         if shared.direct.is_cluster() {
             tokio::spawn(read_slot_maps(Arc::downgrade(&shared), stopped.clone()));
         }
+        if shared.is_cluster() {
+            tokio::spawn(cluster::watchdog(Arc::downgrade(&shared), stopped.clone()));
+        }
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
         subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
         tokio::spawn(fallback::fallback_check(Arc::downgrade(&shared), stopped));
@@ -192,7 +201,15 @@ impl RedisBroker {
 
 impl Shared {
     fn is_cluster(&self) -> bool {
-        matches!(self.link, Link::Cluster(_))
+        self.cluster().is_some()
+    }
+
+    /// The cluster connection, on a cluster.
+    fn cluster(&self) -> Option<&Arc<Cluster>> {
+        match &self.link {
+            Link::Cluster(cluster) => Some(cluster),
+            Link::Single(_) => None,
+        }
     }
 
     /// A command failed. On a cluster that is often the only sign of a
@@ -202,9 +219,12 @@ impl Shared {
     /// subscriptions are not. The fallback check then runs for
     /// [`fallback::CLUSTER_SETTLING`], so an answer published meanwhile is
     /// still read.
+    /// It also wakes the cluster watchdog ([`cluster`]), which tells a
+    /// failing shard from a wedged connection.
     fn failed(&self, e: impl std::fmt::Display) -> BrokerError {
-        if self.is_cluster() {
+        if let Some(cluster) = self.cluster() {
             self.mark_unsure_for(fallback::CLUSTER_SETTLING);
+            cluster.suspect();
         }
         unavailable(e)
     }

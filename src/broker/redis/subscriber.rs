@@ -10,15 +10,15 @@
 //! the messages it pushes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, PushInfo, PushKind};
 use tokio::sync::{mpsc, watch};
 
+use super::cluster::Cluster;
 use super::keys::{self, channel, key_of_channel, Message};
 use super::{meta_key, push_key, state_key, unavailable, Shared, Stored, BATCH};
 use crate::broker::BrokerError;
@@ -43,7 +43,7 @@ pub(super) enum Subscriptions {
         up: AtomicBool,
     },
     /// A cluster: sharded subscriptions on the cluster connection.
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
 }
 
 impl Subscriptions {
@@ -95,9 +95,15 @@ impl Subscriptions {
                     .ok_or_else(|| unavailable("Redis subscriber connection is down"))?;
                 tokio::time::timeout(timeout, async move { sink.subscribe(channel).await }).await
             }
-            Subscriptions::Cluster(conn) => {
-                let mut conn = conn.clone();
-                tokio::time::timeout(timeout, async move { conn.ssubscribe(channel).await }).await
+            Subscriptions::Cluster(cluster) => {
+                let mut conn = cluster.conn();
+                let subscribed =
+                    tokio::time::timeout(timeout, async move { conn.ssubscribe(channel).await })
+                        .await;
+                if !matches!(subscribed, Ok(Ok(()))) {
+                    cluster.suspect();
+                }
+                subscribed
             }
         };
         subscribed
@@ -115,23 +121,27 @@ impl Subscriptions {
                     let _ = tokio::time::timeout(timeout, sink.unsubscribe(&channels)).await;
                 }
             }
-            Subscriptions::Cluster(conn) => {
+            Subscriptions::Cluster(cluster) => {
                 // Sharded channels of different slots cannot share one
                 // command. One whose shard is failing over is retried a
                 // while: the redis crate would otherwise resubscribe it on
                 // the promoted replica, to nobody's use.
                 let unsubscribed = channels.into_iter().map(|channel| {
-                    let mut conn = conn.clone();
+                    let cluster = cluster.clone();
                     async move {
                         for attempt in 0..UNSUBSCRIBE_TRIES {
                             if attempt > 0 {
                                 tokio::time::sleep(UNSUBSCRIBE_RETRY).await;
                             }
+                            // The current connection each time: a replaced
+                            // one took its subscriptions with it.
+                            let mut conn = cluster.conn();
                             let done =
                                 tokio::time::timeout(timeout, conn.sunsubscribe(&channel)).await;
                             if matches!(done, Ok(Ok(()))) {
                                 return;
                             }
+                            cluster.suspect();
                         }
                         tracing::warn!(channel = %Escaped(&channel), "cannot unsubscribe a finished call's channel");
                     }
@@ -162,7 +172,7 @@ impl Subscriber {
 }
 
 /// Sleeps `duration`, or returns `false` when the broker stops first.
-async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<()>) -> bool {
+pub(super) async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<()>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(duration) => true,
         _ = stop.changed() => false,
