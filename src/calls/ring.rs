@@ -228,6 +228,11 @@ impl Ringing {
                     effects.extend(self.steering.call.step(Event::Answer { device, available }));
                 }
             }
+            // Cancelled elsewhere, and the message lost (a cut connection):
+            // the phones hear `cancelled`, as they would have.
+            if before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled) {
+                effects.extend(self.steering.call.step(Event::Cancel));
+            }
         }
         effects.extend(self.steering.call.step(event));
         effects

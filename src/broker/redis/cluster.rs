@@ -50,11 +50,13 @@ use super::Shared;
 use crate::logs::Escaped;
 
 /// How far apart the probes of a suspected cluster connection are.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Probes in a row that must find one master answering the short way but
-/// not through the cluster connection before it is replaced: a failover
-/// the connection has not followed yet is followed within a few.
-const STRIKES: u32 = 3;
+/// not through the cluster connection before it is replaced: not one, for
+/// the connection may be following a failover at that very moment; not
+/// many, for every call on that shard fails meanwhile (a replacement costs
+/// a connection per node and a `SSUBSCRIBE` per call ringing here).
+const STRIKES: u32 = 2;
 /// Channels subscribed at once on a new cluster connection.
 const RESUBSCRIBING: usize = 32;
 
@@ -162,9 +164,12 @@ pub(super) async fn watchdog(shared: Weak<Shared>, mut stop: watch::Receiver<()>
     }
 }
 
-/// Reads the slot map straight from a node: a master known to the short
-/// way, else a node the URL names.
-async fn read_slot_map(shared: &Shared, cluster: &Cluster) -> Option<SlotMap> {
+/// Reads the slot map (`CLUSTER SLOTS`) straight from a node, over the
+/// short way's plain connections: a master it knows, else a node the URL
+/// names. The reply, when one parses as a map. Also how the short way
+/// learns its map ([`super::RedisBroker::connect`]'s map reader), so that
+/// neither depends on the cluster connection it is there to get around.
+pub(super) async fn read_slot_map(shared: &Shared, cluster: &Cluster) -> Option<Value> {
     let known = shared.direct.masters();
     for node in known.iter().chain(&cluster.seeds) {
         if let Sent::Reply(reply) = shared
@@ -172,8 +177,8 @@ async fn read_slot_map(shared: &Shared, cluster: &Cluster) -> Option<SlotMap> {
             .send_to(node.clone(), redis::cmd("CLUSTER").arg("SLOTS"))
             .await
         {
-            if let Some(map) = SlotMap::from_reply(&reply) {
-                return Some(map);
+            if SlotMap::from_reply(&reply).is_some() {
+                return Some(reply);
             }
         }
     }
@@ -182,7 +187,11 @@ async fn read_slot_map(shared: &Shared, cluster: &Cluster) -> Option<SlotMap> {
 
 /// Probes every master once: see the module's doc.
 async fn probe(shared: &Shared, cluster: &Cluster) -> Health {
-    let Some(map) = read_slot_map(shared, cluster).await else {
+    let Some(map) = read_slot_map(shared, cluster)
+        .await
+        .as_ref()
+        .and_then(SlotMap::from_reply)
+    else {
         return Health::Failing;
     };
     let timeout = shared.options.acquire_timeout;
@@ -396,5 +405,120 @@ mod tests {
         })
         .await;
         drop(wait);
+    }
+
+    /// Kills, on every master, the short way's connections
+    /// (`call-notifier-answers`): what a restart or a cut leaves in its pool.
+    async fn kill_short_way_connections(shared: &Shared) -> usize {
+        let mut killed = 0;
+        for master in shared.direct.masters() {
+            let client = redis::Client::open(format!("redis://{master}/")).expect("a node URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a connection to the master");
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .expect("CLIENT LIST");
+            for line in list
+                .lines()
+                .filter(|l| l.contains("name=call-notifier-answers"))
+            {
+                let Some(addr) = line.split(' ').find_map(|f| f.strip_prefix("addr=")) else {
+                    continue;
+                };
+                let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ADDR")
+                    .arg(addr)
+                    .query_async(&mut conn)
+                    .await;
+                killed += 1;
+            }
+        }
+        killed
+    }
+
+    /// The last word on a call (its end script, at the deadline) gets
+    /// through while the cluster connection is stuck on the call's shard
+    /// and every idle connection of the short way was closed by Redis (the
+    /// chaos run's cut connections): it goes the short way, on a new
+    /// connection, and finds the answer that won.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
+    async fn the_last_word_gets_through_a_stuck_cluster_connection() {
+        let url = std::env::var("TEST_REDIS_CLUSTER_URL")
+            .expect("TEST_REDIS_CLUSTER_URL (e.g. redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003)");
+        let broker = RedisBroker::connect(RedisOptions {
+            url: url.clone(),
+            acquire_timeout: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let shared = broker.shared.clone();
+        let cluster = shared.cluster().expect("a cluster").clone();
+        let key = crate::broker::random_key();
+        let _wait = broker
+            .open(Opening {
+                key: &key,
+                account: 1,
+                devices: &[Platform::Android, Platform::Android],
+                until: tokio::time::Instant::now() + Duration::from_secs(120),
+            })
+            .await
+            .expect("a wait opens");
+        // The second device takes the call; its answer is repeated once the
+        // short way knows the slot map, so its pool holds a connection.
+        let device = crate::broker::push_key(&key, 1, 2);
+        broker
+            .answer(&device, true, false)
+            .await
+            .expect("the answer counts");
+        bounded("the short way's slot map", async {
+            while shared.direct.masters().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        broker
+            .answer(&device, true, false)
+            .await
+            .expect("the repeat");
+        assert!(
+            kill_short_way_connections(&shared).await > 0,
+            "no idle connection to kill"
+        );
+
+        let slot = super::super::direct::slot(state_key(&key).as_bytes());
+        let mut conn = cluster.conn();
+        let mut off = redis::cmd("CLIENT");
+        off.arg("REPLY").arg("OFF");
+        let to_master = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        let _ = tokio::time::timeout(
+            Duration::from_millis(300),
+            conn.route_command(off, to_master),
+        )
+        .await;
+
+        let before = tokio::time::timeout(
+            Duration::from_millis(450),
+            broker.end(&key, crate::store::EndReason::TimedOut),
+        )
+        .await
+        .expect("the end script answered before the cluster connection's timeout")
+        .expect("the end script ran");
+        let before = before.expect("the call's record before its end");
+        assert_eq!(before.devices[1].answer, Some(true), "{before:?}");
+        assert_eq!(
+            cluster.replaced(),
+            0,
+            "the cluster connection was replaced first"
+        );
     }
 }

@@ -15,13 +15,16 @@
 //!
 //! - a key whose master it does not know (no slot map yet, or a `rediss://`
 //!   or unix-socket URL): the usual way;
-//! - a connection it cannot make, or one that turns out dropped before the
-//!   reply: the usual way (the script is safe to run twice: its first
-//!   answer stands);
-//! - any error reply, among them `MOVED` after a resharding or a failover,
-//!   `ASK` while a slot migrates, and `NOSCRIPT` on a fresh server: the
-//!   usual way, which follows the redirection or loads the script; a
-//!   `MOVED` also has the slot map read again (`CLUSTER SLOTS`);
+//! - an idle connection Redis closed meanwhile: once more on a new one;
+//! - a connection it cannot make, or a new one that turns out dropped
+//!   before the reply: the usual way (the scripts sent so are safe to run
+//!   twice: an answer's first run stands, an end's second finds it ended);
+//! - `NOSCRIPT` on a fresh server: the script's whole text (`EVAL`), the
+//!   short way too, which also loads it;
+//! - any other error reply, among them `MOVED` after a resharding or a
+//!   failover and `ASK` while a slot migrates: the usual way, which follows
+//!   the redirection; a `MOVED` also has the slot map read again
+//!   (`CLUSTER SLOTS`);
 //! - no reply within `--redis-timeout-ms`: an error, as on the usual way
 //!   (the script may have run; running it again would not be wrong, but
 //!   doubling the wait for a Redis that hangs would be).
@@ -56,6 +59,9 @@ pub(super) enum Sent {
     Reply(Value),
     /// Not sent, or sent and not known to have run: send it the usual way.
     Detour,
+    /// `NOSCRIPT`: the server does not have the script `EVALSHA` named (a
+    /// fresh or restarted server); it ran nothing.
+    NoScript,
     /// Sent, and Redis did not answer in time.
     TimedOut,
 }
@@ -245,40 +251,62 @@ impl Direct {
     /// Sends `cmd` to `server` the short way (also the cluster watchdog's
     /// way to a node: [`super::cluster`]).
     pub(super) async fn send_to(&self, server: Arc<str>, cmd: &redis::Cmd) -> Sent {
+        let packed = cmd.get_packed_command();
         let idle = self
             .idle
             .lock()
             .ok()
             .and_then(|mut idle| idle.get_mut(&server).and_then(Vec::pop));
-        let mut connection = match idle {
-            Some(connection) => connection,
-            None => match tokio::time::timeout(self.timeout, self.connect(&server)).await {
-                Ok(Ok(connection)) => connection,
-                Ok(Err(_)) | Err(_) => {
-                    self.distrust();
-                    return Sent::Detour;
-                }
-            },
+        if let Some(connection) = idle {
+            // An idle connection Redis closed meanwhile (a restart, `CLIENT
+            // KILL`, its idle timeout) fails before any reply, and Redis
+            // never read the command: once more on a new connection.
+            if let Ok(sent) = self.exchange(&server, connection, &packed).await {
+                return sent;
+            }
+        }
+        let connection = match tokio::time::timeout(self.timeout, self.connect(&server)).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(_)) | Err(_) => {
+                self.distrust();
+                return Sent::Detour;
+            }
         };
-        let packed = cmd.get_packed_command();
-        let reply = tokio::time::timeout(self.timeout, connection.call(&packed)).await;
+        self.exchange(&server, connection, &packed)
+            .await
+            .unwrap_or_else(|()| {
+                self.distrust();
+                Sent::Detour
+            })
+    }
+
+    /// One command on `connection`, put back when it stays usable; `Err`
+    /// when the connection failed before a reply.
+    async fn exchange(
+        &self,
+        server: &Arc<str>,
+        mut connection: Connection,
+        packed: &[u8],
+    ) -> Result<Sent, ()> {
+        let reply = tokio::time::timeout(self.timeout, connection.call(packed)).await;
         match reply {
             Ok(Ok(Reply::Value(value))) => {
-                self.put_back(server, connection);
-                Sent::Reply(value)
+                self.put_back(server.clone(), connection);
+                Ok(Sent::Reply(value))
             }
             Ok(Ok(Reply::Error(text))) => {
                 if text.starts_with("MOVED") {
                     self.distrust();
                 }
-                self.put_back(server, connection);
-                Sent::Detour
+                self.put_back(server.clone(), connection);
+                Ok(if text.starts_with("NOSCRIPT") {
+                    Sent::NoScript
+                } else {
+                    Sent::Detour
+                })
             }
-            Ok(Err(_)) => {
-                self.distrust();
-                Sent::Detour
-            }
-            Err(_) => Sent::TimedOut,
+            Ok(Err(_)) => Err(()),
+            Err(_) => Ok(Sent::TimedOut),
         }
     }
 

@@ -254,31 +254,48 @@ impl Shared {
             .map_err(|e| self.failed(e))
     }
 
-    /// Runs the answer script ([`keys::ANSWER_SCRIPT`]) on `key`: the
-    /// short way when it can ([`direct`]), else the usual way.
-    async fn answer_script(
+    /// Runs `script` on `keys` (all in one slot) with `args`: the short
+    /// way when it can ([`direct`]), else the usual way. The answer script
+    /// and the end script go so: the first is the one command between the
+    /// app's answer and the PBX's ACK, the second the last word on a call,
+    /// which must get through while the cluster connection is stuck.
+    async fn script<T: FromRedisValue>(
         &self,
-        key: String,
+        script: &redis::Script,
+        code: &str,
+        keys: &[String],
         args: &[String],
-    ) -> Result<Option<(u8, String)>, BrokerError> {
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha
-            .arg(self.answer.get_hash())
-            .arg(1)
-            .arg(&key)
-            .arg(args);
-        match self.direct.send(&key, &evalsha).await {
+    ) -> Result<T, BrokerError> {
+        let Some(first) = keys.first() else {
+            return Err(unavailable("a script with no key"));
+        };
+        let eval = |command: &str, body: &str| {
+            let mut eval = redis::cmd(command);
+            eval.arg(body).arg(keys.len()).arg(keys).arg(args);
+            eval
+        };
+        let mut sent = self
+            .direct
+            .send(first, &eval("EVALSHA", script.get_hash()))
+            .await;
+        if matches!(sent, Sent::NoScript) {
+            sent = self.direct.send(first, &eval("EVAL", code)).await;
+        }
+        match sent {
             Sent::Reply(value) => {
                 return FromRedisValue::from_redis_value(value).map_err(unavailable)
             }
-            Sent::TimedOut => {
-                return Err(self.failed("Redis did not answer the answer script in time"))
-            }
-            Sent::Detour => {}
+            Sent::TimedOut => return Err(self.failed("Redis did not answer a script in time")),
+            Sent::Detour | Sent::NoScript => {}
         }
-        let mut script = self.answer.prepare_invoke();
-        script.key(key).arg(args);
-        self.invoke(&script).await
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        self.invoke(&invocation).await
     }
 
     /// The command that publishes an answer to its channel.
@@ -381,7 +398,14 @@ impl CallBroker for RedisBroker {
                 (if as_given { "1" } else { "0" }).to_owned(),
                 (if stale { "1" } else { "0" }).to_owned(),
             ];
-            let reply = shared.answer_script(state_key(&call), &args).await?;
+            let reply: Option<(u8, String)> = shared
+                .script(
+                    &shared.answer,
+                    keys::ANSWER_SCRIPT,
+                    &[state_key(&call)],
+                    &args,
+                )
+                .await?;
             let Some((counted, before)) = reply else {
                 return Ok(Verdict::Unknown);
             };
@@ -508,12 +532,10 @@ async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Rec
             _ = wanted.direct.map_wanted.notified() => {}
             _ = stopped.changed() => return,
         }
-        let mut conn = wanted.link.conn();
-        let slots: Option<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
-            .await
-            .ok();
+        let slots = match wanted.cluster() {
+            Some(cluster) => cluster::read_slot_map(&wanted, cluster).await,
+            None => None,
+        };
         wanted.direct.learn(slots.as_ref());
     }
 }
@@ -586,18 +608,23 @@ impl Shared {
         reason: EndReason,
         cancel: Option<Option<i64>>,
     ) -> Result<Option<Record>, BrokerError> {
-        let mut script = self.end.prepare_invoke();
-        script
-            .key(state_key(key))
-            .key(meta_key(key))
-            .arg(reason.as_str())
-            .arg(keys::tombstone_millis())
-            .arg(if cancel.is_some() { "cancel" } else { "end" })
-            .arg(channel(key))
-            .arg(keys::encode_end(EndReason::Cancelled))
-            .arg(self.publish_command())
-            .arg(cancel.flatten().map(|a| a.to_string()).unwrap_or_default());
-        let before: Option<String> = self.invoke(&script).await?;
+        let args = [
+            reason.as_str().to_owned(),
+            keys::tombstone_millis().to_string(),
+            (if cancel.is_some() { "cancel" } else { "end" }).to_owned(),
+            channel(key),
+            keys::encode_end(EndReason::Cancelled),
+            self.publish_command().to_owned(),
+            cancel.flatten().map(|a| a.to_string()).unwrap_or_default(),
+        ];
+        let before: Option<String> = self
+            .script(
+                &self.end,
+                keys::END_SCRIPT,
+                &[state_key(key), meta_key(key)],
+                &args,
+            )
+            .await?;
         Ok(before.as_deref().and_then(Record::decode))
     }
 }
