@@ -259,9 +259,15 @@ impl<'a> Index<'a> {
         let registered_surely = answers
             .iter()
             .any(|a| sure(a) && a.replied + RACE < end.min(call.sent + wait));
+        // The server answers the call with a REGISTER while it stores the
+        // device (`src/http/sip.rs`), so a REGISTER answered 5xx (the store
+        // failed) or not at all may have answered it too.
+        let may_have_answered = |a: &Answer| {
+            a.register && ((200..300).contains(&a.status) || a.status == 0 || a.status >= 500)
+        };
         let registered_maybe = answers
             .iter()
-            .any(|a| a.register && (200..300).contains(&a.status) && a.sent <= end);
+            .any(|a| may_have_answered(a) && a.sent <= end);
         let declined = answers
             .iter()
             .any(|a| !a.available && a.status == 202 && a.sent <= end);
@@ -347,8 +353,7 @@ impl<'a> Index<'a> {
             let mine = || answers.iter().filter(|a| a.token == token);
             let answered = mine().any(|a| a.status == 202 && !a.stale && !a.register)
                 || mine().any(|a| sure(a) && a.replied + RACE < end);
-            let maybe_answered = mine()
-                .any(|a| a.register && (200..300).contains(&a.status) && a.sent <= end + RACE);
+            let maybe_answered = mine().any(|a| may_have_answered(a) && a.sent <= end + RACE);
             if answered {
                 if !notices.is_empty() {
                     violation(
@@ -419,6 +424,7 @@ impl<'a> Index<'a> {
                 _ if answer.register => {
                     (200..300).contains(&answer.status)
                         || (answer.status == 503 && fault_near(redis_or_store))
+                        || (answer.status == 0 && fault_near(|k| k == FaultKind::RestartInstance))
                 }
                 202 => {
                     !answer.stale

@@ -442,3 +442,38 @@ fn a_cancel_that_failed_may_have_ended_its_call_but_one_refused_did_not() {
     obs.cancels[0].status = 404;
     assert_eq!(rules(&judge(&obs)), [3]);
 }
+
+#[test]
+fn a_register_that_failed_may_have_answered_its_call_but_one_refused_did_not() {
+    // Phone a woke and its proxy's REGISTER answered call 0 while
+    // PostgreSQL was cut: the call was answered, the device not stored,
+    // the proxy heard 503. ACK and no notice to a are what the server
+    // should do.
+    let mut obs = clean();
+    obs.answers[0].register = true;
+    obs.answers[0].status = 503;
+    obs.faults.push(Fault {
+        kind: FaultKind::PostgresCut,
+        target: "PostgreSQL".into(),
+        start: 900,
+        end: 1_100,
+    });
+    assert!(
+        judge(&obs).violations.is_empty(),
+        "{:#?}",
+        judge(&obs).violations
+    );
+    // Nor does a REGISTER whose instance went down before it replied.
+    obs.faults[0].kind = FaultKind::RestartInstance;
+    obs.answers[0].status = 0;
+    assert!(
+        judge(&obs).violations.is_empty(),
+        "{:#?}",
+        judge(&obs).violations
+    );
+    // A REGISTER refused answered nothing: the ACK had no answer, a,
+    // still ringing, was owed its notice, and the chaos run's REGISTERs
+    // are well-formed, so the 400 itself is the wrong status.
+    obs.answers[0].status = 400;
+    assert_eq!(rules(&judge(&obs)), [2, 3, 4]);
+}

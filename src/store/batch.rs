@@ -25,6 +25,13 @@ const BATCH: usize = 1_000;
 /// How long shutdown waits for the rows promised before it writes what it
 /// has: a promise is kept within a push's timeout.
 const PROMISES_WAIT: Duration = Duration::from_secs(15);
+/// How long a batch waits for more rows once its first has come. Each
+/// batch costs the database a commit (and SQLite a statement), and a writer
+/// that keeps up with the calls row by row pays those per call: at 32 calls
+/// in flight, batches of 2.1 rows cost the embedded set-up 3.5 times the
+/// WAL commits of 5ac25e6's 7.4-row batches (`docs/performance.md`). The
+/// rows are off the call path; a few milliseconds cost nobody anything.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// How a batch of rows reaches the store: one of its multi-row writes
 /// (`|store, rows| store.log_responses(rows)`).
@@ -162,6 +169,13 @@ async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>
         };
         if received == 0 {
             return;
+        }
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                let Ok(row) = rows.try_recv() else { break };
+                batch.push(row);
+            }
         }
         if let Err(e) = (sink.write)(sink.store.as_ref(), &batch).await {
             sink.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);

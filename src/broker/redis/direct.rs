@@ -40,13 +40,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// Idle connections kept per Redis server: more than the answers one
-/// process sends at the same instant.
-const IDLE_PER_SERVER: usize = 16;
-/// Connections in use at once, all servers together: in a burst beyond
-/// this, answers go the usual way (pipelined on one connection) rather
-/// than open connection after connection.
-const IN_USE_MAX: usize = 64;
+/// Idle connections kept per Redis server: as many as may be in use.
+const IDLE_PER_SERVER: usize = IN_USE_MAX;
+/// Connections in use at once, all servers together: beyond this, answers
+/// go the usual way, pipelined on one connection. The short way wins the
+/// wake-up its latency at light load; under load pipelining wins: at 128
+/// calls in flight, up to 64 plain connections (a round trip and two
+/// syscalls each per answer) cost 16% of the PostgreSQL + Redis set-ups per
+/// second, 8 cost none measurable (`docs/performance.md`).
+const IN_USE_MAX: usize = 8;
 /// How these connections appear in `CLIENT LIST`.
 const CLIENT_NAME: &str = "call-notifier-answers";
 /// A reply larger than this is not the answer script's.

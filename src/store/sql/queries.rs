@@ -475,17 +475,28 @@ macro_rules! append_pg {
     };
 }
 
-/// SQLite: a batch of rows in one multi-row `INSERT` (diesel writes one when
-/// no row leaves a column to its default), run by diesel's synchronous
-/// SQLite connection on the connection's blocking thread: one hop to that
-/// thread per batch. Through the async wrapper, each row's statement was a
-/// hop of its own, which cost a quarter of the embedded set-up throughput.
+/// SQLite: a batch of rows in one transaction, a single-row `INSERT` per
+/// row, run by diesel's synchronous SQLite connection on the connection's
+/// blocking thread: one hop to that thread per batch (through the async
+/// wrapper, each row's statement was a hop of its own, which cost a quarter
+/// of the embedded set-up throughput). Not one multi-row `INSERT`: its
+/// text differs with the batch's size, so diesel never caches it and SQLite
+/// parsed it anew for every batch; the single-row `INSERT` stays prepared
+/// (`docs/performance.md`, the set-ups lost since 5ac25e6).
 macro_rules! append_sqlite {
     ($conn:expr, $table:expr, $rows:expr) => {{
         let rows = $rows;
         $conn
             .spawn_blocking(move |conn| {
-                diesel::RunQueryDsl::execute(diesel::insert_into($table).values(&rows), conn)
+                diesel::Connection::transaction(conn, |conn| {
+                    for row in &rows {
+                        diesel::RunQueryDsl::execute(
+                            diesel::insert_into($table).values(row),
+                            conn,
+                        )?;
+                    }
+                    Ok::<_, diesel::result::Error>(())
+                })
             })
             .await
             .map(drop)
