@@ -293,6 +293,53 @@ mod tests {
             .unwrap_or_else(|_| panic!("{what}: nothing within 60 s"))
     }
 
+    /// A broker on the test cluster, and a call ringing on `devices` held
+    /// by it.
+    async fn a_call(
+        devices: &[Platform],
+    ) -> (RedisBroker, Arc<Cluster>, String, crate::broker::Wait) {
+        let url = std::env::var("TEST_REDIS_CLUSTER_URL")
+            .expect("TEST_REDIS_CLUSTER_URL (e.g. redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003)");
+        let broker = RedisBroker::connect(RedisOptions {
+            url: url.clone(),
+            acquire_timeout: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let cluster = broker.shared.cluster().expect("a cluster").clone();
+        let key = crate::broker::random_key();
+        let wait = broker
+            .open(Opening {
+                key: &key,
+                account: 1,
+                devices,
+                until: tokio::time::Instant::now() + Duration::from_secs(120),
+            })
+            .await
+            .expect("a wait opens");
+        (broker, cluster, key, wait)
+    }
+
+    /// Where a command for `key`'s master goes.
+    fn to_master_of(key: &str) -> RoutingInfo {
+        let slot = super::super::direct::slot(state_key(key).as_bytes());
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )))
+    }
+
+    /// Stops the replies on the cluster connection's own connection to
+    /// `key`'s master (`CLIENT REPLY OFF`, sent on it: never answered).
+    async fn wedge(cluster: &Cluster, key: &str) {
+        let mut off = redis::cmd("CLIENT");
+        off.arg("REPLY").arg("OFF");
+        let mut conn = cluster.conn();
+        let sent = conn.route_command(off, to_master_of(key));
+        let _ = tokio::time::timeout(Duration::from_millis(300), sent).await;
+    }
+
     /// The chaos run's wedge, made on purpose: the redis crate's connection
     /// to one master gets no reply any more (`CLIENT REPLY OFF`, sent on
     /// that very connection) while the master answers everyone else. The
@@ -304,58 +351,19 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
     async fn a_cluster_connection_one_master_stopped_answering_is_replaced() {
-        let url = std::env::var("TEST_REDIS_CLUSTER_URL")
-            .expect("TEST_REDIS_CLUSTER_URL (e.g. redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003)");
-        let broker = RedisBroker::connect(RedisOptions {
-            url: url.clone(),
-            acquire_timeout: Duration::from_millis(500),
-            poll_interval: Duration::from_millis(100),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let shared = broker.shared.clone();
-        let cluster = shared.cluster().expect("a cluster").clone();
-
-        let key = crate::broker::random_key();
-        let wait = broker
-            .open(Opening {
-                key: &key,
-                account: 1,
-                devices: &[Platform::Android],
-                until: tokio::time::Instant::now() + Duration::from_secs(120),
-            })
-            .await
-            .expect("a wait opens");
-        let slot = super::super::direct::slot(state_key(&key).as_bytes());
-        let to_master = || {
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-                slot,
-                SlotAddr::Master,
-            )))
-        };
-
-        // Wedge the crate's connection to the key's master. It never
-        // answers this, so the command only times out.
-        let mut conn = cluster.conn();
-        let mut off = redis::cmd("CLIENT");
-        off.arg("REPLY").arg("OFF");
-        let _ = tokio::time::timeout(
-            Duration::from_millis(300),
-            conn.route_command(off, to_master()),
-        )
-        .await;
-        let mut ping = redis::cmd("ECHO");
-        ping.arg("wedged?");
+        let (broker, cluster, key, wait) = a_call(&[Platform::Android]).await;
+        wedge(&cluster, &key).await;
+        let mut echo = redis::cmd("ECHO");
+        echo.arg("wedged?");
         let wedged = tokio::time::timeout(
             Duration::from_secs(2),
-            conn.route_command(ping, to_master()),
+            cluster.conn().route_command(echo, to_master_of(&key)),
         )
         .await;
         assert!(
             !matches!(wedged, Ok(Ok(_))),
             "the connection to the master still answers: {wedged:?}"
         );
-        drop(conn);
         assert_eq!(cluster.replaced(), 0);
 
         // A command to the shard fails, which has the watchdog probe; it
@@ -380,7 +388,7 @@ mod tests {
             loop {
                 let counted = cluster
                     .conn()
-                    .route_command(count.clone(), to_master())
+                    .route_command(count.clone(), to_master_of(&key))
                     .await;
                 let subscribers = match counted {
                     Ok(Value::Array(pair)) => match pair.get(1) {
@@ -449,27 +457,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
     async fn the_last_word_gets_through_a_stuck_cluster_connection() {
-        let url = std::env::var("TEST_REDIS_CLUSTER_URL")
-            .expect("TEST_REDIS_CLUSTER_URL (e.g. redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003)");
-        let broker = RedisBroker::connect(RedisOptions {
-            url: url.clone(),
-            acquire_timeout: Duration::from_millis(500),
-            poll_interval: Duration::from_millis(100),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let (broker, cluster, key, _wait) = a_call(&[Platform::Android, Platform::Android]).await;
         let shared = broker.shared.clone();
-        let cluster = shared.cluster().expect("a cluster").clone();
-        let key = crate::broker::random_key();
-        let _wait = broker
-            .open(Opening {
-                key: &key,
-                account: 1,
-                devices: &[Platform::Android, Platform::Android],
-                until: tokio::time::Instant::now() + Duration::from_secs(120),
-            })
-            .await
-            .expect("a wait opens");
         // The second device takes the call; its answer is repeated once the
         // short way knows the slot map, so its pool holds a connection.
         let device = crate::broker::push_key(&key, 1, 2);
@@ -492,19 +481,7 @@ mod tests {
             "no idle connection to kill"
         );
 
-        let slot = super::super::direct::slot(state_key(&key).as_bytes());
-        let mut conn = cluster.conn();
-        let mut off = redis::cmd("CLIENT");
-        off.arg("REPLY").arg("OFF");
-        let to_master = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-            slot,
-            SlotAddr::Master,
-        )));
-        let _ = tokio::time::timeout(
-            Duration::from_millis(300),
-            conn.route_command(off, to_master),
-        )
-        .await;
+        wedge(&cluster, &key).await;
 
         let before = tokio::time::timeout(
             Duration::from_millis(450),
