@@ -109,7 +109,6 @@ impl Cluster {
     }
 
     /// How many times the watchdog replaced the connection.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(super) fn replaced(&self) -> u64 {
         self.replaced.load(Ordering::Relaxed)
     }
@@ -275,6 +274,7 @@ async fn replace(shared: &Shared, cluster: &Cluster, master: &str) {
         master = %Escaped(master),
         channels = count,
         failed,
+        replacements = cluster.replaced(),
         "replaced the Redis Cluster connection: the master answered directly but not through it"
     );
 }

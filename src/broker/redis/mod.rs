@@ -100,13 +100,29 @@ struct Shared {
     retire: mpsc::UnboundedSender<(Arc<str>, bool)>,
     options: RedisOptions,
     open: redis::Script,
-    answer: redis::Script,
-    end: redis::Script,
+    answer: Lua,
+    end: Lua,
     /// The answer script's short way.
     direct: Direct,
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
     unsure_until: Mutex<Option<std::time::Instant>>,
+}
+
+/// A Lua script and its text: sent by hash (`EVALSHA`), and whole
+/// (`EVAL`) where the short way finds a server that has not got it.
+struct Lua {
+    script: redis::Script,
+    code: &'static str,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Lua {
+        Lua {
+            script: redis::Script::new(code),
+            code,
+        }
+    }
 }
 
 /// The nodes of a `redis+cluster://a:1,b:2/...` URL, as RESP3 node URLs.
@@ -178,8 +194,8 @@ impl RedisBroker {
             retire,
             unsure_until: Mutex::new(None),
             open: redis::Script::new(keys::OPEN_SCRIPT),
-            answer: redis::Script::new(keys::ANSWER_SCRIPT),
-            end: redis::Script::new(keys::END_SCRIPT),
+            answer: Lua::new(keys::ANSWER_SCRIPT),
+            end: Lua::new(keys::END_SCRIPT),
             direct,
             options,
         });
@@ -219,6 +235,7 @@ impl Shared {
     /// subscriptions are not. The fallback check then runs for
     /// [`fallback::CLUSTER_SETTLING`], so an answer published meanwhile is
     /// still read.
+    ///
     /// It also wakes the cluster watchdog ([`cluster`]), which tells a
     /// failing shard from a wedged connection.
     fn failed(&self, e: impl std::fmt::Display) -> BrokerError {
@@ -254,7 +271,7 @@ impl Shared {
             .map_err(|e| self.failed(e))
     }
 
-    /// Runs `script` (whose text is `code`) on `keys` (all in one slot)
+    /// Runs `lua` on `keys` (all in one slot)
     /// with `args`: the short way when `short` and it can ([`direct`]),
     /// else the usual way. Two scripts go the short way: the answer script,
     /// the one command between the app's answer and the PBX's ACK, and a
@@ -265,8 +282,7 @@ impl Shared {
     /// set-ups a second.
     async fn script<T: FromRedisValue>(
         &self,
-        script: &redis::Script,
-        code: &str,
+        lua: &Lua,
         keys: &[String],
         args: &[String],
         short: bool,
@@ -279,10 +295,10 @@ impl Shared {
             };
             let mut sent = self
                 .direct
-                .send(first, &eval("EVALSHA", script.get_hash()))
+                .send(first, &eval("EVALSHA", lua.script.get_hash()))
                 .await;
             if matches!(sent, Sent::NoScript) {
-                sent = self.direct.send(first, &eval("EVAL", code)).await;
+                sent = self.direct.send(first, &eval("EVAL", lua.code)).await;
             }
             match sent {
                 Sent::Reply(value) => {
@@ -292,7 +308,7 @@ impl Shared {
                 Sent::Detour | Sent::NoScript => {}
             }
         }
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = lua.script.prepare_invoke();
         for key in keys {
             invocation.key(key);
         }
@@ -403,13 +419,7 @@ impl CallBroker for RedisBroker {
                 (if stale { "1" } else { "0" }).to_owned(),
             ];
             let reply: Option<(u8, String)> = shared
-                .script(
-                    &shared.answer,
-                    keys::ANSWER_SCRIPT,
-                    &[state_key(&call)],
-                    &args,
-                    true,
-                )
+                .script(&shared.answer, &[state_key(&call)], &args, true)
                 .await?;
             let Some((counted, before)) = reply else {
                 return Ok(Verdict::Unknown);
@@ -625,7 +635,6 @@ impl Shared {
         let before: Option<String> = self
             .script(
                 &self.end,
-                keys::END_SCRIPT,
                 &[state_key(key), meta_key(key)],
                 &args,
                 // The last word: the deadline's end (or the shutdown's).
