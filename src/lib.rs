@@ -34,6 +34,7 @@
 //! - [`logs`]: client text escaped for log lines, tokens shortened.
 //! - [`metrics`]: the Prometheus metrics of one server.
 
+pub mod allocator;
 pub mod auth;
 pub mod broker;
 pub mod calls;

@@ -208,6 +208,7 @@ async fn build_state(
         config.call_history_days,
         phase.subscribe(),
     ));
+    tokio::spawn(crate::allocator::trim_periodically(phase.subscribe()));
     Ok(Arc::new(AppState {
         response_api: config.response_api(addr),
         config,

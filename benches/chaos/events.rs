@@ -273,8 +273,20 @@ pub struct Lifetime {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
-    pub rss_bytes: u64,
+    /// Anonymous resident memory (`RssAnon`): the heap and the stacks,
+    /// what a leak or a burst grows.
+    pub anon_bytes: u64,
+    /// File-backed resident memory (`RssFile`): the binary's own pages,
+    /// read in the first time a rare path (a failover, a restart) runs.
+    pub file_bytes: u64,
     pub fds: u64,
+}
+
+impl Usage {
+    /// The resident memory rule 5 judges: both kinds.
+    pub fn rss(&self) -> u64 {
+        self.anon_bytes + self.file_bytes
+    }
 }
 
 /// A Redis key left once the load stopped.

@@ -237,17 +237,20 @@ async fn ready(client: &TestClient, within: Duration) -> bool {
 /// Resident memory and open descriptors of `pid`.
 pub fn usage(pid: u32) -> Option<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(Usage {
-        rss_bytes: rss_kib * 1024,
+        anon_bytes: kib("RssAnon:")? * 1024,
+        file_bytes: kib("RssFile:")? * 1024,
         fds,
     })
 }

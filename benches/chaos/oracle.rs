@@ -29,7 +29,8 @@ const RECOVERY: Ms = 3_000;
 /// How long after a master dies an answer it acknowledged may still have
 /// been only on it (the named window).
 const REPLICATION_LAG: Ms = 1_000;
-/// How much an instance's memory may grow past its level after warm-up.
+/// How much an instance's resident memory may grow past its level after
+/// warm-up.
 pub const RSS_GROWTH: f64 = 0.10;
 
 /// One broken promise.
@@ -567,11 +568,13 @@ impl<'a> Index<'a> {
                 violation(format!("{name}: {parked} calls still parked"));
             }
             if let (Some(warm), Some(now)) = (life.warm, life.end) {
-                if now.rss_bytes as f64 > warm.rss_bytes as f64 * (1.0 + RSS_GROWTH) {
+                if now.rss() as f64 > warm.rss() as f64 * (1.0 + RSS_GROWTH) {
                     violation(format!(
-                        "{name}: RSS {} KiB, {} KiB after warm-up",
-                        now.rss_bytes / 1024,
-                        warm.rss_bytes / 1024
+                        "{name}: RSS {} KiB ({} of heap and stacks), {} KiB after warm-up ({})",
+                        now.rss() / 1024,
+                        now.anon_bytes / 1024,
+                        warm.rss() / 1024,
+                        warm.anon_bytes / 1024
                     ));
                 }
                 if now.fds > warm.fds {

@@ -91,7 +91,8 @@ fn clean() -> Observations {
     .map(|(o, n)| (o.to_owned(), n))
     .collect();
     let usage = Usage {
-        rss_bytes: 10 << 20,
+        anon_bytes: 10 << 20,
+        file_bytes: 8 << 20,
         fds: 40,
     };
     Observations {
@@ -339,14 +340,24 @@ fn an_instance_that_kept_calls_memory_or_descriptors_is_named() {
     obs.lifetimes[0].parked = Some(1);
     assert_eq!(rules(&judge(&obs)), [5]);
     let mut obs = clean();
-    obs.lifetimes[0].end = Some(Usage {
-        rss_bytes: 12 << 20,
-        fds: 40,
-    });
-    assert_eq!(rules(&judge(&obs)), [5]);
+    // 18 MiB after warm-up: 10% more is allowed, a byte past it is not.
+    let grown = |anon_bytes| {
+        let mut obs = clean();
+        obs.lifetimes[0].end = Some(Usage {
+            anon_bytes,
+            file_bytes: 8 << 20,
+            fds: 40,
+        });
+        rules(&judge(&obs))
+    };
+    let allowed = (18 << 20) / 10;
+    assert_eq!(grown((10 << 20) + allowed), [] as [usize; 0]);
+    assert_eq!(grown((10 << 20) + allowed + 1024), [5]);
+    assert_eq!(grown(12 << 20), [5]);
     let mut obs = clean();
     obs.lifetimes[0].end = Some(Usage {
-        rss_bytes: 10 << 20,
+        anon_bytes: 10 << 20,
+        file_bytes: 8 << 20,
         fds: 45,
     });
     assert_eq!(rules(&judge(&obs)), [5]);

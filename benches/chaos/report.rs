@@ -288,19 +288,22 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
         }
     }
     let _ = writeln!(out, "\n## The instances at the end\n");
-    let _ = writeln!(out, "| instance | lifetime | started (s) | starts tried | stopped (s) | drain exit | parked | RSS after warm-up (KiB) | RSS at the end (KiB) | fds after warm-up | fds at the end |");
+    let _ = writeln!(out, "| instance | lifetime | started (s) | starts tried | stopped (s) | drain exit | parked | anon RSS after warm-up (KiB) | anon RSS at the end (KiB) | file RSS after warm-up (KiB) | file RSS at the end (KiB) | fds after warm-up | fds at the end |");
     let _ = writeln!(
         out,
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (n, life) in obs.lifetimes.iter().enumerate() {
-        let kib = |u: Option<crate::events::Usage>| {
-            u.map_or("-".into(), |u| (u.rss_bytes / 1024).to_string())
+        let anon = |u: Option<crate::events::Usage>| {
+            u.map_or("-".into(), |u| (u.anon_bytes / 1024).to_string())
+        };
+        let file = |u: Option<crate::events::Usage>| {
+            u.map_or("-".into(), |u| (u.file_bytes / 1024).to_string())
         };
         let fds = |u: Option<crate::events::Usage>| u.map_or("-".into(), |u| u.fds.to_string());
         let _ = writeln!(
             out,
-            "| {} | {n} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {n} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             life.instance + 1,
             life.started as f64 / 1000.0,
             life.tries,
@@ -308,8 +311,10 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
                 .map_or("-".into(), |s| format!("{:.1}", s as f64 / 1000.0)),
             life.exit.map_or("-".into(), |e| format!("{e:?}")),
             life.parked.map_or("-".into(), |p| p.to_string()),
-            kib(life.warm),
-            kib(life.end),
+            anon(life.warm),
+            anon(life.end),
+            file(life.warm),
+            file(life.end),
             fds(life.warm),
             fds(life.end)
         );
