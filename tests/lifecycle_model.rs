@@ -4,8 +4,9 @@
 //! same random sequences of events (opens and joins by two accounts sharing
 //! one Call-ID, with one to three devices each; answers, declines and stale
 //! answers to any of the keys in play; ends; cancels by the Call-ID, with
-//! and without an account) to both, and compares every verdict and every
-//! stored record, step by step, on one Redis and on the Cluster.
+//! and without an account, whose marks end the legs opened after them) to
+//! both, and compares every verdict and every stored record, step by step,
+//! on one Redis and on the Cluster.
 //!
 //! Changing a transition in either copy makes it fail: with the owner check
 //! taken out of the open script, the shrunk sequence is two opens, one by

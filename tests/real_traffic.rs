@@ -268,6 +268,70 @@ async fn a_cancel_by_call_id_ends_every_leg_and_with_an_account_only_its_own() {
     .await;
 }
 
+/// A ring-group leg whose request crossed the PBX's cancel by its Call-ID
+/// (sent before the cancel, opened after the cancel read the legs) ends
+/// `cancelled` as it opens and rings no phone, on any instance; a cancel
+/// limited to one account does not reach another account's leg. Before the
+/// cancel left its mark, such a leg rang to its wait and its phone heard
+/// `timed_out` (the chaos run, seed 15563921753427014095, call 7028).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leg_that_crosses_the_cancel_ends_cancelled_and_rings_no_phone() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let u1 = account(&server, &["cross-1"]).await;
+        let u2 = account(&server, &["cross-2"]).await;
+        let call = call_id();
+        let pbx1 = server.client.park(&u1, &call);
+        server.push("cross-1").await;
+        let cancel = second
+            .client
+            .post("/api/incoming-call/cancel/", &[("call_id", &call)])
+            .await;
+        assert_eq!(cancel.status, StatusCode::OK, "{}", backend.name());
+        assert_eq!(pbx1.await.unwrap().body, "status=NAK");
+
+        // The other account's leg, opened after the cancel.
+        let late = second.client.incoming_call(&u2, &call).await;
+        assert_eq!(late.body, "status=NAK", "{}", backend.name());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            second.calls_to("cross-2").is_empty() && server.calls_to("cross-2").is_empty(),
+            "{}: the crossing leg rang",
+            backend.name()
+        );
+        assert!(second.notices_to("cross-2").is_empty());
+
+        // A cancel limited to u1 leaves u2's leg of the next call ringing.
+        let next = call_id();
+        let pbx1 = server.client.park(&u1, &next);
+        server.call_push("cross-1", &next).await;
+        let cancel = second
+            .client
+            .post(
+                "/api/incoming-call/cancel/",
+                &[("call_id", &next), ("sip_user_id", &u1)],
+            )
+            .await;
+        assert_eq!(cancel.status, StatusCode::OK, "{}", backend.name());
+        assert_eq!(pbx1.await.unwrap().body, "status=NAK");
+        let pbx2 = second.client.park(&u2, &next);
+        let push2 = second.push("cross-2").await;
+        let answer = second
+            .client
+            .call_response(
+                push2.payload.to_json()["unique_key"].as_str().unwrap(),
+                start_time_of(&push2),
+                true,
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", backend.name());
+        assert_eq!(pbx2.await.unwrap().body, "status=ACK", "{}", backend.name());
+    })
+    .await;
+}
+
 /// `K1.1` is the push key of the first device of call `K1` rung on two
 /// devices; a call of another account whose `call_id` is `K1.1` must not
 /// take that device's answers, nor lose its own, whichever parks first.

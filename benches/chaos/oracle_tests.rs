@@ -339,7 +339,6 @@ fn an_instance_that_kept_calls_memory_or_descriptors_is_named() {
     let mut obs = clean();
     obs.lifetimes[0].parked = Some(1);
     assert_eq!(rules(&judge(&obs)), [5]);
-    let mut obs = clean();
     // 18 MiB after warm-up: 10% more is allowed, a byte past it is not.
     let grown = |anon_bytes| {
         let mut obs = clean();

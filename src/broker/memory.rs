@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    candidates, deadline_millis, push_key, unix_millis, Answer, BrokerError, CallBroker, Joined,
-    Left, Opening, Record, Stored, Verdict, Wait, Waiters, TOMBSTONE,
+    cancel_mark, cancelled_by, candidates, deadline_millis, push_key, unix_millis, Answer,
+    BrokerError, CallBroker, Joined, Left, Opening, Record, Stored, Verdict, Wait, Waiters,
+    CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -93,6 +94,8 @@ struct Records {
     aliases: Expiring<String>,
     /// The leg keys opened for a Call-ID that another account's call held.
     legs: Expiring<Vec<String>>,
+    /// The [`cancel_mark`]s left under a Call-ID, for [`CANCEL_REACH`].
+    cancels: Expiring<Vec<String>>,
 }
 
 impl Records {
@@ -122,6 +125,16 @@ impl Records {
         record.end(reason);
         self.retouch(key, Instant::now() + TOMBSTONE);
         Some(before)
+    }
+
+    /// Ends the call under `key` as `cancelled` if it still rings
+    /// ([`Record::cancel`]); says whether it did.
+    fn cancel(&mut self, key: &str) -> bool {
+        let cancelled = self.record_mut(key).is_some_and(Record::cancel);
+        if cancelled {
+            self.retouch(key, Instant::now() + TOMBSTONE);
+        }
+        cancelled
     }
 
     /// Gives `key` a new expiry.
@@ -258,6 +271,11 @@ impl CallBroker for MemoryBroker {
                     legs.push(key.clone());
                 }
                 records.legs.set(call_id, legs, call.until + TOMBSTONE);
+                let marks = records.cancels.get(call_id).map(Vec::as_slice);
+                if cancelled_by(marks.unwrap_or_default(), call.account) && records.cancel(key) {
+                    drop(records);
+                    self.shared.waiters.ended(key, EndReason::Cancelled);
+                }
             }
             return Ok(wait);
         }
@@ -305,16 +323,18 @@ impl CallBroker for MemoryBroker {
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
         let cancelled: Vec<String> = {
             let mut records = self.records();
+            let mut marks = records.cancels.get(key).cloned().unwrap_or_default();
+            let mark = cancel_mark(account);
+            if !marks.contains(&mark) {
+                marks.push(mark);
+            }
+            records
+                .cancels
+                .set(key, marks, Instant::now() + CANCEL_REACH);
             let calls = records.named_by(key, account);
             calls
                 .into_iter()
-                .filter(|call| {
-                    let cancelled = records.record_mut(call).is_some_and(Record::cancel);
-                    if cancelled {
-                        records.retouch(call, Instant::now() + TOMBSTONE);
-                    }
-                    cancelled
-                })
+                .filter(|call| records.cancel(call))
                 .collect()
         };
         for call in &cancelled {

@@ -100,6 +100,30 @@ pub fn leg_key(call_id: &str, account: i64) -> String {
     format!("{call_id}~{account}")
 }
 
+/// How long a cancel by `call_id` reaches the legs opened after it: a leg
+/// whose request crossed the cancel (sent before it, opened a millisecond
+/// after its read of the legs) ends `cancelled` at once, where it would
+/// otherwise ring to its wait. 32 s is SIP's INVITE transaction timeout
+/// (64·T1, RFC 3261 Timer B): no fork of a cancelled INVITE starts later.
+/// The call under the `call_id` itself is not held to it: a PBX may post
+/// the same `call_id` again for a new call of the same account.
+pub const CANCEL_REACH: Duration = Duration::from_secs(32);
+
+/// What a cancel by `call_id` leaves under it, for [`CANCEL_REACH`]: the
+/// account it was limited to, or `*` for every account.
+pub fn cancel_mark(account: Option<i64>) -> String {
+    account.map_or_else(|| "*".to_owned(), |account| account.to_string())
+}
+
+/// Whether the cancels' `marks` left under a `call_id` reach `account`'s
+/// leg of it.
+pub fn cancelled_by<S: AsRef<str>>(marks: &[S], account: i64) -> bool {
+    let account = account.to_string();
+    marks
+        .iter()
+        .any(|mark| mark.as_ref() == "*" || mark.as_ref() == account)
+}
+
 /// The keys a call asking for `key` tries, in order: the key itself, its
 /// account's [`leg_key`], and a random key, which no other call holds.
 /// Each made only when the one before it was taken: nearly every call
@@ -153,7 +177,8 @@ pub trait CallBroker: Send + Sync + 'static {
     /// key asked for, or the first of its [`candidates`] that the account
     /// may claim ([`crate::lifecycle::claim`]): this account's call still
     /// ringing there is joined (a PBX retry), another account's is never
-    /// touched. [`Wait::key`] says which key it got.
+    /// touched. [`Wait::key`] says which key it got. A leg that a cancel's
+    /// [`cancel_mark`] reaches opens ended `cancelled`: its news say so.
     async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError>;
 
     /// Takes an app's answer to the push key `key` ([`Record::take`]; a
@@ -173,7 +198,9 @@ pub trait CallBroker: Send + Sync + 'static {
     /// `key` names: the call under the key (or whose device key it is),
     /// and every leg opened for it as a `call_id` ([`leg_key`]); only
     /// `account`'s when given. Wakes their waits. Says whether it ended
-    /// any.
+    /// any. Leaves its [`cancel_mark`] under the `call_id`, in one step
+    /// with its read of the legs, so a leg opened after that read ends
+    /// `cancelled` as it opens.
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
 
     /// What the key holds, and the account that owns it (`None` for a

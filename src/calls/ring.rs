@@ -87,6 +87,11 @@ async fn open(
     let opened = state.broker.open(opening);
     let wait = within(state, call, deadline, "broker", "opening the wait", opened).await?;
     log.unique_key = Some(wait.key().to_owned());
+    // A ring-group leg whose request crossed the PBX's cancel by its
+    // Call-ID: over before it rang, so no phone hears of it.
+    if wait.news().ended == Some(EndReason::Cancelled) {
+        return Err(Outcome::Nak(NakReason::Cancelled));
+    }
     note_aliases(state, &devices, wait.key(), deadline).await;
     Ok((devices, wait))
 }

@@ -8,9 +8,11 @@
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
-//! that another account's call held. The braces are a Redis Cluster hash
-//! tag: a call's record, its meta and its channel always share a slot, so
-//! each script touches one slot.
+//! that another account's call held, and `cn:cancels:{<call_id>}` the
+//! [`crate::broker::cancel_mark`]s of the cancels by that Call-ID. The
+//! braces are a Redis Cluster hash tag: a call's record, its meta and its
+//! channel always share a slot, as do a Call-ID's legs and cancels, so each
+//! script touches one slot.
 //!
 //! Each script is [`crate::lifecycle`]'s transition of the same name, in
 //! Lua; `tests/lifecycle_model.rs` holds them to it.
@@ -55,6 +57,12 @@ pub fn owner_of(meta: &str) -> Option<i64> {
 /// The Redis key of the set of leg keys opened for the Call-ID `call_id`.
 pub fn legs_key(call_id: &str) -> String {
     format!("cn:legs:{{{call_id}}}")
+}
+
+/// The Redis key of the set of cancel marks left under the Call-ID
+/// `call_id` ([`crate::broker::CANCEL_REACH`]).
+pub fn cancels_key(call_id: &str) -> String {
+    format!("cn:cancels:{{{call_id}}}")
 }
 
 /// The Redis key that holds the push key a device's alias rings under.
@@ -159,9 +167,23 @@ pub(super) fn claim_pointer(
     cmd
 }
 
-/// Notes `leg` under the Call-ID `call_id`, for a cancel by it, as long
-/// as the leg's record lives.
-pub(super) fn add_leg(call_id: &str, leg: &str, until: Instant) -> redis::Pipeline {
+/// Notes the leg ARGV[1] in the Call-ID's legs (KEYS[1]) for a cancel by
+/// it, as long as the leg's record lives (ARGV[2] ms), and says (1)
+/// whether a cancel already marked the Call-ID (KEYS[2]) for every account
+/// (`*`) or for the leg's (ARGV[3]). One step with [`CANCEL_SCRIPT`]'s on
+/// the same slot: a cancel either finds the leg or leaves the mark it
+/// finds.
+pub(super) const LEG_SCRIPT: &str = r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('SISMEMBER', KEYS[2], '*') == 1 then return 1 end
+return redis.call('SISMEMBER', KEYS[2], ARGV[3])
+"#;
+
+/// [`LEG_SCRIPT`]'s notes without its check, as plain commands: what a
+/// subscriber that reconnects puts back for a leg parked here (a Redis
+/// that lost its keys lost its scripts too).
+pub(super) fn note_leg(call_id: &str, leg: &str, until: Instant) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.cmd("SADD")
         .arg(legs_key(call_id))
@@ -172,6 +194,43 @@ pub(super) fn add_leg(call_id: &str, leg: &str, until: Instant) -> redis::Pipeli
         .arg(ttl_millis(until))
         .ignore();
     pipe
+}
+
+/// [`LEG_SCRIPT`]'s keys and arguments for `leg` of `account` under
+/// `call_id`.
+pub(super) fn add_leg(
+    call_id: &str,
+    leg: &str,
+    account: i64,
+    until: Instant,
+) -> ([String; 2], [String; 3]) {
+    (
+        [legs_key(call_id), cancels_key(call_id)],
+        [
+            leg.to_owned(),
+            ttl_millis(until).to_string(),
+            account.to_string(),
+        ],
+    )
+}
+
+/// Leaves a cancel's mark ARGV[1] under the Call-ID (KEYS[1]) for ARGV[2]
+/// ms and returns the legs opened for it (KEYS[2]), in one step (see
+/// [`LEG_SCRIPT`]).
+pub(super) const CANCEL_SCRIPT: &str = r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('SMEMBERS', KEYS[2])
+"#;
+
+/// [`CANCEL_SCRIPT`]'s keys and arguments for a cancel by `call_id`,
+/// limited to `account` when given.
+pub(super) fn cancel(call_id: &str, account: Option<i64>) -> ([String; 2], [String; 2]) {
+    let reach = crate::broker::CANCEL_REACH.as_millis().to_string();
+    (
+        [cancels_key(call_id), legs_key(call_id)],
+        [crate::broker::cancel_mark(account), reach],
+    )
 }
 
 /// Takes device ARGV[1]'s (from 1) answer (ARGV[2]: `+` available, `-`

@@ -102,6 +102,8 @@ struct Shared {
     open: redis::Script,
     answer: Lua,
     end: Lua,
+    leg: Lua,
+    cancel: Lua,
     /// The answer script's short way.
     direct: Direct,
     /// Until when messages may have been lost: the fallback check runs
@@ -196,6 +198,8 @@ impl RedisBroker {
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: Lua::new(keys::ANSWER_SCRIPT),
             end: Lua::new(keys::END_SCRIPT),
+            leg: Lua::new(keys::LEG_SCRIPT),
+            cancel: Lua::new(keys::CANCEL_SCRIPT),
             direct,
             options,
         });
@@ -377,12 +381,28 @@ impl CallBroker for RedisBroker {
                 }
             }
             if let Some(call_id) = leg_of {
-                if let Err(e) = shared
-                    .pipeline::<()>(&keys::add_leg(call_id, key, call.until))
+                let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
+                match shared
+                    .script::<bool>(&shared.leg, &leg_keys, &args, false)
                     .await
                 {
-                    shared.waiters.claim_end(key);
-                    return Err(e);
+                    Ok(false) => {}
+                    // A cancel by the Call-ID read the legs before this one
+                    // was among them: it ends itself, as the cancel would have.
+                    Ok(true) => {
+                        let before = shared
+                            .end(key, EndReason::Cancelled, Some(Some(call.account)))
+                            .await;
+                        if let Err(e) = before {
+                            shared.waiters.claim_end(key);
+                            return Err(e);
+                        }
+                        shared.waiters.ended(key, EndReason::Cancelled);
+                    }
+                    Err(e) => {
+                        shared.waiters.claim_end(key);
+                        return Err(e);
+                    }
                 }
             }
             return Ok(Wait {
@@ -468,9 +488,8 @@ impl CallBroker for RedisBroker {
                 _ => key.to_owned(),
             })
         };
-        let mut members = redis::cmd("SMEMBERS");
-        members.arg(keys::legs_key(key));
-        let legs = shared.query::<Vec<String>>(&members);
+        let (cancel_keys, args) = keys::cancel(key, account);
+        let legs = shared.script::<Vec<String>>(&shared.cancel, &cancel_keys, &args, false);
         let (named, legs) = tokio::join!(named, legs);
         let mut calls = vec![named?];
         calls.extend(legs?);

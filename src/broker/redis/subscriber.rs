@@ -447,7 +447,7 @@ async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
                     .ignore();
             }
             if let Some(call_id) = &call.leg_of {
-                for cmd in keys::add_leg(call_id, &call.key, call.until).cmd_iter() {
+                for cmd in keys::note_leg(call_id, &call.key, call.until).cmd_iter() {
                     pipe.add_command(cmd.clone()).ignore();
                 }
             }
