@@ -7,10 +7,10 @@
 //! chaos minute, seed 15247311396756873692). To an operator watching RSS that
 //! is a leak, and the chaos run's rule 5 (RSS back within 10% of its level
 //! after warm-up) calls it one. Every [`TRIM_EVERY`], `malloc_trim(0)`
-//! returns every arena's free pages. The walk takes each arena's lock for
-//! well under a millisecond on a heap this size; once every ten seconds it
-//! costs nothing the benches can see. Other allocators (musl's) return
-//! memory on their own, so there it is a no-op.
+//! returns every arena's free pages. The walk takes each arena's lock;
+//! alternating throughput runs with and without it show no difference in
+//! set-ups per second (`docs/performance.md`). Other allocators (musl's)
+//! return memory on their own, so there it is a no-op.
 
 use std::time::Duration;
 
