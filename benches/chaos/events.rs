@@ -315,6 +315,11 @@ pub struct Observations {
     pub faults: Vec<Fault>,
     pub lifetimes: Vec<Lifetime>,
     pub keys: Vec<Key>,
-    /// Pub/sub channels (sharded or not) left on any node.
+    /// Pub/sub channels (sharded or not) left on any master.
     pub channels: Vec<String>,
+    /// Sharded channels left on a replica: a subscription that reached a
+    /// master as it woke from a pause, in the instant before it learnt it
+    /// had been replaced. Reported, not judged: rule 5 (issue #25) names
+    /// the masters, and the replica still hands the channel's messages on.
+    pub stranded: Vec<String>,
 }

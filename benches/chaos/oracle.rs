@@ -16,7 +16,7 @@ pub const RULES: [&str; 6] = [
     "ACK if and only if a phone's available answer counted before the end; a counted answer is never lost",
     "every phone pushed and not answering got exactly one call_ended with the end's reason, after its last call push; none to a phone that answered; no call push after a decline or a call_ended",
     "every answer got the status the contract gives it",
-    "once healed and idle: every key has a TTL, none outlives its call's tombstone, no channel is left, no parked call, RSS and descriptors back to their level after warm-up, every drain clean",
+    "once healed and idle: every key has a TTL, none outlives its call's tombstone, no channel is left on a master, no parked call, RSS and descriptors back to their level after warm-up, every drain clean",
     "the instances' call counts by outcome add up to what the oracle counted",
 ];
 

@@ -156,6 +156,7 @@ fn clean() -> Observations {
             seen_at: 10_000,
         }],
         channels: Vec::new(),
+        stranded: Vec::new(),
     }
 }
 

@@ -274,6 +274,20 @@ pub fn markdown(run: &Run, command: &str, binary: &str) -> String {
         );
     }
 
+    if !obs.stranded.is_empty() {
+        let _ = writeln!(out, "\n## Channels left on a replica\n");
+        let _ = writeln!(
+            out,
+            "Subscriptions that reached a master as it woke from a pause, in the instant before \
+             it learnt it had been replaced: the replica still hands the channel's messages on, \
+             and the call's end unsubscribes on the new master. Reported, not judged (rule 5 \
+             names the masters).\n"
+        );
+        for channel in &obs.stranded {
+            let _ = writeln!(out, "- `{channel}`");
+        }
+    }
+
     let _ = writeln!(out, "\n## Wake-up latency outside fault windows\n");
     match wakeup(obs) {
         Some((p50, p99, n)) => {

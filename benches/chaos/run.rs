@@ -271,11 +271,12 @@ async fn leftovers_of_instances(rec: &Recorder, fleet: &Fleet) {
 }
 
 /// Every `cn:*` key on the masters with its TTL, and every channel left on
-/// any node.
+/// any node (a replica's apart).
 async fn leftovers_in_redis(rec: &Recorder, faults: &Faults) {
     let nodes = faults.nodes().await.expect("a live node");
     let mut keys = Vec::new();
     let mut channels = Vec::new();
+    let mut stranded = Vec::new();
     for node in &nodes {
         let client = redis::Client::open(node.url()).expect("a node URL");
         let mut conn = client
@@ -313,11 +314,17 @@ async fn leftovers_in_redis(rec: &Recorder, faults: &Faults) {
                 .query_async(&mut conn)
                 .await
                 .expect("PUBSUB");
-            channels.extend(names.into_iter().map(|n| format!("{n} on :{}", node.port)));
+            let left = names.into_iter().map(|n| format!("{n} on :{}", node.port));
+            if node.master {
+                channels.extend(left);
+            } else {
+                stranded.extend(left);
+            }
         }
     }
     rec.with(|o| {
         o.keys = keys;
         o.channels = channels;
+        o.stranded = stranded;
     });
 }
