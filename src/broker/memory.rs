@@ -365,6 +365,10 @@ impl CallBroker for MemoryBroker {
         Ok(())
     }
 
+    fn wakes_in_place(&self) -> bool {
+        true
+    }
+
     fn waiting(&self) -> usize {
         self.shared.waiters.len()
     }

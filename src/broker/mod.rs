@@ -221,6 +221,14 @@ pub trait CallBroker: Send + Sync + 'static {
 
     /// How many keys this process waits on: the parked calls.
     fn waiting(&self) -> usize;
+
+    /// Whether [`CallBroker::answer`] has already woken the call's wait
+    /// when the call is held here (in process), rather than through a
+    /// message that another task reads (Redis's publish, which comes in
+    /// with the script's reply). See [`crate::calls::answer`].
+    fn wakes_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// One open wait. Dropping it, on any path (answer, timeout, the PBX hanging

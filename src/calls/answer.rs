@@ -24,6 +24,9 @@ pub struct CallResponse {
 /// call rings on for its other phones and newer pushes. A device's first
 /// answer counts for the metrics and the response log; a repeat is
 /// accepted without either.
+///
+/// The call's `status=ACK` comes before the bookkeeping; see
+/// [`let_the_call_go_first`].
 pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict, BrokerError> {
     let roundtrip = super::unix_seconds() - response.message_start_time;
     let stale = roundtrip > state.config.wait().as_secs_f64();
@@ -31,7 +34,7 @@ pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict,
         .broker
         .answer(&response.unique_key, response.available, stale)
         .await?;
-    let_the_call_go_first(&verdict).await;
+    let_the_call_go_first(state, &verdict).await;
     if let Verdict::Taken { platform } = verdict {
         // As the app reports it; a forged start time moves no metric past
         // the wait.
@@ -65,19 +68,27 @@ pub async fn registered(
         return Ok(None);
     };
     let verdict = state.broker.answer(&key, true, false).await?;
-    let_the_call_go_first(&verdict).await;
+    let_the_call_go_first(state, &verdict).await;
     Ok((verdict != Verdict::Unknown).then_some(verdict))
 }
 
-/// When this answer counted for a call held by this process, the broker has
-/// just woken the call's wait, which is queued behind this task on this
-/// worker. Yielding lets it write the PBX's `status=ACK` (or go on waiting,
-/// for a decline) now; the answer's own bookkeeping (metrics, the response
-/// log row, whose writer would otherwise run first) and the app's 202
-/// follow. The caller hears nothing until the ACK; the app only learns its
-/// answer was taken.
-async fn let_the_call_go_first(verdict: &Verdict) {
-    if matches!(verdict, Verdict::Taken { .. }) {
+/// Once an answer counted, the call's wait must write the PBX's
+/// `status=ACK` before anything else here runs.
+///
+/// - In process the broker has just put the wait on this worker's next
+///   slot. Nothing more is needed, and nothing after it here may wake
+///   another task (the response log's row is queued without waking its
+///   writer): a second task woken would take that slot, and the runtime
+///   would wake its other worker to run the call, a thread wake-up before
+///   the ACK. A yield costs one too, once the worker has looked for work
+///   elsewhere. So the app's 202 goes out first, then the ACK.
+/// - On Redis the wait is woken by the script's publish, which the
+///   subscriber reads beside the script's reply: yielding lets it, and
+///   the ACK, go first.
+///
+/// Measured in `docs/performance.md`, "Wake-ups nothing needs".
+async fn let_the_call_go_first(state: &AppState, verdict: &Verdict) {
+    if matches!(verdict, Verdict::Taken { .. }) && !state.broker.wakes_in_place() {
         tokio::task::yield_now().await;
     }
 }

@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::poll_again::PollAgain;
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
 
@@ -168,14 +169,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
             },
             _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => break,
         };
-        tokio::spawn(connection(
+        let connection = connection(
             builder.clone(),
             stream,
             peer,
             state.clone(),
             limits,
             open.clone(),
-        ));
+        );
+        // Self-wakes polled in place: in process only (see poll_again).
+        if state.broker.wakes_in_place() {
+            tokio::spawn(PollAgain::new(connection));
+        } else {
+            tokio::spawn(connection);
+        }
     }
     drop(listener);
     drop(open);

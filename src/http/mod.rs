@@ -11,6 +11,7 @@ mod devices;
 pub mod error;
 mod health;
 mod listener;
+mod poll_again;
 mod sip;
 
 use std::net::SocketAddr;

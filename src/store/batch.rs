@@ -33,6 +33,18 @@ const PROMISES_WAIT: Duration = Duration::from_secs(15);
 /// rows are off the call path; a few milliseconds cost nobody anything.
 const LINGER: Duration = Duration::from_millis(10);
 
+/// How often a writer that has just written looks for rows, and for how
+/// many looks (two seconds) before it waits to be woken by the next row.
+/// A row queued meanwhile wakes nobody: the response log's row is queued
+/// by the app's answer on its way to the PBX's `status=ACK`, and a writer
+/// woken there would push the PBX's task off the worker's next slot and
+/// wake the runtime's other worker to take it (`docs/performance.md`,
+/// "Wake-ups nothing needs"). A server with calls coming looks ten times a
+/// second, a timer each; an idle one stops after two seconds. A row waits
+/// a tenth of a second at most, and under load the batches grow.
+const TICK: Duration = Duration::from_millis(100);
+const TICKS: u32 = 20;
+
 /// How a batch of rows reaches the store: one of its multi-row writes
 /// (`|store, rows| store.log_responses(rows)`).
 pub type WriteBatch<T> =
@@ -158,29 +170,137 @@ struct Sink<T> {
 
 async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>) {
     let mut batch = Vec::with_capacity(BATCH);
+    // Looks left before the writer waits to be woken by a row again.
+    let mut ticking = 0;
+    let mut closed = false;
+    // The last batch was full: more are likely queued.
+    let mut backlog = false;
     loop {
-        let received = tokio::select! {
-            received = rows.recv_many(&mut batch, BATCH) => received,
-            // Take no more rows; what is queued still comes out of recv_many.
-            _ = closing.notified() => {
-                rows.close();
+        if ticking > 0 {
+            // Recently busy: look every TICK, so a row is queued without
+            // waking this task; straight away after a full batch.
+            if !backlog {
+                tokio::select! {
+                    _ = tokio::time::sleep(TICK) => {}
+                    _ = closing.notified() => {
+                        rows.close();
+                        closed = true;
+                    }
+                }
+            }
+            take_queued(&mut rows, &mut batch);
+            if closed {
+                ticking = 0;
+            } else if batch.is_empty() {
+                ticking -= 1;
                 continue;
             }
-        };
-        if received == 0 {
-            return;
-        }
-        if batch.len() < BATCH {
-            tokio::time::sleep(LINGER).await;
-            while batch.len() < BATCH {
-                let Ok(row) = rows.try_recv() else { break };
-                batch.push(row);
+        } else {
+            let received = tokio::select! {
+                received = rows.recv_many(&mut batch, BATCH) => received,
+                // Take no more rows; what is queued still comes out of recv_many.
+                _ = closing.notified() => {
+                    rows.close();
+                    closed = true;
+                    continue;
+                }
+            };
+            if received == 0 {
+                return;
+            }
+            if batch.len() < BATCH {
+                tokio::time::sleep(LINGER).await;
+                take_queued(&mut rows, &mut batch);
             }
         }
-        if let Err(e) = (sink.write)(sink.store.as_ref(), &batch).await {
-            sink.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            tracing::warn!(error = %e, rows = batch.len(), "cannot write the {}", sink.what);
+        if !batch.is_empty() {
+            if let Err(e) = (sink.write)(sink.store.as_ref(), &batch).await {
+                sink.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::warn!(error = %e, rows = batch.len(), "cannot write the {}", sink.what);
+            }
         }
+        backlog = batch.len() == BATCH;
         batch.clear();
+        if !closed {
+            ticking = TICKS;
+        }
+    }
+}
+
+/// Moves what is queued into `batch`, up to [`BATCH`] rows.
+fn take_queued<T>(rows: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) {
+    while batch.len() < BATCH {
+        let Ok(row) = rows.try_recv() else { break };
+        batch.push(row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::time::{sleep, Instant};
+
+    use super::*;
+    use crate::store::{open, PoolOptions};
+
+    /// What the test writer was handed: when, and how many rows.
+    static WRITES: Mutex<Vec<(Instant, Vec<u32>)>> = Mutex::new(Vec::new());
+
+    fn write<'a>(_: &'a dyn Store, rows: &'a [u32]) -> BoxFuture<'a, Result<(), StoreError>> {
+        WRITES
+            .lock()
+            .expect("writes lock")
+            .push((Instant::now(), rows.to_vec()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn writes() -> Vec<(Instant, Vec<u32>)> {
+        WRITES.lock().expect("writes lock").clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_writer_looks_for_rows_and_an_idle_one_is_woken_by_the_next() {
+        let store = open(
+            ":memory:",
+            PoolOptions {
+                max_size: 1,
+                acquire_timeout: Duration::from_secs(5),
+            },
+        )
+        .await
+        .expect("an in-memory store");
+        let writer = BatchWriter::new("test rows", store, write);
+
+        // Idle: the first row wakes the writer, which lingers for more.
+        let first = Instant::now();
+        writer.record(1);
+        sleep(LINGER / 2).await;
+        writer.record(2);
+        sleep(LINGER).await;
+        assert_eq!(writes(), vec![(first + LINGER, vec![1, 2])]);
+
+        // Just written: a row waits for the writer's next look, a TICK after
+        // the write, whenever it came (it woke nobody).
+        sleep(TICK / 4).await;
+        writer.record(3);
+        sleep(TICK).await;
+        assert_eq!(writes()[1], (first + LINGER + TICK, vec![3]));
+
+        // Looks that find nothing write nothing; after TICKS of them the
+        // writer waits to be woken again, and the next row does so.
+        sleep(TICK * (TICKS + 1)).await;
+        assert_eq!(writes().len(), 2, "empty looks write no batch");
+        let quiet = Instant::now();
+        writer.record(4);
+        sleep(LINGER * 2).await;
+        assert_eq!(writes()[2], (quiet + LINGER, vec![4]));
+
+        // Shutdown takes what is queued, mid-look.
+        writer.record(5);
+        writer.flush().await;
+        assert_eq!(writes()[3].1, vec![5]);
+        assert_eq!(writes().len(), 4);
+        assert_eq!(writer.lost(), 0);
     }
 }
