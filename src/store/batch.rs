@@ -172,7 +172,6 @@ async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>
     let mut batch = Vec::with_capacity(BATCH);
     // Looks left before the writer waits to be woken by a row again.
     let mut ticking = 0;
-    let mut closed = false;
     // The last batch was full: more are likely queued.
     let mut backlog = false;
     loop {
@@ -182,14 +181,11 @@ async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>
             if !backlog {
                 tokio::select! {
                     _ = tokio::time::sleep(TICK) => {}
-                    _ = closing.notified() => {
-                        rows.close();
-                        closed = true;
-                    }
+                    _ = closing.notified() => rows.close(),
                 }
             }
             take_queued(&mut rows, &mut batch);
-            if closed {
+            if rows.is_closed() {
                 ticking = 0;
             } else if batch.is_empty() {
                 ticking -= 1;
@@ -201,7 +197,6 @@ async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>
                 // Take no more rows; what is queued still comes out of recv_many.
                 _ = closing.notified() => {
                     rows.close();
-                    closed = true;
                     continue;
                 }
             };
@@ -221,7 +216,7 @@ async fn run<T>(sink: Sink<T>, mut rows: mpsc::Receiver<T>, closing: Arc<Notify>
         }
         backlog = batch.len() == BATCH;
         batch.clear();
-        if !closed {
+        if !rows.is_closed() {
             ticking = TICKS;
         }
     }
@@ -244,7 +239,7 @@ mod tests {
     use super::*;
     use crate::store::{open, PoolOptions};
 
-    /// What the test writer was handed: when, and how many rows.
+    /// What the test writer was handed: when, and which rows.
     static WRITES: Mutex<Vec<(Instant, Vec<u32>)>> = Mutex::new(Vec::new());
 
     fn write<'a>(_: &'a dyn Store, rows: &'a [u32]) -> BoxFuture<'a, Result<(), StoreError>> {
