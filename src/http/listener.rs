@@ -62,17 +62,28 @@ struct Activity {
     /// Whether a request head has ever arrived: until then the header
     /// timeout applies, afterwards the keep-alive timeout.
     served: bool,
+    /// Whether the connection drains and waits for its last request to
+    /// end ([`settled`]): only then does that end wake anyone.
+    draining: bool,
 }
 
 /// Counts one request in flight on its connection for as long as it lives:
 /// a drop guard, since hyper drops a handler's future when its client goes.
+///
+/// A request's start and end wake nobody: the idle clock reads the count
+/// when its own timer fires ([`idle_too_long`]). Waking it on every request
+/// cost two timer changes and a wake-up of the connection's own task from
+/// inside its poll, which tokio treats as a yield, one that may wake its
+/// other worker (`docs/performance.md`, "The idle clock wakes nobody").
+/// Only a draining connection's last end is announced.
 struct InFlight(Arc<watch::Sender<Activity>>);
 
 impl InFlight {
     fn start(activity: &Arc<watch::Sender<Activity>>) -> InFlight {
-        activity.send_modify(|a| {
+        activity.send_if_modified(|a| {
             a.in_flight += 1;
             a.served = true;
+            false
         });
         InFlight(activity.clone())
     }
@@ -80,11 +91,13 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|a| {
+        self.0.send_if_modified(|a| {
             a.in_flight -= 1;
-            if a.in_flight == 0 {
-                a.idle_since = Instant::now();
+            if a.in_flight > 0 {
+                return false;
             }
+            a.idle_since = Instant::now();
+            a.draining
         });
     }
 }
@@ -96,36 +109,43 @@ struct Limits {
     keep_alive: Duration,
 }
 
-/// Resolves when the connection has had nothing in flight for longer than
-/// its limit allows.
-async fn idle_too_long(mut activity: watch::Receiver<Activity>, limits: Limits) {
-    loop {
-        let now = *activity.borrow_and_update();
+impl Limits {
+    /// When a connection doing `now` is idle past its limit, were nothing
+    /// to start from here on; while a request is in flight, the earliest
+    /// that can be (it ends at once).
+    fn deadline(&self, now: &Activity, at: Instant) -> Instant {
         if now.in_flight > 0 {
-            if activity.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            continue;
-        }
-        let limit = if now.served {
-            limits.keep_alive
+            at + self.keep_alive
+        } else if now.served {
+            now.idle_since + self.keep_alive
         } else {
-            limits.header
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(now.idle_since + limit) => return,
-            changed = activity.changed() => {
-                if changed.is_err() {
-                    return std::future::pending().await;
-                }
-            }
+            now.idle_since + self.header
         }
     }
 }
 
-/// Resolves once nothing is in flight on the connection.
-async fn settled(activity: &mut watch::Receiver<Activity>) {
-    let _ = activity.wait_for(|a| a.in_flight == 0).await;
+/// Resolves when the connection has had nothing in flight for longer than
+/// its limit allows. Requests do not wake it (see [`InFlight`]): it sleeps
+/// until the soonest the limit could run out, reads the activity then, and
+/// sleeps again until the new soonest while it has not.
+async fn idle_too_long(activity: watch::Receiver<Activity>, limits: Limits) {
+    loop {
+        let now = *activity.borrow();
+        let at = Instant::now();
+        let deadline = limits.deadline(&now, at);
+        if now.in_flight == 0 && deadline <= at {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// Resolves once nothing is in flight on the connection, which from here
+/// on says so when its last request ends.
+async fn settled(activity: &Arc<watch::Sender<Activity>>) {
+    activity.send_modify(|a| a.draining = true);
+    let mut watched = activity.subscribe();
+    let _ = watched.wait_for(|a| a.in_flight == 0).await;
 }
 
 /// Accepts connections until the server leaves [`Phase::Serving`], then
@@ -217,10 +237,12 @@ async fn connection(
         in_flight: 0,
         idle_since: Instant::now(),
         served: false,
+        draining: false,
     });
     let activity = Arc::new(activity);
     let service = {
         let state = state.clone();
+        let activity = activity.clone();
         service_fn(move |request| {
             let state = state.clone();
             let in_flight = InFlight::start(&activity);
@@ -236,7 +258,7 @@ async fn connection(
     let mut phase = state.phase.subscribe();
     let ended = tokio::select! {
         ended = conn.as_mut() => Some(ended),
-        _ = idle_too_long(watched.clone(), limits) => {
+        _ = idle_too_long(watched, limits) => {
             tracing::debug!(%peer, "closing a connection idle past its limit");
             return;
         }
@@ -246,10 +268,9 @@ async fn connection(
         Some(ended) => ended,
         None => {
             conn.as_mut().graceful_shutdown();
-            let mut watched = watched;
             tokio::select! {
                 ended = conn.as_mut() => ended,
-                _ = settled(&mut watched) => {
+                _ = settled(&activity) => {
                     match tokio::time::timeout(FLUSH_GRACE, conn.as_mut()).await {
                         Ok(ended) => ended,
                         Err(_) => {
@@ -309,19 +330,30 @@ impl AcceptFailures {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_idles_by_the_header_limit_then_the_keep_alive_one() {
+    /// A connection accepted now, with a 10 s header and a 75 s keep-alive
+    /// limit: its limits, its activity and the idle clock's view of it.
+    fn accepted_now() -> (
+        Limits,
+        Arc<watch::Sender<Activity>>,
+        watch::Receiver<Activity>,
+    ) {
         let limits = Limits {
             header: Duration::from_secs(10),
             keep_alive: Duration::from_secs(75),
         };
-        let accepted = Instant::now();
         let (activity, watched) = watch::channel(Activity {
             in_flight: 0,
-            idle_since: accepted,
+            idle_since: Instant::now(),
             served: false,
+            draining: false,
         });
-        let activity = Arc::new(activity);
+        (limits, Arc::new(activity), watched)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idles_by_the_header_limit_then_the_keep_alive_one() {
+        let (limits, activity, watched) = accepted_now();
+        let accepted = Instant::now();
         // Silent since accept: closed at the header limit.
         idle_too_long(watched.clone(), limits).await;
         assert_eq!(accepted.elapsed(), limits.header);
@@ -335,6 +367,41 @@ mod tests {
         drop(request);
         idle.await.unwrap();
         assert_eq!(answered.elapsed(), limits.keep_alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wake_the_idle_clock_only_to_end_a_drain() {
+        let (limits, activity, watched) = accepted_now();
+        let idle = tokio::spawn(idle_too_long(watched.clone(), limits));
+
+        // A request that starts and ends before the header limit wakes
+        // nobody, yet moves the clock: the keep-alive limit, from its end.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let request = InFlight::start(&activity);
+        assert!(!watched.has_changed().unwrap(), "a start woke the clock");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(request);
+        let answered = Instant::now();
+        assert!(!watched.has_changed().unwrap(), "an end woke the clock");
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(!idle.is_finished(), "closed by the header limit");
+        idle.await.unwrap();
+        assert_eq!(answered.elapsed(), limits.keep_alive);
+
+        // Draining: the last request's end is announced, and only it.
+        let first = InFlight::start(&activity);
+        let second = InFlight::start(&activity);
+        let drained = tokio::spawn({
+            let activity = activity.clone();
+            async move { settled(&activity).await }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "settled with a request in flight");
+        drop(second);
+        drained.await.unwrap();
+        assert_eq!(watched.borrow().in_flight, 0);
     }
 
     #[tokio::test(start_paused = true)]
