@@ -266,6 +266,32 @@ fn the_redis_scripts_follow_the_call_state_machine() {
         };
         let redis = runtime
             .block_on(async { vec![connect(url.clone()).await, connect(url.clone()).await] });
+        // What the random search once found, checked every run: a call its
+        // holder ended, then a new call under its key with more devices
+        // while the old wait lived; the old call's key must not answer it.
+        let found = vec![
+            Op::Open {
+                account: 1,
+                devices: 1,
+            },
+            Op::End {
+                call: 0,
+                reason: EndReason::AnsweredElsewhere,
+            },
+            Op::Open {
+                account: 1,
+                devices: 2,
+            },
+            Op::Answer {
+                key: 0,
+                available: false,
+                stale: false,
+                via: 1,
+            },
+        ];
+        if let Err(failure) = runtime.block_on(check(redis.clone(), found)) {
+            panic!("{url}: the Redis scripts and the model disagree: {failure}");
+        }
         let mut runner = TestRunner::new(Config {
             cases: 64,
             failure_persistence: None,

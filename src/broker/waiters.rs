@@ -94,15 +94,21 @@ impl Waiters {
 
     /// Registers one more waiter on `key` for `call`. A slot whose call has
     /// ended (its waits are finishing) gives way to the new call, so a
-    /// phone is never pushed a call that is already over. `leg_of`: the
-    /// key asked for, when `key` is a leg's own.
+    /// phone is never pushed a call that is already over. Ended means told
+    /// so from outside, or ended by its own last waiter ([`claim_end`]),
+    /// whose wait may outlive the end by a moment (an ACK's bookkeeping):
+    /// joining it would give the new call the old call's news and devices,
+    /// and an answer to the old call's key would count for the new one.
+    /// `leg_of`: the key asked for, when `key` is a leg's own.
+    ///
+    /// [`claim_end`]: Waiters::claim_end
     pub(crate) fn join(&self, key: &str, call: &Opening<'_>, leg_of: Option<&str>) -> Joined {
         let mut inner = self.lock();
         if let Some(slot) = inner.slots.get_mut(key) {
             if slot.account != call.account {
                 return Joined::Taken;
             }
-            if slot.news.borrow().ended.is_none() {
+            if !slot.ended && slot.news.borrow().ended.is_none() {
                 slot.waiters += 1;
                 slot.until = slot.until.max(call.until);
                 return Joined::Waiting {
@@ -403,6 +409,41 @@ mod tests {
             }
         );
         assert_eq!((waiters.len(), waiters.device_of("k.1")), (0, None));
+    }
+
+    /// The property test's find (tests/lifecycle_model.rs): a one-device
+    /// call its waiter ended, then a new call under the same key with two
+    /// devices while the old wait still lived. The new call joined the old
+    /// slot, so the bare key still named device 0, and on Redis an answer
+    /// to the old call's key counted for the new call.
+    #[test]
+    fn a_call_its_own_waiter_ended_gives_way_to_a_new_one() {
+        let waiters = Waiters::default();
+        let (_, _, old) = waiting(waiters.join("k", &opening(42, &[Platform::Android]), None));
+        assert_eq!(waiters.device_of("k"), Some((Arc::from("k"), 0)));
+        assert!(waiters.claim_end("k"));
+        let old_answer = Answer {
+            available: true,
+            received_at: None,
+        };
+        waiters.deliver("k", 0, old_answer);
+        let two = [Platform::Android, Platform::Apns];
+        let (news, first, new) = waiting(waiters.join("k", &opening(42, &two), None));
+        assert!(!first, "still subscribed");
+        assert_ne!(new, old, "a slot of its own");
+        assert_eq!(
+            news.borrow().answers,
+            vec![None, None],
+            "the old call's answer reached the new call"
+        );
+        assert_eq!(waiters.device_of("k"), None, "the old call's key");
+        assert_eq!(waiters.device_of("k.2"), Some((Arc::from("k"), 1)));
+        assert_eq!(waiters.leave("k", old), Left::Others);
+        assert_eq!(waiters.device_of("k.1"), Some((Arc::from("k"), 0)));
+        assert!(matches!(
+            waiters.leave("k", new),
+            Left::Last { cancel: true, .. }
+        ));
     }
 
     #[test]
