@@ -2,8 +2,8 @@
 //! rescheduled.
 //!
 //! hyper wakes a connection's task from inside that task's own poll: the
-//! request body it feeds to the handler, and the idle clock's watch
-//! ([`super::listener`]) that each request start and end updates. tokio
+//! request body it feeds to the handler (and, until it read its count
+//! lazily, the idle clock of [`super::listener`] on each request). tokio
 //! treats a task woken while it runs as a yield: it goes to the back of the
 //! worker's queue and the runtime wakes its other, parked worker to come
 //! and steal it (a futex wake, and on a virtual machine a halted vCPU to
