@@ -34,6 +34,7 @@ pub const SCRIPT: &str = "local before = redis.call('GET', KEYS[1]) \
 
 /// Where the stand-in finds Redis: the first node of `url`
 /// (`redis://host:port/db` or `redis+cluster://host:port,...`).
+#[derive(Clone)]
 pub struct RedisNode {
     pub address: String,
     pub cluster: bool,

@@ -292,7 +292,8 @@ impl Results {
              Hang-up to notice: from the PBX closing its parked request to each device's `call_ended` notice leaving the server. \
              Throughput: as above, every call pushing {devices} devices. \
              Floor: the same wake-up, timed by the same client, against a plain thread standing in for the server that, on Redis, \
-             runs one script like the answer script (benches/calls/floor.rs): what the machine and the harness take; the rest is call-notifier's.\n"
+             runs one script like the answer script (benches/calls/floor.rs), in blocks alternating with the server's: what the machine and the \
+             harness take; the rest is call-notifier's.\n"
         );
         let _ = writeln!(
             md,
