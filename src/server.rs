@@ -14,7 +14,7 @@ use crate::auth::Access;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::CallBroker;
-use crate::calls::Parking;
+use crate::calls::{Handoffs, Parking};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
@@ -222,6 +222,7 @@ async fn build_state(
         response_log,
         call_history,
         takeover_notices: TakeoverNotices::default(),
+        handoffs: Handoffs::default(),
     }))
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::auth::Access;
 use crate::broker::CallBroker;
 use crate::calls::parking::Parking;
+use crate::calls::Handoffs;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
@@ -37,4 +38,6 @@ pub struct AppState {
     pub call_history: CallHistory,
     /// Which replaced phones were told so lately.
     pub takeover_notices: TakeoverNotices,
+    /// The app's answers waiting for the calls they won (in process).
+    pub handoffs: Handoffs,
 }

@@ -25,16 +25,20 @@ pub struct CallResponse {
 /// answer counts for the metrics and the response log; a repeat is
 /// accepted without either.
 ///
-/// The call's `status=ACK` comes before the bookkeeping; see
-/// [`let_the_call_go_first`].
+/// The call's `status=ACK` comes before the app's 202 and the bookkeeping;
+/// see [`let_the_call_go_first`].
 pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict, BrokerError> {
     let roundtrip = super::unix_seconds() - response.message_start_time;
     let stale = roundtrip > state.config.wait().as_secs_f64();
+    // In place before the answer can wake the call: the call's task may run
+    // on the other worker at once.
+    let handoff = (state.broker.wakes_in_place() && response.available && !stale)
+        .then(|| state.handoffs.expect(&response.unique_key));
     let verdict = state
         .broker
         .answer(&response.unique_key, response.available, stale)
         .await?;
-    let_the_call_go_first(state, &verdict).await;
+    let_the_call_go_first(state, &verdict, handoff).await;
     if let Verdict::Taken { platform } = verdict {
         // As the app reports it; a forged start time moves no metric past
         // the wait.
@@ -68,28 +72,39 @@ pub async fn registered(
         return Ok(None);
     };
     let verdict = state.broker.answer(&key, true, false).await?;
-    let_the_call_go_first(state, &verdict).await;
+    let_the_call_go_first(state, &verdict, None).await;
     Ok((verdict != Verdict::Unknown).then_some(verdict))
 }
 
 /// Once an answer counted, the call's wait must write the PBX's
 /// `status=ACK` before anything else here runs.
 ///
-/// - In process the broker has just put the wait on this worker's next
-///   slot. Nothing more is needed, and nothing after it here may wake
-///   another task (the response log's row is queued without waking its
-///   writer): a second task woken would take that slot, and the runtime
-///   would wake its other worker to run the call, a thread wake-up before
-///   the ACK. A yield costs one too, once the worker has looked for work
-///   elsewhere. So the app's 202 goes out first, then the ACK.
+/// - In process the broker has just put the call's task on this worker's
+///   next slot. An answer that takes the call (`handoff`) waits for it to
+///   write the ACK and hand over its follow-up ([`super::handoff`]): the
+///   one task it wakes is this one, so no thread is woken, and the app's
+///   202 goes out after the ACK. Nothing else here may wake another task
+///   before that (the response log's row is queued without waking its
+///   writer).
+/// - A REGISTER's answer waits for nothing in process: its 202 goes first.
 /// - On Redis the wait is woken by the script's publish, which the
 ///   subscriber reads beside the script's reply: yielding lets it, and
 ///   the ACK, go first.
 ///
-/// Measured in `docs/performance.md`, "Wake-ups nothing needs".
-async fn let_the_call_go_first(state: &AppState, verdict: &Verdict) {
-    if matches!(verdict, Verdict::Taken { .. }) && !state.broker.wakes_in_place() {
+/// Measured in `docs/performance.md`, "Wake-ups nothing needs" and "The
+/// ACK before the 202".
+async fn let_the_call_go_first(
+    state: &AppState,
+    verdict: &Verdict,
+    handoff: Option<super::handoff::Expecting<'_>>,
+) {
+    if !matches!(verdict, Verdict::Taken { .. }) {
+        return;
+    }
+    if !state.broker.wakes_in_place() {
         tokio::task::yield_now().await;
+    } else if let Some(handoff) = handoff {
+        handoff.follow().await;
     }
 }
 

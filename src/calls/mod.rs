@@ -12,6 +12,7 @@
 //! [`Outcome`] into `status=ACK` / `status=NAK`.
 
 mod answer;
+mod handoff;
 mod history;
 mod log;
 pub mod parking;
@@ -19,6 +20,7 @@ mod ring;
 mod schedule;
 
 pub use answer::{answer, cancel, registered, CallResponse};
+pub use handoff::Handoffs;
 pub use parking::Parking;
 pub use ring::ring;
 

@@ -246,12 +246,19 @@ impl Ringing {
     /// Step 4 for an answered call: the PBX hears ACK first; the other
     /// phones' notices, the log line, the tombstone and the wait's release
     /// follow in a task of their own, which this worker runs once this
-    /// task has written the ACK.
+    /// task has written the ACK: handed to the winning answer when it
+    /// waits for it here (see [`super::handoff`]), else spawned.
     fn finish_answered(mut self, state: &Arc<AppState>, mut log: CallLog) -> Outcome {
         self.observe_wakeup(state, &mut log, Outcome::Ack);
         log.end(Outcome::Ack);
+        let winner = self
+            .steering
+            .call
+            .winner()
+            .map(|device| push_key(self.wait.key(), device, self.steering.courses.len()));
+        let handoffs = &state.handoffs;
         let state = state.clone();
-        tokio::spawn(async move {
+        let follow_up = Box::pin(async move {
             self.steering.steer_deferred();
             drop(log);
             // Ended before the wait is released, or the release would end
@@ -266,6 +273,10 @@ impl Ringing {
             }
             drop(self);
         });
+        match winner {
+            Some(push_key) => handoffs.hand_over(&push_key, follow_up),
+            None => drop(tokio::spawn(follow_up)),
+        }
         Outcome::Ack
     }
 
