@@ -221,6 +221,44 @@ async fn a_generated_key_is_128_random_bits_in_hex() {
     .await;
 }
 
+/// An answer waits for the call it won to write the ACK only where the
+/// call's wait is: the broker says where (`CallBroker::holds`), and a wrong
+/// "here" would hold the app's 202 for the hand-over's backstop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_knows_which_calls_it_holds() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let user = server.registered("android", "tok-held").await;
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let push = server.push("tok-held").await;
+        let broker = server.running.state.broker.clone();
+        assert!(broker.holds(&key), "{}: the parked call", backend.name());
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
+        if backend.redis_url().is_some() {
+            // Only the in-process broker holds every call there is.
+            assert!(
+                !broker.holds(&call_id()),
+                "{}: a key never opened",
+                backend.name()
+            );
+            let released = eventually(Duration::from_secs(2), || {
+                let broker = broker.clone();
+                let key = key.clone();
+                async move { !broker.holds(&key) }
+            })
+            .await;
+            assert!(released, "{}: the answered call, released", backend.name());
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pbx_hanging_up_leaves_nothing_behind() {
     on_every_backend(|backend| async move {

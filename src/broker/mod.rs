@@ -229,6 +229,16 @@ pub trait CallBroker: Send + Sync + 'static {
     fn wakes_in_place(&self) -> bool {
         false
     }
+
+    /// Whether the call `push_key` rings for is waited on in this process,
+    /// so that an answer to it that counts wakes its wait from inside
+    /// [`CallBroker::answer`], on the answering task's worker. A guess
+    /// taken before the answer: the call may end meanwhile. See
+    /// [`crate::calls::answer`].
+    fn holds(&self, push_key: &str) -> bool {
+        let _ = push_key;
+        self.wakes_in_place()
+    }
 }
 
 /// One open wait. Dropping it, on any path (answer, timeout, the PBX hanging

@@ -193,6 +193,19 @@ impl Waiters {
             .map(|(key, _)| (key.clone(), 0))
     }
 
+    /// Whether the call `push_key` rings for is waited on here and not
+    /// over: an answer to it that counts wakes a wait here.
+    pub(crate) fn rings(&self, push_key: &str) -> bool {
+        let Some((key, _)) = self.device_of(push_key) else {
+            return false;
+        };
+        let inner = self.lock();
+        inner
+            .slots
+            .get(&key)
+            .is_some_and(|slot| !slot.ended && slot.news.borrow().ended.is_none())
+    }
+
     /// Hands device `index`'s answer to every waiter on `key`. A device's
     /// first answer stands; a repeat (the message after a local delivery)
     /// changes nothing.
@@ -421,7 +434,9 @@ mod tests {
         let waiters = Waiters::default();
         let (_, _, old) = waiting(waiters.join("k", &opening(42, &[Platform::Android]), None));
         assert_eq!(waiters.device_of("k"), Some((Arc::from("k"), 0)));
+        assert!(waiters.rings("k"));
         assert!(waiters.claim_end("k"));
+        assert!(!waiters.rings("k"), "ended by its waiter, still held");
         let old_answer = Answer {
             available: true,
             received_at: None,
@@ -438,6 +453,7 @@ mod tests {
         );
         assert_eq!(waiters.device_of("k"), None, "the old call's key");
         assert_eq!(waiters.device_of("k.2"), Some((Arc::from("k"), 1)));
+        assert!(waiters.rings("k.2") && !waiters.rings("k") && !waiters.rings("k.3"));
         assert_eq!(waiters.leave("k", old), Left::Others);
         assert_eq!(waiters.device_of("k.1"), Some((Arc::from("k"), 0)));
         assert!(matches!(

@@ -32,7 +32,7 @@ pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict,
     let stale = roundtrip > state.config.wait().as_secs_f64();
     // In place before the answer can wake the call: the call's task may run
     // on the other worker at once.
-    let handoff = (state.broker.wakes_in_place() && response.available && !stale)
+    let handoff = (response.available && !stale && state.broker.holds(&response.unique_key))
         .then(|| state.handoffs.expect(&response.unique_key));
     let verdict = state
         .broker
@@ -79,7 +79,8 @@ pub async fn registered(
 /// Once an answer counted, the call's wait must write the PBX's
 /// `status=ACK` before anything else here runs.
 ///
-/// - In process the broker has just put the call's task on this worker's
+/// - When the call is held in this process (always, with the in-process
+///   broker), the broker has just put the call's task on this worker's
 ///   next slot. An answer that takes the call (`handoff`) waits for it to
 ///   write the ACK and hand over its follow-up ([`super::handoff`]): the
 ///   one task it wakes is this one, so no thread is woken, and the app's
@@ -87,9 +88,9 @@ pub async fn registered(
 ///   before that (the response log's row is queued without waking its
 ///   writer).
 /// - A REGISTER's answer waits for nothing in process: its 202 goes first.
-/// - On Redis the wait is woken by the script's publish, which the
-///   subscriber reads beside the script's reply: yielding lets it, and
-///   the ACK, go first.
+/// - On Redis, for a call held by another instance (or a REGISTER's
+///   answer), the call is woken by the script's publish: yielding lets the
+///   subscriber read it first.
 ///
 /// Measured in `docs/performance.md`, "Wake-ups nothing needs" and "The
 /// ACK before the 202".
@@ -101,10 +102,10 @@ async fn let_the_call_go_first(
     if !matches!(verdict, Verdict::Taken { .. }) {
         return;
     }
-    if !state.broker.wakes_in_place() {
-        tokio::task::yield_now().await;
-    } else if let Some(handoff) = handoff {
+    if let Some(handoff) = handoff {
         handoff.follow().await;
+    } else if !state.broker.wakes_in_place() {
+        tokio::task::yield_now().await;
     }
 }
 

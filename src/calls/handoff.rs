@@ -1,9 +1,10 @@
 //! The answered call's follow-up, handed to the answer that won it, so
 //! that the PBX's `status=ACK` goes out before the app's 202 with no
-//! thread woken for it (in process).
+//! thread woken for it, when the call is parked on the instance the answer
+//! reached ([`crate::broker::CallBroker::holds`]: always in process).
 //!
-//! With the in-process broker the app's answer wakes the call's task on
-//! the worker it runs on: the call's task takes the worker's next slot and
+//! There the broker wakes the call's task from inside the answer, on the
+//! answer's worker: the call's task takes the worker's next slot and
 //! runs as soon as the answer's task stops. If the answer's task went on
 //! to write its 202 first, the PBX would wait for that write (the plain
 //! floor in `benches/calls/floor.rs` writes the ACK first). Stopping to

@@ -549,6 +549,10 @@ impl CallBroker for RedisBroker {
         Ok(())
     }
 
+    fn holds(&self, push_key: &str) -> bool {
+        self.shared.waiters.rings(push_key)
+    }
+
     fn waiting(&self) -> usize {
         self.shared.waiters.len()
     }
