@@ -235,8 +235,7 @@ pub trait CallBroker: Send + Sync + 'static {
     /// [`CallBroker::answer`], on the answering task's worker. A guess
     /// taken before the answer: the call may end meanwhile. See
     /// [`crate::calls::answer`].
-    fn holds(&self, push_key: &str) -> bool {
-        let _ = push_key;
+    fn holds(&self, _push_key: &str) -> bool {
         self.wakes_in_place()
     }
 }
