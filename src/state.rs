@@ -38,6 +38,7 @@ pub struct AppState {
     pub call_history: CallHistory,
     /// Which replaced phones were told so lately.
     pub takeover_notices: TakeoverNotices,
-    /// The app's answers waiting for the calls they won (in process).
+    /// The app's answers waiting for the calls they won, where the call is
+    /// held on this instance.
     pub handoffs: Handoffs,
 }

@@ -182,27 +182,16 @@ impl Waiters {
     /// The call and device index a push key answers for, when its call is
     /// waited on here.
     pub(crate) fn device_of(&self, push_key: &str) -> Option<(Arc<str>, usize)> {
-        let inner = self.lock();
-        if let Some(found) = inner.devices.get(push_key) {
-            return Some(found.clone());
-        }
-        inner
-            .slots
-            .get_key_value(push_key)
-            .filter(|(_, slot)| slot.devices.len() == 1)
-            .map(|(key, _)| (key.clone(), 0))
+        self.lock().device_of(push_key)
     }
 
     /// Whether the call `push_key` rings for is waited on here and not
     /// over: an answer to it that counts wakes a wait here.
     pub(crate) fn rings(&self, push_key: &str) -> bool {
-        let Some((key, _)) = self.device_of(push_key) else {
-            return false;
-        };
         let inner = self.lock();
         inner
-            .slots
-            .get(&key)
+            .device_of(push_key)
+            .and_then(|(key, _)| inner.slots.get(&key))
             .is_some_and(|slot| !slot.ended && slot.news.borrow().ended.is_none())
     }
 
@@ -300,6 +289,17 @@ impl Waiters {
 }
 
 impl Inner {
+    /// [`Waiters::device_of`], under the lock already held.
+    fn device_of(&self, push_key: &str) -> Option<(Arc<str>, usize)> {
+        if let Some(found) = self.devices.get(push_key) {
+            return Some(found.clone());
+        }
+        self.slots
+            .get_key_value(push_key)
+            .filter(|(_, slot)| slot.devices.len() == 1)
+            .map(|(key, _)| (key.clone(), 0))
+    }
+
     /// A new slot for `call` under `key`, with one waiter; its generation.
     fn insert(&mut self, key: &str, call: &Opening<'_>, leg_of: Option<&str>) -> u64 {
         self.generations += 1;
