@@ -10,6 +10,12 @@
 //! `target/bench-results/`. Everything runs against the embedded defaults
 //! (SQLite + in-process broker) and against PostgreSQL + Redis.
 //!
+//! With `CALL_NOTIFIER_BENCH_SERVER_EXE` set, the servers run that
+//! executable instead: `call-notifier-bench-server` (`server_bin.rs`, the
+//! same server role built as the product is, without the dev-dependencies'
+//! features), so two builds of the server, one with profile-guided
+//! optimisation say (contrib/pgo-build), meet one generator.
+//!
 //! ```text
 //! cargo bench --bench calls                  # everything, under 10 minutes
 //! cargo bench --bench calls -- --quick       # small sizes: checks every call completes (CI)
@@ -298,7 +304,7 @@ async fn run(options: Options) -> Result<()> {
 
     let results = Results {
         machine,
-        revision: sys::revision(),
+        revision: server_process::revision(),
         quick: options.quick,
         flags: options.flags(),
         services: shared.as_ref().map(|s| s.versions.clone()),

@@ -23,6 +23,30 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server may take to exit once its stdin closes.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The executable run in the server role instead of this one, when set:
+/// `call-notifier-bench-server` (`server_bin.rs`), the server role built as
+/// the product is, without the bench's dev-dependencies; with it two builds
+/// of the server (one with profile-guided optimisation, contrib/pgo-build)
+/// are measured by one generator.
+pub const SERVER_EXE_VAR: &str = "CALL_NOTIFIER_BENCH_SERVER_EXE";
+
+/// The executable a server process runs: [`SERVER_EXE_VAR`], or this one.
+pub fn server_exe() -> Result<std::path::PathBuf> {
+    match std::env::var_os(SERVER_EXE_VAR).filter(|exe| !exe.is_empty()) {
+        Some(exe) => Ok(exe.into()),
+        None => std::env::current_exe().context("cannot find the bench binary"),
+    }
+}
+
+/// The code measured, for the report: [`sys::revision`], and the server
+/// executable when it is not this binary.
+pub fn revision() -> String {
+    match std::env::var(SERVER_EXE_VAR) {
+        Ok(exe) if !exe.is_empty() => format!("{}, servers run by {exe}", sys::revision()),
+        _ => sys::revision(),
+    }
+}
+
 /// How a parked call learns of its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -138,8 +162,7 @@ impl ServerProcess {
             "--max-devices-per-account".into(),
             settings.devices_per_account.to_string(),
         ]);
-        let mut command =
-            Command::new(std::env::current_exe().context("cannot find the bench binary")?);
+        let mut command = Command::new(server_exe()?);
         // Only the flags above configure it, whatever this shell exports.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("CALL_NOTIFIER_") {
