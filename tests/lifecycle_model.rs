@@ -2,7 +2,8 @@
 //! in-process broker runs [`call_notifier::lifecycle`]'s transitions
 //! directly; the Redis broker runs them as Lua. A property test applies the
 //! same random sequences of events (opens and joins by two accounts sharing
-//! one Call-ID, with one to three devices each; answers, declines and stale
+//! one Call-ID, with one to three devices each, some with their deadline
+//! already past; answers, declines and stale
 //! answers to any of the keys in play; ends; cancels by the Call-ID, with
 //! and without an account, whose marks end the legs opened after them) to
 //! both, and compares every verdict and every stored record, step by step,
@@ -29,8 +30,14 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 /// One event of a sequence.
 #[derive(Debug, Clone)]
 enum Op {
-    /// Account `account` (0 or 1) opens the shared Call-ID on `devices`.
-    Open { account: usize, devices: usize },
+    /// Account `account` (0 or 1) opens the shared Call-ID on `devices`;
+    /// `lapsed`: with its deadline already past, so that no answer counts
+    /// (the window between the deadline and the holder's end).
+    Open {
+        account: usize,
+        devices: usize,
+        lapsed: bool,
+    },
     /// An app answers the `key`-th of [`keys`], through instance `via`.
     Answer {
         key: usize,
@@ -48,7 +55,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let reason = prop::sample::select(EndReason::ALL.to_vec());
     prop_oneof![
-        3 => (0..2usize, 1..=3usize).prop_map(|(account, devices)| Op::Open { account, devices }),
+        3 => (0..2usize, 1..=3usize, prop::bool::weighted(0.2))
+            .prop_map(|(account, devices, lapsed)| Op::Open { account, devices, lapsed }),
         4 => (0..12usize, any::<bool>(), prop::bool::weighted(0.15), 0..2usize)
             .prop_map(|(key, available, stale, via)| Op::Answer { key, available, stale, via }),
         1 => (0..3usize, reason).prop_map(|(call, reason)| Op::End { call, reason }),
@@ -134,13 +142,21 @@ impl Side {
         let calls = calls(call_id, accounts);
         let until = tokio::time::Instant::now() + Duration::from_secs(60);
         match op {
-            Op::Open { account, devices } => {
+            Op::Open {
+                account,
+                devices,
+                lapsed,
+            } => {
                 let platforms = vec![Platform::Android; *devices];
                 let opening = Opening {
                     key: call_id,
                     account: accounts[*account],
                     devices: &platforms,
-                    until,
+                    until: if *lapsed {
+                        tokio::time::Instant::now() - Duration::from_secs(1)
+                    } else {
+                        until
+                    },
                 };
                 match self.instance(*account).open(opening).await {
                     Ok(wait) => {
@@ -273,6 +289,7 @@ fn the_redis_scripts_follow_the_call_state_machine() {
             Op::Open {
                 account: 1,
                 devices: 1,
+                lapsed: false,
             },
             Op::End {
                 call: 0,
@@ -281,6 +298,7 @@ fn the_redis_scripts_follow_the_call_state_machine() {
             Op::Open {
                 account: 1,
                 devices: 2,
+                lapsed: false,
             },
             Op::Answer {
                 key: 0,
@@ -289,8 +307,50 @@ fn the_redis_scripts_follow_the_call_state_machine() {
                 via: 1,
             },
         ];
-        if let Err(failure) = runtime.block_on(check(redis.clone(), found)) {
-            panic!("{url}: the Redis scripts and the model disagree: {failure}");
+        // Answers to calls whose deadline has passed, which the random
+        // search reaches only now and then: a lone device's call by its own
+        // key and by its device's, and the devices of the second account's
+        // leg.
+        let lapsed = vec![
+            Op::Open {
+                account: 0,
+                devices: 1,
+                lapsed: true,
+            },
+            Op::Answer {
+                key: 0,
+                available: true,
+                stale: false,
+                via: 1,
+            },
+            Op::Open {
+                account: 1,
+                devices: 2,
+                lapsed: true,
+            },
+            Op::Answer {
+                key: 1,
+                available: true,
+                stale: false,
+                via: 0,
+            },
+            Op::Answer {
+                key: 9,
+                available: false,
+                stale: false,
+                via: 0,
+            },
+            Op::Answer {
+                key: 10,
+                available: true,
+                stale: false,
+                via: 1,
+            },
+        ];
+        for fixed in [found, lapsed] {
+            if let Err(failure) = runtime.block_on(check(redis.clone(), fixed)) {
+                panic!("{url}: the Redis scripts and the model disagree: {failure}");
+            }
         }
         let mut runner = TestRunner::new(Config {
             cases: 64,

@@ -437,21 +437,22 @@ impl CallBroker for RedisBroker {
                 shared.publish_command().to_owned(),
                 (if as_given { "1" } else { "0" }).to_owned(),
                 (if stale { "1" } else { "0" }).to_owned(),
+                crate::broker::unix_millis(received_at).to_string(),
             ];
-            let reply: Option<(u8, String)> = shared
+            let reply: Option<String> = shared
                 .script(&shared.answer, &[state_key(&call)], &args, true)
                 .await?;
-            let Some((counted, before)) = reply else {
+            let Some((counted, before)) = reply.as_deref().and_then(keys::split_answer) else {
                 return Ok(Verdict::Unknown);
             };
-            match Stored::decode(&before) {
+            match Stored::decode(before) {
                 Some(Stored::Pointer {
                     call: pointed,
                     device,
                 }) if as_given => {
                     (call, index, as_given) = (pointed, device, false);
                 }
-                Some(Stored::Call(record)) => break (counted == 1, record),
+                Some(Stored::Call(record)) => break (counted, record),
                 _ => return Ok(Verdict::Unknown),
             }
         };
