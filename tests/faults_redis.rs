@@ -364,3 +364,84 @@ async fn redis_restarted_mid_fork_keeps_every_key_the_call_needs() {
     );
     assert_no_bookkeeping(&holder).await;
 }
+
+/// A call rings while Redis refuses its proxy-registered device's alias
+/// (an ACL that makes alias keys read-only stands in for a failover or a
+/// cut connection): the call rings anyway, the note is tried again off the
+/// call's path, and once Redis takes it, the device's REGISTER answers the
+/// call. A SIP client woken by RFC 8599 push has no other way to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own redis-server: run with --include-ignored, as .ci/run does"]
+async fn an_alias_redis_refused_as_the_call_rang_is_noted_again_for_the_register() {
+    const PATH: &str = "/api/sip-registration/";
+    const VOIP: &str = "a11a5a9a1e";
+    let redis = RedisServer::start().await;
+    let server = start(&Backend::embedded(), |c| c.redis_url = Some(redis.url())).await;
+    ready_again(&server).await;
+    let user = sip_user_id();
+    let register = [
+        ("sip_user_id", user.as_str()),
+        ("pn_provider", "apns"),
+        ("pn_prid", VOIP),
+        ("pn_param", "ABCDE12345.com.example.softphone.voip"),
+        ("expires", "60"),
+    ];
+    let created = server.client.post(PATH, &register).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    let mut conn = common::redis(&redis.url()).await;
+    let acl = |rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("default").arg(rules);
+        cmd
+    };
+    let _: () = acl(&[
+        "resetkeys",
+        "~cn:{*",
+        "~cn:legs:*",
+        "~cn:cancels:*",
+        "%R~cn:alias:*",
+    ])
+    .query_async(&mut conn)
+    .await
+    .expect("alias keys made read-only");
+    let key = call_id();
+    let pbx = server.client.park(&user, &key);
+    server.call_push(VOIP, &key).await;
+    let alias = format!("cn:alias:{{{user} {VOIP}}}");
+    let noted: Option<String> = redis::cmd("GET")
+        .arg(&alias)
+        .query_async(&mut conn)
+        .await
+        .expect("GET the alias");
+    assert_eq!(noted, None, "Redis refused the alias as the call rang");
+
+    let _: () = acl(&["allkeys"])
+        .query_async(&mut conn)
+        .await
+        .expect("every key writable again");
+    let noted: String = bounded("the alias noted again", async {
+        loop {
+            let noted: Option<String> = redis::cmd("GET")
+                .arg(&alias)
+                .query_async(&mut conn)
+                .await
+                .expect("GET the alias");
+            if let Some(noted) = noted {
+                return noted;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(noted, key, "the alias names the call's push key");
+
+    // The phone, woken, REGISTERs: that is its answer.
+    let refresh = server.client.post(PATH, &register).await;
+    assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.body);
+    let answered = bounded("the PBX's answer", pbx)
+        .await
+        .expect("the PBX task");
+    assert_eq!(answered.body, "status=ACK");
+    assert_fresh_call_is_ack(&server, &user, VOIP).await;
+}

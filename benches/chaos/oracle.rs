@@ -248,11 +248,15 @@ impl<'a> Index<'a> {
         // A REGISTER's 200 says the device is stored, not whether its
         // answer counted: with Redis or PostgreSQL failing, the call may
         // have rung on (the app's call-response would answer it then).
+        // And the REGISTER finds its call by the alias noted in Redis as
+        // the call rang (`src/calls/ring.rs`, best effort): a Redis fault
+        // from then on may have kept it from being noted, or lost it with
+        // a master, and the REGISTER found no call.
         let sure = |a: &Answer| {
             a.register
                 && (200..300).contains(&a.status)
                 && self
-                    .fault(a.sent, a.replied, |k| {
+                    .fault(call.sent.min(a.sent), a.replied, |k| {
                         k.redis() || k == FaultKind::PostgresCut
                     })
                     .is_none()

@@ -488,3 +488,39 @@ fn a_register_that_failed_may_have_answered_its_call_but_one_refused_did_not() {
     obs.answers[0].status = 400;
     assert_eq!(rules(&judge(&obs)), [2, 3, 4]);
 }
+
+#[test]
+fn a_register_after_its_call_rang_through_a_redis_fault_may_have_found_no_call() {
+    // Call 0 rang while its instance's Redis connections were being cut,
+    // so the alias that finds the call from a REGISTER may never have been
+    // noted (`src/calls/ring.rs` notes it as best effort). Phone a's proxy
+    // REGISTERs well after: its 200 answered nothing, and the call timed
+    // out with a still ringing, owed its notice.
+    let mut obs = answered_yet_timed_out();
+    obs.answers[0] = Answer {
+        register: true,
+        replied: 3_105,
+        ..answer(0, "a", "k0.1", true, 3_100, 200, None)
+    };
+    obs.pushes.push(push(
+        4_010,
+        "a",
+        "call_ended",
+        "k0.1",
+        "",
+        Some("timed_out"),
+    ));
+    obs.faults.push(Fault {
+        kind: FaultKind::CutInstanceRedis,
+        target: "instance 0".into(),
+        start: 0,
+        end: 0,
+    });
+    let verdict = judge(&obs);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert!(verdict.lost.is_empty(), "{:#?}", verdict.lost);
+    // Without a Redis fault the REGISTER surely answered the call: the NAK
+    // and the notice to a are both named.
+    obs.faults[0].kind = FaultKind::FcmSlow;
+    assert_eq!(rules(&judge(&obs)), [2, 3], "{:#?}", judge(&obs).violations);
+}

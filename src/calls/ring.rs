@@ -99,33 +99,80 @@ async fn open(
 /// Notes each device its SIP proxy registered under its push key, before
 /// its push leaves, so its next REGISTER finds the call; within the call's
 /// wait. A device not noted still answers through its app.
-async fn note_aliases(state: &AppState, devices: &[Device], key: &str, deadline: Instant) {
+///
+/// A note the broker refused (Redis failing over, a connection cut) is
+/// tried again off the call's path ([`note_again`]): a phone with no app
+/// to call back (a SIP client woken by RFC 8599 push) answers only by its
+/// REGISTER, which comes a phone's wake-up after the push, time enough for
+/// a Redis blip to pass.
+async fn note_aliases(state: &Arc<AppState>, devices: &[Device], key: &str, deadline: Instant) {
     let now = now_millis();
-    if !devices.iter().any(|d| d.registration.proxy_bound(now)) {
-        return;
-    }
     let count = devices.len();
-    let aliases = devices
+    let aliases: Vec<(String, String)> = devices
         .iter()
         .enumerate()
         .filter(|(_, d)| d.registration.proxy_bound(now))
         .map(|(index, d)| {
             let alias = device_alias(d.registration.sip_user_id, &d.registration.token);
-            let push = push_key(key, index, count);
-            async move { state.broker.alias(&alias, &push, deadline).await }
-        });
-    let noted = tokio::time::timeout_at(deadline, futures_util::future::join_all(aliases)).await;
+            (alias, push_key(key, index, count))
+        })
+        .collect();
+    if aliases.is_empty() {
+        return;
+    }
+    let notes = aliases
+        .iter()
+        .map(|(alias, push)| state.broker.alias(alias, push, deadline));
+    let noted = tokio::time::timeout_at(deadline, futures_util::future::join_all(notes)).await;
     let Ok(noted) = noted else {
         state.metrics.error("broker");
         tracing::warn!("noting proxy-registered devices took the whole wait");
         return;
     };
-    for noted in noted {
-        if let Err(e) = noted {
+    let failed: Vec<(String, String)> = aliases
+        .into_iter()
+        .zip(noted)
+        .filter_map(|(alias, noted)| {
+            let e = noted.err()?;
             state.metrics.error("broker");
-            tracing::warn!(error = %e, "cannot note a proxy-registered device for its REGISTER");
-        }
+            tracing::warn!(error = %e, "cannot note a proxy-registered device for its REGISTER; trying again");
+            Some(alias)
+        })
+        .collect();
+    if !failed.is_empty() {
+        tokio::spawn(note_again(state.clone(), failed, deadline));
     }
+}
+
+/// The first pause before a refused note is tried again; it doubles each
+/// time, up to [`NOTE_AGAIN_MAX`].
+const NOTE_AGAIN_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const NOTE_AGAIN_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tries the notes in `failed` (alias, push key) again until each is
+/// stored or the call's wait is over; a note stored after its call ended
+/// only makes a late REGISTER hear that the call is over.
+async fn note_again(state: Arc<AppState>, mut failed: Vec<(String, String)>, deadline: Instant) {
+    let mut pause = NOTE_AGAIN_FIRST;
+    while !failed.is_empty() {
+        let at = Instant::now() + pause;
+        if at >= deadline {
+            tracing::warn!(
+                devices = failed.len(),
+                "a proxy-registered device could not be noted within its call's wait; its REGISTER will not answer the call"
+            );
+            return;
+        }
+        tokio::time::sleep_until(at).await;
+        let notes = failed
+            .iter()
+            .map(|(alias, push)| state.broker.alias(alias, push, deadline));
+        let noted = futures_util::future::join_all(notes).await;
+        let mut noted = noted.into_iter();
+        failed.retain(|_| noted.next().is_some_and(|n| n.is_err()));
+        pause = (pause * 2).min(NOTE_AGAIN_MAX);
+    }
+    tracing::info!("proxy-registered devices noted for their REGISTER on a later try");
 }
 
 /// Step 2: a push schedule per device, each on the course the call steers

@@ -288,7 +288,21 @@ pub(super) async fn register(
             token = %redact(&token),
             "a REGISTER answered the call ringing for its device"
         ),
-        Ok(_) => {}
+        // Why a REGISTER answered nothing, for whoever reads a call's
+        // logs: most REGISTERs are refreshes with no call (debug); one that
+        // finds its call over came too late for it (or, with Redis
+        // failing, found what a failover left).
+        Ok(Some(Verdict::Gone(reason))) => tracing::info!(
+            sip_user_id,
+            token = %redact(&token),
+            reason = reason.as_str(),
+            "a REGISTER came after the call ringing for its device was over"
+        ),
+        Ok(None | Some(Verdict::Unknown)) => tracing::debug!(
+            sip_user_id,
+            token = %redact(&token),
+            "a REGISTER found no call ringing for its device"
+        ),
         Err(e) => tracing::warn!(sip_user_id, error = %e, "cannot answer a call with a REGISTER"),
     }
     response

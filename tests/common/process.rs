@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::bounded;
 
+/// What a test's server logs: info, and why a REGISTER answered no call
+/// (debug in `http::sip`), so a failing chaos seed's logs say it.
+const LOG_FILTER: &str = "info,call_notifier::http::sip=debug";
+
 /// A running `call-notifier`, its address read from its first log line.
 pub struct Process {
     child: Child,
@@ -44,7 +48,7 @@ impl Process {
         command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
-            .env("CALL_NOTIFIER_LOG", "info")
+            .env("CALL_NOTIFIER_LOG", LOG_FILTER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
