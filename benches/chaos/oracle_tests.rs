@@ -44,6 +44,16 @@ fn push(at: Ms, token: &str, kind: &str, key: &str, call_id: &str, reason: Optio
     }
 }
 
+/// A fault on `target`, from `start` until healed at `end`.
+fn fault(kind: FaultKind, target: &str, start: Ms, end: Ms) -> Fault {
+    Fault {
+        kind,
+        target: target.into(),
+        start,
+        end,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn answer(
     call: usize,
@@ -254,24 +264,16 @@ fn an_acked_declined_call_is_named() {
 fn a_counted_answer_the_pbx_never_heard_is_named_unless_a_master_died_with_it() {
     let mut obs = answered_yet_timed_out();
     obs.pushes[7].reason = Some("failed".into());
-    obs.faults.push(Fault {
-        kind: FaultKind::PostgresCut,
-        target: "PostgreSQL".into(),
-        start: 3_000,
-        end: 3_500,
-    });
+    obs.faults
+        .push(fault(FaultKind::PostgresCut, "PostgreSQL", 3_000, 3_500));
     let verdict = judge(&obs);
     assert_eq!(rules(&verdict), [2], "{:#?}", verdict.violations);
     assert!(verdict.lost.is_empty());
 
     // The master holding the answer is killed 300 ms after it counted: the
     // named window, counted apart.
-    obs.faults.push(Fault {
-        kind: FaultKind::KillMaster,
-        target: "Redis :7301".into(),
-        start: 1_305,
-        end: 9_000,
-    });
+    obs.faults
+        .push(fault(FaultKind::KillMaster, "Redis :7301", 1_305, 9_000));
     let verdict = judge(&obs);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.lost.len(), 1);
@@ -382,12 +384,8 @@ fn metrics_that_do_not_add_up_are_named() {
 fn an_answer_a_master_took_as_it_woke_from_its_failover_is_counted_apart() {
     let mut obs = answered_yet_timed_out();
     // Paused from before the call; woken just as the answer was taken.
-    obs.faults.push(Fault {
-        kind: FaultKind::PauseMaster,
-        target: "Redis :7302".into(),
-        start: 0,
-        end: 1_000,
-    });
+    obs.faults
+        .push(fault(FaultKind::PauseMaster, "Redis :7302", 0, 1_000));
     let verdict = judge(&obs);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.lost.len(), 1);
@@ -408,12 +406,8 @@ fn a_key_lost_with_a_killed_master_is_counted_apart_and_any_other_404_named() {
         .push(answer(2, "d", "k2", false, 2_000, 404, None));
     let verdict = judge(&obs);
     assert_eq!(rules(&verdict), [4], "{:#?}", verdict.violations);
-    obs.faults.push(Fault {
-        kind: FaultKind::KillMaster,
-        target: "Redis :7301".into(),
-        start: 500,
-        end: 9_000,
-    });
+    obs.faults
+        .push(fault(FaultKind::KillMaster, "Redis :7301", 500, 9_000));
     let verdict = judge(&obs);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.lost.len(), 1);
@@ -463,12 +457,8 @@ fn a_register_that_failed_may_have_answered_its_call_but_one_refused_did_not() {
     let mut obs = clean();
     obs.answers[0].register = true;
     obs.answers[0].status = 503;
-    obs.faults.push(Fault {
-        kind: FaultKind::PostgresCut,
-        target: "PostgreSQL".into(),
-        start: 900,
-        end: 1_100,
-    });
+    obs.faults
+        .push(fault(FaultKind::PostgresCut, "PostgreSQL", 900, 1_100));
     assert!(
         judge(&obs).violations.is_empty(),
         "{:#?}",
@@ -510,12 +500,8 @@ fn a_register_after_its_call_rang_through_a_redis_fault_may_have_found_no_call()
         "",
         Some("timed_out"),
     ));
-    obs.faults.push(Fault {
-        kind: FaultKind::CutInstanceRedis,
-        target: "instance 0".into(),
-        start: 0,
-        end: 0,
-    });
+    obs.faults
+        .push(fault(FaultKind::CutInstanceRedis, "instance 0", 0, 0));
     let verdict = judge(&obs);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert!(verdict.lost.is_empty(), "{:#?}", verdict.lost);

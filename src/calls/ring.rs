@@ -120,28 +120,41 @@ async fn note_aliases(state: &Arc<AppState>, devices: &[Device], key: &str, dead
     if aliases.is_empty() {
         return;
     }
-    let notes = aliases
-        .iter()
-        .map(|(alias, push)| state.broker.alias(alias, push, deadline));
-    let noted = tokio::time::timeout_at(deadline, futures_util::future::join_all(notes)).await;
-    let Ok(noted) = noted else {
+    let Ok(refused) = tokio::time::timeout_at(deadline, note(state, aliases, deadline)).await
+    else {
         state.metrics.error("broker");
         tracing::warn!("noting proxy-registered devices took the whole wait");
         return;
     };
-    let failed: Vec<(String, String)> = aliases
+    let failed: Vec<(String, String)> = refused
         .into_iter()
-        .zip(noted)
-        .filter_map(|(alias, noted)| {
-            let e = noted.err()?;
+        .map(|(alias, e)| {
             state.metrics.error("broker");
             tracing::warn!(error = %e, "cannot note a proxy-registered device for its REGISTER; trying again");
-            Some(alias)
+            alias
         })
         .collect();
     if !failed.is_empty() {
         tokio::spawn(note_again(state.clone(), failed, deadline));
     }
+}
+
+/// Notes each (alias, push key) of `aliases` at once; returns those the
+/// broker refused, with why.
+async fn note(
+    state: &AppState,
+    aliases: Vec<(String, String)>,
+    deadline: Instant,
+) -> Vec<((String, String), BrokerError)> {
+    let notes = aliases
+        .iter()
+        .map(|(alias, push)| state.broker.alias(alias, push, deadline));
+    let noted = futures_util::future::join_all(notes).await;
+    aliases
+        .into_iter()
+        .zip(noted)
+        .filter_map(|(alias, noted)| Some((alias, noted.err()?)))
+        .collect()
 }
 
 /// The first pause before a refused note is tried again; it doubles each
@@ -164,12 +177,11 @@ async fn note_again(state: Arc<AppState>, mut failed: Vec<(String, String)>, dea
             return;
         }
         tokio::time::sleep_until(at).await;
-        let notes = failed
-            .iter()
-            .map(|(alias, push)| state.broker.alias(alias, push, deadline));
-        let noted = futures_util::future::join_all(notes).await;
-        let mut noted = noted.into_iter();
-        failed.retain(|_| noted.next().is_some_and(|n| n.is_err()));
+        failed = note(&state, failed, deadline)
+            .await
+            .into_iter()
+            .map(|(alias, _)| alias)
+            .collect();
         pause = (pause * 2).min(NOTE_AGAIN_MAX);
     }
     tracing::info!("proxy-registered devices noted for their REGISTER on a later try");

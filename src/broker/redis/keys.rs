@@ -260,7 +260,7 @@ local function gap(from) return string.find(before, ' ', from, true) end
 local phase_end = gap(1)
 local deadline_end = phase_end and gap(phase_end + 1)
 -- As given: exactly three words, one device.
-if ARGV[6] == '1' and not (deadline_end and not gap(deadline_end + 1)) then return false end
+if ARGV[6] == '1' and (not deadline_end or gap(deadline_end + 1)) then return false end
 if not deadline_end then return '0' .. before end
 -- Device ARGV[1]'s word: first to last.
 local first = deadline_end + 1

@@ -57,8 +57,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{
-    candidates, push_key, Answer, BrokerError, CallBroker, Joined, Left, Opening, Phase, Record,
-    Release, Stored, Verdict, Wait, Waiters,
+    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, Joined, Left, Opening,
+    Phase, Record, Release, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -437,7 +437,7 @@ impl CallBroker for RedisBroker {
                 shared.publish_command().to_owned(),
                 (if as_given { "1" } else { "0" }).to_owned(),
                 (if stale { "1" } else { "0" }).to_owned(),
-                crate::broker::unix_millis(received_at).to_string(),
+                unix_millis(received_at).to_string(),
             ];
             let reply: Option<String> = shared
                 .script(&shared.answer, &[state_key(&call)], &args, true)
