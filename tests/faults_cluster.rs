@@ -1,4 +1,5 @@
-//! Outages: a Redis Cluster master failing over during waits (on a cluster
+//! Outages: a Redis Cluster master failing over during waits, and losing
+//! the last writes of a call still ringing (on a cluster
 //! of the test's own, which a file lock keeps to one test process at a time),
 //! and the answer travelling only to the shard that owns its key (on the
 //! shared cluster, only read).
@@ -18,7 +19,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use call_notifier::broker::redis::{channel, meta_key, state_key};
-use call_notifier::broker::Record;
+use call_notifier::broker::{Phase, Record};
 use common::fault::*;
 use common::*;
 use hyper::StatusCode;
@@ -532,4 +533,118 @@ async fn on_a_cluster_the_answer_reaches_only_the_owning_shard() {
     }
     assert!(clean_round, "in every round another master published too");
     assert_no_bookkeeping(&pbx_side).await;
+}
+
+// ---------------------------------------------------------------------------
+// A failover loses the last writes of a call still ringing.
+
+/// Redis replicates asynchronously: the writes a master acknowledged in
+/// its last moments may never reach the replica that takes its slots. For a
+/// call that rang just then, that can be its record (the app's answer gets
+/// 404) or its device's alias (the REGISTER of a phone its proxy woke finds
+/// no call): the call would end NAK at its wait though the phone answered.
+/// Here the loss is made certain: the call's record, meta and alias, all on
+/// the victim's shard, are deleted there (the deletes replicate, so the
+/// replica that takes over has none of them, as if the writes had never
+/// reached it); then the victim dies. The instance must store the keys again
+/// once the replica has taken over, and the REGISTER must answer the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts its own Redis Cluster on 127.0.0.1:7101-7106: run with --include-ignored, as .ci/run does"]
+async fn the_keys_of_a_ringing_call_a_failover_lost_are_stored_again() {
+    let cluster = FaultCluster::start().await;
+    let first = FAULT_CLUSTER_PORTS[0];
+    let victim = masters().await[0].clone();
+    let observer = *FAULT_CLUSTER_PORTS
+        .iter()
+        .find(|p| **p != victim.port)
+        .expect("another node");
+    let user = sip_user_id();
+    // A call and a device whose keys are all on the victim's shard.
+    let key = loop {
+        let key = call_id();
+        if victim.serves(key_slot(first, &state_key(&key)).await) {
+            break key;
+        }
+    };
+    let mut n = u64::from(std::process::id()) << 16;
+    let (voip, alias) = loop {
+        n += 1;
+        let voip = format!("{n:012x}");
+        let alias = format!("cn:alias:{{{user} {voip}}}");
+        if victim.serves(key_slot(first, &alias).await) {
+            break (voip, alias);
+        }
+    };
+    let server = start(&Backend::embedded(), |c| {
+        c.redis_url = Some(cluster.url());
+        c.wait_ms = 30_000;
+    })
+    .await;
+    ready_again(&server).await;
+    let register = apns_register(&user, &voip);
+    let created = server.client.post(SIP_REGISTRATION, &register).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    let pbx = server.client.park(&user, &key);
+    server.call_push(&voip, &key).await;
+    let get = |port: u16, name: String| async move {
+        node_command::<Option<String>>(port, redis::cmd("GET").arg(name))
+            .await
+            .unwrap_or(None)
+    };
+    let noted = eventually(RECOVERY, || {
+        let noted = get(victim.port, alias.clone());
+        async move { noted.await.is_some() }
+    })
+    .await;
+    assert!(noted, "the alias was never noted");
+    for name in [state_key(&key), meta_key(&key), alias.clone()] {
+        let deleted: i64 = node_command(victim.port, redis::cmd("DEL").arg(&name))
+            .await
+            .expect("DEL");
+        assert_eq!(deleted, 1, "{name} was stored");
+    }
+
+    // SAFETY: kill(2) on the pid of a redis-server this test started.
+    assert_eq!(
+        unsafe { libc::kill(node_pid(victim.port).await, libc::SIGKILL) },
+        0
+    );
+    let promoted = bounded("a replica taking the victim's slots", async {
+        loop {
+            let nodes = cluster_nodes(observer).await;
+            if let Some(node) = nodes.iter().find(|n| {
+                n.master && !n.failed && n.port != victim.port && n.serves(victim.slots[0].0)
+            }) {
+                return node.port;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    // Stored again on the promoted replica: the alias names the call, and
+    // the call rings again.
+    let restored = bounded("the alias stored again", async {
+        loop {
+            if let Some(noted) = get(promoted, alias.clone()).await {
+                return noted;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(restored, key, "the alias names the call's push key");
+    let record = get(promoted, state_key(&key))
+        .await
+        .and_then(|r| Record::decode(&r))
+        .expect("the call's record stored again");
+    assert!(matches!(record.phase, Phase::Ringing { .. }), "{record:?}");
+    let meta = get(promoted, meta_key(&key)).await;
+    assert!(meta.is_some(), "the call's meta stored again");
+
+    // The phone, woken, REGISTERs: that is its answer.
+    register_answers(&server, &register, pbx).await;
+    ready_again(&server).await;
+    assert_fresh_call_is_ack(&server, &user, &voip).await;
 }

@@ -373,20 +373,13 @@ async fn redis_restarted_mid_fork_keeps_every_key_the_call_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "starts its own redis-server: run with --include-ignored, as .ci/run does"]
 async fn an_alias_redis_refused_as_the_call_rang_is_noted_again_for_the_register() {
-    const PATH: &str = "/api/sip-registration/";
     const VOIP: &str = "a11a5a9a1e";
     let redis = RedisServer::start().await;
     let server = start(&Backend::embedded(), |c| c.redis_url = Some(redis.url())).await;
     ready_again(&server).await;
     let user = sip_user_id();
-    let register = [
-        ("sip_user_id", user.as_str()),
-        ("pn_provider", "apns"),
-        ("pn_prid", VOIP),
-        ("pn_param", "ABCDE12345.com.example.softphone.voip"),
-        ("expires", "60"),
-    ];
-    let created = server.client.post(PATH, &register).await;
+    let register = apns_register(&user, VOIP);
+    let created = server.client.post(SIP_REGISTRATION, &register).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
 
     let mut conn = common::redis(&redis.url()).await;
@@ -437,11 +430,6 @@ async fn an_alias_redis_refused_as_the_call_rang_is_noted_again_for_the_register
     assert_eq!(noted, key, "the alias names the call's push key");
 
     // The phone, woken, REGISTERs: that is its answer.
-    let refresh = server.client.post(PATH, &register).await;
-    assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.body);
-    let answered = bounded("the PBX's answer", pbx)
-        .await
-        .expect("the PBX task");
-    assert_eq!(answered.body, "status=ACK");
+    register_answers(&server, &register, pbx).await;
     assert_fresh_call_is_ack(&server, &user, VOIP).await;
 }

@@ -20,7 +20,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::{assert_no_bookkeeping, call_id, eventually, redis, start_time_of, Reply, TestServer};
+use super::{
+    assert_no_bookkeeping, bounded, call_id, eventually, redis, start_time_of, Reply, TestServer,
+};
 
 /// How late past its wait a call may end: scheduling on a busy 2-core box.
 pub const MARGIN: Duration = Duration::from_millis(500);
@@ -97,6 +99,37 @@ pub async fn assert_fresh_call_is_ack(server: &TestServer, user: &str, token: &s
         "{}: a fresh call after recovery",
         server.backend.name()
     );
+}
+
+/// Where a SIP proxy reports a REGISTER (RFC 8599).
+pub const SIP_REGISTRATION: &str = "/api/sip-registration/";
+
+/// What a proxy posts for a REGISTER of `user`'s iOS softphone whose VoIP
+/// push token is `voip`.
+pub fn apns_register<'a>(user: &'a str, voip: &'a str) -> [(&'static str, &'a str); 5] {
+    [
+        ("sip_user_id", user),
+        ("pn_provider", "apns"),
+        ("pn_prid", voip),
+        ("pn_param", "ABCDE12345.com.example.softphone.voip"),
+        ("expires", "60"),
+    ]
+}
+
+/// The phone, woken by its call's push, REGISTERs (`register`, as its
+/// proxy reports it): that is its answer, and the PBX waiting in `pbx`
+/// hears ACK.
+pub async fn register_answers(
+    server: &TestServer,
+    register: &[(&str, &str)],
+    pbx: tokio::task::JoinHandle<Reply>,
+) {
+    let refresh = server.client.post(SIP_REGISTRATION, register).await;
+    assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.body);
+    let answered = bounded("the PBX's answer", pbx)
+        .await
+        .expect("the PBX task");
+    assert_eq!(answered.body, "status=ACK");
 }
 
 /// After an outage: ready again, serving a fresh call, and nothing left of

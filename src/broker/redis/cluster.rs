@@ -269,6 +269,7 @@ async fn replace(shared: &Shared, cluster: &Cluster, master: &str) {
         .count()
         .await;
     shared.mark_unsure_for(CLUSTER_SETTLING);
+    shared.failover_suspected();
     cluster.replaced.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         master = %Escaped(master),

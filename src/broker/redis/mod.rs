@@ -29,6 +29,8 @@
 //!   interval (split per slot on a cluster), the stored state of every
 //!   unanswered key waited on here, while the subscription is not known
 //!   good, so an answer whose message was lost still ends its wait;
+//! - [`restore`]: puts back the keys of the calls parked here that Redis
+//!   lost (a restart without persistence, a cluster failover);
 //! - [`retire`]: deletes the keys of finished waits and unsubscribes their
 //!   channels, in batches, off the call path.
 //!
@@ -44,6 +46,7 @@ mod connections;
 mod direct;
 mod fallback;
 mod keys;
+mod restore;
 mod retire;
 mod subscriber;
 
@@ -53,7 +56,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use redis::cluster::ClusterClientBuilder;
 use redis::{FromRedisValue, ScriptInvocation};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
@@ -109,6 +112,9 @@ struct Shared {
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
     unsure_until: Mutex<Option<std::time::Instant>>,
+    /// On a cluster, wakes the [`restore::restorer`] after a sign of a
+    /// failover.
+    restore_due: Option<Arc<Notify>>,
 }
 
 /// A Lua script and its text: sent by hash (`EVALSHA`), and whole
@@ -153,6 +159,7 @@ impl RedisBroker {
         let (stop, stopped) = watch::channel(());
         let (retire, retired) = mpsc::unbounded_channel();
         let nodes = cluster_nodes(&options.url);
+        let nodes_given = nodes.is_some();
         let direct = Direct::new(
             nodes.as_ref().map_or(&options.url, |nodes| &nodes[0]),
             nodes.is_some(),
@@ -195,6 +202,7 @@ impl RedisBroker {
             waiters: Waiters::default(),
             retire,
             unsure_until: Mutex::new(None),
+            restore_due: nodes_given.then(|| Arc::new(Notify::new())),
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: Lua::new(keys::ANSWER_SCRIPT),
             end: Lua::new(keys::END_SCRIPT),
@@ -208,6 +216,10 @@ impl RedisBroker {
         }
         if shared.is_cluster() {
             tokio::spawn(cluster::watchdog(Arc::downgrade(&shared), stopped.clone()));
+        }
+        if let Some(due) = &shared.restore_due {
+            let (shared, due) = (Arc::downgrade(&shared), due.clone());
+            tokio::spawn(restore::restorer(shared, due, stopped.clone()));
         }
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
         subscriber.spawn(Arc::downgrade(&shared), stopped.clone());
@@ -241,11 +253,13 @@ impl Shared {
     /// still read.
     ///
     /// It also wakes the cluster watchdog ([`cluster`]), which tells a
-    /// failing shard from a wedged connection.
+    /// failing shard from a wedged connection, and the restorer
+    /// ([`restore`]), which puts back what a failover lost.
     fn failed(&self, e: impl std::fmt::Display) -> BrokerError {
         if let Some(cluster) = self.cluster() {
             self.mark_unsure_for(fallback::CLUSTER_SETTLING);
             cluster.suspect();
+            self.failover_suspected();
         }
         unavailable(e)
     }

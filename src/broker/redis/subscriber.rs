@@ -4,7 +4,7 @@
 //! One server: one subscriber connection carries every channel; when it
 //! drops, the task reconnects with backoff, resubscribes every channel
 //! waited on, stores again the pending state of every unanswered wait
-//! ([`restore_pending`]) and runs the fallback check once, before the broker
+//! ([`restore::restore_pending`]) and runs the fallback check once, before the broker
 //! says it is ready. A cluster: sharded subscriptions ride the cluster
 //! connection, which resubscribes by itself after a failover; the task reads
 //! the messages it pushes.
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::cluster::Cluster;
 use super::keys::{self, channel, key_of_channel, Message};
-use super::{meta_key, push_key, state_key, unavailable, Shared, Stored, BATCH};
+use super::{restore, unavailable, Shared, BATCH};
 use crate::broker::BrokerError;
 use crate::logs::Escaped;
 
@@ -240,7 +240,7 @@ async fn connect(
     shared.subscriptions.set_single(Some(sink.clone()));
     let made_whole = async {
         resubscribe(&shared, sink.clone()).await?;
-        let restored = restore_pending(&shared).await?;
+        let restored = restore::restore_pending(&shared).await?;
         // Whatever was answered while we were away was published to nobody.
         if let Err(e) = shared.check_stored().await {
             tracing::warn!(error = %e, "fallback check after resubscribe failed");
@@ -384,6 +384,7 @@ async fn cluster(
             }
             (PushKind::Disconnection, _) => {
                 shared.mark_unsure_for(super::fallback::CLUSTER_SETTLING);
+                shared.failover_suspected();
                 tracing::warn!(
                     "a Redis Cluster node connection dropped; the fallback check covers the gap"
                 );
@@ -402,64 +403,4 @@ async fn resubscribe(shared: &Shared, mut sink: PubSubSink) -> Result<(), Broker
             .map_err(unavailable)?;
     }
     Ok(())
-}
-
-/// Stores again, where Redis has none, every key a call parked here needs:
-/// its ringing record and meta, its device pointers, its devices' aliases
-/// and its leg under the Call-ID; says how many calls it stored again.
-/// Called each time the subscriber connects again, before the broker says
-/// it is ready.
-///
-/// Why: a Redis that restarted without persistence has lost the keys of
-/// the calls parked here while their PBX requests still wait. Without them
-/// the app's answer (through any instance, to any device's key) gets 404,
-/// a REGISTER finds no call, and the call ends NAK at its wait although
-/// the app answered in time. This process knows every call it waits on
-/// ([`crate::broker::Waiters::pending`]), so putting them back costs one
-/// pipelined `SET NX` per key, once per reconnect. `NX` keeps what Redis
-/// still has (the subscriber connection dropped but Redis did not), so an
-/// answered key never turns pending again. Each key expires with its wait,
-/// as when it was first stored.
-///
-/// An answer that reached Redis before it went down is lost with it: that
-/// call ends NAK at its wait unless the app answers again. A cluster is left
-/// to its replicas, which hold the states (all but the writes of the last
-/// moments before a failover).
-async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
-    let mut restored = 0;
-    for chunk in shared.waiters.pending().chunks(BATCH) {
-        let mut pipe = redis::pipe();
-        for call in chunk {
-            pipe.add_command(keys::set_pending(&call.key, &call.devices, call.until));
-            let meta = keys::meta(call.account);
-            pipe.add_command(keys::set_missing(meta_key(&call.key), meta, call.until))
-                .ignore();
-            let count = call.devices.len();
-            for index in (0..count).filter(|_| count > 1) {
-                let push = push_key(&call.key, index, count);
-                let pointer = Stored::pointer(&call.key, index);
-                pipe.add_command(keys::set_missing(state_key(&push), pointer, call.until))
-                    .ignore();
-            }
-            for (alias, push) in &call.aliases {
-                let name = keys::alias_key(alias);
-                pipe.add_command(keys::set_missing(name, push.clone(), call.until))
-                    .ignore();
-            }
-            if let Some(call_id) = &call.leg_of {
-                for cmd in keys::note_leg(call_id, &call.key, call.until).cmd_iter() {
-                    pipe.add_command(cmd.clone()).ignore();
-                }
-            }
-        }
-        let stored: Vec<Option<String>> = shared.pipeline(&pipe).await?;
-        restored += stored.iter().filter(|s| s.is_some()).count();
-    }
-    if restored > 0 {
-        tracing::warn!(
-            restored,
-            "Redis had lost the keys of calls parked here; stored them again"
-        );
-    }
-    Ok(restored)
 }
