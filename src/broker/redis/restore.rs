@@ -18,9 +18,9 @@
 //!   writes were lost, so after any sign of a failover (a node connection
 //!   dropped, a command failed, the cluster connection replaced) the
 //!   [`restorer`] stores every parked call's keys again, one pipeline per
-//!   slot, and tries again the slots whose shard was not back yet, every
-//!   [`RESTORE_EVERY`], until each took them or [`CLUSTER_SETTLING`] has
-//!   passed.
+//!   slot, and tries again the slots whose shard was not back yet (after 1
+//!   s, the waits doubling up to 8 s), until each took them or
+//!   [`CLUSTER_SETTLING`] has passed.
 //!
 //! This process knows every call it waits on
 //! ([`crate::broker::Waiters::pending`]); putting its keys back costs one
@@ -47,9 +47,14 @@ use super::{push_key, Shared, Stored, BATCH};
 use crate::broker::{BrokerError, Pending};
 
 /// How long after a sign of a failover the restorer first stores the keys,
-/// and how far apart it tries again the slots it could not reach: a
-/// failover takes the cluster's node timeout and an election, seconds.
-const RESTORE_EVERY: Duration = Duration::from_secs(1);
+/// and then first tries again the slots it could not reach: a failover
+/// takes the cluster's node timeout and an election, seconds.
+const RESTORE_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two tries, the waits doubling from
+/// [`RESTORE_FIRST`]: a shard down for long, or commands timing out under
+/// load (also a sign), must not have every parked call's keys written every
+/// second.
+const RESTORE_MAX: Duration = Duration::from_secs(8);
 
 /// How many slots' pipelines one pass has in flight.
 const SLOTS_AT_ONCE: usize = 32;
@@ -188,11 +193,12 @@ pub(super) async fn restorer(
             _ = stop.changed() => return,
         }
         let give_up = Instant::now() + CLUSTER_SETTLING;
-        let mut only = None;
+        let (mut only, mut pause) = (None, RESTORE_FIRST);
         loop {
-            if !sleep_or_stop(RESTORE_EVERY, &mut stop).await {
+            if !sleep_or_stop(pause, &mut stop).await {
                 return;
             }
+            pause = (pause * 2).min(RESTORE_MAX);
             let Some(shared) = shared.upgrade() else {
                 return;
             };
