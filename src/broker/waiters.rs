@@ -47,6 +47,10 @@ struct Slot {
     aliases: Vec<(String, String)>,
     /// Whether a waiter ended the call itself (else leaving cancels it).
     ended: bool,
+    /// Whether the broker has opened the call in its store: until then its
+    /// keys are not missing but not yet written, and a call whose open then
+    /// fails must leave none behind (see [`Waiters::pending`]).
+    opened: bool,
 }
 
 /// What joining a key found.
@@ -171,6 +175,16 @@ impl Waiters {
         }
     }
 
+    /// Notes that the wait of generation `generation` on `key` has its
+    /// call opened in the broker's store.
+    pub(crate) fn opened(&self, key: &str, generation: u64) {
+        if let Some(slot) = self.lock().slots.get_mut(key) {
+            if slot.generation == generation {
+                slot.opened = true;
+            }
+        }
+    }
+
     /// Notes that the device `alias` of the call `key` rings under
     /// `push_key`, to store again with the call's record.
     pub(crate) fn note_alias(&self, key: &str, alias: &str, push_key: &str) {
@@ -263,15 +277,17 @@ impl Waiters {
         self.lock().slots.keys().cloned().collect()
     }
 
-    /// The calls waited on, not ended: the records (with their device
-    /// pointers, aliases and legs) a broker whose backing store lost them
-    /// puts back.
+    /// The calls waited on, opened and not ended: the records (with their
+    /// device pointers, aliases and legs) a broker whose backing store lost
+    /// them puts back. Not a call still being opened: its open writes its
+    /// keys, or fails and the PBX hears NAK, and keys put back meanwhile
+    /// would ring for nobody.
     pub(crate) fn pending(&self) -> Vec<Pending> {
         let inner = self.lock();
         inner
             .slots
             .iter()
-            .filter(|(_, slot)| slot.news.borrow().ended.is_none())
+            .filter(|(_, slot)| slot.opened && slot.news.borrow().ended.is_none())
             .map(|(key, slot)| Pending {
                 key: key.clone(),
                 account: slot.account,
@@ -327,6 +343,7 @@ impl Inner {
                 until: call.until,
                 leg_of: leg_of.map(str::to_owned),
                 aliases: Vec::new(),
+                opened: false,
                 ended: false,
             },
         );
@@ -375,6 +392,28 @@ mod tests {
             } => (news, first, generation),
             Joined::Taken => panic!("taken"),
         }
+    }
+
+    #[tokio::test]
+    async fn only_an_opened_call_not_ended_is_pending() {
+        let waiters = Waiters::default();
+        let devices = [Platform::Android];
+        let (_news, _, generation) = waiting(waiters.join("k", &opening(42, &devices), None));
+        waiters.note_alias("k", "5 tok", "k");
+        assert!(
+            waiters.pending().is_empty(),
+            "a call still being opened has no keys to put back"
+        );
+        waiters.opened("k", generation + 1);
+        assert!(waiters.pending().is_empty(), "another generation's open");
+        waiters.opened("k", generation);
+        let pending = waiters.pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(&*pending[0].key, "k");
+        assert_eq!(pending[0].account, 42);
+        assert_eq!(pending[0].aliases, [("5 tok".to_owned(), "k".to_owned())]);
+        waiters.ended("k", EndReason::TimedOut);
+        assert!(waiters.pending().is_empty(), "an ended call is not pending");
     }
 
     #[tokio::test]

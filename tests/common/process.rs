@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::bounded;
 
-/// What a test's server logs: info, and why a REGISTER answered no call
-/// (debug in `http::sip`), so a failing chaos seed's logs say it.
-const LOG_FILTER: &str = "info,call_notifier::http::sip=debug";
+/// What a test's server logs: info, why a REGISTER answered no call (debug
+/// in `http::sip`) and which keys Redis lost were stored again (debug in
+/// `broker::redis::restore`), so a failing chaos seed's logs say them.
+const LOG_FILTER: &str =
+    "info,call_notifier::http::sip=debug,call_notifier::broker::redis::restore=debug";
 
 /// A running `call-notifier`, its address read from its first log line.
 pub struct Process {

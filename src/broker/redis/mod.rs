@@ -419,6 +419,7 @@ impl CallBroker for RedisBroker {
                     }
                 }
             }
+            shared.waiters.opened(key, generation);
             return Ok(Wait {
                 key: Arc::from(key.as_str()),
                 news,

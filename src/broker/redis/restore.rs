@@ -45,6 +45,7 @@ use super::keys::{self, meta_key, state_key};
 use super::subscriber::sleep_or_stop;
 use super::{push_key, Shared, Stored, BATCH};
 use crate::broker::{BrokerError, Pending};
+use crate::logs::Escaped;
 
 /// How long after a sign of a failover the restorer first stores the keys,
 /// and then first tries again the slots it could not reach: a failover
@@ -106,21 +107,30 @@ fn restores(calls: &[Pending]) -> Vec<Restore> {
 }
 
 /// The commands of `restores` in one pipeline, the uncounted replies
-/// ignored.
-fn pipeline(restores: Vec<Restore>) -> redis::Pipeline {
+/// ignored, and the names of the keys whose replies are kept, in order.
+fn pipeline(restores: Vec<Restore>) -> (redis::Pipeline, Vec<String>) {
     let mut pipe = redis::pipe();
+    let mut counted = Vec::new();
     for restore in restores {
         pipe.add_command(restore.command);
-        if !restore.counted {
+        if restore.counted {
+            counted.push(restore.name);
+        } else {
             pipe.ignore();
         }
     }
-    pipe
+    (pipe, counted)
 }
 
-/// How many `SET NX` replies of a pipeline say the key was stored.
-fn stored(replies: &[Option<String>]) -> usize {
-    replies.iter().filter(|r| r.is_some()).count()
+/// How many keys of `names` the `SET NX` replies say were stored, each
+/// logged (at debug) for whoever must tell which calls a failure touched.
+fn stored(names: &[String], replies: &[Option<String>]) -> usize {
+    let mut stored = 0;
+    for (name, _) in names.iter().zip(replies).filter(|(_, r)| r.is_some()) {
+        tracing::debug!(key = %Escaped(name), "stored again a key Redis had lost");
+        stored += 1;
+    }
+    stored
 }
 
 /// One server: stores again every key of the calls parked here that Redis
@@ -130,8 +140,9 @@ fn stored(replies: &[Option<String>]) -> usize {
 pub(super) async fn restore_pending(shared: &Shared) -> Result<usize, BrokerError> {
     let mut restored = 0;
     for chunk in shared.waiters.pending().chunks(BATCH) {
-        let replies: Vec<Option<String>> = shared.pipeline(&pipeline(restores(chunk))).await?;
-        restored += stored(&replies);
+        let (pipe, names) = pipeline(restores(chunk));
+        let replies: Vec<Option<String>> = shared.pipeline(&pipe).await?;
+        restored += stored(&names, &replies);
     }
     if restored > 0 {
         tracing::warn!(
@@ -156,19 +167,20 @@ async fn restore_slots(shared: &Shared, only: Option<&HashSet<u16>>) -> (usize, 
     }
     let bound = shared.options.acquire_timeout * 2;
     let passes = by_slot.into_iter().map(|(at, restores)| async move {
-        let pipe = pipeline(restores);
+        let (pipe, names) = pipeline(restores);
         let mut conn = shared.link.conn();
         // Not through `Shared::pipeline`: a failure here is expected while
         // the shard fails over, and must not call for another pass.
         let replies =
             tokio::time::timeout(bound, pipe.query_async::<Vec<Option<String>>>(&mut conn));
-        (at, replies.await.ok().and_then(Result::ok))
+        let replies = replies.await.ok().and_then(Result::ok);
+        (at, replies.map(|replies| stored(&names, &replies)))
     });
     let mut passes = futures_util::stream::iter(passes).buffer_unordered(SLOTS_AT_ONCE);
     let (mut restored, mut missed) = (0, HashSet::new());
     while let Some((at, replies)) = passes.next().await {
         match replies {
-            Some(replies) => restored += stored(&replies),
+            Some(stored) => restored += stored,
             None => {
                 missed.insert(at);
             }
