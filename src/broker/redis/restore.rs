@@ -22,7 +22,7 @@
 //!   s, the waits doubling up to 8 s), until each took them or
 //!   [`CLUSTER_SETTLING`] has passed.
 //!
-//! This process knows every call it waits on
+//! This process knows every call it waits on and has opened
 //! ([`crate::broker::Waiters::pending`]); putting its keys back costs one
 //! `SET NX` a key (a `SADD` for a leg). `NX` keeps what Redis still has (the
 //! connection dropped but Redis did not), so an answered or ended call never
@@ -34,10 +34,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 use super::direct::slot;
 use super::fallback::CLUSTER_SETTLING;
