@@ -112,9 +112,9 @@ struct Shared {
     /// Until when messages may have been lost: the fallback check runs
     /// while this lies ahead (or while the subscription is down).
     unsure_until: Mutex<Option<std::time::Instant>>,
-    /// On a cluster, wakes the [`restore::restorer`] after a sign of a
+    /// Wakes the [`restore::restorer`] (a cluster's) after a sign of a
     /// failover.
-    restore_due: Option<Arc<Notify>>,
+    restore_due: Arc<Notify>,
 }
 
 /// A Lua script and its text: sent by hash (`EVALSHA`), and whole
@@ -159,7 +159,6 @@ impl RedisBroker {
         let (stop, stopped) = watch::channel(());
         let (retire, retired) = mpsc::unbounded_channel();
         let nodes = cluster_nodes(&options.url);
-        let nodes_given = nodes.is_some();
         let direct = Direct::new(
             nodes.as_ref().map_or(&options.url, |nodes| &nodes[0]),
             nodes.is_some(),
@@ -202,7 +201,7 @@ impl RedisBroker {
             waiters: Waiters::default(),
             retire,
             unsure_until: Mutex::new(None),
-            restore_due: nodes_given.then(|| Arc::new(Notify::new())),
+            restore_due: Arc::new(Notify::new()),
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: Lua::new(keys::ANSWER_SCRIPT),
             end: Lua::new(keys::END_SCRIPT),
@@ -216,10 +215,12 @@ impl RedisBroker {
         }
         if shared.is_cluster() {
             tokio::spawn(cluster::watchdog(Arc::downgrade(&shared), stopped.clone()));
-        }
-        if let Some(due) = &shared.restore_due {
-            let (shared, due) = (Arc::downgrade(&shared), due.clone());
-            tokio::spawn(restore::restorer(shared, due, stopped.clone()));
+            let due = shared.restore_due.clone();
+            tokio::spawn(restore::restorer(
+                Arc::downgrade(&shared),
+                due,
+                stopped.clone(),
+            ));
         }
         tokio::spawn(retire::retirer(Arc::downgrade(&shared), retired));
         subscriber.spawn(Arc::downgrade(&shared), stopped.clone());

@@ -239,11 +239,10 @@ impl Shared {
     /// Something a failover does just happened (a node connection dropped,
     /// a cluster command failed, the cluster connection was replaced): the
     /// promoted replica may lack the last writes of calls parked here. Wakes
-    /// the [`restorer`]; nothing on one server, whose reconnect restores.
+    /// the [`restorer`], which only a cluster runs (one server's reconnect
+    /// restores).
     pub(super) fn failover_suspected(&self) {
-        if let Some(due) = &self.restore_due {
-            due.notify_one();
-        }
+        self.restore_due.notify_one();
     }
 }
 

@@ -4,8 +4,8 @@
 //! One server: one subscriber connection carries every channel; when it
 //! drops, the task reconnects with backoff, resubscribes every channel
 //! waited on, stores again the pending state of every unanswered wait
-//! ([`restore::restore_pending`]) and runs the fallback check once, before the broker
-//! says it is ready. A cluster: sharded subscriptions ride the cluster
+//! ([`restore::restore_pending`]) and runs the fallback check once, before
+//! the broker says it is ready. A cluster: sharded subscriptions ride the cluster
 //! connection, which resubscribes by itself after a failover; the task reads
 //! the messages it pushes.
 
