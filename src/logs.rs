@@ -1,5 +1,6 @@
 //! What a log line may carry from a client: text escaped so that it cannot
-//! forge or hide another line, and tokens shortened.
+//! forge or hide another line, and tokens shortened; and how often a line
+//! that a stranger can provoke is said ([`Every`]).
 //!
 //! A control character (a newline, an escape sequence) in a client's field
 //! could start a fake log line or repaint a terminal; an invisible
@@ -9,6 +10,10 @@
 //! so text and JSON logs keep their plain values.
 
 use std::fmt::{self, Display, Write};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Unicode characters that change how the text around them is shown
 /// without showing themselves: the soft hyphen, the bidirectional marks
@@ -74,9 +79,61 @@ pub fn short_token(token: &str) -> String {
     format!("{}…{}", Escaped(&head), Escaped(&tail))
 }
 
+/// A warning that a stranger, or an outage, can make happen at any rate
+/// (a request from outside `--pbx-allow`, a readiness check while Redis is
+/// down, an accept out of descriptors): said at most once per interval,
+/// with how many times it happened, so the log stays readable and its disk
+/// unfilled.
+pub struct Every {
+    interval: Duration,
+    /// When the line was last said, and the times since, unsaid.
+    said: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Every {
+    pub const fn new(interval: Duration) -> Every {
+        Every {
+            interval,
+            said: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one time it happened; when the line is due now, how many
+    /// times it happened since it was last said, this one included.
+    pub fn due(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut said = self.said.lock().unwrap_or_else(PoisonError::into_inner);
+        said.1 += 1;
+        if said
+            .0
+            .is_some_and(|at| now.duration_since(at) < self.interval)
+        {
+            return None;
+        }
+        let times = said.1;
+        *said = (Some(now), 0);
+        Some(times)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_line_is_said_once_per_interval_with_its_count() {
+        let every = Every::new(Duration::from_secs(10));
+        assert_eq!(every.due(), Some(1), "the first time is said");
+        for _ in 0..4 {
+            assert_eq!(every.due(), None);
+        }
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(every.due(), None);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(every.due(), Some(6), "five held back, and this one");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(every.due(), Some(1));
+    }
 
     #[test]
     fn control_and_invisible_characters_are_escaped_and_the_rest_kept() {

@@ -16,12 +16,13 @@ use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::CallBroker;
 use crate::calls::{Handoffs, Parking};
 use crate::config::Config;
+use crate::logs::Every;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
 use crate::push::router::PushRouter;
 use crate::push::Pusher;
 use crate::shutdown::Phase;
-use crate::state::AppState;
+use crate::state::{AppState, UNREADY_LOG_EVERY};
 use crate::store::{self, CallHistory, ResponseLog};
 
 /// A server to start: the configuration plus what tests may swap in.
@@ -223,6 +224,7 @@ async fn build_state(
         call_history,
         takeover_notices: TakeoverNotices::default(),
         handoffs: Handoffs::default(),
+        unready_log: Every::new(UNREADY_LOG_EVERY),
     }))
 }
 

@@ -11,6 +11,7 @@ use crate::broker::CallBroker;
 use crate::calls::parking::Parking;
 use crate::calls::Handoffs;
 use crate::config::Config;
+use crate::logs::Every;
 use crate::metrics::Metrics;
 use crate::push::notices::TakeoverNotices;
 use crate::push::Pusher;
@@ -41,4 +42,10 @@ pub struct AppState {
     /// The app's answers waiting for the calls they won, where the call is
     /// held on this instance.
     pub handoffs: Handoffs,
+    /// Readiness checks that found the store or the broker failing, for the
+    /// log (a load balancer asks every few seconds; so may anyone).
+    pub unready_log: Every,
 }
+
+/// How often a failing readiness check is logged.
+pub const UNREADY_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

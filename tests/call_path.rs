@@ -48,17 +48,7 @@ async fn answered_available_after_one_and_a_half_seconds_is_ack_after_two_pushes
         let pbx = server.client.park(&user, &key);
         let first = server.push("tok-a").await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let answer = server
-            .client
-            .call_response(&key, start_time_of(&first), true)
-            .await;
-        assert_eq!(
-            answer.status,
-            StatusCode::ACCEPTED,
-            "{}: {}",
-            backend.name(),
-            answer.body
-        );
+        server.answer_accepted(&key, &first).await;
         let reply = pbx.await.expect("the PBX request");
         assert_eq!(reply.body, "status=ACK", "{}", backend.name());
 

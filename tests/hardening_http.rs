@@ -33,6 +33,23 @@ async fn closed_by_server(stream: &mut TcpStream) -> bool {
     .is_ok()
 }
 
+/// `GET /health/live` on `stream`, which must answer 200.
+async fn live_on(stream: &mut TcpStream, what: &str) {
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = [0u8; 512];
+    let read = bounded("the answer", stream.read(&mut answer))
+        .await
+        .expect("read the answer");
+    assert!(
+        answer[..read].starts_with(b"HTTP/1.1 200"),
+        "{what}: {:?}",
+        String::from_utf8_lossy(&answer[..read])
+    );
+}
+
 fn addr_of(url: &str) -> String {
     url.trim_start_matches("http://").to_owned()
 }
@@ -139,18 +156,7 @@ async fn an_idle_connection_is_closed_after_keep_alive_but_a_parked_call_is_not(
         let mut idle = TcpStream::connect(server.running.addr)
             .await
             .expect("connect");
-        idle.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let mut answer = [0u8; 512];
-        let read = bounded("the answer", idle.read(&mut answer))
-            .await
-            .expect("read the answer");
-        assert!(
-            answer[..read].starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&answer[..read])
-        );
+        live_on(&mut idle, "the only request").await;
         assert!(
             closed_by_server(&mut idle).await,
             "{}: idle connection kept",
@@ -162,6 +168,30 @@ async fn an_idle_connection_is_closed_after_keep_alive_but_a_parked_call_is_not(
         assert_eq!(reply.body, "status=NAK", "{}", backend.name());
     })
     .await;
+}
+
+/// A PBX keeps its connection between calls: idle past the header timeout
+/// but within the keep-alive limit, the connection still takes the next
+/// request. hyper's own header timeout, set to the header timeout, closed
+/// it 10 s after each response (the README promises 75 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_idle_past_the_header_timeout_takes_the_next_request() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |c| {
+        c.header_timeout_ms = 300;
+        c.keep_alive_timeout_secs = 30;
+    })
+    .await;
+    let mut kept = TcpStream::connect(server.running.addr)
+        .await
+        .expect("connect");
+    for request in 1..=2 {
+        if request == 2 {
+            // Four header timeouts of silence between the two requests.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        live_on(&mut kept, &format!("request {request}")).await;
+    }
 }
 
 /// A client of either protocol, speaking h2 with prior knowledge when asked.

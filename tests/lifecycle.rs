@@ -217,18 +217,7 @@ async fn the_cancel_endpoint_naks_the_parked_request_from_any_instance() {
         let canceller = other.as_ref().unwrap_or(&server);
         let user = three_devices(&server).await;
         let (key, pbx, pushes) = ring_three(&server, &user).await;
-        let cancel = canceller
-            .client
-            .post("/api/incoming-call/cancel/", &[("call_id", &key)])
-            .await;
-        assert_eq!(
-            cancel.status,
-            StatusCode::OK,
-            "{}: {}",
-            backend.name(),
-            cancel.body
-        );
-        assert_eq!(cancel.json(), serde_json::json!({"cancelled": true}));
+        canceller.cancel_ringing(&key).await;
         assert_eq!(pbx.await.unwrap().body, "status=NAK", "{}", backend.name());
         assert_eq!(
             server.notice("tok-b").await,

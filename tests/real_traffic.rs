@@ -229,17 +229,7 @@ async fn a_cancel_by_call_id_ends_every_leg_and_with_an_account_only_its_own() {
         assert!(!pbx42.is_finished() && !pbx44.is_finished());
 
         // Without: every leg left.
-        let all = second
-            .client
-            .post("/api/incoming-call/cancel/", &[("call_id", &call)])
-            .await;
-        assert_eq!(
-            all.status,
-            StatusCode::OK,
-            "{}: {}",
-            backend.name(),
-            all.body
-        );
+        second.cancel_ringing(&call).await;
         assert_eq!(
             pbx42.await.unwrap().body,
             "status=NAK",
@@ -549,4 +539,49 @@ async fn a_blank_call_id_is_refused_and_an_empty_one_gets_a_random_key() {
         .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED);
     assert_eq!(pbx.await.unwrap().body, "status=ACK");
+}
+
+/// A Call-ID may begin with `}` (RFC 3261's `word`). On a Redis Cluster
+/// such a key's names once hashed whole, each to a slot of its own, so
+/// every script on them failed with CROSSSLOT: the call was NAK at once and
+/// its cancel 503. Here one account's call rings two phones (their push
+/// keys begin with `}` too), another account's leg shares the Call-ID, a
+/// phone answers one, and a cancel by the Call-ID ends the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_id_that_begins_with_a_brace_rings_answers_and_cancels() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let u42 = account(&server, &["br-42a", "br-42b"]).await;
+        let u43 = account(&server, &["br-43"]).await;
+        let call = format!("}}{}", call_id());
+        let pbx42 = server.client.park(&u42, &call);
+        let push42 = server.call_push("br-42b", &format!("{call}.2")).await;
+        server.call_push("br-42a", &format!("{call}.1")).await;
+        let pbx43 = second.client.park(&u43, &call);
+        second.push("br-43").await;
+
+        second.answer_accepted(&format!("{call}.2"), &push42).await;
+        assert_eq!(
+            pbx42.await.unwrap().body,
+            "status=ACK",
+            "{}",
+            backend.name()
+        );
+        assert_eq!(
+            server.notice("br-42a").await.1,
+            EndReason::AnsweredElsewhere
+        );
+
+        server.cancel_ringing(&call).await;
+        assert_eq!(
+            pbx43.await.unwrap().body,
+            "status=NAK",
+            "{}",
+            backend.name()
+        );
+        assert_eq!(second.notice("br-43").await.1, EndReason::Cancelled);
+    })
+    .await;
 }

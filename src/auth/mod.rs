@@ -23,6 +23,7 @@ pub use network::{ClientAddr, Network, ProbeLimiter};
 pub(crate) use windows::Windows;
 
 use crate::config::Config;
+use crate::logs::Every;
 
 /// Why a request may not go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,7 +80,13 @@ pub struct Access {
     pub network: Network,
     pub probes: ProbeLimiter,
     pub logins: LoginLimiter,
+    /// Requests from outside `--pbx-allow`, for the log: anyone may send
+    /// them at any rate.
+    pub pbx_refusals: Every,
 }
+
+/// How often a refusal of a request from outside `--pbx-allow` is logged.
+const PBX_REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl AuthError {
     /// The label of this verdict in the `auth_checks` metric.
@@ -123,6 +130,7 @@ impl Access {
             network: Network::new(config.pbx_allow.clone(), config.trusted_proxy.clone()),
             probes: ProbeLimiter::default(),
             logins: LoginLimiter::default(),
+            pbx_refusals: Every::new(PBX_REFUSALS_LOG_EVERY),
         })
     }
 

@@ -255,11 +255,12 @@ impl Fields {
         }
     }
 
-    /// `sip_user_id` where it may be left out: absent is none; given, it
-    /// must be one (a cancel that names an account must name it right).
+    /// `sip_user_id` where it may be left out: absent (or JSON `null`, as
+    /// every optional field) is none; given, it must be one (a cancel that
+    /// names an account must name it right).
     pub fn optional_sip_user_id(&self) -> Result<Option<i64>, ApiError> {
         match self.values.get("sip_user_id") {
-            None => Ok(None),
+            None | Some(Value::Null) => Ok(None),
             Some(_) => self.sip_user_id().map(Some),
         }
     }
@@ -447,6 +448,39 @@ mod tests {
                 .unwrap(),
             i64::MAX
         );
+    }
+
+    #[test]
+    fn an_optional_sip_user_id_may_be_absent_or_null_but_not_wrong() {
+        let json = |body: &'static str| {
+            let mut f = Fields::default();
+            f.extend_body(
+                Some("application/json"),
+                &Bytes::from_static(body.as_bytes()),
+            )
+            .expect("valid json");
+            f
+        };
+        assert_eq!(
+            json(r#"{"call_id": "c1"}"#).optional_sip_user_id().unwrap(),
+            None
+        );
+        assert_eq!(
+            json(r#"{"call_id": "c1", "sip_user_id": null}"#)
+                .optional_sip_user_id()
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            json(r#"{"sip_user_id": 42}"#)
+                .optional_sip_user_id()
+                .unwrap(),
+            Some(42)
+        );
+        for bad in [r#"{"sip_user_id": 0}"#, r#"{"sip_user_id": "x"}"#] {
+            assert!(json(bad).optional_sip_user_id().is_err(), "{bad}");
+        }
+        assert!(form("sip_user_id=").optional_sip_user_id().is_err());
     }
 
     #[test]

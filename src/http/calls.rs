@@ -62,7 +62,7 @@ fn parse_incoming_call(fields: &Fields) -> Result<IncomingCall, ApiError> {
 /// Refuses a request from outside `--pbx-allow` (the voice platform: the
 /// PBX, and the SIP proxy beside it) with 403. Checked before the body is
 /// read: a stranger gets nothing but 403. `what` names the request in the
-/// log line.
+/// log line, said at most every 10 s with a count of the refusals.
 pub(super) fn pbx_only(
     state: &AppState,
     peer: SocketAddr,
@@ -73,7 +73,9 @@ pub(super) fn pbx_only(
     if state.access.network.pbx_allowed(source) {
         return Ok(());
     }
-    tracing::warn!(%source, "{what} from outside --pbx-allow refused");
+    if let Some(refused) = state.access.pbx_refusals.due() {
+        tracing::warn!(%source, refused, "{what} from outside --pbx-allow refused");
+    }
     Err(AuthError::Forbidden.into())
 }
 

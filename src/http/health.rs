@@ -43,13 +43,20 @@ pub(super) async fn ready(state: &AppState) -> Response<Body> {
         tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()),
         tokio::time::timeout(CHECK_TIMEOUT, state.broker.ping()),
     );
-    let verdict = |result: Result<Result<(), String>, _>| match result {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => e,
-        Err(_) => "timed out".to_owned(),
+    // The verdicts are words: an error's text names hosts, users and
+    // databases, and anyone may ask. It goes to the log.
+    let verdict = |what: &str, result: Result<Result<(), String>, _>| match result {
+        Ok(Ok(())) => "ok",
+        Ok(Err(error)) => {
+            if let Some(checks) = state.unready_log.due() {
+                tracing::warn!(%error, checks, "readiness: the {what} failed");
+            }
+            "unavailable"
+        }
+        Err(_) => "timed out",
     };
-    let store = verdict(store.map(|r| r.map_err(|e| e.to_string())));
-    let broker = verdict(broker.map(|r| r.map_err(|e| e.to_string())));
+    let store = verdict("store", store.map(|r| r.map_err(|e| e.to_string())));
+    let broker = verdict("broker", broker.map(|r| r.map_err(|e| e.to_string())));
     let draining = *state.phase.borrow() != Phase::Serving;
     let healthy = store == "ok" && broker == "ok" && !draining;
     let status = if healthy {

@@ -7,9 +7,11 @@
 //! request head within `--header-timeout-ms` of its accept, and may stay idle
 //! between requests for `--keep-alive-timeout-secs`; either way it is closed
 //! then. Only a connection with a request in flight is exempt (a parked PBX
-//! call waits as long as its wait says). hyper's own header timeout starts at
-//! a request's first byte, and h2 has no idle limit at all, so the clock is
-//! kept here, over both protocols alike.
+//! call waits as long as its wait says). h2 has no idle limit at all, and
+//! hyper's HTTP/1.1 header timeout runs from the moment it waits for a head:
+//! on a kept-alive connection, from the last response on. So the clock is
+//! kept here, over both protocols alike, and hyper's is only the bound on a
+//! kept-alive connection's next head, at the keep-alive limit.
 //!
 //! At shutdown the listener closes and every connection is asked to finish
 //! (HTTP/1.1 closes after its current response, h2 sends GOAWAY). Only
@@ -30,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::poll_again::PollAgain;
+use crate::logs::Every;
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
 
@@ -153,19 +156,24 @@ async fn settled(activity: &Arc<watch::Sender<Activity>>) {
 /// their full wait. At `--shutdown-timeout-secs` (or [`Phase::Aborting`])
 /// the calls still parked are answered NAK, and the wait ends soon after.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_timeout())
-        // Heads and bodies here are small; hyper's smallest read buffer
-        // keeps a parked call's connection near 18 KiB instead of 23.
-        .max_buf_size(READ_BUFFER_BYTES);
-    let builder = Arc::new(builder);
     let limits = Limits {
         header: state.config.header_timeout(),
         keep_alive: state.config.keep_alive_timeout(),
     };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Not the header timeout: hyper's would close a kept-alive
+        // connection that idles past it between requests (10 s), where the
+        // keep-alive limit (75 s) is what a PBX reusing its connection was
+        // promised. A new connection's first head is held to the header
+        // timeout by the clock here ([`Limits`]).
+        .header_read_timeout(limits.header.max(limits.keep_alive))
+        // Heads and bodies here are small; hyper's smallest read buffer
+        // keeps a parked call's connection near 18 KiB instead of 23.
+        .max_buf_size(READ_BUFFER_BYTES);
+    let builder = Arc::new(builder);
     // Every connection task holds a sender; `recv` says `None` once the last
     // one has finished (mini-redis's shutdown-complete channel).
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -289,11 +297,18 @@ async fn connection(
 
 /// The accept loop's memory of its failures: the backoff, and when it last
 /// said so in the log.
-#[derive(Default)]
 struct AcceptFailures {
     backoff: Option<Duration>,
-    last_logged: Option<Instant>,
-    unlogged: u64,
+    log: Every,
+}
+
+impl Default for AcceptFailures {
+    fn default() -> Self {
+        AcceptFailures {
+            backoff: None,
+            log: Every::new(ACCEPT_LOG_EVERY),
+        }
+    }
 }
 
 impl AcceptFailures {
@@ -303,20 +318,13 @@ impl AcceptFailures {
             .backoff
             .map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX));
         self.backoff = Some(pause);
-        self.unlogged += 1;
-        let now = Instant::now();
-        if self
-            .last_logged
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_EVERY)
-        {
+        if let Some(failures) = self.log.due() {
             tracing::warn!(
                 error = %error,
-                failures = self.unlogged,
+                failures,
                 retry_in_ms = pause.as_millis() as u64,
                 "accept failed (out of file descriptors?); backing off"
             );
-            self.last_logged = Some(now);
-            self.unlogged = 0;
         }
         pause
     }
@@ -413,7 +421,8 @@ mod tests {
         assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
         assert_eq!(pauses[9], ACCEPT_BACKOFF_MAX);
         // Only the first was logged; the rest are counted for the next line.
-        assert_eq!(failures.unlogged, 9);
+        tokio::time::sleep(ACCEPT_LOG_EVERY).await;
+        assert_eq!(failures.log.due(), Some(10), "nine held back, and this");
         failures.reset();
         assert_eq!(failures.record(&error), ACCEPT_BACKOFF_MIN);
     }

@@ -35,11 +35,25 @@ pub const RECOVERY: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------
 // What every fault test checks.
 
-/// `/health/ready`: status, verdicts, and how long it took to say so.
+/// `/health/ready`: status, verdicts, and how long it took to say so. The
+/// verdicts are words, never an error's text (which names hosts, users and
+/// databases to whoever asks).
 pub async fn readiness(server: &TestServer) -> (StatusCode, serde_json::Value, Duration) {
     let started = Instant::now();
     let reply = server.client.get("/health/ready").await;
-    (reply.status, reply.json(), started.elapsed())
+    let took = started.elapsed();
+    let body = reply.json();
+    for dependency in ["store", "broker"] {
+        assert!(
+            matches!(
+                body[dependency].as_str(),
+                Some("ok" | "unavailable" | "timed out")
+            ),
+            "{}: the {dependency}'s verdict is not a verdict word: {body}",
+            server.backend.name()
+        );
+    }
+    (reply.status, body, took)
 }
 
 /// Waits until readiness says 200; fails the test after [`RECOVERY`].

@@ -255,6 +255,39 @@ async fn launch(
 }
 
 impl TestServer {
+    /// The app's answer `available` to `push` under `key`, which must be
+    /// accepted (202).
+    pub async fn answer_accepted(&self, key: &str, push: &Recorded) {
+        let answer = self
+            .client
+            .call_response(key, start_time_of(push), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{}: {}",
+            self.backend.name(),
+            answer.body
+        );
+    }
+
+    /// The PBX's cancel of every leg of `call_id`, which must have ended a
+    /// ringing call: 200 `{"cancelled": true}`.
+    pub async fn cancel_ringing(&self, call_id: &str) {
+        let cancel = self
+            .client
+            .post("/api/incoming-call/cancel/", &[("call_id", call_id)])
+            .await;
+        assert_eq!(
+            cancel.status,
+            StatusCode::OK,
+            "{}: {}",
+            self.backend.name(),
+            cancel.body
+        );
+        assert_eq!(cancel.json(), serde_json::json!({"cancelled": true}));
+    }
+
     /// Waits until at least `count` pushes went to `token`, and returns
     /// them all.
     pub async fn pushes(&self, token: &str, count: usize) -> Vec<Recorded> {

@@ -12,11 +12,13 @@
 //! [`crate::broker::cancel_mark`]s of the cancels by that Call-ID. The
 //! braces are a Redis Cluster hash tag: a call's record, its meta and its
 //! channel always share a slot, as do a Call-ID's legs and cancels, so each
-//! script touches one slot.
+//! script touches one slot. A key that begins with `}` is written with
+//! [`TAG_ESCAPE`] before it (see [`Tag`]).
 //!
 //! Each script is [`crate::lifecycle`]'s transition of the same name, in
 //! Lua; `tests/lifecycle_model.rs` holds them to it.
 
+use std::fmt::{self, Display};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -24,15 +26,40 @@ use tokio::time::Instant;
 use crate::broker::{deadline_millis, Answer, Record, Stored, TOMBSTONE};
 use crate::store::{EndReason, Platform};
 
+/// Put before a key that begins with `}`: see [`Tag`].
+pub const TAG_ESCAPE: char = '\u{1}';
+
+/// What goes between the braces of a key's Redis names: the key itself,
+/// unless it begins with `}`.
+///
+/// Redis Cluster hashes the text between a name's first `{` and the first
+/// `}` after it, and the whole name when that text is empty: `cn:{}x}` and
+/// `cn:{}x}:meta` would hash to two slots, and every script on both fail
+/// with CROSSSLOT (a `}` further in only shortens the tag, the same for all
+/// the key's names). A SIP Call-ID may begin with `}` (RFC 3261's `word`),
+/// so such a key is written after [`TAG_ESCAPE`], a control character no
+/// client's key holds ([`crate::http::body`] refuses them): no two keys
+/// share a name, and every other key's names stay as they always were.
+struct Tag<'a>(&'a str);
+
+impl Display for Tag<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.starts_with('}') {
+            write!(f, "{TAG_ESCAPE}")?;
+        }
+        f.write_str(self.0)
+    }
+}
+
 /// The Redis key that holds the record (or pointer) of `key`.
 pub fn state_key(key: &str) -> String {
-    format!("cn:{{{key}}}")
+    format!("cn:{{{}}}", Tag(key))
 }
 
 /// The Redis key that holds the format version of `key`'s record and the
 /// account that owns it.
 pub fn meta_key(key: &str) -> String {
-    format!("cn:{{{key}}}:meta")
+    format!("cn:{{{}}}:meta", Tag(key))
 }
 
 /// The format of the records this release writes. Format 0 is the record
@@ -56,18 +83,18 @@ pub fn owner_of(meta: &str) -> Option<i64> {
 
 /// The Redis key of the set of leg keys opened for the Call-ID `call_id`.
 pub fn legs_key(call_id: &str) -> String {
-    format!("cn:legs:{{{call_id}}}")
+    format!("cn:legs:{{{}}}", Tag(call_id))
 }
 
 /// The Redis key of the set of cancel marks left under the Call-ID
 /// `call_id` ([`crate::broker::CANCEL_REACH`]).
 pub fn cancels_key(call_id: &str) -> String {
-    format!("cn:cancels:{{{call_id}}}")
+    format!("cn:cancels:{{{}}}", Tag(call_id))
 }
 
 /// The Redis key that holds the push key a device's alias rings under.
 pub fn alias_key(alias: &str) -> String {
-    format!("cn:alias:{{{alias}}}")
+    format!("cn:alias:{{{}}}", Tag(alias))
 }
 
 /// `SET cn:alias:{alias} <push key> PX <ttl>`: see [`crate::broker::CallBroker::alias`].
@@ -82,12 +109,16 @@ pub(super) fn set_alias(alias: &str, key: &str, until: Instant) -> redis::Cmd {
 
 /// The channel a call's news is published on.
 pub fn channel(key: &str) -> String {
-    format!("cn:{{{key}}}:answer")
+    format!("cn:{{{}}}:answer", Tag(key))
 }
 
 /// The key a channel carries news for.
 pub(super) fn key_of_channel(channel: &str) -> Option<&str> {
-    channel.strip_prefix("cn:{")?.strip_suffix("}:answer")
+    let tag = channel.strip_prefix("cn:{")?.strip_suffix("}:answer")?;
+    Some(match tag.strip_prefix(TAG_ESCAPE) {
+        Some(key) if key.starts_with('}') => key,
+        _ => tag,
+    })
 }
 
 /// Milliseconds from now to `until` and a tombstone's life past it: how
@@ -419,9 +450,34 @@ mod tests {
 
     #[test]
     fn channel_names_give_back_their_key() {
-        for key in ["abc", "with:colon", "{braced}", ""] {
+        for key in ["abc", "with:colon", "{braced}", "", "}x", "}", "a}b"] {
             assert_eq!(key_of_channel(&channel(key)), Some(key));
         }
         assert_eq!(key_of_channel("other"), None);
+    }
+
+    /// Keys a Cluster could not run a script on before (`}x`: its names
+    /// hashed whole, each to a slot of its own) and keys whose names never
+    /// changed, side by side.
+    #[test]
+    fn every_name_of_a_key_shares_its_slot_and_ordinary_names_stay() {
+        use super::super::direct::slot;
+        for key in ["abc", "}x", "}", "}}", "a}b", "{", "x{y}z", "{braced}", "~"] {
+            let record = slot(state_key(key).as_bytes());
+            for name in [meta_key(key), channel(key)] {
+                assert_eq!(slot(name.as_bytes()), record, "{name:?} of {key:?}");
+            }
+            assert_eq!(
+                slot(legs_key(key).as_bytes()),
+                slot(cancels_key(key).as_bytes()),
+                "{key:?}"
+            );
+        }
+        assert_eq!(state_key("abc"), "cn:{abc}");
+        assert_eq!(meta_key("a}b"), "cn:{a}b}:meta");
+        assert_eq!(legs_key("cid@pbx"), "cn:legs:{cid@pbx}");
+        assert_eq!(state_key("}x"), "cn:{\u{1}}x}");
+        // No key a client can send is written like the escaped one.
+        assert_ne!(state_key("}x"), state_key("\t}x"));
     }
 }
