@@ -511,9 +511,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keep_alive_timeout_secs: u64,
 
-    /// How many days the call history keeps a call (`call-notifier calls`);
-    /// older rows are deleted at start-up and every hour. 0 keeps no
-    /// history: no call is recorded, and what was stored is deleted.
+    /// How many days the call history keeps a call (`call-notifier calls`),
+    /// and with it what the apps reported (the response log, hangup
+    /// reasons); older rows are deleted at start-up and every hour. 0 keeps
+    /// no history: no call is recorded, and what was stored is deleted.
     #[arg(long, env = "CALL_NOTIFIER_CALL_HISTORY_DAYS", default_value_t = 14, global = true,
           value_parser = clap::value_parser!(u32).range(0..=3650))]
     pub call_history_days: u32,

@@ -1,13 +1,16 @@
 //! The call history (issue #14): every incoming call leaves one row, on
 //! every way out, written in batches off the call path; the purge keeps
-//! `--call-history-days`.
+//! `--call-history-days`, of it and of what the apps reported.
 
 mod common;
 
 use std::time::Duration;
 
 use call_notifier::push::{PushOutcome, Reason, Refusal};
-use call_notifier::store::{history_cutoff, now_millis, CallHistoryEntry, CalledDevice, Platform};
+use call_notifier::store::{
+    history_cutoff, now_millis, CallHistoryEntry, CalledDevice, HangupReason, Platform,
+    ResponseLogEntry,
+};
 use common::*;
 
 /// Long enough to be shortened as `device list` shortens it.
@@ -214,6 +217,49 @@ async fn the_purge_deletes_calls_past_the_retention_and_keeps_the_rest() {
             .collect();
         assert_eq!(kept, [NOW, NOW - DAY, cutoff], "{name}: newest first");
         assert_eq!(store.purge_calls(cutoff).await.expect("purge"), 0, "{name}");
+
+        // What the apps reported about the calls goes with them: a hangup
+        // reason and a response-log row each side of the cutoff.
+        for at in [cutoff - 1, cutoff] {
+            store
+                .record_hangup(HangupReason {
+                    sip_user_id: user,
+                    unique_key: format!("k{at}"),
+                    reason: "declined".into(),
+                    created_at: at,
+                })
+                .await
+                .expect("a hangup reason");
+        }
+        let response = |created_at| ResponseLogEntry {
+            platform: Platform::Android,
+            roundtrip: 0.5,
+            available: true,
+            created_at,
+        };
+        store
+            .log_responses(&[response(cutoff - 1), response(cutoff)])
+            .await
+            .expect("the response log");
+        assert_eq!(
+            store.purge_reports(cutoff).await.expect("purge"),
+            2,
+            "{name}: the older hangup reason and response"
+        );
+        assert_eq!(
+            store.purge_reports(cutoff).await.expect("purge"),
+            0,
+            "{name}"
+        );
+        assert_eq!(
+            store
+                .purge_reports(history_cutoff(NOW + 1, 0))
+                .await
+                .expect("purge"),
+            2,
+            "{name}: 0 days keeps none"
+        );
+
         // 0 days keeps nothing.
         store
             .purge_calls(history_cutoff(NOW + 1, 0))

@@ -1,6 +1,7 @@
 //! The call history: a row per incoming call, written off the call path and
 //! in batches ([`BatchWriter`]), so ringing a phone never waits on it; and
-//! the periodic purge that keeps it to `--call-history-days`.
+//! the periodic purge that keeps it, and what the apps reported about the
+//! calls (the response log, hangup reasons), to `--call-history-days`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,19 +35,27 @@ pub fn history_cutoff(now: i64, days: u32) -> i64 {
     now.saturating_sub(i64::from(days).saturating_mul(DAY_MS))
 }
 
-/// Deletes the calls older than `days` days at start-up and every
-/// [`PURGE_EVERY`] after, until the server stops serving. A failed run is
-/// logged; the next one catches up.
+/// Deletes the calls, and the apps' reports, older than `days` days at
+/// start-up and every [`PURGE_EVERY`] after, until the server stops
+/// serving. Without it the reports' tables grew for as long as the
+/// database lived, one row or two per call. A failed run is logged; the
+/// next one catches up.
 pub async fn purge_periodically(
     store: Arc<dyn Store>,
     days: u32,
     mut phase: watch::Receiver<Phase>,
 ) {
     loop {
-        match store.purge_calls(history_cutoff(now_millis(), days)).await {
+        let cutoff = history_cutoff(now_millis(), days);
+        match store.purge_calls(cutoff).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, days, "old call history deleted"),
             Err(e) => tracing::warn!(error = %e, "cannot delete old call history"),
+        }
+        match store.purge_reports(cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, days, "old app reports deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete old app reports"),
         }
         tokio::select! {
             _ = tokio::time::sleep(PURGE_EVERY) => {}

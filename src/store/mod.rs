@@ -140,6 +140,11 @@ pub trait Store: Send + Sync + 'static {
     /// retention's purge. Returns how many went.
     async fn purge_calls(&self, before: i64) -> Result<usize, StoreError>;
 
+    /// Deletes what the apps reported before `before` (Unix ms), the
+    /// response log's rows and the hangup reasons: kept as long as the
+    /// calls they are about. Returns how many went.
+    async fn purge_reports(&self, before: i64) -> Result<usize, StoreError>;
+
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -440,6 +440,22 @@ macro_rules! diesel_store {
                     .await
                     .map_err(query_error)
             }
+
+            async fn purge_reports(&self, before: i64) -> Result<usize, StoreError> {
+                let mut conn = checkout(&self.reach, &self.write).await?;
+                let responses =
+                    diesel::delete(response_log::table.filter(response_log::created_at.lt(before)))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(query_error)?;
+                let hangups = diesel::delete(
+                    hangup_reasons::table.filter(hangup_reasons::created_at.lt(before)),
+                )
+                .execute(&mut conn)
+                .await
+                .map_err(query_error)?;
+                Ok(responses + hangups)
+            }
         }
     };
 }
