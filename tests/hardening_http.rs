@@ -194,6 +194,71 @@ async fn a_kept_alive_connection_idle_past_the_header_timeout_takes_the_next_req
     }
 }
 
+/// The first line of what the server writes next on `stream`.
+async fn first_line_on(stream: &mut TcpStream, what: &'static str) -> String {
+    let mut answer = [0u8; 512];
+    let read = bounded(what, stream.read(&mut answer))
+        .await
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&answer[..read]).into_owned();
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A client that waits for `100 Continue` before its body hears a refusal
+/// instead when the head alone settles it: 413 for a declared length over
+/// the limit, 415 for a content type no endpoint reads. Before, it was
+/// invited to send a megabyte that would be thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_refused_by_its_head_is_refused_before_100_continue() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |_| {}).await;
+    let head = |content_type: &str, length: usize| {
+        format!(
+            "POST /api/call-response/ HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        )
+    };
+    for (content_type, length, refusal) in [
+        (
+            "application/x-www-form-urlencoded",
+            1_000_000,
+            "HTTP/1.1 413",
+        ),
+        ("text/xml", 10, "HTTP/1.1 415"),
+    ] {
+        let mut stream = TcpStream::connect(server.running.addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(head(content_type, length).as_bytes())
+            .await
+            .expect("write the head");
+        let line = first_line_on(&mut stream, "the refusal").await;
+        assert!(
+            line.starts_with(refusal),
+            "{content_type}, {length}: {line}"
+        );
+    }
+
+    // A body the head does not settle is invited, and read.
+    let body = "unique_key=nobody&message_start_time=1700000000";
+    let mut stream = TcpStream::connect(server.running.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(head("application/x-www-form-urlencoded", body.len()).as_bytes())
+        .await
+        .expect("write the head");
+    let line = first_line_on(&mut stream, "the invitation").await;
+    assert_eq!(line, "HTTP/1.1 100 Continue");
+    stream
+        .write_all(body.as_bytes())
+        .await
+        .expect("write the body");
+    let line = first_line_on(&mut stream, "the answer").await;
+    assert!(line.starts_with("HTTP/1.1 404"), "an unknown key: {line}");
+}
+
 /// A client of either protocol, speaking h2 with prior knowledge when asked.
 fn client(h2: bool) -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     let mut builder = Client::builder(TokioExecutor::new());

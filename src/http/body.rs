@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use hyper::http::request::Parts;
 use hyper::Request;
 
@@ -58,6 +58,19 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    // A client that waits for `100 Continue` has sent no body yet: what
+    // would be refused once read is refused before it is invited (RFC 9110,
+    // 10.1.1). hyper sends the 100 only when the body is first read.
+    if expects_continue(&parts.headers) {
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+        }
+        Media::of(content_type.as_deref())?;
+    }
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, collect(body, declared)).await {
         Err(_) => return Err(ApiError::Timeout),
         Ok(result) => result?,
@@ -68,12 +81,44 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
             fields.extend_form(query.as_bytes())?;
         }
     }
-    let content_type = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
     fields.extend_body(content_type.as_deref(), &bytes)?;
     Ok((parts, fields))
+}
+
+/// Whether the request waits for `100 Continue` before its body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
+/// How a body is parsed, by its declared content type.
+enum Media {
+    Json,
+    Form,
+    /// No type, or `text/plain` (what curl and PBX HTTP functions send):
+    /// JSON when it starts with `{`, else a form.
+    Sniffed,
+}
+
+impl Media {
+    fn of(content_type: Option<&str>) -> Result<Media, ApiError> {
+        let essence = content_type.map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+        match essence.as_deref() {
+            Some("application/json") => Ok(Media::Json),
+            Some(ct) if ct.ends_with("+json") => Ok(Media::Json),
+            Some("application/x-www-form-urlencoded") => Ok(Media::Form),
+            Some("") | None | Some("text/plain") => Ok(Media::Sniffed),
+            Some(other) => Err(ApiError::UnsupportedMediaType(other.to_owned())),
+        }
+    }
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`]. A larger one is never kept:
@@ -119,28 +164,13 @@ impl Fields {
         content_type: Option<&str>,
         body: &Bytes,
     ) -> Result<(), ApiError> {
-        let essence = content_type.map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
         let looks_json = || body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        match essence.as_deref() {
-            Some("application/json") => self.extend_json(body),
-            Some(ct) if ct.ends_with("+json") => self.extend_json(body),
-            Some("application/x-www-form-urlencoded") => self.extend_form(body),
-            Some("") | None | Some("text/plain") => {
-                if body.is_empty() {
-                    Ok(())
-                } else if looks_json() {
-                    self.extend_json(body)
-                } else {
-                    self.extend_form(body)
-                }
-            }
-            Some(other) => Err(ApiError::UnsupportedMediaType(other.to_owned())),
+        match Media::of(content_type)? {
+            Media::Json => self.extend_json(body),
+            Media::Form => self.extend_form(body),
+            Media::Sniffed if body.is_empty() => Ok(()),
+            Media::Sniffed if looks_json() => self.extend_json(body),
+            Media::Sniffed => self.extend_form(body),
         }
     }
 
