@@ -90,7 +90,15 @@ pub struct Every {
     said: Mutex<(Option<Instant>, u64)>,
 }
 
+/// How often a warning kept by [`Every::seldom`] is said, at most.
+pub const SELDOM: Duration = Duration::from_secs(10);
+
 impl Every {
+    /// At most once per [`SELDOM`]: every such warning of the server.
+    pub const fn seldom() -> Every {
+        Every::new(SELDOM)
+    }
+
     pub const fn new(interval: Duration) -> Every {
         Every {
             interval,

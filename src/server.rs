@@ -22,7 +22,7 @@ use crate::push::notices::TakeoverNotices;
 use crate::push::router::PushRouter;
 use crate::push::Pusher;
 use crate::shutdown::Phase;
-use crate::state::{AppState, UNREADY_LOG_EVERY};
+use crate::state::AppState;
 use crate::store::{self, CallHistory, ResponseLog};
 
 /// A server to start: the configuration plus what tests may swap in.
@@ -224,7 +224,7 @@ async fn build_state(
         call_history,
         takeover_notices: TakeoverNotices::default(),
         handoffs: Handoffs::default(),
-        unready_log: Every::new(UNREADY_LOG_EVERY),
+        unready_log: Every::seldom(),
     }))
 }
 

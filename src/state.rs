@@ -46,6 +46,3 @@ pub struct AppState {
     /// log (a load balancer asks every few seconds; so may anyone).
     pub unready_log: Every,
 }
-
-/// How often a failing readiness check is logged.
-pub const UNREADY_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

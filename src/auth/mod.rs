@@ -85,9 +85,6 @@ pub struct Access {
     pub pbx_refusals: Every,
 }
 
-/// How often a refusal of a request from outside `--pbx-allow` is logged.
-const PBX_REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
-
 impl AuthError {
     /// The label of this verdict in the `auth_checks` metric.
     pub fn as_str(&self) -> &'static str {
@@ -130,7 +127,7 @@ impl Access {
             network: Network::new(config.pbx_allow.clone(), config.trusted_proxy.clone()),
             probes: ProbeLimiter::default(),
             logins: LoginLimiter::default(),
-            pbx_refusals: Every::new(PBX_REFUSALS_LOG_EVERY),
+            pbx_refusals: Every::seldom(),
         })
     }
 

@@ -51,8 +51,6 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// [`ACCEPT_BACKOFF_MAX`], so a process out of descriptors does not spin.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Failed accepts are logged at most once per this interval, with a count.
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What one connection is doing, as its idle clock needs to know.
 #[derive(Debug, Clone, Copy)]
@@ -306,7 +304,7 @@ impl Default for AcceptFailures {
     fn default() -> Self {
         AcceptFailures {
             backoff: None,
-            log: Every::new(ACCEPT_LOG_EVERY),
+            log: Every::seldom(),
         }
     }
 }
@@ -421,7 +419,7 @@ mod tests {
         assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
         assert_eq!(pauses[9], ACCEPT_BACKOFF_MAX);
         // Only the first was logged; the rest are counted for the next line.
-        tokio::time::sleep(ACCEPT_LOG_EVERY).await;
+        tokio::time::sleep(crate::logs::SELDOM).await;
         assert_eq!(failures.log.due(), Some(10), "nine held back, and this");
         failures.reset();
         assert_eq!(failures.record(&error), ACCEPT_BACKOFF_MIN);
