@@ -37,6 +37,13 @@
 //!   the device's schedule, which owns its pushes, checks that last).
 //! - A key belongs to one account: a request of another account never
 //!   joins it, even once it has ended ([`claim`]).
+//! - The same account's request joins the call under the key only while it
+//!   rings (a PBX retry). Once a device has won it, every device has
+//!   declined it, or it has ended, the
+//!   request is a new call under the same key (a PBX may post the Call-ID
+//!   again the moment it hears the outcome); the brokers tell the two calls
+//!   apart by their stamps ([`crate::broker::Stamp`]), so nothing of the
+//!   old call reaches the new one.
 
 use std::fmt;
 
@@ -183,10 +190,11 @@ impl Stored {
 /// What opening a call under a key finds there ([`claim`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// Nothing, or this account's ended call: store a new ringing record.
+    /// Nothing, or this account's call that is over (won, every device
+    /// answered, or ended): store a new ringing record.
     New,
-    /// This account's call still rings (or was just won) under the key: a
-    /// PBX retry, or another leg of the same call. Wait on it.
+    /// This account's call still rings under the key: a PBX retry. Wait on
+    /// it.
     Join,
     /// Another account's call (live or ended), or another call's device
     /// pointer: the key is not this call's to use; try the next one.
@@ -205,8 +213,14 @@ pub fn claim(existing: Option<(&Stored, Option<i64>)>, account: i64) -> Claim {
         Some((Stored::Pointer { .. }, _)) => Claim::Taken,
         Some((Stored::Call(_), Some(owner))) if owner != account => Claim::Taken,
         Some((Stored::Call(record), _)) => match record.phase {
-            Phase::Ringing { .. } | Phase::Won { .. } => Claim::Join,
-            Phase::Ended(_) => Claim::New,
+            // Every device declined: its PBX hears (or has heard) NAK.
+            Phase::Ringing { .. } if record.devices.iter().all(|d| d.answer.is_some()) => {
+                Claim::New
+            }
+            Phase::Ringing { .. } => Claim::Join,
+            // Won: its PBX hears (or has heard) ACK; the request is the
+            // next call under the key, not a retry.
+            Phase::Won { .. } | Phase::Ended(_) => Claim::New,
         },
     }
 }
@@ -655,6 +669,26 @@ mod tests {
         assert_eq!(claim(Some((&ended, Some(42))), 42), Claim::New);
         assert_eq!(claim(Some((&ended, Some(43))), 42), Claim::Taken);
         assert_eq!(claim(Some((&pointer, Some(42))), 42), Claim::Taken);
+    }
+
+    /// A call a device has won, or every device declined, is over for the
+    /// PBX: the same account's request under its key is the next call,
+    /// never a retry that would hear the old call's outcome.
+    #[test]
+    fn only_a_ringing_call_is_joined() {
+        let mut won = Record::ringing(&[ANDROID], 100);
+        assert!(won.take(0, true, 50, false));
+        let won = Stored::Call(won);
+        assert_eq!(claim(Some((&won, Some(42))), 42), Claim::New);
+        assert_eq!(claim(Some((&won, None)), 42), Claim::New);
+        assert_eq!(claim(Some((&won, Some(43))), 42), Claim::Taken);
+        let mut declined = Record::ringing(&[ANDROID, ANDROID], 100);
+        assert!(declined.take(0, false, 50, false));
+        let one_out = Stored::Call(declined.clone());
+        assert_eq!(claim(Some((&one_out, Some(42))), 42), Claim::Join);
+        assert!(declined.take(1, false, 50, false));
+        let all_out = Stored::Call(declined);
+        assert_eq!(claim(Some((&all_out, Some(42))), 42), Claim::New);
     }
 
     fn steer(effects: &[Effect]) -> Vec<(usize, Course)> {

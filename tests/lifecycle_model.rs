@@ -4,10 +4,11 @@
 //! same random sequences of events (opens and joins by two accounts sharing
 //! one Call-ID, with one to three devices each, some with their deadline
 //! already past; answers, declines and stale
-//! answers to any of the keys in play; ends; cancels by the Call-ID, with
-//! and without an account, whose marks end the legs opened after them) to
-//! both, and compares every verdict and every stored record, step by step,
-//! on one Redis and on the Cluster.
+//! answers to any of the keys in play; ends by the holder of any wait
+//! opened, the old calls' under a reused key among them; cancels by the
+//! Call-ID, with and without an account, whose marks end the legs opened
+//! after them) to both, and compares every verdict and every stored
+//! record, step by step, on one Redis and on the Cluster.
 //!
 //! Changing a transition in either copy makes it fail: with the owner check
 //! taken out of the open script, the shrunk sequence is two opens, one by
@@ -45,8 +46,10 @@ enum Op {
         stale: bool,
         via: usize,
     },
-    /// The holder of the `call`-th call key ends it.
-    End { call: usize, reason: EndReason },
+    /// The holder of the `wait`-th wait opened (of those so far, taken
+    /// round) ends its call: an earlier call's holder under a key that now
+    /// holds a newer call ends nothing.
+    End { wait: usize, reason: EndReason },
     /// The PBX cancels the Call-ID, for one account or all, through
     /// instance `via`.
     Cancel { account: Option<usize>, via: usize },
@@ -59,7 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(account, devices, lapsed)| Op::Open { account, devices, lapsed }),
         4 => (0..12usize, any::<bool>(), prop::bool::weighted(0.15), 0..2usize)
             .prop_map(|(key, available, stale, via)| Op::Answer { key, available, stale, via }),
-        1 => (0..3usize, reason).prop_map(|(call, reason)| Op::End { call, reason }),
+        1 => (0..4usize, reason).prop_map(|(wait, reason)| Op::End { wait, reason }),
         1 => (prop::option::of(0..2usize), 0..2usize)
             .prop_map(|(account, via)| Op::Cancel { account, via }),
     ]
@@ -114,13 +117,12 @@ fn without_deadline(mut record: Record) -> Record {
 /// One side under test: its instances (the model is one process; Redis is
 /// two instances, each account's calls held on its own, so a key another
 /// account holds is found taken by the script, not by the process's own
-/// waits), the waits opened (kept open until the sequence ends, so no
-/// hang-up cleans up behind the test's back), and which instance holds
-/// each call key.
+/// waits), and the waits opened, each with the instance that holds it
+/// (kept open until the sequence ends, so no hang-up cleans up behind the
+/// test's back).
 struct Side {
     instances: Vec<Arc<dyn CallBroker>>,
-    waits: Vec<Wait>,
-    holders: [usize; 3],
+    waits: Vec<(usize, Wait)>,
 }
 
 impl Side {
@@ -128,7 +130,6 @@ impl Side {
         Side {
             instances,
             waits: Vec::new(),
-            holders: [0; 3],
         }
     }
 
@@ -161,13 +162,10 @@ impl Side {
                 match self.instance(*account).open(opening).await {
                     Ok(wait) => {
                         let key = match calls.iter().position(|c| c == wait.key()) {
-                            Some(n) => {
-                                self.holders[n] = *account;
-                                format!("call {n}")
-                            }
+                            Some(n) => format!("call {n}"),
                             None => "a random key".to_owned(),
                         };
-                        self.waits.push(wait);
+                        self.waits.push((*account, wait));
                         key
                     }
                     Err(e) => format!("error {e}"),
@@ -185,14 +183,20 @@ impl Side {
                     .await
                     .map_err(|e| e.to_string())
             ),
-            Op::End { call, reason } => format!(
-                "{:?}",
-                self.instance(self.holders[*call])
-                    .end(&calls[*call], *reason)
-                    .await
-                    .map(|before| before.map(without_deadline))
-                    .map_err(|e| e.to_string())
-            ),
+            Op::End { wait, reason } => {
+                if self.waits.is_empty() {
+                    return "no wait".to_owned();
+                }
+                let (holder, wait) = &self.waits[wait % self.waits.len()];
+                format!(
+                    "{:?}",
+                    self.instance(*holder)
+                        .end(wait, *reason)
+                        .await
+                        .map(|before| before.map(without_deadline))
+                        .map_err(|e| e.to_string())
+                )
+            }
             Op::Cancel { account, via } => format!(
                 "{:?}",
                 self.instance(*via)
@@ -233,6 +237,25 @@ async fn check(redis: Vec<Arc<dyn CallBroker>>, ops: Vec<Op>) -> Result<(), Test
         prop_assert_eq!(got, expected, "the records after {:#?}", seen);
     }
     Ok(())
+}
+
+/// Account `account` opens the Call-ID on `devices` devices, in time.
+fn open(account: usize, devices: usize) -> Op {
+    Op::Open {
+        account,
+        devices,
+        lapsed: false,
+    }
+}
+
+/// The `key`-th key's phone answers `available`, in time, through `via`.
+fn answer(key: usize, available: bool, via: usize) -> Op {
+    Op::Answer {
+        key,
+        available,
+        stale: false,
+        via,
+    }
 }
 
 fn rand_account() -> i64 {
@@ -286,26 +309,13 @@ fn the_redis_scripts_follow_the_call_state_machine() {
         // holder ended, then a new call under its key with more devices
         // while the old wait lived; the old call's key must not answer it.
         let found = vec![
-            Op::Open {
-                account: 1,
-                devices: 1,
-                lapsed: false,
-            },
+            open(1, 1),
             Op::End {
-                call: 0,
+                wait: 0,
                 reason: EndReason::AnsweredElsewhere,
             },
-            Op::Open {
-                account: 1,
-                devices: 2,
-                lapsed: false,
-            },
-            Op::Answer {
-                key: 0,
-                available: false,
-                stale: false,
-                via: 1,
-            },
+            open(1, 2),
+            answer(0, false, 1),
         ];
         // Answers to calls whose deadline has passed, which the random
         // search reaches only now and then: a lone device's call by its own
@@ -317,37 +327,43 @@ fn the_redis_scripts_follow_the_call_state_machine() {
                 devices: 1,
                 lapsed: true,
             },
-            Op::Answer {
-                key: 0,
-                available: true,
-                stale: false,
-                via: 1,
-            },
+            answer(0, true, 1),
             Op::Open {
                 account: 1,
                 devices: 2,
                 lapsed: true,
             },
-            Op::Answer {
-                key: 1,
-                available: true,
-                stale: false,
-                via: 0,
+            answer(1, true, 0),
+            answer(9, false, 0),
+            answer(10, true, 1),
+        ];
+        // A call its device won, and the same account's next request under
+        // its key the moment after: a new call (not a retry that hears the
+        // won call's ACK), which the won call's end, by its holder, leaves
+        // ringing; the new call's phone then answers it.
+        let reused = vec![
+            open(0, 1),
+            answer(0, true, 1),
+            open(0, 1),
+            Op::End {
+                wait: 0,
+                reason: EndReason::AnsweredElsewhere,
             },
-            Op::Answer {
-                key: 9,
-                available: false,
-                stale: false,
-                via: 0,
-            },
-            Op::Answer {
-                key: 10,
-                available: true,
-                stale: false,
-                via: 1,
+            answer(0, false, 0),
+            Op::End {
+                wait: 1,
+                reason: EndReason::NotAvailable,
             },
         ];
-        for fixed in [found, lapsed] {
+        // A call every device declined, and the same account's next
+        // request under its key: a new call too, its devices ringing anew.
+        let declined = vec![
+            open(1, 2),
+            answer(1, false, 0),
+            answer(2, false, 1),
+            open(1, 2),
+        ];
+        for fixed in [found, lapsed, reused, declined] {
             if let Err(failure) = runtime.block_on(check(redis.clone(), fixed)) {
                 panic!("{url}: the Redis scripts and the model disagree: {failure}");
             }

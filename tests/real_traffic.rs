@@ -451,6 +451,51 @@ async fn a_call_id_whose_call_has_ended_starts_a_new_call() {
     .await;
 }
 
+/// A PBX that posts a new call under the same account and `call_id` the
+/// moment it hears the last one's outcome gets a new call, round after
+/// round: it rings the phone anew, and its outcome is its own answer's,
+/// never the call before's. Answers alternate ACK and NAK, so an outcome
+/// that leaked from the call before is always the wrong one; with Redis
+/// they alternate between the two instances too.
+///
+/// It failed on 3fd4fbe now and then (a few rounds in a hundred on Redis):
+/// the new call joined the old call's wait on its instance before the
+/// holder had stored its end, or the open script joined the old call's
+/// record (`won`), or the old call's answer, published on the key's
+/// channel, reached the new call's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_id_reused_the_moment_its_call_is_over_rings_anew() {
+    const ROUNDS: usize = 60;
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let user = account(&server, &["reused"]).await;
+        let key = call_id();
+        for round in 0..ROUNDS {
+            let what = format!("{}, round {round}", backend.name());
+            let seen = server.calls_to("reused").len();
+            let mut pbx = server.client.park(&user, &key);
+            // The new call's first push (a slow round may have had a resend).
+            let push = tokio::select! {
+                mut pushes = server.pushes("reused", seen + 1) => pushes.remove(seen),
+                reply = &mut pbx => panic!("{what}: `{}` before the phone rang", reply.unwrap().body),
+            };
+            let available = round % 2 == 0;
+            let via = match &other {
+                Some(other) if round % 4 >= 2 => &other.client,
+                _ => &server.client,
+            };
+            let answer = via
+                .call_response(&key, start_time_of(&push), available)
+                .await;
+            assert_eq!(answer.status, StatusCode::ACCEPTED, "{what}: {}", answer.body);
+            let expected = if available { "status=ACK" } else { "status=NAK" };
+            assert_eq!(pbx.await.unwrap().body, expected, "{what}");
+        }
+    })
+    .await;
+}
+
 /// Shutdown out of time (a second signal) while three phones ring: each is
 /// told `failed`, and the server returns only once the notices have left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

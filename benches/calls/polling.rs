@@ -115,8 +115,8 @@ impl CallBroker for PollingBroker {
         self.inner.answer(key, available, stale).await
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
-        self.inner.end(key, reason).await
+    async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {
+        self.inner.end(wait, reason).await
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {

@@ -402,7 +402,15 @@ impl<'a> Index<'a> {
                 .map(|a| a.replied)
                 .min();
             if let Some(declined_at) = declined_at {
-                if let Some(push) = calls.iter().find(|p| p.at > declined_at + RACE) {
+                // A decline reaches the call's holder through Redis when it
+                // came through another instance: a Redis fault between the
+                // two (the holder's connections cut, its master failing
+                // over) keeps it from the holder until the fault heals,
+                // and the holder's resends go on meanwhile.
+                let resend = calls.iter().find(|p| p.at > declined_at + RACE);
+                if let Some(push) =
+                    resend.filter(|p| self.fault(declined_at, p.at, FaultKind::redis).is_none())
+                {
                     violation(
                         3,
                         format!(

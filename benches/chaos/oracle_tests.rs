@@ -247,6 +247,22 @@ fn a_call_push_after_a_decline_or_a_notice_is_named() {
     assert_eq!(rules(&judge(&obs)), [3]);
 }
 
+/// A decline through another instance reaches the call's holder through
+/// Redis: while a Redis fault keeps it from the holder (seed
+/// 10241849973055043725: the holder's connections cut as the phone
+/// declined), the holder's resends go on, and that is no broken promise.
+#[test]
+fn a_call_push_after_a_decline_through_a_redis_fault_is_allowed() {
+    let mut obs = clean();
+    obs.pushes.push(push(1_500, "c", "call", "k1", "k1", None));
+    obs.faults
+        .push(fault(FaultKind::CutInstanceRedis, "instance 1", 0, 1_000));
+    let verdict = judge(&obs);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    obs.faults[0].kind = FaultKind::FcmSlow;
+    assert_eq!(rules(&judge(&obs)), [3]);
+}
+
 #[test]
 fn an_acked_declined_call_is_named() {
     let mut obs = clean();

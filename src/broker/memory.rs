@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    cancel_mark, cancelled_by, candidates, deadline_millis, push_key, unix_millis, Answer,
-    BrokerError, CallBroker, Joined, Left, Opening, Record, Stored, Verdict, Wait, Waiters,
-    CANCEL_REACH, TOMBSTONE,
+    cancel_mark, cancelled_by, candidates, deadline_millis, new_stamp, push_key, unix_millis,
+    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Record, Release, Stamp,
+    Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -79,11 +79,12 @@ impl<V> Expiring<V> {
     }
 }
 
-/// A stored key: a call's record or a device's pointer, and the account
-/// that owns it.
+/// A stored key: a call's record or a device's pointer, the account that
+/// owns it, and its call's stamp.
 struct Entry {
     stored: Stored,
     owner: i64,
+    stamp: Stamp,
 }
 
 #[derive(Default)]
@@ -108,19 +109,25 @@ impl Records {
         }
     }
 
-    fn record_mut(&mut self, key: &str) -> Option<&mut Record> {
+    /// The call record under `key`, and its stamp.
+    fn record_mut(&mut self, key: &str) -> Option<(&mut Record, Stamp)> {
         match self.keys.get_mut(key) {
             Some(Entry {
                 stored: Stored::Call(record),
+                stamp,
                 ..
-            }) => Some(record),
+            }) => Some((record, *stamp)),
             _ => None,
         }
     }
 
-    /// Ends the call under `key` for `reason`, keeping its tombstone.
-    fn end(&mut self, key: &str, reason: EndReason) -> Option<Record> {
-        let record = self.record_mut(key)?;
+    /// Ends the call under `key` for `reason`, keeping its tombstone; only
+    /// the call `stamp`, when given.
+    fn end(&mut self, key: &str, reason: EndReason, stamp: Option<Stamp>) -> Option<Record> {
+        let (record, stored) = self.record_mut(key)?;
+        if stamp.is_some_and(|stamp| stamp != stored) {
+            return None;
+        }
         let before = record.clone();
         record.end(reason);
         self.retouch(key, Instant::now() + TOMBSTONE);
@@ -130,7 +137,9 @@ impl Records {
     /// Ends the call under `key` as `cancelled` if it still rings
     /// ([`Record::cancel`]); says whether it did.
     fn cancel(&mut self, key: &str) -> bool {
-        let cancelled = self.record_mut(key).is_some_and(Record::cancel);
+        let cancelled = self
+            .record_mut(key)
+            .is_some_and(|(record, _)| record.cancel());
         if cancelled {
             self.retouch(key, Instant::now() + TOMBSTONE);
         }
@@ -144,9 +153,9 @@ impl Records {
         }
     }
 
-    /// Stores a new call under `key` for `call`, with its device pointers,
-    /// unless one of them is taken; says whether it did.
-    fn store(&mut self, key: &str, call: &Opening<'_>) -> bool {
+    /// Stores a new call `stamp` under `key` for `call`, with its device
+    /// pointers, unless one of them is taken; says whether it did.
+    fn store(&mut self, key: &str, call: &Opening<'_>, stamp: Stamp) -> bool {
         let count = call.devices.len();
         let push_keys: Vec<String> = (0..count)
             .filter(|_| count > 1)
@@ -176,12 +185,14 @@ impl Records {
             let entry = Entry {
                 stored: pointer,
                 owner,
+                stamp,
             };
             self.keys.set(push, entry, expires);
         }
         let entry = Entry {
             stored: Stored::Call(record),
             owner,
+            stamp,
         };
         self.keys.set(key, entry, expires);
         true
@@ -222,32 +233,48 @@ impl CallBroker for MemoryBroker {
             let key = &key;
             let leg_of = (n > 0).then_some(call.key);
             let Joined::Waiting {
-                news, generation, ..
+                news,
+                generation,
+                joined,
+                ..
             } = self.shared.waiters.join(key, &call, leg_of)
             else {
                 continue;
             };
             let shared = self.shared.clone();
             let release_key = key.clone();
-            let wait = Wait::new(key, news, move || {
-                if let Left::Last { cancel: true, .. } =
-                    shared.waiters.leave(&release_key, generation)
+            let release = Release::new(move || {
+                if let Left::Last {
+                    cancel: true,
+                    stamp,
+                    ..
+                } = shared.waiters.leave(&release_key, generation)
                 {
                     // Nobody ended it: the PBX hung up.
-                    shared
-                        .records
-                        .lock()
-                        .expect("records lock poisoned")
-                        .end(&release_key, EndReason::Cancelled);
+                    shared.records.lock().expect("records lock poisoned").end(
+                        &release_key,
+                        EndReason::Cancelled,
+                        stamp,
+                    );
                 }
             });
+            if let Some(stamp) = joined {
+                // A retry of a call this process rings: nothing to store.
+                let held = Held { generation, stamp };
+                return Ok(Wait::held(key, news, held, release));
+            }
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
             let replacing = existing.is_some();
+            let existing_stamp = records.keys.get(key).map(|e| e.stamp);
+            let mut stamp = new_stamp();
             let stored = match claim(existing, call.account) {
-                Claim::Join => true,
+                Claim::Join => {
+                    stamp = existing_stamp.unwrap_or(stamp);
+                    true
+                }
                 Claim::New => {
-                    let stored = records.store(key, &call);
+                    let stored = records.store(key, &call, stamp);
                     if !stored && replacing {
                         // A device key of the new call is another call's:
                         // the key's old tombstone goes with the attempt, as
@@ -260,11 +287,15 @@ impl CallBroker for MemoryBroker {
             };
             if !stored {
                 // Not ours: leaving must not end another account's call.
-                self.shared.waiters.claim_end(key);
+                self.shared.waiters.claim_end(key, Some(generation));
                 drop(records);
-                drop(wait);
+                drop(release);
                 continue;
             }
+            let stamp = Some(stamp);
+            self.shared.waiters.confirm(key, generation, stamp);
+            self.shared.waiters.opened(key, generation);
+            let wait = Wait::held(key, news, Held { generation, stamp }, release);
             if let Some(call_id) = leg_of {
                 let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
                 if !legs.contains(key) {
@@ -274,7 +305,8 @@ impl CallBroker for MemoryBroker {
                 let marks = records.cancels.get(call_id).map(Vec::as_slice);
                 if cancelled_by(marks.unwrap_or_default(), call.account) && records.cancel(key) {
                     drop(records);
-                    self.shared.waiters.ended(key, EndReason::Cancelled);
+                    let ended = Message::Ended(EndReason::Cancelled);
+                    self.shared.waiters.tell(key, stamp, ended);
                 }
             }
             return Ok(wait);
@@ -290,34 +322,35 @@ impl CallBroker for MemoryBroker {
         available: bool,
         stale: bool,
     ) -> Result<Verdict, BrokerError> {
-        let (call, index, verdict) = {
+        let (call, stamp, index, verdict) = {
             let mut records = self.records();
             let Some((call, index)) = records.call_of(key) else {
                 return Ok(Verdict::Unknown);
             };
-            let Some(record) = records.record_mut(&call) else {
+            let Some((record, stamp)) = records.record_mut(&call) else {
                 return Ok(Verdict::Unknown);
             };
             let before = record.clone();
             let now = unix_millis(SystemTime::now());
             let counted = record.take(index, available, now, stale);
-            (call, index, before.verdict(index, counted))
+            (call, stamp, index, before.verdict(index, counted))
         };
         if let Verdict::Taken { .. } = verdict {
             let answer = Answer {
                 available,
                 received_at: Some(SystemTime::now()),
             };
-            self.shared.waiters.deliver(&call, index, answer);
+            let message = Message::Answer { index, answer };
+            self.shared.waiters.tell(&call, Some(stamp), message);
         }
         Ok(verdict)
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
-        if !self.shared.waiters.claim_end(key) {
+    async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {
+        if !self.shared.waiters.claim_end(wait.key(), wait.generation()) {
             return Ok(None);
         }
-        Ok(self.records().end(key, reason))
+        Ok(self.records().end(wait.key(), reason, wait.stamp()))
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
@@ -338,7 +371,8 @@ impl CallBroker for MemoryBroker {
                 .collect()
         };
         for call in &cancelled {
-            self.shared.waiters.ended(call, EndReason::Cancelled);
+            let ended = Message::Ended(EndReason::Cancelled);
+            self.shared.waiters.tell(call, None, ended);
         }
         Ok(!cancelled.is_empty())
     }
@@ -395,7 +429,7 @@ mod tests {
             .await
             .expect("opened");
         assert!(broker
-            .end("k", EndReason::TimedOut)
+            .end(&wait, EndReason::TimedOut)
             .await
             .expect("ended")
             .is_some());

@@ -18,6 +18,14 @@
 //! which share the Call-ID, get [`leg_key`]s of their own, listed under
 //! the Call-ID so a cancel by it finds them all.
 //!
+//! A key holds one call after another: a PBX may post the same account and
+//! `call_id` again the moment it hears the last call's outcome, while that
+//! call's holder is still storing its end and its news are still on their
+//! way. Each call under a key is told apart by its [`Stamp`], drawn as it
+//! opens and stored with it: its end names it, and so does every piece of
+//! its news, so the old call's end, hang-up, answer and cancel never reach
+//! the new one.
+//!
 //! Two implementations: [`memory::MemoryBroker`] (one process, zero set-up)
 //! and [`redis::RedisBroker`] (many instances behind a load balancer). Both
 //! deliver an answer to the waiting request the moment it is stored; neither
@@ -36,7 +44,7 @@ use tokio::time::Instant;
 
 pub use crate::lifecycle::{Phase, Record, Stored, Verdict};
 use crate::store::{EndReason, Platform};
-pub(crate) use waiters::{Joined, Left, Pending, Waiters};
+pub(crate) use waiters::{Joined, Left, Message, Pending, Waiters};
 
 /// How long an ended call's record stays, so an answer that comes late is
 /// told why (410 Gone) rather than 404. The contract says at least 60 s.
@@ -45,6 +53,16 @@ pub const TOMBSTONE: Duration = Duration::from_secs(70);
 /// The longest push key: a `call_id` (255), a leg's `~<account>` (20) and
 /// a device's `.<n>`.
 pub const PUSH_KEY_MAX: usize = 300;
+
+/// Which call under a key (see the module's doc): a random number drawn as
+/// the call opens, stored beside its record, named by its end and carried
+/// by its news.
+pub type Stamp = u64;
+
+/// A fresh [`Stamp`].
+pub(crate) fn new_stamp() -> Stamp {
+    rand::random()
+}
 
 /// What went wrong in the broker.
 #[derive(Debug, thiserror::Error)]
@@ -187,12 +205,13 @@ pub trait CallBroker: Send + Sync + 'static {
     async fn answer(&self, key: &str, available: bool, stale: bool)
         -> Result<Verdict, BrokerError>;
 
-    /// Ends the call `key` for `reason` (its tombstone from now on) and
-    /// returns its record before, `None` when it had none. Ends nothing
-    /// while another request here still waits on the same key. A call a
+    /// Ends the call `wait` waits on, for `reason` (its tombstone from now
+    /// on), and returns its record before, `None` when it had none. Ends
+    /// nothing while another request here still waits on the same call,
+    /// nor once the key holds a newer call (another [`Stamp`]). A call a
     /// device won ends `answered_elsewhere`: the record before tells the
     /// holder that it was won, even when its own timer fired first.
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError>;
+    async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError>;
 
     /// Ends as `cancelled`, from any instance, every ringing call that
     /// `key` names: the call under the key (or whose device key it is),
@@ -247,7 +266,19 @@ pub trait CallBroker: Send + Sync + 'static {
 pub struct Wait {
     key: Arc<str>,
     news: watch::Receiver<News>,
+    /// Which wait of this process and which call under the key, for a
+    /// wait this crate's brokers opened.
+    held: Option<Held>,
     _release: Release,
+}
+
+/// A wait's place in this process's [`Waiters`] (its slot's generation)
+/// and its call's [`Stamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub generation: u64,
+    /// `None` for a call stored without one (by a release before stamps).
+    pub stamp: Option<Stamp>,
 }
 
 impl Wait {
@@ -262,8 +293,35 @@ impl Wait {
         Wait {
             key: Arc::from(key),
             news,
+            held: None,
             _release: Release::new(release),
         }
+    }
+
+    /// A wait of this crate's brokers: on the call `held` names.
+    pub(crate) fn held(
+        key: &str,
+        news: watch::Receiver<News>,
+        held: Held,
+        release: Release,
+    ) -> Wait {
+        Wait {
+            key: Arc::from(key),
+            news,
+            held: Some(held),
+            _release: release,
+        }
+    }
+
+    /// The call's [`Stamp`], for a wait this crate's brokers opened.
+    pub fn stamp(&self) -> Option<Stamp> {
+        self.held.and_then(|held| held.stamp)
+    }
+
+    /// The generation of its slot in this process's waiters, for a wait
+    /// this crate's brokers opened.
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.held.map(|held| held.generation)
     }
 
     /// The call's key: the one asked for, or the leg's own.

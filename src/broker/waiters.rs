@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{push_key, Answer, News, Opening};
+use super::{push_key, Answer, News, Opening, Stamp};
 use crate::lifecycle::{Phase, Record};
 use crate::store::{EndReason, Platform};
 
@@ -33,6 +33,16 @@ struct Slot {
     news: watch::Sender<News>,
     waiters: usize,
     generation: u64,
+    /// The stored call's [`Stamp`], once `confirmed` by the store (the
+    /// call's own, or the one of the call it joined; `None` for a call
+    /// stored without one, by a release before stamps). News stamped for
+    /// another call never reach the slot: they are an earlier call's under
+    /// the same key.
+    stamp: Option<Stamp>,
+    confirmed: bool,
+    /// Stamped news that came before the stamp was confirmed: handed over
+    /// if the stamp turns out to be theirs.
+    early: Vec<(Stamp, Message)>,
     /// The account whose call this is: another account's request never
     /// joins it.
     account: i64,
@@ -53,17 +63,34 @@ struct Slot {
     opened: bool,
 }
 
+/// What reaches the waits on a key: a device's answer, or the call's end
+/// from outside.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Message {
+    /// Device `index` answered.
+    Answer { index: usize, answer: Answer },
+    /// The call was ended from outside.
+    Ended(EndReason),
+}
+
+/// The most news a slot keeps before its stamp is confirmed: one per
+/// device and an end, and then some.
+const EARLY_MAX: usize = 16;
+
 /// What joining a key found.
 pub(crate) enum Joined {
     /// Another account's call is waited on here under the key.
     Taken,
     /// Waiting on the key: its news, whether this is the first wait here
-    /// (the process must subscribe), and the wait's generation (for
-    /// [`Waiters::leave`]).
+    /// (the process must subscribe), the wait's generation (for
+    /// [`Waiters::leave`]), and whether it joined a call this process has
+    /// opened already (a PBX retry), with that call's stamp: nothing more
+    /// to store.
     Waiting {
         news: watch::Receiver<News>,
         first: bool,
         generation: u64,
+        joined: Option<Option<Stamp>>,
     },
 }
 
@@ -73,9 +100,11 @@ pub(crate) enum Left {
     /// Others still wait on the key here (or a newer call holds it).
     Others,
     /// The last waiter left: unsubscribe; `cancel` when nobody ended the
-    /// call (the PBX hung up). `push_keys`: the device keys it registered.
+    /// call (the PBX hung up), the call `stamp`. `push_keys`: the device
+    /// keys it registered.
     Last {
         cancel: bool,
+        stamp: Option<Stamp>,
         push_keys: Vec<Arc<str>>,
     },
 }
@@ -84,6 +113,7 @@ pub(crate) enum Left {
 /// lost its keys puts back.
 pub(crate) struct Pending {
     pub key: Arc<str>,
+    pub stamp: Option<Stamp>,
     pub account: i64,
     pub devices: Vec<Platform>,
     pub until: Instant,
@@ -96,14 +126,16 @@ impl Waiters {
         self.inner.lock().expect("waiters lock poisoned")
     }
 
-    /// Registers one more waiter on `key` for `call`. A slot whose call has
-    /// ended (its waits are finishing) gives way to the new call, so a
-    /// phone is never pushed a call that is already over. Ended means told
-    /// so from outside, or ended by its own last waiter ([`claim_end`]),
-    /// whose wait may outlive the end by a moment (an ACK's bookkeeping):
-    /// joining it would give the new call the old call's news and devices,
-    /// and an answer to the old call's key would count for the new one.
-    /// `leg_of`: the key asked for, when `key` is a leg's own.
+    /// Registers one more waiter on `key` for `call`. Only a call that
+    /// still rings is joined (a PBX retry); a slot whose call is over gives
+    /// way to the new call, so a phone is never pushed a call that is
+    /// already over. Over means won (a device took it: its PBX hears, or
+    /// has heard, ACK), told so from outside, or ended by its own last
+    /// waiter ([`claim_end`]), whose wait may outlive the end by a moment
+    /// (an ACK's bookkeeping): joining it would give the new call the old
+    /// call's outcome, news and devices, and an answer to the old call's
+    /// key would count for the new one. `leg_of`: the key asked for, when
+    /// `key` is a leg's own.
     ///
     /// [`claim_end`]: Waiters::claim_end
     pub(crate) fn join(&self, key: &str, call: &Opening<'_>, leg_of: Option<&str>) -> Joined {
@@ -112,33 +144,22 @@ impl Waiters {
             if slot.account != call.account {
                 return Joined::Taken;
             }
-            if !slot.ended && slot.news.borrow().ended.is_none() {
+            if !slot.over() {
                 slot.waiters += 1;
                 slot.until = slot.until.max(call.until);
                 return Joined::Waiting {
                     news: slot.news.subscribe(),
                     first: false,
                     generation: slot.generation,
+                    joined: slot.opened.then_some(slot.stamp),
                 };
             }
-            // Ended: its remaining waits keep their own news and leave
+            // Over: its remaining waits keep their own news and leave
             // nothing behind; the channel stays subscribed for the new one.
             inner.forget_devices(key);
-            let generation = inner.insert(key, call, leg_of);
-            let news = inner.slots[key].news.subscribe();
-            return Joined::Waiting {
-                news,
-                first: false,
-                generation,
-            };
+            return inner.insert(key, call, leg_of, false);
         }
-        let generation = inner.insert(key, call, leg_of);
-        let news = inner.slots[key].news.subscribe();
-        Joined::Waiting {
-            news,
-            first: true,
-            generation,
-        }
+        inner.insert(key, call, leg_of, true)
     }
 
     /// Removes one waiter of generation `generation` from `key`.
@@ -154,17 +175,28 @@ impl Waiters {
         if slot.waiters > 0 {
             return Left::Others;
         }
-        let cancel = !slot.ended;
+        let (cancel, stamp) = (!slot.ended, slot.stamp);
         let push_keys = inner.forget_devices(key);
         inner.slots.remove(key);
-        Left::Last { cancel, push_keys }
+        Left::Last {
+            cancel,
+            stamp,
+            push_keys,
+        }
     }
 
-    /// Notes that a waiter ends the call itself, and says whether it may:
-    /// only the last waiter on a key ends its call.
-    pub(crate) fn claim_end(&self, key: &str) -> bool {
+    /// Notes that a waiter of generation `generation` (or of whatever
+    /// generation waits on `key`, when `None`) ends the call itself, and
+    /// says whether it may: only the last waiter on a call ends it.
+    pub(crate) fn claim_end(&self, key: &str, generation: Option<u64>) -> bool {
         let mut inner = self.lock();
         match inner.slots.get_mut(key) {
+            Some(slot) if generation.is_some_and(|g| g != slot.generation) => {
+                // A newer call holds the key here: the old call's slot is
+                // gone, and its end names its stamp, so it cannot end the
+                // new call.
+                true
+            }
             Some(slot) if slot.waiters == 1 => {
                 slot.ended = true;
                 true
@@ -172,6 +204,26 @@ impl Waiters {
             Some(_) => false,
             // Not waited on here (a broker's own tests): nothing to keep.
             None => true,
+        }
+    }
+
+    /// Notes that the wait of generation `generation` on `key` is on the
+    /// stored call `stamp` (its own, or the call it joined), and hands it
+    /// the news that came early with that stamp.
+    pub(crate) fn confirm(&self, key: &str, generation: u64, stamp: Option<Stamp>) {
+        let mut inner = self.lock();
+        let Some(slot) = inner.slots.get_mut(key) else {
+            return;
+        };
+        if slot.generation != generation {
+            return;
+        }
+        slot.stamp = stamp;
+        slot.confirmed = true;
+        for (early, message) in std::mem::take(&mut slot.early) {
+            if stamp.is_none_or(|stamp| stamp == early) {
+                slot.tell(message);
+            }
         }
     }
 
@@ -206,52 +258,47 @@ impl Waiters {
         inner
             .device_of(push_key)
             .and_then(|(key, _)| inner.slots.get(&key))
-            .is_some_and(|slot| !slot.ended && slot.news.borrow().ended.is_none())
+            .is_some_and(|slot| !slot.over())
     }
 
-    /// Hands device `index`'s answer to every waiter on `key`. A device's
-    /// first answer stands; a repeat (the message after a local delivery)
-    /// changes nothing.
-    pub(crate) fn deliver(&self, key: &str, index: usize, answer: Answer) {
-        let inner = self.lock();
-        if let Some(slot) = inner.slots.get(key) {
-            slot.news
-                .send_if_modified(|news| match news.answers.get_mut(index) {
-                    Some(seen @ None) => {
-                        *seen = Some(answer);
-                        true
-                    }
-                    _ => false,
-                });
+    /// Hands `message` to every waiter on `key`, if it is their call's:
+    /// `stamp` names the call it is for, `None` when the sender does not
+    /// know (a release before stamps). Stamped news that come before the
+    /// slot's stamp is confirmed wait for it ([`Waiters::confirm`]). A
+    /// device's first answer stands; a repeat (the message after a local
+    /// delivery) changes nothing.
+    pub(crate) fn tell(&self, key: &str, stamp: Option<Stamp>, message: Message) {
+        let mut inner = self.lock();
+        let Some(slot) = inner.slots.get_mut(key) else {
+            return;
+        };
+        match (stamp, slot.stamp) {
+            (Some(stamp), _) if !slot.confirmed => {
+                if slot.early.len() < EARLY_MAX {
+                    slot.early.push((stamp, message));
+                }
+            }
+            (Some(stamp), Some(ours)) if stamp != ours => {}
+            _ => slot.tell(message),
         }
     }
 
-    /// Tells every waiter on `key` that the call was ended from outside.
-    pub(crate) fn ended(&self, key: &str, reason: EndReason) {
-        let inner = self.lock();
-        if let Some(slot) = inner.slots.get(key) {
-            slot.news.send_if_modified(|news| {
-                let first = news.ended.is_none();
-                news.ended.get_or_insert(reason);
-                first
-            });
-        }
-    }
-
-    /// Hands what a stored record says to the waiters on `key` (the
-    /// fallback check).
-    pub(crate) fn deliver_stored(&self, key: &str, record: &Record) {
+    /// Hands what the stored record of the call `stamp` says to the
+    /// waiters on `key` (the fallback check, with the stamp the slot had
+    /// when it listed the key: a newer call's slot there since gets none
+    /// of it).
+    pub(crate) fn deliver_stored(&self, key: &str, stamp: Option<Stamp>, record: &Record) {
         for (index, device) in record.devices.iter().enumerate() {
             if let Some(available) = device.answer {
                 let answer = Answer {
                     available,
                     received_at: None,
                 };
-                self.deliver(key, index, answer);
+                self.tell(key, stamp, Message::Answer { index, answer });
             }
         }
         if let Phase::Ended(reason) = record.phase {
-            self.ended(key, reason);
+            self.tell(key, stamp, Message::Ended(reason));
         }
     }
 
@@ -260,15 +307,17 @@ impl Waiters {
         self.lock().slots.contains_key(key)
     }
 
-    /// The keys waited on whose call may still change: what the fallback
-    /// check reads.
-    pub(crate) fn unsettled(&self) -> Vec<Arc<str>> {
+    /// The keys waited on whose call may still change, with their calls'
+    /// stamps: what the fallback check reads. Not a call still being
+    /// opened: until its stamp is confirmed the key may hold the call
+    /// before it.
+    pub(crate) fn unsettled(&self) -> Vec<(Arc<str>, Option<Stamp>)> {
         let inner = self.lock();
         inner
             .slots
             .iter()
-            .filter(|(_, slot)| slot.news.borrow().ended.is_none())
-            .map(|(key, _)| key.clone())
+            .filter(|(_, slot)| slot.confirmed && slot.news.borrow().ended.is_none())
+            .map(|(key, slot)| (key.clone(), slot.stamp))
             .collect()
     }
 
@@ -290,6 +339,7 @@ impl Waiters {
             .filter(|(_, slot)| slot.opened && slot.news.borrow().ended.is_none())
             .map(|(key, slot)| Pending {
                 key: key.clone(),
+                stamp: slot.stamp,
                 account: slot.account,
                 devices: slot.devices.clone(),
                 until: slot.until,
@@ -301,6 +351,42 @@ impl Waiters {
 
     pub(crate) fn len(&self) -> usize {
         self.lock().slots.len()
+    }
+}
+
+impl Slot {
+    /// Whether the call no longer rings: won, every device answered (the
+    /// declines' NAK), ended from outside, or ended by its waiter: as
+    /// [`crate::lifecycle::claim`] sees a stored record.
+    fn over(&self) -> bool {
+        let news = self.news.borrow();
+        self.ended
+            || news.ended.is_some()
+            || news.answers.iter().all(Option::is_some)
+            || news.answers.iter().flatten().any(|answer| answer.available)
+    }
+
+    /// Hands `message` to the slot's waiters.
+    fn tell(&self, message: Message) {
+        match message {
+            Message::Answer { index, answer } => {
+                self.news
+                    .send_if_modified(|news| match news.answers.get_mut(index) {
+                        Some(seen @ None) => {
+                            *seen = Some(answer);
+                            true
+                        }
+                        _ => false,
+                    });
+            }
+            Message::Ended(reason) => {
+                self.news.send_if_modified(|news| {
+                    let first = news.ended.is_none();
+                    news.ended.get_or_insert(reason);
+                    first
+                });
+            }
+        }
     }
 }
 
@@ -316,8 +402,15 @@ impl Inner {
             .map(|(key, _)| (key.clone(), 0))
     }
 
-    /// A new slot for `call` under `key`, with one waiter; its generation.
-    fn insert(&mut self, key: &str, call: &Opening<'_>, leg_of: Option<&str>) -> u64 {
+    /// A new slot for `call` under `key`, with one waiter; `first`: no
+    /// slot was there (the process must subscribe).
+    fn insert(
+        &mut self,
+        key: &str,
+        call: &Opening<'_>,
+        leg_of: Option<&str>,
+        first: bool,
+    ) -> Joined {
         self.generations += 1;
         let generation = self.generations;
         let key: Arc<str> = Arc::from(key);
@@ -332,12 +425,16 @@ impl Inner {
             answers: vec![None; count],
             ended: None,
         });
+        let joined = news.subscribe();
         self.slots.insert(
             key,
             Slot {
                 news,
                 waiters: 1,
                 generation,
+                stamp: None,
+                confirmed: false,
+                early: Vec::new(),
                 account: call.account,
                 devices: call.devices.to_vec(),
                 until: call.until,
@@ -347,7 +444,12 @@ impl Inner {
                 ended: false,
             },
         );
-        generation
+        Joined::Waiting {
+            news: joined,
+            first,
+            generation,
+            joined: None,
+        }
     }
 
     /// Drops the device keys of the call waited on under `key`.
@@ -389,9 +491,18 @@ mod tests {
                 news,
                 first,
                 generation,
+                ..
             } => (news, first, generation),
             Joined::Taken => panic!("taken"),
         }
+    }
+
+    fn answer(index: usize, available: bool) -> Message {
+        let answer = Answer {
+            available,
+            received_at: None,
+        };
+        Message::Answer { index, answer }
     }
 
     #[tokio::test]
@@ -412,7 +523,7 @@ mod tests {
         assert_eq!(&*pending[0].key, "k");
         assert_eq!(pending[0].account, 42);
         assert_eq!(pending[0].aliases, [("5 tok".to_owned(), "k".to_owned())]);
-        waiters.ended("k", EndReason::TimedOut);
+        waiters.tell("k", None, Message::Ended(EndReason::TimedOut));
         assert!(waiters.pending().is_empty(), "an ended call is not pending");
     }
 
@@ -441,8 +552,22 @@ mod tests {
             available: true,
             received_at: None,
         };
-        waiters.deliver("k", 1, no);
-        waiters.deliver("k", 1, yes);
+        waiters.tell(
+            "k",
+            None,
+            Message::Answer {
+                index: 1,
+                answer: no,
+            },
+        );
+        waiters.tell(
+            "k",
+            None,
+            Message::Answer {
+                index: 1,
+                answer: yes,
+            },
+        );
         for news in [&mut a, &mut b] {
             let seen = news
                 .wait_for(|n| n.answers[1].is_some())
@@ -452,14 +577,12 @@ mod tests {
             assert_eq!(seen.answers, vec![None, Some(no)]);
         }
         assert_eq!(waiters.leave("k", gen), Left::Others);
-        assert!(waiters.claim_end("k"));
-        assert_eq!(
+        assert!(waiters.claim_end("k", Some(gen)));
+        assert!(matches!(
             waiters.leave("k", gen),
-            Left::Last {
-                cancel: false,
-                push_keys: vec![Arc::from("k.1"), Arc::from("k.2")]
-            }
-        );
+            Left::Last { cancel: false, push_keys, .. }
+                if push_keys == vec![Arc::<str>::from("k.1"), Arc::from("k.2")]
+        ));
         assert_eq!((waiters.len(), waiters.device_of("k.1")), (0, None));
     }
 
@@ -474,13 +597,9 @@ mod tests {
         let (_, _, old) = waiting(waiters.join("k", &opening(42, &[Platform::Android]), None));
         assert_eq!(waiters.device_of("k"), Some((Arc::from("k"), 0)));
         assert!(waiters.rings("k"));
-        assert!(waiters.claim_end("k"));
+        assert!(waiters.claim_end("k", Some(old)));
         assert!(!waiters.rings("k"), "ended by its waiter, still held");
-        let old_answer = Answer {
-            available: true,
-            received_at: None,
-        };
-        waiters.deliver("k", 0, old_answer);
+        waiters.tell("k", None, answer(0, true));
         let two = [Platform::Android, Platform::Apns];
         let (news, first, new) = waiting(waiters.join("k", &opening(42, &two), None));
         assert!(!first, "still subscribed");
@@ -506,7 +625,7 @@ mod tests {
         let waiters = Waiters::default();
         let devices = [Platform::Android];
         let (_, _, old) = waiting(waiters.join("k", &opening(42, &devices), None));
-        waiters.ended("k", EndReason::Cancelled);
+        waiters.tell("k", None, Message::Ended(EndReason::Cancelled));
         let (news, first, new) = waiting(waiters.join("k", &opening(42, &devices), None));
         assert!(!first, "still subscribed");
         assert_eq!(news.borrow().ended, None, "the new call rings");
@@ -516,5 +635,93 @@ mod tests {
             waiters.leave("k", new),
             Left::Last { cancel: true, .. }
         ));
+    }
+
+    /// A won call is over: the same account's next request under its key
+    /// is a new call (a slot of its own), and news stamped for the won
+    /// call never reach it, however late they come.
+    #[test]
+    fn a_won_call_gives_way_and_its_news_never_reach_the_next_call() {
+        let waiters = Waiters::default();
+        let devices = [Platform::Android];
+        let (_, _, old) = waiting(waiters.join("k", &opening(42, &devices), None));
+        let won = Some(5);
+        waiters.confirm("k", old, won);
+        waiters.opened("k", old);
+        let retry = waiters.join("k", &opening(42, &devices), None);
+        assert!(
+            matches!(retry, Joined::Waiting { joined: Some(stamp), generation, .. } if generation == old && stamp == won),
+            "a retry while it rings joins the opened call"
+        );
+        waiters.tell("k", won, answer(0, true));
+        assert!(!waiters.rings("k"), "won");
+        let Joined::Waiting {
+            news,
+            generation: new,
+            joined,
+            ..
+        } = waiters.join("k", &opening(42, &devices), None)
+        else {
+            panic!("taken");
+        };
+        assert!(joined.is_none() && new != old, "a call of its own");
+        // Before its stamp is confirmed, the won call's news wait aside;
+        // the store then names the new call, and they are dropped.
+        waiters.tell("k", won, answer(0, true));
+        waiters.tell("k", won, Message::Ended(EndReason::Cancelled));
+        waiters.confirm("k", new, Some(6));
+        waiters.tell("k", won, answer(0, false));
+        waiters.deliver_stored("k", won, &Record::ringing(&devices, 0));
+        let silent = News {
+            answers: vec![None],
+            ended: None,
+        };
+        assert_eq!(*news.borrow(), silent);
+        assert!(waiters.rings("k"));
+        // The old call's end no longer touches the key's slot.
+        assert!(waiters.claim_end("k", Some(old)));
+        assert!(waiters.rings("k"), "the new call still rings");
+        waiters.tell("k", Some(6), answer(0, true));
+        assert_eq!(news.borrow().answers[0].map(|a| a.available), Some(true));
+    }
+
+    /// A wait that joins another instance's call learns its stamp from the
+    /// store: news with that stamp that came first are handed over then;
+    /// a call stored without a stamp (by a release before them) takes any.
+    #[test]
+    fn news_that_come_before_the_stamp_is_known_are_kept_for_it() {
+        let waiters = Waiters::default();
+        let devices = [Platform::Android, Platform::Android];
+        let (news, _, generation) = waiting(waiters.join("k", &opening(42, &devices), None));
+        waiters.tell("k", Some(77), answer(0, false));
+        waiters.tell("k", Some(78), answer(1, false));
+        assert_eq!(news.borrow().answers, vec![None, None]);
+        waiters.confirm("k", generation, Some(77));
+        let answered: Vec<_> = news.borrow().answers.iter().map(Option::is_some).collect();
+        assert_eq!(answered, [true, false], "only the joined call's news");
+
+        let (news, _, generation) = waiting(waiters.join("j", &opening(42, &devices), None));
+        waiters.confirm("j", generation, None);
+        waiters.tell("j", Some(78), answer(1, false));
+        assert!(
+            news.borrow().answers[1].is_some(),
+            "an unstamped call takes any"
+        );
+    }
+
+    /// A call every device declined is over as well: its NAK is on its way.
+    #[test]
+    fn a_call_every_device_declined_gives_way() {
+        let waiters = Waiters::default();
+        let devices = [Platform::Android, Platform::Apns];
+        let (_, _, old) = waiting(waiters.join("k", &opening(42, &devices), None));
+        waiters.confirm("k", old, Some(1));
+        waiters.opened("k", old);
+        waiters.tell("k", None, answer(0, false));
+        assert!(waiters.rings("k.2"), "one device still rings");
+        waiters.tell("k", None, answer(1, false));
+        assert!(!waiters.rings("k.2"));
+        let (_, _, new) = waiting(waiters.join("k", &opening(42, &devices), None));
+        assert_ne!(new, old);
     }
 }

@@ -286,7 +286,7 @@ impl Ringing {
             _ => EndReason::Failed,
         };
         let mut effects = Vec::new();
-        if let Some(before) = end_in_broker(state, self.wait.key(), reason).await {
+        if let Some(before) = end_in_broker(state, &self.wait, reason).await {
             for (device, stored) in before.devices.iter().enumerate() {
                 if let Some(available) = stored.answer {
                     effects.extend(self.steering.call.step(Event::Answer { device, available }));
@@ -324,7 +324,7 @@ impl Ringing {
             // it again, as a hang-up.
             if let Err(e) = state
                 .broker
-                .end(self.wait.key(), EndReason::AnsweredElsewhere)
+                .end(&self.wait, EndReason::AnsweredElsewhere)
                 .await
             {
                 state.metrics.error("broker");
@@ -352,7 +352,7 @@ impl Ringing {
             outcome,
             Outcome::Nak(NakReason::Timeout | NakReason::Shutdown)
         ) {
-            end_in_broker(state, self.wait.key(), outcome.end_reason()).await;
+            end_in_broker(state, &self.wait, outcome.end_reason()).await;
         }
         log.end(outcome)
     }
@@ -383,14 +383,15 @@ impl Ringing {
     }
 }
 
-/// Ends the call `key` in the broker for `reason`, within [`LAST_WORD`];
-/// its record before, when the broker had one and answered in time.
+/// Ends the call `wait` waits on in the broker for `reason`, within
+/// [`LAST_WORD`]; its record before, when the broker had one and answered
+/// in time.
 async fn end_in_broker(
     state: &AppState,
-    key: &str,
+    wait: &Wait,
     reason: EndReason,
 ) -> Option<crate::lifecycle::Record> {
-    let ended = tokio::time::timeout(LAST_WORD, state.broker.end(key, reason)).await;
+    let ended = tokio::time::timeout(LAST_WORD, state.broker.end(wait, reason)).await;
     match ended.unwrap_or_else(|_| {
         Err(BrokerError::Unavailable(format!(
             "no answer within {LAST_WORD:?}"

@@ -458,7 +458,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
     async fn the_last_word_gets_through_a_stuck_cluster_connection() {
-        let (broker, cluster, key, _wait) = a_call(&[Platform::Android, Platform::Android]).await;
+        let (broker, cluster, key, wait) = a_call(&[Platform::Android, Platform::Android]).await;
         let shared = broker.shared.clone();
         // The second device takes the call; its answer is repeated once the
         // short way knows the slot map, so its pool holds a connection.
@@ -486,7 +486,7 @@ mod tests {
 
         let before = tokio::time::timeout(
             Duration::from_millis(450),
-            broker.end(&key, crate::store::EndReason::TimedOut),
+            broker.end(&wait, crate::store::EndReason::TimedOut),
         )
         .await
         .expect("the end script answered before the cluster connection's timeout")

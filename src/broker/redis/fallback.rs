@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::{direct::slot, keys::state_key, Shared, BATCH};
-use crate::broker::{BrokerError, Record};
+use crate::broker::{BrokerError, Record, Stamp};
 use crate::logs::Escaped;
 
 /// How long after a reconnect or a dropped node connection the fallback
@@ -95,11 +95,13 @@ impl Shared {
     /// when the other shards' lost messages must still be found.
     pub(super) async fn check_stored(&self) -> Result<(), BrokerError> {
         let mut keys = self.waiters.unsettled();
-        let groups: Vec<&[Arc<str>]> = if self.is_cluster() {
-            keys.sort_by_cached_key(|k| slot(state_key(k).as_bytes()));
-            keys.chunk_by(|a, b| slot(state_key(a).as_bytes()) == slot(state_key(b).as_bytes()))
-                .flat_map(|same_slot| same_slot.chunks(BATCH))
-                .collect()
+        let groups: Vec<&[(Arc<str>, Option<Stamp>)]> = if self.is_cluster() {
+            keys.sort_by_cached_key(|(k, _)| slot(state_key(k).as_bytes()));
+            keys.chunk_by(|(a, _), (b, _)| {
+                slot(state_key(a).as_bytes()) == slot(state_key(b).as_bytes())
+            })
+            .flat_map(|same_slot| same_slot.chunks(BATCH))
+            .collect()
         } else {
             keys.chunks(BATCH).collect()
         };
@@ -112,14 +114,14 @@ impl Shared {
     }
 
     /// Reads the records of `keys` (one slot's on a cluster) and hands
-    /// each to its waiters.
-    async fn read_stored(&self, keys: &[Arc<str>]) -> Result<(), BrokerError> {
-        let names: Vec<String> = keys.iter().map(|k| state_key(k)).collect();
+    /// each to its waiters, if their call is still the one listed.
+    async fn read_stored(&self, keys: &[(Arc<str>, Option<Stamp>)]) -> Result<(), BrokerError> {
+        let names: Vec<String> = keys.iter().map(|(k, _)| state_key(k)).collect();
         let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
-        for (key, value) in keys.iter().zip(values) {
+        for ((key, stamp), value) in keys.iter().zip(values) {
             if let Some(state) = value.as_deref().and_then(Record::decode) {
                 tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
-                self.waiters.deliver_stored(key, &state);
+                self.waiters.deliver_stored(key, *stamp, &state);
             }
         }
         Ok(())

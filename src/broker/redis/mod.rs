@@ -60,8 +60,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
-    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, Joined, Left, Opening,
-    Phase, Record, Release, Stored, Verdict, Wait, Waiters,
+    candidates, new_stamp, push_key, unix_millis, Answer, BrokerError, CallBroker, Held, Joined,
+    Left, Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -98,9 +98,9 @@ struct Shared {
     link: Link,
     subscriptions: Subscriptions,
     waiters: Waiters,
-    /// Keys whose last local waiter left, for the retirer, and whether
-    /// their call is to be ended `cancelled` (nobody ended it).
-    retire: mpsc::UnboundedSender<(Arc<str>, bool)>,
+    /// Keys whose last local waiter left, for the retirer: whether their
+    /// call is to be ended `cancelled` (nobody ended it), and its stamp.
+    retire: mpsc::UnboundedSender<retire::Retired>,
     options: RedisOptions,
     open: redis::Script,
     answer: Lua,
@@ -358,6 +358,7 @@ impl CallBroker for RedisBroker {
                 news,
                 first,
                 generation,
+                joined,
             } = shared.waiters.join(key, &call, leg_of)
             else {
                 continue;
@@ -366,13 +367,19 @@ impl CallBroker for RedisBroker {
                 let shared = shared.clone();
                 let key: Arc<str> = Arc::from(key.as_str());
                 Release::new(move || {
-                    if let Left::Last { cancel, .. } = shared.waiters.leave(&key, generation) {
+                    if let Left::Last { cancel, stamp, .. } = shared.waiters.leave(&key, generation)
+                    {
                         // The retirer only stops when the broker is gone, and
                         // then there is nothing left to clean.
-                        let _ = shared.retire.send((key, cancel));
+                        let _ = shared.retire.send((key, cancel, stamp));
                     }
                 })
             };
+            if let Some(stamp) = joined {
+                // A retry of a call this process rings: stored already.
+                let held = Held { generation, stamp };
+                return Ok(Wait::held(key, news, held, release));
+            }
             let claimed = async {
                 if first {
                     shared
@@ -380,21 +387,24 @@ impl CallBroker for RedisBroker {
                         .subscribe(channel(key), shared.options.acquire_timeout)
                         .await?;
                 }
-                shared.claim(key, &call).await
+                // Drawn anew: a slot joined while it was being opened may
+                // have confirmed a stamp already, another call's.
+                shared.claim(key, &call, new_stamp()).await
             };
-            match claimed.await {
-                Ok(true) => {}
+            let stamp = match claimed.await {
+                Ok(Claimed::Ours(stamp)) => stamp,
                 // Not ours (or not stored): leaving must not end the call
                 // that holds the key.
-                Ok(false) => {
-                    shared.waiters.claim_end(key);
+                Ok(Claimed::Taken) => {
+                    shared.waiters.claim_end(key, Some(generation));
                     continue;
                 }
                 Err(e) => {
-                    shared.waiters.claim_end(key);
+                    shared.waiters.claim_end(key, Some(generation));
                     return Err(e);
                 }
-            }
+            };
+            shared.waiters.confirm(key, generation, stamp);
             if let Some(call_id) = leg_of {
                 let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
                 match shared
@@ -406,26 +416,24 @@ impl CallBroker for RedisBroker {
                     // was among them: it ends itself, as the cancel would have.
                     Ok(true) => {
                         let before = shared
-                            .end(key, EndReason::Cancelled, Some(Some(call.account)))
+                            .end(key, EndReason::Cancelled, Some(Some(call.account)), stamp)
                             .await;
                         if let Err(e) = before {
-                            shared.waiters.claim_end(key);
+                            shared.waiters.claim_end(key, Some(generation));
                             return Err(e);
                         }
-                        shared.waiters.ended(key, EndReason::Cancelled);
+                        let ended = Message::Ended(EndReason::Cancelled);
+                        shared.waiters.tell(key, stamp, ended);
                     }
                     Err(e) => {
-                        shared.waiters.claim_end(key);
+                        shared.waiters.claim_end(key, Some(generation));
                         return Err(e);
                     }
                 }
             }
             shared.waiters.opened(key, generation);
-            return Ok(Wait {
-                key: Arc::from(key.as_str()),
-                news,
-                _release: release,
-            });
+            let held = Held { generation, stamp };
+            return Ok(Wait::held(key, news, held, release));
         }
         Err(unavailable("no free key for the call"))
     }
@@ -444,7 +452,7 @@ impl CallBroker for RedisBroker {
             None => (key.to_owned(), 0, true),
         };
         let received_at = SystemTime::now();
-        let (counted, before) = loop {
+        let counted_for = loop {
             let args = [
                 (index + 1).to_string(),
                 (if available { "+" } else { "-" }).to_owned(),
@@ -455,23 +463,25 @@ impl CallBroker for RedisBroker {
                 (if stale { "1" } else { "0" }).to_owned(),
                 unix_millis(received_at).to_string(),
             ];
+            let script_keys = [state_key(&call), meta_key(&call)];
             let reply: Option<String> = shared
-                .script(&shared.answer, &[state_key(&call)], &args, true)
+                .script(&shared.answer, &script_keys, &args, true)
                 .await?;
-            let Some((counted, before)) = reply.as_deref().and_then(keys::split_answer) else {
+            let Some(answered) = reply.as_deref().and_then(keys::split_answer) else {
                 return Ok(Verdict::Unknown);
             };
-            match Stored::decode(before) {
+            match Stored::decode(answered.before) {
                 Some(Stored::Pointer {
                     call: pointed,
                     device,
                 }) if as_given => {
                     (call, index, as_given) = (pointed, device, false);
                 }
-                Some(Stored::Call(record)) => break (counted, record),
+                Some(Stored::Call(record)) => break (answered.counted, answered.stamp, record),
                 _ => return Ok(Verdict::Unknown),
             }
         };
+        let (counted, stamp, before) = counted_for;
         let verdict = before.verdict(index, counted);
         if counted {
             // The call held here wakes from this reply; the message that
@@ -480,16 +490,19 @@ impl CallBroker for RedisBroker {
                 available,
                 received_at: Some(received_at),
             };
-            shared.waiters.deliver(&call, index, answer);
+            let message = Message::Answer { index, answer };
+            shared.waiters.tell(&call, stamp, message);
         }
         Ok(verdict)
     }
 
-    async fn end(&self, key: &str, reason: EndReason) -> Result<Option<Record>, BrokerError> {
-        if !self.shared.waiters.claim_end(key) {
+    async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {
+        if !self.shared.waiters.claim_end(wait.key(), wait.generation()) {
             return Ok(None);
         }
-        self.shared.end(key, reason, None).await
+        self.shared
+            .end(wait.key(), reason, None, wait.stamp())
+            .await
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
@@ -512,11 +525,12 @@ impl CallBroker for RedisBroker {
         calls.extend(legs?);
         let ended = calls.iter().map(|call| async move {
             let before = shared
-                .end(call, EndReason::Cancelled, Some(account))
+                .end(call, EndReason::Cancelled, Some(account), None)
                 .await?;
             let cancelled = before.is_some_and(|b| matches!(b.phase, Phase::Ringing { .. }));
             if cancelled {
-                shared.waiters.ended(call, EndReason::Cancelled);
+                let ended = Message::Ended(EndReason::Cancelled);
+                shared.waiters.tell(call, None, ended);
             }
             Ok::<_, BrokerError>(cancelled)
         });
@@ -575,6 +589,16 @@ impl CallBroker for RedisBroker {
     }
 }
 
+/// What [`Shared::claim`] found.
+enum Claimed {
+    /// The key holds this call, or the ringing call it joined, under this
+    /// stamp (`None`: a call stored without one, by a release before
+    /// stamps).
+    Ours(Option<Stamp>),
+    /// Another call's record or pointer holds the key.
+    Taken,
+}
+
 /// Reads the Cluster's slot map for the answer script's short way each
 /// time it asks ([`Direct`]): at the first answer, and after a redirection
 /// or a master it could not reach.
@@ -596,12 +620,18 @@ async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Rec
 }
 
 impl Shared {
-    /// Stores the call's record under `key` ([`keys::OPEN_SCRIPT`]) and
-    /// then, for a new call, its device pointers, each only where the key
-    /// is free. Says whether the key is this call's: when another call's
-    /// record or pointer stands in the way, what this one stored is taken
-    /// back and the key is left to its owner.
-    async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<bool, BrokerError> {
+    /// Stores the call `stamp`'s record under `key` ([`keys::OPEN_SCRIPT`])
+    /// and then, for a new call, its device pointers, each only where the
+    /// key is free. Says which call the key holds for this one: this one,
+    /// or the ringing call it joined; [`Claimed::Taken`] when another
+    /// call's record or pointer stands in the way, and then what this one
+    /// stored is taken back and the key is left to its owner.
+    async fn claim(
+        &self,
+        key: &str,
+        call: &Opening<'_>,
+        stamp: Stamp,
+    ) -> Result<Claimed, BrokerError> {
         let (record, ttl) = keys::open_args(call.devices, call.until);
         let mut open = self.open.prepare_invoke();
         open.key(state_key(key))
@@ -609,17 +639,18 @@ impl Shared {
             .arg(record)
             .arg(ttl)
             .arg(call.account)
-            .arg(keys::meta(call.account));
+            .arg(keys::meta(call.account, Some(stamp)));
         let opened: String = self.invoke(&open).await?;
-        match opened.as_str() {
-            "taken" => return Ok(false),
+        if opened == "taken" {
+            return Ok(Claimed::Taken);
+        }
+        if let Some(joined) = opened.strip_prefix("join ") {
             // Joined as it is, pointers and all.
-            "join" => return Ok(true),
-            _ => {}
+            return Ok(Claimed::Ours(keys::parse_stamp(joined)));
         }
         let count = call.devices.len();
         if count == 1 {
-            return Ok(true);
+            return Ok(Claimed::Ours(Some(stamp)));
         }
         // Every pointer lives in its own slot: one command each, all at once.
         let pointers = (0..count).map(|index| {
@@ -636,7 +667,7 @@ impl Shared {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         if pointers.iter().all(|(_, _, ours)| *ours) {
-            return Ok(true);
+            return Ok(Claimed::Ours(Some(stamp)));
         }
         let mut undo = redis::pipe();
         for (push, stored, _) in &pointers {
@@ -652,16 +683,18 @@ impl Shared {
         for cmd in undo.cmd_iter() {
             self.query::<()>(cmd).await?;
         }
-        Ok(false)
+        Ok(Claimed::Taken)
     }
 
     /// Runs the end script on the call `key`: see [`keys::END_SCRIPT`].
     /// `cancel`: the PBX's cancel, `Some(account)` for only that account's.
+    /// `stamp`: only that call under the key, when given.
     async fn end(
         &self,
         key: &str,
         reason: EndReason,
         cancel: Option<Option<i64>>,
+        stamp: Option<Stamp>,
     ) -> Result<Option<Record>, BrokerError> {
         let args = [
             reason.as_str().to_owned(),
@@ -671,6 +704,7 @@ impl Shared {
             keys::encode_end(EndReason::Cancelled),
             self.publish_command().to_owned(),
             cancel.flatten().map(|a| a.to_string()).unwrap_or_default(),
+            stamp.map(keys::stamp_text).unwrap_or_default(),
         ];
         let before: Option<String> = self
             .script(

@@ -83,7 +83,10 @@ fn restores(calls: &[Pending]) -> Vec<Restore> {
             command: keys::set_pending(&call.key, &call.devices, call.until),
             counted: true,
         });
-        all.push(set(meta_key(&call.key), keys::meta(call.account)));
+        all.push(set(
+            meta_key(&call.key),
+            keys::meta(call.account, call.stamp),
+        ));
         let count = call.devices.len();
         for index in (0..count).filter(|_| count > 1) {
             let push = push_key(&call.key, index, count);
@@ -254,6 +257,7 @@ mod tests {
     fn call(devices: usize, aliases: &[(&str, &str)], leg_of: Option<&str>) -> Pending {
         Pending {
             key: Arc::from("k1"),
+            stamp: Some(9),
             account: 7,
             devices: vec![Platform::Android; devices],
             until: Instant::now() + Duration::from_secs(30),

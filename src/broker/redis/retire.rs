@@ -9,13 +9,15 @@ use tokio::sync::mpsc;
 
 use super::keys::channel;
 use super::{Shared, BATCH};
+use crate::broker::Stamp;
 use crate::logs::Escaped;
 use crate::store::EndReason;
 
-pub(super) async fn retirer(
-    shared: Weak<Shared>,
-    mut retired: mpsc::UnboundedReceiver<(Arc<str>, bool)>,
-) {
+/// A key whose last local waiter left, whether its call is to be ended
+/// `cancelled` (the PBX hung up), and the call's stamp.
+pub(super) type Retired = (Arc<str>, bool, Option<Stamp>);
+
+pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Retired>) {
     while let Some(first) = retired.recv().await {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -28,20 +30,20 @@ pub(super) async fn retirer(
             return;
         };
         // A key somebody here started waiting on again is not ours to drop.
-        batch.retain(|(key, _)| !shared.waiters.contains(key));
+        batch.retain(|(key, _, _)| !shared.waiters.contains(key));
         if batch.is_empty() {
             continue;
         }
-        let hung_up = batch.iter().filter(|(_, cancel)| *cancel).map(|(key, _)| {
+        let hung_up = batch.iter().filter(|(_, cancel, _)| *cancel).map(|(key, _, stamp)| {
             let shared = &shared;
             async move {
-                if let Err(e) = shared.end(key, EndReason::Cancelled, None).await {
+                if let Err(e) = shared.end(key, EndReason::Cancelled, None, *stamp).await {
                     tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot end a call whose PBX hung up; its record expires by itself");
                 }
             }
         });
         futures_util::future::join_all(hung_up).await;
-        let channels = batch.iter().map(|(k, _)| channel(k)).collect();
+        let channels = batch.iter().map(|(k, _, _)| channel(k)).collect();
         shared
             .subscriptions
             .unsubscribe(channels, shared.options.acquire_timeout)
@@ -52,7 +54,7 @@ pub(super) async fn retirer(
         // check cover what was published in between.
         let back: Vec<&Arc<str>> = batch
             .iter()
-            .map(|(key, _)| key)
+            .map(|(key, _, _)| key)
             .filter(|key| shared.waiters.contains(key))
             .collect();
         if !back.is_empty() {

@@ -19,7 +19,7 @@ use redis::{FromRedisValue, PushInfo, PushKind};
 use tokio::sync::{mpsc, watch};
 
 use super::cluster::Cluster;
-use super::keys::{self, channel, key_of_channel, Message};
+use super::keys::{self, channel, key_of_channel};
 use super::{restore, unavailable, Shared, BATCH};
 use crate::broker::BrokerError;
 use crate::logs::Escaped;
@@ -181,14 +181,12 @@ pub(super) async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver
 
 /// Hands a published message to the waiters on its call.
 fn deliver(shared: &Shared, channel_name: &str, payload: &[u8]) {
-    let (Some(key), Some(message)) = (key_of_channel(channel_name), keys::decode_message(payload))
+    let (Some(key), Some((message, stamp))) =
+        (key_of_channel(channel_name), keys::decode_message(payload))
     else {
         return;
     };
-    match message {
-        Message::Answer { index, answer } => shared.waiters.deliver(key, index, answer),
-        Message::Ended(reason) => shared.waiters.ended(key, reason),
-    }
+    shared.waiters.tell(key, stamp, message);
 }
 
 /// One server: owns the subscriber connection: connect, resubscribe, read, repeat.
