@@ -635,13 +635,25 @@ async fn the_keys_of_a_ringing_call_a_failover_lost_are_stored_again() {
     })
     .await;
     assert_eq!(restored, key, "the alias names the call's push key");
-    let record = get(promoted, state_key(&key))
-        .await
-        .and_then(|r| Record::decode(&r))
-        .expect("the call's record stored again");
+    // Each slot is stored again in a pipeline of its own, several at once:
+    // the record's and the meta's may come after the alias's.
+    let record = bounded("the call's record stored again", async {
+        loop {
+            if let Some(record) = get(promoted, state_key(&key)).await {
+                return record;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let record = Record::decode(&record).expect("a record");
     assert!(matches!(record.phase, Phase::Ringing { .. }), "{record:?}");
-    let meta = get(promoted, meta_key(&key)).await;
-    assert!(meta.is_some(), "the call's meta stored again");
+    bounded("the call's meta stored again", async {
+        while get(promoted, meta_key(&key)).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 
     // The phone, woken, REGISTERs: that is its answer.
     register_answers(&server, &register, pbx).await;

@@ -137,11 +137,21 @@ impl Side {
         self.instances[n % self.instances.len()].as_ref()
     }
 
-    /// Applies `op`; what it answered, as text both sides can agree on.
-    async fn apply(&mut self, op: &Op, call_id: &str, accounts: [i64; 2]) -> String {
+    /// Applies `op`, at a sequence that started at `start`; what it
+    /// answered, as text both sides can agree on. Every call of a sequence
+    /// has the same deadline (or the same lapsed one): calls under one key
+    /// whose deadlines fall in the same millisecond must still get stamps
+    /// of their own.
+    async fn apply(
+        &mut self,
+        op: &Op,
+        call_id: &str,
+        accounts: [i64; 2],
+        start: tokio::time::Instant,
+    ) -> String {
         let keys = keys(call_id, accounts);
         let calls = calls(call_id, accounts);
-        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let until = start + Duration::from_secs(60);
         match op {
             Op::Open {
                 account,
@@ -154,7 +164,7 @@ impl Side {
                     account: accounts[*account],
                     devices: &platforms,
                     until: if *lapsed {
-                        tokio::time::Instant::now() - Duration::from_secs(1)
+                        start - Duration::from_secs(1)
                     } else {
                         until
                     },
@@ -227,10 +237,11 @@ async fn check(redis: Vec<Arc<dyn CallBroker>>, ops: Vec<Op>) -> Result<(), Test
     let mut model = Side::new(vec![Arc::new(MemoryBroker::new())]);
     let mut lua = Side::new(redis);
     let mut seen = Vec::new();
+    let start = tokio::time::Instant::now();
     for op in &ops {
         seen.push(format!("{op:?}"));
-        let expected = model.apply(op, &call_id, accounts).await;
-        let got = lua.apply(op, &call_id, accounts).await;
+        let expected = model.apply(op, &call_id, accounts, start).await;
+        let got = lua.apply(op, &call_id, accounts, start).await;
         prop_assert_eq!(&got, &expected, "the answer to {:?} after {:#?}", op, seen);
         let expected = model.stored(&call_id, accounts).await;
         let got = lua.stored(&call_id, accounts).await;

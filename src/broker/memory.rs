@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    cancel_mark, cancelled_by, candidates, deadline_millis, new_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Record, Release, Stamp,
-    Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
+    cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
+    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Phase, Record, Release,
+    Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -122,10 +122,12 @@ impl Records {
     }
 
     /// Ends the call under `key` for `reason`, keeping its tombstone; only
-    /// the call `stamp`, when given.
+    /// the call `stamp`, when given, unless it has ended already (the end
+    /// script does the same).
     fn end(&mut self, key: &str, reason: EndReason, stamp: Option<Stamp>) -> Option<Record> {
         let (record, stored) = self.record_mut(key)?;
-        if stamp.is_some_and(|stamp| stamp != stored) {
+        let ended = matches!(record.phase, Phase::Ended(_));
+        if !ended && stamp.is_some_and(|stamp| stamp != stored) {
             return None;
         }
         let before = record.clone();
@@ -153,9 +155,9 @@ impl Records {
         }
     }
 
-    /// Stores a new call `stamp` under `key` for `call`, with its device
-    /// pointers, unless one of them is taken; says whether it did.
-    fn store(&mut self, key: &str, call: &Opening<'_>, stamp: Stamp) -> bool {
+    /// Stores a new call under `key` for `call`, with its device pointers,
+    /// unless one of them is taken; its stamp when it did.
+    fn store(&mut self, key: &str, call: &Opening<'_>) -> Option<Stamp> {
         let count = call.devices.len();
         let push_keys: Vec<String> = (0..count)
             .filter(|_| count > 1)
@@ -172,10 +174,12 @@ impl Records {
                 })
         });
         if taken {
-            return false;
+            return None;
         }
+        let last = self.keys.get(key).map(|entry| entry.stamp);
+        let stamp = next_stamp(deadline_millis(call.until), last);
         let expires = call.until + TOMBSTONE;
-        let record = Record::ringing(call.devices, deadline_millis(call.until));
+        let record = Record::ringing(call.devices, stamp);
         let owner = call.account;
         for (index, push) in push_keys.iter().enumerate() {
             let pointer = Stored::Pointer {
@@ -195,7 +199,7 @@ impl Records {
             stamp,
         };
         self.keys.set(key, entry, expires);
-        true
+        Some(stamp)
     }
 
     /// The calls that `key` names for a cancel: the call under it (or
@@ -267,15 +271,11 @@ impl CallBroker for MemoryBroker {
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
             let replacing = existing.is_some();
             let existing_stamp = records.keys.get(key).map(|e| e.stamp);
-            let mut stamp = new_stamp();
-            let stored = match claim(existing, call.account) {
-                Claim::Join => {
-                    stamp = existing_stamp.unwrap_or(stamp);
-                    true
-                }
+            let stamp = match claim(existing, call.account) {
+                Claim::Join => existing_stamp,
                 Claim::New => {
-                    let stored = records.store(key, &call, stamp);
-                    if !stored && replacing {
+                    let stored = records.store(key, &call);
+                    if stored.is_none() && replacing {
                         // A device key of the new call is another call's:
                         // the key's old tombstone goes with the attempt, as
                         // the Redis broker's undo takes it.
@@ -283,15 +283,15 @@ impl CallBroker for MemoryBroker {
                     }
                     stored
                 }
-                Claim::Taken => false,
+                Claim::Taken => None,
             };
-            if !stored {
+            let Some(stamp) = stamp else {
                 // Not ours: leaving must not end another account's call.
                 self.shared.waiters.claim_end(key, Some(generation));
                 drop(records);
                 drop(release);
                 continue;
-            }
+            };
             let stamp = Some(stamp);
             self.shared.waiters.confirm(key, generation, stamp);
             self.shared.waiters.opened(key, generation);

@@ -21,10 +21,10 @@
 //! A key holds one call after another: a PBX may post the same account and
 //! `call_id` again the moment it hears the last call's outcome, while that
 //! call's holder is still storing its end and its news are still on their
-//! way. Each call under a key is told apart by its [`Stamp`], drawn as it
-//! opens and stored with it: its end names it, and so does every piece of
-//! its news, so the old call's end, hang-up, answer and cancel never reach
-//! the new one.
+//! way. Each call under a key is told apart by its [`Stamp`], the deadline
+//! its record is stored with, kept rising under the key: its end names it,
+//! and so does every piece of its news, so the old call's end, hang-up,
+//! answer and cancel never reach the new one.
 //!
 //! Two implementations: [`memory::MemoryBroker`] (one process, zero set-up)
 //! and [`redis::RedisBroker`] (many instances behind a load balancer). Both
@@ -54,14 +54,20 @@ pub const TOMBSTONE: Duration = Duration::from_secs(70);
 /// a device's `.<n>`.
 pub const PUSH_KEY_MAX: usize = 300;
 
-/// Which call under a key (see the module's doc): a random number drawn as
-/// the call opens, stored beside its record, named by its end and carried
-/// by its news.
-pub type Stamp = u64;
+/// Which call under a key (see the module's doc): the deadline its record
+/// is stored with, in Unix ms, kept rising under the key ([`next_stamp`]),
+/// so no two calls under one key share it. Named by the call's end and
+/// carried by its news. A record holds its deadline anyway (a release
+/// before stamps wrote it too), so the answer script, between the app's
+/// answer and the PBX's ACK, reads the stamp for nothing.
+pub type Stamp = i64;
 
-/// A fresh [`Stamp`].
-pub(crate) fn new_stamp() -> Stamp {
-    rand::random()
+/// The stamp of a call with the deadline `deadline` (Unix ms) under a key
+/// whose last call was stamped `last`: its deadline, or one ms past the
+/// last call's when that is not earlier (two calls opened within the same
+/// millisecond, or a shorter wait).
+pub(crate) fn next_stamp(deadline: i64, last: Option<Stamp>) -> Stamp {
+    last.map_or(deadline, |last| deadline.max(last.saturating_add(1)))
 }
 
 /// What went wrong in the broker.
@@ -277,7 +283,7 @@ pub struct Wait {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Held {
     pub generation: u64,
-    /// `None` for a call stored without one (by a release before stamps).
+    /// `None` when the store did not say (see [`Waiters::confirm`]).
     pub stamp: Option<Stamp>,
 }
 
@@ -365,5 +371,22 @@ impl Drop for Release {
         if let Some(cleanup) = self.0.take() {
             cleanup();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two calls under one key never share a stamp, whatever their
+    /// deadlines: opened in the same millisecond, or the later one with a
+    /// shorter wait.
+    #[test]
+    fn a_keys_stamps_only_rise() {
+        assert_eq!(next_stamp(1_000, None), 1_000);
+        assert_eq!(next_stamp(1_000, Some(999)), 1_000);
+        assert_eq!(next_stamp(1_000, Some(1_000)), 1_001);
+        assert_eq!(next_stamp(1_000, Some(1_500)), 1_501);
+        assert_eq!(next_stamp(1_000, Some(Stamp::MAX)), Stamp::MAX);
     }
 }

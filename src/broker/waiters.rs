@@ -34,8 +34,8 @@ struct Slot {
     waiters: usize,
     generation: u64,
     /// The stored call's [`Stamp`], once `confirmed` by the store (the
-    /// call's own, or the one of the call it joined; `None` for a call
-    /// stored without one, by a release before stamps). News stamped for
+    /// call's own, or the one of the call it joined; `None` when the store
+    /// did not say, and then any news are the slot's). News stamped for
     /// another call never reach the slot: they are an earlier call's under
     /// the same key.
     stamp: Option<Stamp>,
@@ -687,7 +687,7 @@ mod tests {
 
     /// A wait that joins another instance's call learns its stamp from the
     /// store: news with that stamp that came first are handed over then;
-    /// a call stored without a stamp (by a release before them) takes any.
+    /// a call whose stamp the store did not say takes any.
     #[test]
     fn news_that_come_before_the_stamp_is_known_are_kept_for_it() {
         let waiters = Waiters::default();
@@ -705,7 +705,7 @@ mod tests {
         waiters.tell("j", Some(78), answer(1, false));
         assert!(
             news.borrow().answers[1].is_some(),
-            "an unstamped call takes any"
+            "a call of unknown stamp takes any"
         );
     }
 

@@ -4,8 +4,8 @@
 //!
 //! `cn:{<call key>}` holds the call's record ([`Record`]'s text),
 //! `cn:{<call key>}:meta` the record's format version, the account that
-//! owns the key and the call's stamp (`1 42 00c0ffee00c0ffee`, see
-//! [`meta`]), and
+//! owns the key and the call's stamp (`1 42 1733250000000`, see [`meta`]),
+//! and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
@@ -66,31 +66,29 @@ pub fn meta_key(key: &str) -> String {
 /// The format of the records this release writes. Format 0 is the record
 /// alone, as 0.2.0 wrote it (no meta key); format 1 adds the meta key and
 /// stores the record's text unchanged, so 0.2.0 reads format 1's records
-/// and this release reads 0.2.0's (a record without meta is any account's,
-/// and any call's: no stamp). A release that changes the record's text
+/// and this release reads 0.2.0's (a record without meta is any account's;
+/// its stamp is its deadline, as every record's). A release that changes
+/// the record's text
 /// must still read the format before it, and write what the release
 /// before it reads (README, "Upgrading").
 pub const FORMAT: u32 = 1;
 
 /// The meta key's value: the format, the owning account and the call's
-/// stamp (16 hex digits; none for a call stored without one, by a release
-/// before stamps, whose meta a restore puts back).
-pub fn meta(account: i64, stamp: Option<Stamp>) -> String {
-    match stamp {
-        Some(stamp) => format!("{FORMAT} {account} {}", stamp_text(stamp)),
-        None => format!("{FORMAT} {account}"),
-    }
+/// stamp, its record's deadline: kept with the tombstone, so the next
+/// call's open knows the stamp it must pass ([`crate::broker::next_stamp`]).
+pub fn meta(account: i64, stamp: Stamp) -> String {
+    format!("{FORMAT} {account} {stamp}")
 }
 
-/// A stamp as the scripts store and compare it.
-pub(super) fn stamp_text(stamp: Stamp) -> String {
-    format!("{stamp:016x}")
+/// What [`OPEN_SCRIPT`] is given to write as the meta: the format and
+/// the account; it adds the stamp.
+fn meta_prefix(account: i64) -> String {
+    format!("{FORMAT} {account}")
 }
 
-/// The stamp `text` ([`stamp_text`]) names; `None` for the empty text a
-/// call stored without one gives.
+/// The stamp `text` names; `None` for text no script writes.
 pub(super) fn parse_stamp(text: &str) -> Option<Stamp> {
-    Stamp::from_str_radix(text, 16).ok()
+    text.parse().ok()
 }
 
 /// The owning account a meta value names, whatever its format.
@@ -168,36 +166,48 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 
 /// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
 /// its meta; ARGV[1] the ringing record, ARGV[2] its TTL, ARGV[3] the
-/// account, ARGV[4] the meta to store. Returns `new` (stored), `join
-/// <stamp>` (this account's call rings there, under that stamp, empty when
-/// it has none) or `taken` (another account's call, or a device pointer:
-/// not this call's key). Rings: phase `ring` with a device yet to answer
-/// (a word without `+` or `-`, every platform's name ending in a letter).
-/// A record without meta, written by a release that stored none, counts
-/// as this account's.
+/// account, ARGV[4] the meta to store but its stamp, ARGV[5] the record's
+/// deadline. Returns `new <stamp>` (stored, under that stamp: the deadline,
+/// or one ms past the stamp of the call the key held, as
+/// [`crate::broker::next_stamp`]), `join <stamp>` (this account's call
+/// rings there: phase `ring` with a device yet to answer, a word without
+/// `+` or `-`, every platform's name ending in a letter) or `taken`
+/// (another account's call, or a device pointer: not this call's key). A
+/// record without meta, written by a release that stored none, counts as
+/// this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
+local last
 if before then
   if string.sub(before, 1, 3) == 'to ' then return 'taken' end
   local meta = redis.call('GET', KEYS[2])
   local owner = meta and string.match(meta, '^%S+ (%S+)')
   if owner and owner ~= ARGV[3] then return 'taken' end
-  local devices = string.match(before, '^ring %S+ (.*)$')
-  if devices and string.find(devices .. ' ', '%a ') then
-    return 'join ' .. (meta and string.match(meta, '^%S+ %S+ (%S+)') or '')
-  end
+  local phase, deadline, devices = string.match(before, '^(%S+) (%S+) (.*)$')
+  if phase == 'ring' and string.find(devices .. ' ', '%a ') then return 'join ' .. deadline end
+  last = tonumber(phase ~= 'ended' and deadline or meta and string.match(meta, '^%S+ %S+ (%S+)'))
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
-return 'new'
+local record, stamp = ARGV[1], ARGV[5]
+if last and last >= tonumber(stamp) then
+  stamp = string.format('%d', last + 1)
+  record = 'ring ' .. stamp .. string.sub(record, #ARGV[5] + 6)
+end
+redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp, 'PX', ARGV[2])
+return 'new ' .. stamp
 "#;
 
-/// The arguments of [`OPEN_SCRIPT`] for a call.
-pub(super) fn open_args(devices: &[Platform], until: Instant) -> (String, u64) {
-    (
-        Record::ringing(devices, deadline_millis(until)).encode(),
-        ttl_millis(until),
-    )
+/// The arguments of [`OPEN_SCRIPT`] for `account`'s call: ARGV[1] to
+/// ARGV[5].
+pub(super) fn open_args(account: i64, devices: &[Platform], until: Instant) -> [String; 5] {
+    let deadline = deadline_millis(until);
+    [
+        Record::ringing(devices, deadline).encode(),
+        ttl_millis(until).to_string(),
+        account.to_string(),
+        meta_prefix(account),
+        deadline.to_string(),
+    ]
 }
 
 /// Device `index`'s pointer to its call, stored unless the push key holds
@@ -287,17 +297,15 @@ pub(super) fn cancel(call_id: &str, account: Option<i64>) -> ([String; 2], [Stri
 }
 
 /// Takes device ARGV[1]'s (from 1) answer (ARGV[2]: `+` available, `-`
-/// not) to the call KEYS[1] (its meta KEYS[2]) and publishes it (ARGV[5]:
-/// `PUBLISH`, or `SPUBLISH` on a cluster, ARGV[4] and the call's stamp on
-/// channel ARGV[3]): exactly [`Record::take`], atomic, in one round trip.
-/// ARGV[6] `1`: the key was given as it is, so it must be a lone device's
-/// call (a call rung on several devices is answered only through its
-/// devices' keys). ARGV[7] `1`: the answer is stale and never counts.
-/// ARGV[8]: now, the answering instance's clock in Unix ms, held against
-/// the deadline the opening instance wrote, as the in-process broker does.
-/// Returns `1`, the call's stamp and `:` followed by the record before
-/// when it counted; `0` and the record before when not, `0` and the
-/// pointer for a pointer; nil when there is nothing.
+/// not) and publishes it (ARGV[5]: `PUBLISH`, or `SPUBLISH` on a cluster,
+/// ARGV[4] and the call's stamp, its deadline, on channel ARGV[3]):
+/// exactly [`Record::take`], atomic, in one round trip. ARGV[6] `1`: the key was given as it is, so it must be a
+/// lone device's call (a call rung on several devices is answered only
+/// through its devices' keys). ARGV[7] `1`: the answer is stale and never
+/// counts. ARGV[8]: now, the answering instance's clock in Unix ms, held
+/// against the deadline the opening instance wrote, as the in-process
+/// broker does. Returns `1` or `0` (counted or not) followed by the record
+/// before, `0` and the pointer for a pointer, nil when there is nothing.
 ///
 /// It runs between the app's answer and the PBX's ACK, and Redis runs it
 /// cold after an idle spell, so it is written for that (SLOWLOG after
@@ -305,9 +313,7 @@ pub(super) fn cancel(call_id: &str, account: Option<i64>) -> ([String; 2], [Stri
 /// µs; `docs/performance.md`, "The answer script, cold in Redis"): the
 /// record is read in place with plain `string.find` rather than split
 /// into a table by a pattern, the reply is one string rather than an
-/// array, and no `TIME` call, a command of its own. The `GET` of the meta,
-/// for the stamp the message carries, came later, and only an answer that
-/// counts runs it.
+/// array, and no `TIME` call, a command of its own.
 pub(super) const ANSWER_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before then return false end
@@ -337,67 +343,44 @@ end
 local phase = ARGV[2] == '+' and 'won' or 'ring'
 redis.call('SET', KEYS[1], phase .. string.sub(before, phase_end, last) .. ARGV[2]
   .. string.sub(before, last + 1), 'KEEPTTL')
-local meta = redis.call('GET', KEYS[2])
-local stamp = meta and string.match(meta, '^%S+ %S+ (%S+)') or ''
-redis.call(ARGV[5], ARGV[3], stamp == '' and ARGV[4] or ARGV[4] .. ' ' .. stamp)
-return '1' .. stamp .. ':' .. before
+redis.call(ARGV[5], ARGV[3], ARGV[4] .. ' ' .. string.sub(before, phase_end + 1, deadline_end - 1))
+return '1' .. before
 "#;
 
-/// What [`ANSWER_SCRIPT`] replied.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Answered<'a> {
-    /// Whether the answer counted.
-    pub counted: bool,
-    /// The stamp of the call it counted for, when it did and the call has one.
-    pub stamp: Option<Stamp>,
-    /// The record (or pointer) before it.
-    pub before: &'a str,
-}
-
-/// [`ANSWER_SCRIPT`]'s reply; `None` for a reply it never gives.
-pub(super) fn split_answer(reply: &str) -> Option<Answered<'_>> {
+/// [`ANSWER_SCRIPT`]'s reply: whether the answer counted, and the record
+/// (or pointer) before it. `None` for a reply it never gives.
+pub(super) fn split_answer(reply: &str) -> Option<(bool, &str)> {
     match reply.split_at_checked(1)? {
-        ("1", rest) => {
-            let (stamp, before) = rest.split_once(':')?;
-            Some(Answered {
-                counted: true,
-                stamp: parse_stamp(stamp),
-                before,
-            })
-        }
-        ("0", before) => Some(Answered {
-            counted: false,
-            stamp: None,
-            before,
-        }),
+        ("1", before) => Some((true, before)),
+        ("0", before) => Some((false, before)),
         _ => None,
     }
 }
 
 /// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and meta
 /// (KEYS[2]) kept ARGV[2] ms as a tombstone; only the call stamped ARGV[8]
-/// when that is not empty (a newer call under the key is not the ender's).
-/// ARGV[3] `cancel`: exactly [`Record::cancel`]: only a ringing call ends,
-/// as `cancelled`, and only when ARGV[7] is empty or its owner; the end is
-/// published (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4]) to
-/// wake its holder. Returns the record before, nil when none (or another
+/// when that is not empty (a newer call under the key is not the ender's;
+/// a call over already is left as it is, whoever asks). ARGV[3] `cancel`:
+/// exactly [`Record::cancel`]: only a ringing call ends, as `cancelled`,
+/// and only when ARGV[7] is empty or its owner; the end is published
+/// (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4]) to wake its
+/// holder. Returns the record before, nil when none (or another
 /// account's, or another call's).
 pub(super) const END_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before or string.sub(before, 1, 3) == 'to ' then return false end
-local meta = redis.call('GET', KEYS[2])
-local stamp = meta and string.match(meta, '^%S+ %S+ (%S+)')
-if ARGV[8] ~= '' and stamp and stamp ~= ARGV[8] then return false end
-local phase, rest = string.match(before, '^(%S+) %S+(.*)$')
+local phase, stamp, rest = string.match(before, '^(%S+) (%S+)(.*)$')
 if phase == 'ended' then return before end
+if ARGV[8] ~= '' and stamp ~= ARGV[8] then return false end
 local reason = ARGV[1]
 if ARGV[3] == 'cancel' then
   if ARGV[7] ~= '' then
+    local meta = redis.call('GET', KEYS[2])
     local owner = meta and string.match(meta, '^%S+ (%S+)')
     if owner and owner ~= ARGV[7] then return false end
   end
   if phase ~= 'ring' then return before end
-  redis.call(ARGV[6], ARGV[4], stamp and ARGV[5] .. ' ' .. stamp or ARGV[5])
+  redis.call(ARGV[6], ARGV[4], ARGV[5] .. ' ' .. stamp)
 elseif phase == 'won' then
   reason = 'answered_elsewhere'
 end
@@ -462,44 +445,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answer_replies_say_whether_it_counted_for_which_call_then_the_record() {
+    fn answer_replies_say_whether_it_counted_then_the_record() {
         assert_eq!(
-            split_answer("100000000000000ff:ring 17 android+"),
-            Some(Answered {
-                counted: true,
-                stamp: Some(255),
-                before: "ring 17 android+"
-            })
+            split_answer("1ring 17 android+"),
+            Some((true, "ring 17 android+"))
         );
-        assert_eq!(
-            split_answer("1:ring 17 android+"),
-            Some(Answered {
-                counted: true,
-                stamp: None,
-                before: "ring 17 android+"
-            })
-        );
-        assert_eq!(
-            split_answer("0to 2 call:1"),
-            Some(Answered {
-                counted: false,
-                stamp: None,
-                before: "to 2 call:1"
-            })
-        );
-        for unknown in ["", "2ring 17 android", "é", "1ring 17 android"] {
+        assert_eq!(split_answer("0to 2 call"), Some((false, "to 2 call")));
+        for unknown in ["", "2ring 17 android", "é"] {
             assert_eq!(split_answer(unknown), None, "{unknown:?}");
         }
     }
 
     #[test]
     fn a_meta_names_its_owner_and_its_calls_stamp() {
-        assert_eq!(meta(42, None), "1 42");
-        let meta = meta(42, Some(0xc0ffee));
-        assert_eq!(meta, "1 42 0000000000c0ffee");
+        let meta = meta(42, 1_733_250_000_000);
+        assert_eq!(meta, "1 42 1733250000000");
         assert_eq!(owner_of(&meta), Some(42));
         assert_eq!(owner_of("1 42"), Some(42), "before stamps");
-        assert_eq!(parse_stamp(&stamp_text(Stamp::MAX)), Some(Stamp::MAX));
+        assert_eq!(parse_stamp("1733250000000"), Some(1_733_250_000_000));
         assert_eq!(parse_stamp(""), None);
     }
 
@@ -515,12 +478,12 @@ mod tests {
         };
         let published = encode_answer(2, true, at);
         assert_eq!(decode_message(published.as_bytes()), Some((answer, None)));
-        let stamped = format!("{published} {}", stamp_text(7));
+        let stamped = format!("{published} 7");
         assert_eq!(decode_message(stamped.as_bytes()), Some((answer, Some(7))));
         let end = encode_end(EndReason::Cancelled);
         let ended = Message::Ended(EndReason::Cancelled);
         assert_eq!(decode_message(end.as_bytes()), Some((ended, None)));
-        let stamped = format!("{end} {}", stamp_text(7));
+        let stamped = format!("{end} 7");
         assert_eq!(decode_message(stamped.as_bytes()), Some((ended, Some(7))));
         for bad in ["maybe", "0 1 5", "1 2 5", "end soon", ""] {
             assert_eq!(decode_message(bad.as_bytes()), None, "{bad}");

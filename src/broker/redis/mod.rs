@@ -60,8 +60,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
-    candidates, new_stamp, push_key, unix_millis, Answer, BrokerError, CallBroker, Held, Joined,
-    Left, Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
+    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, Held, Joined, Left,
+    Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -387,9 +387,7 @@ impl CallBroker for RedisBroker {
                         .subscribe(channel(key), shared.options.acquire_timeout)
                         .await?;
                 }
-                // Drawn anew: a slot joined while it was being opened may
-                // have confirmed a stamp already, another call's.
-                shared.claim(key, &call, new_stamp()).await
+                shared.claim(key, &call).await
             };
             let stamp = match claimed.await {
                 Ok(Claimed::Ours(stamp)) => stamp,
@@ -452,7 +450,7 @@ impl CallBroker for RedisBroker {
             None => (key.to_owned(), 0, true),
         };
         let received_at = SystemTime::now();
-        let counted_for = loop {
+        let (counted, before) = loop {
             let args = [
                 (index + 1).to_string(),
                 (if available { "+" } else { "-" }).to_owned(),
@@ -463,27 +461,25 @@ impl CallBroker for RedisBroker {
                 (if stale { "1" } else { "0" }).to_owned(),
                 unix_millis(received_at).to_string(),
             ];
-            let script_keys = [state_key(&call), meta_key(&call)];
             let reply: Option<String> = shared
-                .script(&shared.answer, &script_keys, &args, true)
+                .script(&shared.answer, &[state_key(&call)], &args, true)
                 .await?;
-            let Some(answered) = reply.as_deref().and_then(keys::split_answer) else {
+            let Some((counted, before)) = reply.as_deref().and_then(keys::split_answer) else {
                 return Ok(Verdict::Unknown);
             };
-            match Stored::decode(answered.before) {
+            match Stored::decode(before) {
                 Some(Stored::Pointer {
                     call: pointed,
                     device,
                 }) if as_given => {
                     (call, index, as_given) = (pointed, device, false);
                 }
-                Some(Stored::Call(record)) => break (answered.counted, answered.stamp, record),
+                Some(Stored::Call(record)) => break (counted, record),
                 _ => return Ok(Verdict::Unknown),
             }
         };
-        let (counted, stamp, before) = counted_for;
         let verdict = before.verdict(index, counted);
-        if counted {
+        if let (true, Phase::Ringing { until: stamp }) = (counted, before.phase) {
             // The call held here wakes from this reply; the message that
             // follows through pub/sub then changes nothing.
             let answer = Answer {
@@ -491,7 +487,7 @@ impl CallBroker for RedisBroker {
                 received_at: Some(received_at),
             };
             let message = Message::Answer { index, answer };
-            shared.waiters.tell(&call, stamp, message);
+            shared.waiters.tell(&call, Some(stamp), message);
         }
         Ok(verdict)
     }
@@ -592,8 +588,8 @@ impl CallBroker for RedisBroker {
 /// What [`Shared::claim`] found.
 enum Claimed {
     /// The key holds this call, or the ringing call it joined, under this
-    /// stamp (`None`: a call stored without one, by a release before
-    /// stamps).
+    /// stamp (`None`: unreadable, a reply the open script never gives;
+    /// the wait then takes any news on the key, as before stamps).
     Ours(Option<Stamp>),
     /// Another call's record or pointer holds the key.
     Taken,
@@ -620,26 +616,18 @@ async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Rec
 }
 
 impl Shared {
-    /// Stores the call `stamp`'s record under `key` ([`keys::OPEN_SCRIPT`])
-    /// and then, for a new call, its device pointers, each only where the
-    /// key is free. Says which call the key holds for this one: this one,
-    /// or the ringing call it joined; [`Claimed::Taken`] when another
-    /// call's record or pointer stands in the way, and then what this one
-    /// stored is taken back and the key is left to its owner.
-    async fn claim(
-        &self,
-        key: &str,
-        call: &Opening<'_>,
-        stamp: Stamp,
-    ) -> Result<Claimed, BrokerError> {
-        let (record, ttl) = keys::open_args(call.devices, call.until);
+    /// Stores the call's record under `key` ([`keys::OPEN_SCRIPT`]) and
+    /// then, for a new call, its device pointers, each only where the key
+    /// is free. Says which call the key holds for this one, by its stamp:
+    /// this one, or the ringing call it joined; [`Claimed::Taken`] when
+    /// another call's record or pointer stands in the way, and then what
+    /// this one stored is taken back and the key is left to its owner.
+    async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<Claimed, BrokerError> {
         let mut open = self.open.prepare_invoke();
-        open.key(state_key(key))
-            .key(meta_key(key))
-            .arg(record)
-            .arg(ttl)
-            .arg(call.account)
-            .arg(keys::meta(call.account, Some(stamp)));
+        open.key(state_key(key)).key(meta_key(key));
+        for arg in keys::open_args(call.account, call.devices, call.until) {
+            open.arg(arg);
+        }
         let opened: String = self.invoke(&open).await?;
         if opened == "taken" {
             return Ok(Claimed::Taken);
@@ -648,9 +636,10 @@ impl Shared {
             // Joined as it is, pointers and all.
             return Ok(Claimed::Ours(keys::parse_stamp(joined)));
         }
+        let stamp = opened.strip_prefix("new ").and_then(keys::parse_stamp);
         let count = call.devices.len();
         if count == 1 {
-            return Ok(Claimed::Ours(Some(stamp)));
+            return Ok(Claimed::Ours(stamp));
         }
         // Every pointer lives in its own slot: one command each, all at once.
         let pointers = (0..count).map(|index| {
@@ -667,7 +656,7 @@ impl Shared {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         if pointers.iter().all(|(_, _, ours)| *ours) {
-            return Ok(Claimed::Ours(Some(stamp)));
+            return Ok(Claimed::Ours(stamp));
         }
         let mut undo = redis::pipe();
         for (push, stored, _) in &pointers {
@@ -675,7 +664,7 @@ impl Shared {
                 undo.cmd("DEL").arg(state_key(push)).ignore();
             }
         }
-        if opened == "new" {
+        if opened.starts_with("new") {
             undo.cmd("DEL").arg(state_key(key)).ignore();
             undo.cmd("DEL").arg(meta_key(key)).ignore();
         }
@@ -704,7 +693,7 @@ impl Shared {
             keys::encode_end(EndReason::Cancelled),
             self.publish_command().to_owned(),
             cancel.flatten().map(|a| a.to_string()).unwrap_or_default(),
-            stamp.map(keys::stamp_text).unwrap_or_default(),
+            stamp.map(|stamp| stamp.to_string()).unwrap_or_default(),
         ];
         let before: Option<String> = self
             .script(

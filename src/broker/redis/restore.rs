@@ -43,7 +43,7 @@ use super::fallback::CLUSTER_SETTLING;
 use super::keys::{self, meta_key, state_key};
 use super::subscriber::sleep_or_stop;
 use super::{push_key, Shared, Stored, BATCH};
-use crate::broker::{BrokerError, Pending};
+use crate::broker::{deadline_millis, BrokerError, Pending, Record};
 use crate::logs::Escaped;
 
 /// How long after a sign of a failover the restorer first stores the keys,
@@ -78,15 +78,12 @@ fn restores(calls: &[Pending]) -> Vec<Restore> {
             name,
             counted: true,
         };
-        all.push(Restore {
-            name: state_key(&call.key),
-            command: keys::set_pending(&call.key, &call.devices, call.until),
-            counted: true,
-        });
-        all.push(set(
-            meta_key(&call.key),
-            keys::meta(call.account, call.stamp),
-        ));
+        // The record as it was stored: its deadline is the call's stamp,
+        // which the call's news carry and its end names.
+        let stamp = call.stamp.unwrap_or_else(|| deadline_millis(call.until));
+        let record = Record::ringing(&call.devices, stamp).encode();
+        all.push(set(state_key(&call.key), record));
+        all.push(set(meta_key(&call.key), keys::meta(call.account, stamp)));
         let count = call.devices.len();
         for index in (0..count).filter(|_| count > 1) {
             let push = push_key(&call.key, index, count);
