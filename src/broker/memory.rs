@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Phase, Record, Release,
-    Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
+    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Record, Release, Stamp,
+    Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -122,12 +122,10 @@ impl Records {
     }
 
     /// Ends the call under `key` for `reason`, keeping its tombstone; only
-    /// the call `stamp`, when given, unless it has ended already (the end
-    /// script does the same).
+    /// the call `stamp`, when given.
     fn end(&mut self, key: &str, reason: EndReason, stamp: Option<Stamp>) -> Option<Record> {
         let (record, stored) = self.record_mut(key)?;
-        let ended = matches!(record.phase, Phase::Ended(_));
-        if !ended && stamp.is_some_and(|stamp| stamp != stored) {
+        if stamp.is_some_and(|stamp| stamp != stored) {
             return None;
         }
         let before = record.clone();
@@ -354,7 +352,7 @@ impl CallBroker for MemoryBroker {
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
-        let cancelled: Vec<String> = {
+        let cancelled: Vec<(String, Stamp)> = {
             let mut records = self.records();
             let mut marks = records.cancels.get(key).cloned().unwrap_or_default();
             let mark = cancel_mark(account);
@@ -367,12 +365,15 @@ impl CallBroker for MemoryBroker {
             let calls = records.named_by(key, account);
             calls
                 .into_iter()
-                .filter(|call| records.cancel(call))
+                .filter_map(|call| {
+                    let stamp = records.keys.get(&call)?.stamp;
+                    records.cancel(&call).then_some((call, stamp))
+                })
                 .collect()
         };
-        for call in &cancelled {
+        for (call, stamp) in &cancelled {
             let ended = Message::Ended(EndReason::Cancelled);
-            self.shared.waiters.tell(call, None, ended);
+            self.shared.waiters.tell(call, Some(*stamp), ended);
         }
         Ok(!cancelled.is_empty())
     }

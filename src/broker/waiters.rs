@@ -130,7 +130,8 @@ impl Waiters {
     /// still rings is joined (a PBX retry); a slot whose call is over gives
     /// way to the new call, so a phone is never pushed a call that is
     /// already over. Over means won (a device took it: its PBX hears, or
-    /// has heard, ACK), told so from outside, or ended by its own last
+    /// has heard, ACK), declined by every device (NAK), told so from
+    /// outside, or ended by its own last
     /// waiter ([`claim_end`]), whose wait may outlive the end by a moment
     /// (an ACK's bookkeeping): joining it would give the new call the old
     /// call's outcome, news and devices, and an answer to the old call's
@@ -263,7 +264,7 @@ impl Waiters {
 
     /// Hands `message` to every waiter on `key`, if it is their call's:
     /// `stamp` names the call it is for, `None` when the sender does not
-    /// know (a release before stamps). Stamped news that come before the
+    /// know (a release before stamps published it). Stamped news that come before the
     /// slot's stamp is confirmed wait for it ([`Waiters::confirm`]). A
     /// device's first answer stands; a repeat (the message after a local
     /// delivery) changes nothing.

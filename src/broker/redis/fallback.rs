@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{direct::slot, keys::state_key, Shared, BATCH};
+use super::keys::{meta_key, stamp_of, state_key};
+use super::{direct::slot, Shared, BATCH};
 use crate::broker::{BrokerError, Record, Stamp};
 use crate::logs::Escaped;
 
@@ -113,16 +114,29 @@ impl Shared {
         read.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 
-    /// Reads the records of `keys` (one slot's on a cluster) and hands
-    /// each to its waiters, if their call is still the one listed.
+    /// Reads the records of `keys` (one slot's on a cluster), with their
+    /// metas, and hands each to its waiters if it is the call they wait
+    /// on: a newer call under a reused key is not (its stamp differs), nor
+    /// is anything to a slot opened under the key since it was listed.
     async fn read_stored(&self, keys: &[(Arc<str>, Option<Stamp>)]) -> Result<(), BrokerError> {
-        let names: Vec<String> = keys.iter().map(|(k, _)| state_key(k)).collect();
+        let names: Vec<String> = keys
+            .iter()
+            .flat_map(|(k, _)| [state_key(k), meta_key(k)])
+            .collect();
         let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&names)).await?;
-        for ((key, stamp), value) in keys.iter().zip(values) {
-            if let Some(state) = value.as_deref().and_then(Record::decode) {
-                tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
-                self.waiters.deliver_stored(key, *stamp, &state);
+        for ((key, listed), stored) in keys.iter().zip(values.chunks(2)) {
+            let [record, meta] = stored else {
+                continue;
+            };
+            let Some(state) = record.as_deref().and_then(Record::decode) else {
+                continue;
+            };
+            let stamp = stamp_of(&state, meta.as_deref());
+            if listed.is_some() && stamp.is_some() && stamp != *listed {
+                continue;
             }
+            tracing::trace!(unique_key = %Escaped(key), "fallback check read a record");
+            self.waiters.deliver_stored(key, *listed, &state);
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{deadline_millis, Answer, Message, Record, Stamp, Stored, TOMBSTONE};
+use crate::broker::{deadline_millis, Answer, Message, Phase, Record, Stamp, Stored, TOMBSTONE};
 use crate::store::{EndReason, Platform};
 
 /// Put before a key that begins with `}`: see [`Tag`].
@@ -84,6 +84,15 @@ pub fn meta(account: i64, stamp: Stamp) -> String {
 /// the account; it adds the stamp.
 fn meta_prefix(account: i64) -> String {
     format!("{FORMAT} {account}")
+}
+
+/// The stamp of the call `record` is: a live record's deadline, or for a
+/// tombstone the stamp its `meta` kept (none without one, as 0.2.0 wrote).
+pub(super) fn stamp_of(record: &Record, meta: Option<&str>) -> Option<Stamp> {
+    match record.phase {
+        Phase::Ringing { until } | Phase::Won { until } => Some(until),
+        Phase::Ended(_) => meta?.split(' ').nth(2).and_then(parse_stamp),
+    }
 }
 
 /// The stamp `text` names; `None` for text no script writes.
@@ -169,7 +178,9 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 /// account, ARGV[4] the meta to store but its stamp, ARGV[5] the record's
 /// deadline. Returns `new <stamp>` (stored, under that stamp: the deadline,
 /// or one ms past the stamp of the call the key held, as
-/// [`crate::broker::next_stamp`]), `join <stamp>` (this account's call
+/// [`crate::broker::next_stamp`]; so risen, the record's deadline may lie
+/// past its holder's own wait, and an answer then counts until the
+/// holder's timer ends the call), `join <stamp>` (this account's call
 /// rings there: phase `ring` with a device yet to answer, a word without
 /// `+` or `-`, every platform's name ending in a letter) or `taken`
 /// (another account's call, or a device pointer: not this call's key). A
@@ -359,8 +370,8 @@ pub(super) fn split_answer(reply: &str) -> Option<(bool, &str)> {
 
 /// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and meta
 /// (KEYS[2]) kept ARGV[2] ms as a tombstone; only the call stamped ARGV[8]
-/// when that is not empty (a newer call under the key is not the ender's;
-/// a call over already is left as it is, whoever asks). ARGV[3] `cancel`:
+/// when that is not empty (a newer call under the key is not the ender's):
+/// a live record's stamp is its deadline, a tombstone's is in its meta. ARGV[3] `cancel`:
 /// exactly [`Record::cancel`]: only a ringing call ends, as `cancelled`,
 /// and only when ARGV[7] is empty or its owner; the end is published
 /// (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4]) to wake its
@@ -370,7 +381,14 @@ pub(super) const END_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before or string.sub(before, 1, 3) == 'to ' then return false end
 local phase, stamp, rest = string.match(before, '^(%S+) (%S+)(.*)$')
-if phase == 'ended' then return before end
+if phase == 'ended' then
+  if ARGV[8] ~= '' then
+    local meta = redis.call('GET', KEYS[2])
+    local ended = meta and string.match(meta, '^%S+ %S+ (%S+)')
+    if ended and ended ~= ARGV[8] then return false end
+  end
+  return before
+end
 if ARGV[8] ~= '' and stamp ~= ARGV[8] then return false end
 local reason = ARGV[1]
 if ARGV[3] == 'cancel' then
@@ -412,7 +430,7 @@ pub(super) fn encode_end(reason: EndReason) -> String {
 }
 
 /// A published message, and the stamp of the call it is for (`None` from
-/// a release before stamps, or for a call stored without one).
+/// a release before stamps).
 pub(super) fn decode_message(payload: &[u8]) -> Option<(Message, Option<Stamp>)> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut words = text.split(' ');
@@ -464,6 +482,16 @@ mod tests {
         assert_eq!(owner_of("1 42"), Some(42), "before stamps");
         assert_eq!(parse_stamp("1733250000000"), Some(1_733_250_000_000));
         assert_eq!(parse_stamp(""), None);
+        let mut record = Record::ringing(&[Platform::Android], 17);
+        assert_eq!(stamp_of(&record, Some("1 42 5")), Some(17), "its deadline");
+        record.end(EndReason::Cancelled);
+        assert_eq!(
+            stamp_of(&record, Some("1 42 17")),
+            Some(17),
+            "kept in the meta"
+        );
+        assert_eq!(stamp_of(&record, Some("1 42")), None);
+        assert_eq!(stamp_of(&record, None), None);
     }
 
     #[test]

@@ -523,12 +523,15 @@ impl CallBroker for RedisBroker {
             let before = shared
                 .end(call, EndReason::Cancelled, Some(account), None)
                 .await?;
-            let cancelled = before.is_some_and(|b| matches!(b.phase, Phase::Ringing { .. }));
-            if cancelled {
+            let stamp = match before.map(|b| b.phase) {
+                Some(Phase::Ringing { until }) => Some(until),
+                _ => None,
+            };
+            if stamp.is_some() {
                 let ended = Message::Ended(EndReason::Cancelled);
-                shared.waiters.tell(call, None, ended);
+                shared.waiters.tell(call, stamp, ended);
             }
-            Ok::<_, BrokerError>(cancelled)
+            Ok::<_, BrokerError>(stamp.is_some())
         });
         let mut any = false;
         for cancelled in futures_util::future::join_all(ended).await {
@@ -711,6 +714,78 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::News;
+    use crate::store::Platform;
+
+    /// The fallback check reads what a key holds now, which may be a newer
+    /// call under the key (the wait's own call over, its `call_id` posted
+    /// again, its news lost with the subscription): it hands a wait only
+    /// its own call's record, told by the stamp (a live record's deadline,
+    /// a tombstone's meta).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
+    async fn the_fallback_check_hands_a_wait_only_its_own_calls_record() {
+        let url = std::env::var("TEST_REDIS_URL").expect("TEST_REDIS_URL");
+        let broker = RedisBroker::connect(RedisOptions {
+            url: url.clone(),
+            acquire_timeout: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(60),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        // The subscriber connection comes up in the background.
+        let up = tokio::time::timeout(Duration::from_secs(10), async {
+            while broker.ping().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        up.await.expect("the broker ready within 10 s");
+        let key = crate::broker::random_key();
+        let wait = broker
+            .open(Opening {
+                key: &key,
+                account: 7,
+                devices: &[Platform::Android],
+                until: Instant::now() + Duration::from_secs(60),
+            })
+            .await
+            .expect("a wait opens");
+        let own = wait.stamp().expect("a stamp");
+        let (shared, key) = (&broker.shared, key.as_str());
+        let store = |record: String, stamp: Stamp| async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET").arg(state_key(key)).arg(record).ignore();
+            pipe.cmd("SET")
+                .arg(meta_key(key))
+                .arg(keys::meta(7, stamp))
+                .ignore();
+            shared.pipeline::<()>(&pipe).await.expect("stored");
+            shared.check_stored().await.expect("checked");
+        };
+        let newer = own + 5;
+        store(format!("won {newer} android+"), newer).await;
+        store("ended cancelled android+".to_owned(), newer).await;
+        assert_eq!(
+            wait.news(),
+            News {
+                answers: vec![None],
+                ended: None
+            },
+            "a newer call's"
+        );
+        store(format!("won {own} android+"), own).await;
+        assert_eq!(
+            wait.news().answers[0].map(|a| a.available),
+            Some(true),
+            "its own"
+        );
+        store("ended answered_elsewhere android+".to_owned(), own).await;
+        assert_eq!(
+            wait.news().ended,
+            Some(EndReason::AnsweredElsewhere),
+            "its own"
+        );
+    }
 
     #[test]
     fn cluster_urls_name_their_nodes() {
