@@ -461,3 +461,57 @@ async fn unknown_extra_fields_are_ignored() {
         .await;
     assert_eq!(reply.status, StatusCode::CREATED);
 }
+
+/// A body in a content coding (`gzip`, `br`...) is refused with 415 naming
+/// the coding, and `Accept-Encoding: identity`, before it is parsed: read
+/// as it came, a compressed form would be refused for a field it seemed to
+/// lack, and a plain one declared compressed taken for what it is not.
+/// `identity` is no coding at all, and is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_a_content_coding_is_refused_naming_the_coding() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let device = [("sip_user_id", user.as_str()), ("token", "t"), ("app", APP)];
+    for (coding, named) in [
+        (&b"gzip"[..], "gzip"),
+        (b"identity, br", "br"),
+        (b"x-\xff", "(not text)"),
+    ] {
+        let reply = server
+            .client
+            .post_with(
+                "/api/android-device/",
+                &[("content-encoding", coding)],
+                &device,
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{named}: {}",
+            reply.body
+        );
+        assert_eq!(reply.headers["accept-encoding"], "identity", "{named}");
+        let error = reply.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            error.contains("content encoding") && error.contains(named),
+            "{named}: {error}"
+        );
+    }
+    assert!(every_device(&server, &user).await.is_empty());
+
+    let reply = server
+        .client
+        .post_with(
+            "/api/android-device/",
+            &[("content-encoding", b"Identity")],
+            &device,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(every_device(&server, &user).await.len(), 1);
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use hyper::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use hyper::http::request::Parts;
 use hyper::Request;
 
@@ -62,6 +62,9 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
         .headers
         .get(CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    // Before the body is read or invited: a compressed body would otherwise
+    // be parsed as it came, and refused for a field it seemed to lack.
+    check_encoding(&parts.headers)?;
     // A client that waits for `100 Continue` has sent no body yet: what
     // would be refused once read is refused before it is invited (RFC 9110,
     // 10.1.1). hyper sends the 100 only when the body is first read.
@@ -83,6 +86,25 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
     }
     fields.extend_body(content_type.as_deref(), &bytes)?;
     Ok((parts, fields))
+}
+
+/// Refuses a body in a content coding (`gzip`, `br`...): none is decoded
+/// here, since no PBX or app compresses a few hundred bytes of form. Only
+/// `identity`, or no `Content-Encoding` at all, is read (RFC 9110, 8.4).
+fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    for value in headers.get_all(CONTENT_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return Err(ApiError::UnsupportedEncoding("(not text)".to_owned()));
+        };
+        let coding = text
+            .split(',')
+            .map(str::trim)
+            .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
+        if let Some(coding) = coding {
+            return Err(ApiError::UnsupportedEncoding(coding.to_owned()));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the request waits for `100 Continue` before its body.

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 use crate::auth::AuthError;
@@ -36,6 +36,10 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("unsupported content type {0:?}; send application/x-www-form-urlencoded or application/json")]
     UnsupportedMediaType(String),
+    /// A body in a content coding this server does not decode; the
+    /// response's `Accept-Encoding: identity` says what it reads.
+    #[error("unsupported content encoding {0:?}; send the body unencoded (no Content-Encoding, or identity)")]
+    UnsupportedEncoding(String),
     #[error("request body not received in time")]
     Timeout,
     /// Who sent the request may not do this, or not now (a limit: 429).
@@ -65,7 +69,9 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::Unknown { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType(_) | ApiError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Auth(AuthError::Missing | AuthError::Rejected) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
@@ -104,6 +110,10 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, super::allow(allow));
+            }
+            // RFC 9110, 15.5.16: the codings that would have been read.
+            ApiError::UnsupportedEncoding(_) => {
+                headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             }
             ApiError::Auth(AuthError::Missing | AuthError::Rejected) => {
                 let challenge = HeaderValue::from_static("Basic realm=\"call-notifier\"");
