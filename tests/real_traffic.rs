@@ -13,6 +13,7 @@ mod common;
 
 use std::time::Duration;
 
+use call_notifier::lifecycle::{Phase, Stored};
 use call_notifier::store::EndReason;
 use common::*;
 use hyper::StatusCode;
@@ -119,7 +120,15 @@ async fn a_hang_up_tells_only_the_phones_still_ringing() {
             backend.name()
         );
         assert_eq!(server.calls_to("hup-a").len(), 1);
-        // Over: the decliner hears the call's reason, not a 202.
+        // Over: the decliner hears the call's reason, not a 202, once the
+        // end is stored (on Redis the retirer stores a hang-up's end in
+        // the background, a moment after the wait has gone).
+        let ended = eventually(PUSH_BOUND, || async {
+            let state = server.running.state.broker.read(&key).await;
+            matches!(state, Ok(Some((Stored::Call(record), _))) if matches!(record.phase, Phase::Ended(_)))
+        })
+        .await;
+        assert!(ended, "{}: the hang-up's end is stored", backend.name());
         let late = server
             .client
             .call_response(&format!("{key}.1"), start_time_of(&a), true)
@@ -627,6 +636,148 @@ async fn a_call_id_that_begins_with_a_brace_rings_answers_and_cancels() {
             backend.name()
         );
         assert_eq!(second.notice("br-43").await.1, EndReason::Cancelled);
+    })
+    .await;
+}
+
+/// The call pushes of `token` so far that are an attempt 1: one per request
+/// that rang it.
+fn first_attempts(server: &TestServer, token: &str) -> Vec<f64> {
+    server
+        .calls_to(token)
+        .iter()
+        .filter(|push| push.payload.attempt() == Some(1))
+        .map(start_time_of)
+        .collect()
+}
+
+/// A PBX retry (a second request for the ringing call, same account and
+/// `call_id`, on the same instance) joins the call. When the first
+/// request's PBX then hangs up, the retry rings on and no phone is told
+/// the call is over, for it is not: the phone that answers wakes the retry
+/// with ACK, and the other hears `answered_elsewhere`, once. Before, the
+/// first request's hang-up told both phones `cancelled` while the retry
+/// still rang them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_retry_rings_on_when_the_first_request_hangs_up() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let user = account(&server, &["retry-a", "retry-b"]).await;
+        let key = call_id();
+        let first = server.client.park(&user, &key);
+        let a = server.call_push("retry-a", &format!("{key}.1")).await;
+        let retry = server.client.park(&user, &key);
+        // The retry has joined once it rang the phones too.
+        let joined = eventually(PUSH_BOUND, || async {
+            first_attempts(&server, "retry-a").len() == 2
+                && first_attempts(&server, "retry-b").len() == 2
+        })
+        .await;
+        assert!(joined, "{}: the retry rang both phones", backend.name());
+        first.abort();
+        let _ = first.await;
+        let state = server.running.state.clone();
+        let let_go = eventually(PUSH_BOUND, || async { state.parking.parked() == 1 }).await;
+        assert!(let_go, "{}: the first request was let go", backend.name());
+
+        let answer = server
+            .client
+            .call_response(&format!("{key}.1"), start_time_of(&a), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{}: {}",
+            backend.name(),
+            answer.body
+        );
+        assert_eq!(
+            retry.await.unwrap().body,
+            "status=ACK",
+            "{}",
+            backend.name()
+        );
+        assert_eq!(
+            server.notice("retry-b").await,
+            (format!("{key}.2"), EndReason::AnsweredElsewhere),
+            "{}",
+            backend.name()
+        );
+        assert_no_bookkeeping(&server).await;
+        server.running.state.parking.schedules_done().await;
+        assert_eq!(
+            server.notices_to("retry-b").len(),
+            1,
+            "{}: told once",
+            backend.name()
+        );
+        assert!(
+            server.notices_to("retry-a").is_empty(),
+            "{}: the phone that took the call is told nothing",
+            backend.name()
+        );
+    })
+    .await;
+}
+
+/// A retry waits no longer than the call it joined, past whose deadline no
+/// answer counts: both requests hear NAK at the call's deadline, and each
+/// phone is told `timed_out` once, by the last request to let go. Before,
+/// each request told the phones, and the retry rang on to its own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_retry_times_out_with_the_call_it_joined() {
+    on_every_backend(|backend| async move {
+        // Three pushes a request: at 0, 1 and 2 s of its 4 s wait.
+        let server = start(&backend, |c| {
+            c.max_devices_per_account = 3;
+            c.wait_ms = 4000;
+            c.resend_interval_ms = 1000;
+        })
+        .await;
+        let user = account(&server, &["late-a", "late-b"]).await;
+        let key = call_id();
+        let first = server.client.park(&user, &key);
+        server.call_push("late-a", &format!("{key}.1")).await;
+        // The retry comes 2.5 s in: its pushes at 2.5 and 3.5 s fall within
+        // the call's 4 s; its third, at 4.5 s, would not.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let retry = server.client.park(&user, &key);
+        let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
+        assert_eq!(first.body, "status=NAK", "{}", backend.name());
+        assert_eq!(retry.body, "status=NAK", "{}", backend.name());
+        assert_no_bookkeeping(&server).await;
+        server.running.state.parking.schedules_done().await;
+        for (token, leg) in [("late-a", 1), ("late-b", 2)] {
+            assert_eq!(
+                first_attempts(&server, token).len(),
+                2,
+                "{}: both requests rang {token}",
+                backend.name()
+            );
+            assert_eq!(
+                server.calls_to(token).len(),
+                5,
+                "{}: {token}: three pushes of the first request, two of the retry",
+                backend.name()
+            );
+            assert_eq!(
+                server.notices_to(token),
+                vec![(format!("{key}.{leg}"), EndReason::TimedOut)],
+                "{}: {token} told once",
+                backend.name()
+            );
+        }
+        // Over for every phone: a late answer hears why.
+        let late = server
+            .client
+            .call_response(
+                &format!("{key}.1"),
+                call_notifier::calls::unix_seconds(),
+                true,
+            )
+            .await;
+        assert_eq!(late.status, StatusCode::GONE, "{}", backend.name());
+        assert_eq!(late.json()["reason"], "timed_out", "{}", backend.name());
     })
     .await;
 }

@@ -238,6 +238,7 @@ impl CallBroker for MemoryBroker {
                 news,
                 generation,
                 joined,
+                ringers,
                 ..
             } = self.shared.waiters.join(key, &call, leg_of)
             else {
@@ -263,7 +264,7 @@ impl CallBroker for MemoryBroker {
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: nothing to store.
                 let held = Held { generation, stamp };
-                return Ok(Wait::held(key, news, held, release));
+                return Ok(Wait::held(key, news, held, ringers, release));
             }
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
@@ -293,7 +294,7 @@ impl CallBroker for MemoryBroker {
             let stamp = Some(stamp);
             self.shared.waiters.confirm(key, generation, stamp);
             self.shared.waiters.opened(key, generation);
-            let wait = Wait::held(key, news, Held { generation, stamp }, release);
+            let wait = Wait::held(key, news, Held { generation, stamp }, ringers, release);
             if let Some(call_id) = leg_of {
                 let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
                 if !legs.contains(key) {
@@ -345,7 +346,11 @@ impl CallBroker for MemoryBroker {
     }
 
     async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {
-        if !self.shared.waiters.claim_end(wait.key(), wait.generation()) {
+        if !self
+            .shared
+            .waiters
+            .claim_end_as(wait.key(), wait.generation(), wait.stopped_last())
+        {
             return Ok(None);
         }
         Ok(self.records().end(wait.key(), reason, wait.stamp()))

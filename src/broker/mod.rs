@@ -35,6 +35,7 @@ pub mod memory;
 pub mod redis;
 mod waiters;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -275,7 +276,32 @@ pub struct Wait {
     /// Which wait of this process and which call under the key, for a
     /// wait this crate's brokers opened.
     held: Option<Held>,
+    /// This process's requests that ring the call, this one among them,
+    /// until it stops ringing (see [`Wait::stop_ringing`]).
+    ringers: Option<Ringers>,
+    /// Whether this request was the last of them to stop.
+    last_ringer: bool,
     _release: Release,
+}
+
+/// How many of this process's requests ring one call: the first, and each
+/// PBX retry that joined it. Shared by their waits; a request that stops
+/// ringing (its PBX hung up, its wait ran out) while another still rings
+/// leaves the phones to that one.
+#[derive(Debug, Clone)]
+pub(crate) struct Ringers(Arc<AtomicUsize>);
+
+impl Ringers {
+    /// The first request's.
+    pub(crate) fn first() -> Ringers {
+        Ringers(Arc::new(AtomicUsize::new(1)))
+    }
+
+    /// One more request rings the call (a PBX retry joined it).
+    pub(crate) fn join(&self) -> Ringers {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        self.clone()
+    }
 }
 
 /// A wait's place in this process's [`Waiters`] (its slot's generation)
@@ -300,28 +326,67 @@ impl Wait {
             key: Arc::from(key),
             news,
             held: None,
+            ringers: None,
+            last_ringer: true,
             _release: Release::new(release),
         }
     }
 
-    /// A wait of this crate's brokers: on the call `held` names.
+    /// A wait of this crate's brokers: on the call `held` names, rung by
+    /// `ringers` of this process's requests, this one among them.
     pub(crate) fn held(
         key: &str,
         news: watch::Receiver<News>,
         held: Held,
+        ringers: Ringers,
         release: Release,
     ) -> Wait {
         Wait {
             key: Arc::from(key),
             news,
             held: Some(held),
+            ringers: Some(ringers),
+            last_ringer: true,
             _release: release,
         }
+    }
+
+    /// Notes that this wait's request stops ringing its call while the
+    /// call may ring on (its PBX hung up, or its wait ran out), and says
+    /// whether it was the last of this process's requests on the call to
+    /// stop: only that one tells the phones the call is over, for a PBX
+    /// retry that joined the call still rings them. Asked again, it
+    /// answers the same; a wait dropped without asking stops then.
+    pub fn stop_ringing(&mut self) -> bool {
+        if let Some(Ringers(ringing)) = self.ringers.take() {
+            self.last_ringer = ringing.fetch_sub(1, Ordering::AcqRel) == 1;
+        }
+        self.last_ringer
+    }
+
+    /// Whether this wait's request has stopped ringing, the last of this
+    /// process's requests on the call to do so.
+    pub(crate) fn stopped_last(&self) -> bool {
+        self.ringers.is_none() && self.last_ringer
     }
 
     /// The call's [`Stamp`], for a wait this crate's brokers opened.
     pub fn stamp(&self) -> Option<Stamp> {
         self.held.and_then(|held| held.stamp)
+    }
+
+    /// When the call stops taking answers, for a wait this crate's brokers
+    /// opened: its stamp, which is its record's deadline. A PBX retry that
+    /// joined the call waits no longer than that.
+    pub fn call_deadline(&self) -> Option<Instant> {
+        let stamp = self.stamp()?;
+        let (now, now_millis) = (Instant::now(), unix_millis(SystemTime::now()));
+        let ahead = Duration::from_millis(stamp.saturating_sub(now_millis).unsigned_abs());
+        Some(if stamp >= now_millis {
+            now + ahead
+        } else {
+            now.checked_sub(ahead).unwrap_or(now)
+        })
     }
 
     /// The generation of its slot in this process's waiters, for a wait
@@ -357,6 +422,12 @@ impl Wait {
     }
 }
 
+impl Drop for Wait {
+    fn drop(&mut self) {
+        self.stop_ringing();
+    }
+}
+
 /// Runs a cleanup once, on drop.
 pub(crate) struct Release(Option<Box<dyn FnOnce() + Send + Sync>>);
 
@@ -377,6 +448,36 @@ impl Drop for Release {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Of this process's requests on one call (the first and its PBX
+    /// retries), only the last to stop ringing it is told it was the last,
+    /// whether the others stopped by asking or by being dropped, and asking
+    /// again answers the same.
+    #[test]
+    fn only_the_last_request_to_stop_ringing_a_call_is_told_so() {
+        let (_, news) = watch::channel(News::default());
+        let held = Held {
+            generation: 1,
+            stamp: None,
+        };
+        let wait =
+            |ringers: Ringers| Wait::held("k", news.clone(), held, ringers, Release::new(|| {}));
+        let first = Ringers::first();
+        let mut a = wait(first.clone());
+        let mut b = wait(first.join());
+        let dropped = wait(first.join());
+        drop(dropped);
+        assert!(!a.stopped_last());
+        assert!(!a.stop_ringing());
+        assert!(!a.stop_ringing(), "asked again");
+        assert!(!a.stopped_last());
+        assert!(b.stop_ringing());
+        assert!(b.stop_ringing(), "asked again");
+        assert!(b.stopped_last());
+        // A wait outside this crate's brokers rings alone.
+        let mut alone = Wait::new("k", news.clone(), || {});
+        assert!(alone.stop_ringing());
+    }
 
     /// Two calls under one key never share a stamp, whatever their
     /// deadlines: opened in the same millisecond, or the later one with a

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{push_key, Answer, News, Opening, Stamp};
+use super::{push_key, Answer, News, Opening, Ringers, Stamp};
 use crate::lifecycle::{Phase, Record};
 use crate::store::{EndReason, Platform};
 
@@ -32,6 +32,8 @@ struct Inner {
 struct Slot {
     news: watch::Sender<News>,
     waiters: usize,
+    /// The requests that ring the call, for their waits.
+    ringers: Ringers,
     generation: u64,
     /// The stored call's [`Stamp`], once `confirmed` by the store (the
     /// call's own, or the one of the call it joined; `None` when the store
@@ -91,6 +93,7 @@ pub(crate) enum Joined {
         first: bool,
         generation: u64,
         joined: Option<Option<Stamp>>,
+        ringers: Ringers,
     },
 }
 
@@ -153,6 +156,7 @@ impl Waiters {
                     first: false,
                     generation: slot.generation,
                     joined: slot.opened.then_some(slot.stamp),
+                    ringers: slot.ringers.join(),
                 };
             }
             // Over: its remaining waits keep their own news and leave
@@ -190,6 +194,21 @@ impl Waiters {
     /// generation waits on `key`, when `None`) ends the call itself, and
     /// says whether it may: only the last waiter on a call ends it.
     pub(crate) fn claim_end(&self, key: &str, generation: Option<u64>) -> bool {
+        self.claim_end_as(key, generation, false)
+    }
+
+    /// [`Waiters::claim_end`] for a wait whose request may be the last of
+    /// this process's to stop ringing the call (`last_ringer`, see
+    /// [`super::Wait::stop_ringing`]): that one ends it, though a wait
+    /// that stopped before it has yet to leave. Two requests that time out
+    /// together (a PBX retry waits no longer than the call it joined) end
+    /// it `timed_out`, not as a hang-up once both have left.
+    pub(crate) fn claim_end_as(
+        &self,
+        key: &str,
+        generation: Option<u64>,
+        last_ringer: bool,
+    ) -> bool {
         let mut inner = self.lock();
         match inner.slots.get_mut(key) {
             Some(slot) if generation.is_some_and(|g| g != slot.generation) => {
@@ -198,7 +217,7 @@ impl Waiters {
                 // new call.
                 true
             }
-            Some(slot) if slot.waiters == 1 => {
+            Some(slot) if slot.waiters == 1 || last_ringer => {
                 slot.ended = true;
                 true
             }
@@ -427,11 +446,13 @@ impl Inner {
             ended: None,
         });
         let joined = news.subscribe();
+        let ringers = Ringers::first();
         self.slots.insert(
             key,
             Slot {
                 news,
                 waiters: 1,
+                ringers: ringers.clone(),
                 generation,
                 stamp: None,
                 confirmed: false,
@@ -450,6 +471,7 @@ impl Inner {
             first,
             generation,
             joined: None,
+            ringers,
         }
     }
 

@@ -38,7 +38,11 @@ const LAST_WORD: std::time::Duration = std::time::Duration::from_millis(250);
 ///
 /// Dropping this future (the PBX hung up) is a clean exit: the call's
 /// [`Steering`] tells the phones still ringing `cancelled`, and the wait's
-/// guard ends the call in the broker and drops the subscription.
+/// guard ends the call in the broker and drops the subscription; unless a
+/// PBX retry of the call still waits here, which then rings on.
+///
+/// A retry joins the call, and waits no longer than it: its wait ends at
+/// the call's deadline, past which no answer counts.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let mut log = CallLog::start(state, call.sip_user_id);
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
@@ -55,6 +59,9 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         Ok(opened) => opened,
         Err(outcome) => return log.end(outcome),
     };
+    let deadline = wait
+        .call_deadline()
+        .map_or(deadline, |call| call.min(deadline));
     let mut ringing = ring_devices(state, &call, devices, wait, &mut log);
     match ringing.settle(state, deadline).await {
         Outcome::Ack => ringing.finish_answered(state, log),
@@ -250,10 +257,11 @@ fn ring_devices(
     }
 }
 
-/// A call being rung: its wait in the broker and its steering.
+/// A call being rung: its wait in the broker and its steering. Dropped
+/// while the call still rings, it steers the hang-up
+/// ([`Steering::hang_up`]) before its wait's guard ends the call in the
+/// broker.
 struct Ringing {
-    /// Declared first: dropped (a hang-up steered) before the wait's guard
-    /// ends the call in the broker.
     steering: Steering,
     wait: Wait,
     message_start_time: f64,
@@ -285,6 +293,9 @@ impl Ringing {
             Event::Timeout => EndReason::TimedOut,
             _ => EndReason::Failed,
         };
+        // Whether a PBX retry of the call still rings it here: then this
+        // request neither ends the call nor tells the phones.
+        let last = self.wait.stop_ringing();
         let mut effects = Vec::new();
         if let Some(before) = end_in_broker(state, &self.wait, reason).await {
             for (device, stored) in before.devices.iter().enumerate() {
@@ -298,7 +309,11 @@ impl Ringing {
                 effects.extend(self.steering.call.step(Event::Cancel));
             }
         }
-        effects.extend(self.steering.call.step(event));
+        let mut leaving = self.steering.call.step(event);
+        if !last {
+            quietly(&mut leaving);
+        }
+        effects.extend(leaving);
         effects
     }
 
@@ -406,10 +421,7 @@ async fn end_in_broker(
     }
 }
 
-/// The call's state machine and the devices it steers. Dropped while the
-/// call still rings (the PBX hung up, and hyper dropped the call's future
-/// mid-wait), it steers the hang-up: the phones still ringing are told
-/// `cancelled`, after whatever news had reached the wait.
+/// The call's state machine and the devices it steers.
 struct Steering {
     call: Call,
     courses: Vec<watch::Sender<Course>>,
@@ -477,15 +489,24 @@ impl Steering {
     }
 }
 
-impl Drop for Steering {
-    fn drop(&mut self) {
+impl Steering {
+    /// The request is gone (the PBX hung up, and hyper dropped the call's
+    /// future mid-wait) while the call rang: steers the hang-up after
+    /// whatever news had reached the wait. `last`: whether this was the
+    /// last of this process's requests ringing the call; if not, a PBX
+    /// retry rings on, and this request's pushes stop without a word.
+    fn hang_up(&mut self, last: bool) {
         if self.call.over().is_none() {
             let news = self.news.borrow().clone();
             let mut effects = self.absorb(&news);
             while let Ok(device) = self.died.try_recv() {
                 effects.extend(self.call.step(Event::Dead { device }));
             }
-            effects.extend(self.call.step(Event::HangUp));
+            let mut leaving = self.call.step(Event::HangUp);
+            if !last {
+                quietly(&mut leaving);
+            }
+            effects.extend(leaving);
             for effect in effects {
                 if let Effect::Steer(device, course) = effect {
                     self.steer(device, course);
@@ -493,6 +514,23 @@ impl Drop for Steering {
             }
         }
         self.steer_deferred();
+    }
+}
+
+/// A request that leaves a call another of this process's requests still
+/// rings (a PBX retry) tells no phone the call is over: it is not.
+fn quietly(effects: &mut [Effect]) {
+    for effect in effects {
+        if let Effect::Steer(_, course @ Course::Tell(_)) = effect {
+            *course = Course::Stop;
+        }
+    }
+}
+
+impl Drop for Ringing {
+    fn drop(&mut self) {
+        let last = self.wait.stop_ringing();
+        self.steering.hang_up(last);
     }
 }
 

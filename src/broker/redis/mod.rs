@@ -359,6 +359,7 @@ impl CallBroker for RedisBroker {
                 first,
                 generation,
                 joined,
+                ringers,
             } = shared.waiters.join(key, &call, leg_of)
             else {
                 continue;
@@ -378,7 +379,7 @@ impl CallBroker for RedisBroker {
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: stored already.
                 let held = Held { generation, stamp };
-                return Ok(Wait::held(key, news, held, release));
+                return Ok(Wait::held(key, news, held, ringers, release));
             }
             let claimed = async {
                 if first {
@@ -431,7 +432,7 @@ impl CallBroker for RedisBroker {
             }
             shared.waiters.opened(key, generation);
             let held = Held { generation, stamp };
-            return Ok(Wait::held(key, news, held, release));
+            return Ok(Wait::held(key, news, held, ringers, release));
         }
         Err(unavailable("no free key for the call"))
     }
@@ -493,7 +494,11 @@ impl CallBroker for RedisBroker {
     }
 
     async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {
-        if !self.shared.waiters.claim_end(wait.key(), wait.generation()) {
+        if !self
+            .shared
+            .waiters
+            .claim_end_as(wait.key(), wait.generation(), wait.stopped_last())
+        {
             return Ok(None);
         }
         self.shared
