@@ -238,7 +238,7 @@ impl CallBroker for MemoryBroker {
                 news,
                 generation,
                 joined,
-                ringers,
+                ringer,
                 ..
             } = self.shared.waiters.join(key, &call, leg_of)
             else {
@@ -264,7 +264,7 @@ impl CallBroker for MemoryBroker {
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: nothing to store.
                 let held = Held { generation, stamp };
-                return Ok(Wait::held(key, news, held, ringers, release));
+                return Ok(Wait::held(key, news, held, ringer, release));
             }
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
@@ -294,7 +294,7 @@ impl CallBroker for MemoryBroker {
             let stamp = Some(stamp);
             self.shared.waiters.confirm(key, generation, stamp);
             self.shared.waiters.opened(key, generation);
-            let wait = Wait::held(key, news, Held { generation, stamp }, ringers, release);
+            let wait = Wait::held(key, news, Held { generation, stamp }, ringer, release);
             if let Some(call_id) = leg_of {
                 let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
                 if !legs.contains(key) {

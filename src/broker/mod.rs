@@ -276,31 +276,47 @@ pub struct Wait {
     /// Which wait of this process and which call under the key, for a
     /// wait this crate's brokers opened.
     held: Option<Held>,
-    /// This process's requests that ring the call, this one among them,
-    /// until it stops ringing (see [`Wait::stop_ringing`]).
-    ringers: Option<Ringers>,
+    /// Its place among this process's requests that ring the call, until
+    /// it stops ringing (see [`Wait::stop_ringing`]).
+    ringer: Ringer,
     /// Whether this request was the last of them to stop.
     last_ringer: bool,
     _release: Release,
 }
 
 /// How many of this process's requests ring one call: the first, and each
-/// PBX retry that joined it. Shared by their waits; a request that stops
-/// ringing (its PBX hung up, its wait ran out) while another still rings
-/// leaves the phones to that one.
-#[derive(Debug, Clone)]
+/// PBX retry that joined it. Kept by the call's slot in the waiters; a
+/// request that stops ringing (its PBX hung up, its wait ran out) while
+/// another still rings leaves the phones to that one.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Ringers(Arc<AtomicUsize>);
 
 impl Ringers {
-    /// The first request's.
-    pub(crate) fn first() -> Ringers {
-        Ringers(Arc::new(AtomicUsize::new(1)))
-    }
-
-    /// One more request rings the call (a PBX retry joined it).
-    pub(crate) fn join(&self) -> Ringers {
+    /// One more request rings the call: its place among the ringers.
+    pub(crate) fn join(&self) -> Ringer {
         self.0.fetch_add(1, Ordering::AcqRel);
-        self.clone()
+        Ringer(Some(self.0.clone()))
+    }
+}
+
+/// One request's place among its call's [`Ringers`], given up once: by
+/// [`Wait::stop_ringing`], or when dropped (a wait whose open failed, or
+/// that never rang).
+#[derive(Debug)]
+pub(crate) struct Ringer(Option<Arc<AtomicUsize>>);
+
+impl Ringer {
+    /// Gives the place up, the first time: whether it was the last.
+    fn leave(&mut self) -> Option<bool> {
+        self.0
+            .take()
+            .map(|ringing| ringing.fetch_sub(1, Ordering::AcqRel) == 1)
+    }
+}
+
+impl Drop for Ringer {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -326,26 +342,26 @@ impl Wait {
             key: Arc::from(key),
             news,
             held: None,
-            ringers: None,
+            ringer: Ringer(None),
             last_ringer: true,
             _release: Release::new(release),
         }
     }
 
-    /// A wait of this crate's brokers: on the call `held` names, rung by
-    /// `ringers` of this process's requests, this one among them.
+    /// A wait of this crate's brokers: on the call `held` names, where it
+    /// has `ringer`'s place among the requests that ring it.
     pub(crate) fn held(
         key: &str,
         news: watch::Receiver<News>,
         held: Held,
-        ringers: Ringers,
+        ringer: Ringer,
         release: Release,
     ) -> Wait {
         Wait {
             key: Arc::from(key),
             news,
             held: Some(held),
-            ringers: Some(ringers),
+            ringer,
             last_ringer: true,
             _release: release,
         }
@@ -358,8 +374,8 @@ impl Wait {
     /// retry that joined the call still rings them. Asked again, it
     /// answers the same; a wait dropped without asking stops then.
     pub fn stop_ringing(&mut self) -> bool {
-        if let Some(Ringers(ringing)) = self.ringers.take() {
-            self.last_ringer = ringing.fetch_sub(1, Ordering::AcqRel) == 1;
+        if let Some(last) = self.ringer.leave() {
+            self.last_ringer = last;
         }
         self.last_ringer
     }
@@ -367,7 +383,7 @@ impl Wait {
     /// Whether this wait's request has stopped ringing, the last of this
     /// process's requests on the call to do so.
     pub(crate) fn stopped_last(&self) -> bool {
-        self.ringers.is_none() && self.last_ringer
+        self.ringer.0.is_none() && self.last_ringer
     }
 
     /// The call's [`Stamp`], for a wait this crate's brokers opened.
@@ -422,12 +438,6 @@ impl Wait {
     }
 }
 
-impl Drop for Wait {
-    fn drop(&mut self) {
-        self.stop_ringing();
-    }
-}
-
 /// Runs a cleanup once, on drop.
 pub(crate) struct Release(Option<Box<dyn FnOnce() + Send + Sync>>);
 
@@ -451,8 +461,9 @@ mod tests {
 
     /// Of this process's requests on one call (the first and its PBX
     /// retries), only the last to stop ringing it is told it was the last,
-    /// whether the others stopped by asking or by being dropped, and asking
-    /// again answers the same.
+    /// whether the others stopped by asking, by their wait being dropped,
+    /// or by never getting a wait (an open that failed); asking again
+    /// answers the same.
     #[test]
     fn only_the_last_request_to_stop_ringing_a_call_is_told_so() {
         let (_, news) = watch::channel(News::default());
@@ -461,12 +472,14 @@ mod tests {
             stamp: None,
         };
         let wait =
-            |ringers: Ringers| Wait::held("k", news.clone(), held, ringers, Release::new(|| {}));
-        let first = Ringers::first();
-        let mut a = wait(first.clone());
-        let mut b = wait(first.join());
-        let dropped = wait(first.join());
+            |ringer: Ringer| Wait::held("k", news.clone(), held, ringer, Release::new(|| {}));
+        let ringers = Ringers::default();
+        let mut a = wait(ringers.join());
+        let mut b = wait(ringers.join());
+        let dropped = wait(ringers.join());
+        let failed_open = ringers.join();
         drop(dropped);
+        drop(failed_open);
         assert!(!a.stopped_last());
         assert!(!a.stop_ringing());
         assert!(!a.stop_ringing(), "asked again");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{push_key, Answer, News, Opening, Ringers, Stamp};
+use super::{push_key, Answer, News, Opening, Ringer, Ringers, Stamp};
 use crate::lifecycle::{Phase, Record};
 use crate::store::{EndReason, Platform};
 
@@ -93,7 +93,7 @@ pub(crate) enum Joined {
         first: bool,
         generation: u64,
         joined: Option<Option<Stamp>>,
-        ringers: Ringers,
+        ringer: Ringer,
     },
 }
 
@@ -156,7 +156,7 @@ impl Waiters {
                     first: false,
                     generation: slot.generation,
                     joined: slot.opened.then_some(slot.stamp),
-                    ringers: slot.ringers.join(),
+                    ringer: slot.ringers.join(),
                 };
             }
             // Over: its remaining waits keep their own news and leave
@@ -446,13 +446,14 @@ impl Inner {
             ended: None,
         });
         let joined = news.subscribe();
-        let ringers = Ringers::first();
+        let ringers = Ringers::default();
+        let ringer = ringers.join();
         self.slots.insert(
             key,
             Slot {
                 news,
                 waiters: 1,
-                ringers: ringers.clone(),
+                ringers,
                 generation,
                 stamp: None,
                 confirmed: false,
@@ -471,7 +472,7 @@ impl Inner {
             first,
             generation,
             joined: None,
-            ringers,
+            ringer,
         }
     }
 

@@ -359,7 +359,7 @@ impl CallBroker for RedisBroker {
                 first,
                 generation,
                 joined,
-                ringers,
+                ringer,
             } = shared.waiters.join(key, &call, leg_of)
             else {
                 continue;
@@ -379,7 +379,7 @@ impl CallBroker for RedisBroker {
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: stored already.
                 let held = Held { generation, stamp };
-                return Ok(Wait::held(key, news, held, ringers, release));
+                return Ok(Wait::held(key, news, held, ringer, release));
             }
             let claimed = async {
                 if first {
@@ -432,7 +432,7 @@ impl CallBroker for RedisBroker {
             }
             shared.waiters.opened(key, generation);
             let held = Held { generation, stamp };
-            return Ok(Wait::held(key, news, held, ringers, release));
+            return Ok(Wait::held(key, news, held, ringer, release));
         }
         Err(unavailable("no free key for the call"))
     }
