@@ -309,11 +309,7 @@ impl Ringing {
                 effects.extend(self.steering.call.step(Event::Cancel));
             }
         }
-        let mut leaving = self.steering.call.step(event);
-        if !last {
-            quietly(&mut leaving);
-        }
-        effects.extend(leaving);
+        effects.extend(self.steering.leave(event, last));
         effects
     }
 
@@ -490,11 +486,27 @@ impl Steering {
 }
 
 impl Steering {
+    /// Steps `event`, by which this request lets go of the call (a
+    /// hang-up, its wait running out, the shutdown). `last`: whether it
+    /// was the last of this process's requests ringing the call; if not, a
+    /// PBX retry rings on, the call is not over, and no phone is told it
+    /// is: this request's pushes just stop.
+    fn leave(&mut self, event: Event, last: bool) -> Vec<Effect> {
+        let mut effects = self.call.step(event);
+        if !last {
+            for effect in &mut effects {
+                if let Effect::Steer(_, course @ Course::Tell(_)) = effect {
+                    *course = Course::Stop;
+                }
+            }
+        }
+        effects
+    }
+
     /// The request is gone (the PBX hung up, and hyper dropped the call's
     /// future mid-wait) while the call rang: steers the hang-up after
-    /// whatever news had reached the wait. `last`: whether this was the
-    /// last of this process's requests ringing the call; if not, a PBX
-    /// retry rings on, and this request's pushes stop without a word.
+    /// whatever news had reached the wait; `last` as for
+    /// [`Steering::leave`].
     fn hang_up(&mut self, last: bool) {
         if self.call.over().is_none() {
             let news = self.news.borrow().clone();
@@ -502,11 +514,7 @@ impl Steering {
             while let Ok(device) = self.died.try_recv() {
                 effects.extend(self.call.step(Event::Dead { device }));
             }
-            let mut leaving = self.call.step(Event::HangUp);
-            if !last {
-                quietly(&mut leaving);
-            }
-            effects.extend(leaving);
+            effects.extend(self.leave(Event::HangUp, last));
             for effect in effects {
                 if let Effect::Steer(device, course) = effect {
                     self.steer(device, course);
@@ -514,16 +522,6 @@ impl Steering {
             }
         }
         self.steer_deferred();
-    }
-}
-
-/// A request that leaves a call another of this process's requests still
-/// rings (a PBX retry) tells no phone the call is over: it is not.
-fn quietly(effects: &mut [Effect]) {
-    for effect in effects {
-        if let Effect::Steer(_, course @ Course::Tell(_)) = effect {
-            *course = Course::Stop;
-        }
     }
 }
 
