@@ -37,6 +37,12 @@
 //!   the device's schedule, which owns its pushes, checks that last).
 //! - A key belongs to one account: a request of another account never
 //!   joins it, even once it has ended ([`claim`]).
+//! - A hang-up lets go of the call for its request alone: the call ends,
+//!   and its phones are told, only when no other request rings it, on
+//!   this instance or another (a PBX retry that joined it rings on). The
+//!   brokers count the requests (`broker::Ringers` in a process, the
+//!   record's holders in Redis); [`Call`] steps the hang-up, and its
+//!   holder holds the notices back until the broker says the call is over.
 //! - The same account's request joins the call under the key only while it
 //!   rings (a PBX retry). Once a device has won it, every device has
 //!   declined it, or it has ended, the

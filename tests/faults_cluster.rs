@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use call_notifier::broker::redis::{channel, meta_key, state_key};
+use call_notifier::broker::redis::{channel, holders_key, meta_key, state_key};
 use call_notifier::broker::{Phase, Record};
 use common::fault::*;
 use common::*;
@@ -364,11 +364,12 @@ async fn a_slot_moving_away_from_a_subscribed_node_hands_no_command_another_repl
         from.port,
         redis::cmd("DEL")
             .arg(state_key(&moved))
-            .arg(meta_key(&moved)),
+            .arg(meta_key(&moved))
+            .arg(holders_key(&moved)),
     )
     .await
     .expect("DEL");
-    assert_eq!(gone, 2, "the moved call's record and meta");
+    assert_eq!(gone, 3, "the moved call's record, meta and holders");
 
     // Writes on `from` wait (a script among them), reads and admin go on.
     let pause = redis::cmd("CLIENT")

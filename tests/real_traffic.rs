@@ -14,6 +14,7 @@ mod common;
 use std::time::Duration;
 
 use call_notifier::lifecycle::{Phase, Stored};
+use call_notifier::push::recording::Recorded;
 use call_notifier::store::EndReason;
 use common::*;
 use hyper::StatusCode;
@@ -651,75 +652,6 @@ fn first_attempts(server: &TestServer, token: &str) -> Vec<f64> {
         .collect()
 }
 
-/// A PBX retry (a second request for the ringing call, same account and
-/// `call_id`, on the same instance) joins the call. When the first
-/// request's PBX then hangs up, the retry rings on and no phone is told
-/// the call is over, for it is not: the phone that answers wakes the retry
-/// with ACK, and the other hears `answered_elsewhere`, once. Before, the
-/// first request's hang-up told both phones `cancelled` while the retry
-/// still rang them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pbx_retry_rings_on_when_the_first_request_hangs_up() {
-    on_every_backend(|backend| async move {
-        let server = server(&backend).await;
-        let user = account(&server, &["retry-a", "retry-b"]).await;
-        let key = call_id();
-        let first = server.client.park(&user, &key);
-        let a = server.call_push("retry-a", &format!("{key}.1")).await;
-        let retry = server.client.park(&user, &key);
-        // The retry has joined once it rang the phones too.
-        let joined = eventually(PUSH_BOUND, || async {
-            first_attempts(&server, "retry-a").len() == 2
-                && first_attempts(&server, "retry-b").len() == 2
-        })
-        .await;
-        assert!(joined, "{}: the retry rang both phones", backend.name());
-        first.abort();
-        let _ = first.await;
-        let state = server.running.state.clone();
-        let let_go = eventually(PUSH_BOUND, || async { state.parking.parked() == 1 }).await;
-        assert!(let_go, "{}: the first request was let go", backend.name());
-
-        let answer = server
-            .client
-            .call_response(&format!("{key}.1"), start_time_of(&a), true)
-            .await;
-        assert_eq!(
-            answer.status,
-            StatusCode::ACCEPTED,
-            "{}: {}",
-            backend.name(),
-            answer.body
-        );
-        assert_eq!(
-            retry.await.unwrap().body,
-            "status=ACK",
-            "{}",
-            backend.name()
-        );
-        assert_eq!(
-            server.notice("retry-b").await,
-            (format!("{key}.2"), EndReason::AnsweredElsewhere),
-            "{}",
-            backend.name()
-        );
-        assert_no_bookkeeping(&server).await;
-        server.running.state.parking.schedules_done().await;
-        assert_eq!(
-            server.notices_to("retry-b").len(),
-            1,
-            "{}: told once",
-            backend.name()
-        );
-        assert!(
-            server.notices_to("retry-a").is_empty(),
-            "{}: the phone that took the call is told nothing",
-            backend.name()
-        );
-    })
-    .await;
-}
-
 /// A retry waits no longer than the call it joined, past whose deadline no
 /// answer counts: both requests hear NAK at the call's deadline, and each
 /// phone is told `timed_out` once, by the last request to let go. Before,
@@ -778,6 +710,200 @@ async fn a_pbx_retry_times_out_with_the_call_it_joined() {
             .await;
         assert_eq!(late.status, StatusCode::GONE, "{}", backend.name());
         assert_eq!(late.json()["reason"], "timed_out", "{}", backend.name());
+    })
+    .await;
+}
+
+/// A PBX's first request for the call on `server`, and its retry on
+/// `retrier` (with Redis, another instance: behind a load balancer a retry
+/// seldom reaches the first request's): once the retry has rung both
+/// phones of `tokens` too, the first request's PBX hangs up. Returns the
+/// first request's pushes and the retry, once the first is let go.
+async fn first_and_retry(
+    server: &TestServer,
+    retrier: &TestServer,
+    user: &str,
+    key: &str,
+    tokens: [&str; 2],
+) -> (Vec<Recorded>, tokio::task::JoinHandle<Reply>) {
+    let first = server.client.park(user, key);
+    let mut pushes = Vec::new();
+    for (n, token) in tokens.iter().enumerate() {
+        pushes.push(server.call_push(token, &format!("{key}.{}", n + 1)).await);
+    }
+    // On one instance both requests' pushes are on its pusher.
+    let rang = if std::ptr::eq(server, retrier) { 2 } else { 1 };
+    let retry = retrier.client.park(user, key);
+    let joined = eventually(PUSH_BOUND, || async {
+        tokens
+            .iter()
+            .all(|token| first_attempts(retrier, token).len() == rang)
+    })
+    .await;
+    assert!(
+        joined,
+        "{}: the retry rang both phones",
+        server.backend.name()
+    );
+    first.abort();
+    let _ = first.await;
+    // The first request's instance has let go of the call, the hang-up
+    // stored: its pushes' schedules end only once the broker says whether
+    // the call is over.
+    let state = server.running.state.clone();
+    let parked = usize::from(std::ptr::eq(server, retrier));
+    let let_go = eventually(PUSH_BOUND, || async { state.parking.parked() == parked }).await;
+    assert!(
+        let_go,
+        "{}: the first request was let go",
+        server.backend.name()
+    );
+    if parked == 0 {
+        bounded(
+            "the first instance's schedules",
+            state.parking.schedules_done(),
+        )
+        .await;
+    }
+    (pushes, retry)
+}
+
+/// The `call_ended` notices to `token` from both instances (one, in
+/// process).
+fn notices_from_both(server: &TestServer, other: &TestServer, token: &str) -> Vec<EndReason> {
+    let mut notices: Vec<EndReason> = server.notices_to(token).into_iter().map(|n| n.1).collect();
+    if !std::ptr::eq(server, other) {
+        notices.extend(other.notices_to(token).into_iter().map(|n| n.1));
+    }
+    notices
+}
+
+/// A PBX retry (a second request for the ringing call, same account and
+/// `call_id`) joins the call. When the first request's PBX then hangs up,
+/// the retry rings on and no phone is told the call is over, for it is
+/// not: the phone that answers wakes the retry with ACK, and the other
+/// hears `answered_elsewhere`, once, from the retry. The retry on
+/// `retrier`: the first request's instance, or another.
+async fn a_retry_rings_on_when_the_first_request_hangs_up(
+    server: &TestServer,
+    retrier: &TestServer,
+    tokens: [&str; 2],
+) {
+    let name = server.backend.name();
+    let user = account(server, &tokens).await;
+    let key = call_id();
+    let (pushes, retry) = first_and_retry(server, retrier, &user, &key, tokens).await;
+    let answer = server
+        .client
+        .call_response(&format!("{key}.1"), start_time_of(&pushes[0]), true)
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::ACCEPTED,
+        "{name}: {}",
+        answer.body
+    );
+    assert_eq!(retry.await.unwrap().body, "status=ACK", "{name}");
+    assert_eq!(
+        retrier.notice(tokens[1]).await,
+        (format!("{key}.2"), EndReason::AnsweredElsewhere),
+        "{name}"
+    );
+    assert_no_bookkeeping(server).await;
+    assert_no_bookkeeping(retrier).await;
+    retrier.running.state.parking.schedules_done().await;
+    assert_eq!(
+        notices_from_both(server, retrier, tokens[1]),
+        vec![EndReason::AnsweredElsewhere],
+        "{name}: told once, by the retry"
+    );
+    assert!(
+        notices_from_both(server, retrier, tokens[0]).is_empty(),
+        "{name}: the phone that took the call is told nothing"
+    );
+}
+
+/// The retry on the first request's instance. Before, the first request's
+/// hang-up told both phones `cancelled` while the retry still rang them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_retry_rings_on_when_the_first_request_hangs_up() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        a_retry_rings_on_when_the_first_request_hangs_up(&server, &server, ["retry-a", "retry-b"])
+            .await;
+    })
+    .await;
+}
+
+/// The retry on another instance (with Redis; in process, the same one):
+/// the first request's hang-up leaves the call ringing, for its record
+/// counts the instances whose requests ring it. Before, the hang-up ended
+/// the call in Redis: both phones were told `cancelled`, the answer got
+/// 410, and the retry NAK at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_retry_on_another_instance_rings_on_when_the_first_request_hangs_up() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let retrier = other.as_ref().unwrap_or(&server);
+        a_retry_rings_on_when_the_first_request_hangs_up(&server, retrier, ["far-a", "far-b"])
+            .await;
+    })
+    .await;
+}
+
+/// The last request to let go ends the call, wherever it is held: the
+/// first request's hang-up leaves it ringing for the retry on another
+/// instance, and the retry's hang-up then ends it `cancelled`, stored so,
+/// each phone told once, by the retry's instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_request_to_hang_up_ends_the_call_on_any_instance() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let retrier = other.as_ref().unwrap_or(&server);
+        let tokens = ["both-a", "both-b"];
+        let user = account(&server, &tokens).await;
+        let key = call_id();
+        let (_, retry) = first_and_retry(&server, retrier, &user, &key, tokens).await;
+        let state = server.running.state.clone();
+        let ringing = matches!(
+            state.broker.read(&key).await,
+            Ok(Some((Stored::Call(record), _))) if matches!(record.phase, Phase::Ringing { .. })
+        );
+        assert!(ringing, "{}: the call rings on", backend.name());
+
+        retry.abort();
+        let _ = retry.await;
+        for (n, token) in tokens.iter().enumerate() {
+            assert_eq!(
+                retrier.notice(token).await,
+                (format!("{key}.{}", n + 1), EndReason::Cancelled),
+                "{}",
+                backend.name()
+            );
+        }
+        assert_no_bookkeeping(&server).await;
+        assert_no_bookkeeping(retrier).await;
+        let ended = eventually(PUSH_BOUND, || async {
+            matches!(
+                state.broker.read(&key).await,
+                Ok(Some((Stored::Call(record), _)))
+                    if record.phase == Phase::Ended(EndReason::Cancelled)
+            )
+        })
+        .await;
+        assert!(ended, "{}: the call ended cancelled", backend.name());
+        retrier.running.state.parking.schedules_done().await;
+        state.parking.schedules_done().await;
+        for token in tokens {
+            assert_eq!(
+                notices_from_both(&server, retrier, token),
+                vec![EndReason::Cancelled],
+                "{}: {token} told once",
+                backend.name()
+            );
+        }
     })
     .await;
 }

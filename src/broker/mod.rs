@@ -193,6 +193,10 @@ pub(crate) fn deadline_millis(until: Instant) -> i64 {
     unix_millis(at)
 }
 
+/// What [`CallBroker::hang_up`] resolves to: whether the call is over.
+pub type HangUp =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, BrokerError>> + Send>>;
+
 /// The broker boundary. Implementations are cheap to share (`Arc<dyn CallBroker>`).
 #[async_trait]
 pub trait CallBroker: Send + Sync + 'static {
@@ -219,6 +223,18 @@ pub trait CallBroker: Send + Sync + 'static {
     /// device won ends `answered_elsewhere`: the record before tells the
     /// holder that it was won, even when its own timer fired first.
     async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError>;
+
+    /// The PBX hung up on `wait`'s request, the last of this process's to
+    /// ring the call ([`Wait::stop_ringing`]), while the call rang: ends
+    /// the call `cancelled`, unless a PBX retry parked on another instance
+    /// still rings it. Resolves to whether the call is over, and so whether
+    /// its phones are to be told. Called where the request's future is
+    /// dropped, so it takes its part of the wait at once and returns a
+    /// future of its own: the wait's release that follows ends nothing
+    /// again. By default, the call is over, and the release ends it.
+    fn hang_up(&self, _wait: &Wait) -> HangUp {
+        Box::pin(std::future::ready(Ok(true)))
+    }
 
     /// Ends as `cancelled`, from any instance, every ringing call that
     /// `key` names: the call under the key (or whose device key it is),

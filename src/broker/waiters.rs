@@ -42,6 +42,11 @@ struct Slot {
     /// the same key.
     stamp: Option<Stamp>,
     confirmed: bool,
+    /// How many times the store counted this process among the call's
+    /// holders: once per request here whose open it confirmed (the first,
+    /// and a PBX retry that came before the first was stored). A hang-up
+    /// takes back as many (see the Redis broker's `holders_key`).
+    holds: usize,
     /// Stamped news that came before the stamp was confirmed: handed over
     /// if the stamp turns out to be theirs.
     early: Vec<(Stamp, Message)>,
@@ -103,11 +108,13 @@ pub(crate) enum Left {
     /// Others still wait on the key here (or a newer call holds it).
     Others,
     /// The last waiter left: unsubscribe; `cancel` when nobody ended the
-    /// call (the PBX hung up), the call `stamp`. `push_keys`: the device
+    /// call (the PBX hung up), the call `stamp`, and this process's
+    /// `holds` on it (see [`Waiters::holds`]). `push_keys`: the device
     /// keys it registered.
     Last {
         cancel: bool,
         stamp: Option<Stamp>,
+        holds: usize,
         push_keys: Vec<Arc<str>>,
     },
 }
@@ -180,12 +187,13 @@ impl Waiters {
         if slot.waiters > 0 {
             return Left::Others;
         }
-        let (cancel, stamp) = (!slot.ended, slot.stamp);
+        let (cancel, stamp, holds) = (!slot.ended, slot.stamp, slot.holds);
         let push_keys = inner.forget_devices(key);
         inner.slots.remove(key);
         Left::Last {
             cancel,
             stamp,
+            holds,
             push_keys,
         }
     }
@@ -227,6 +235,16 @@ impl Waiters {
         }
     }
 
+    /// How many times the store counted this process among the holders
+    /// of the call that the wait of generation `generation` on `key` is
+    /// on: one for a call whose slot is gone or newer (its own request's).
+    pub(crate) fn holds(&self, key: &str, generation: Option<u64>) -> usize {
+        match self.lock().slots.get(key) {
+            Some(slot) if generation.is_none_or(|g| g == slot.generation) => slot.holds.max(1),
+            _ => 1,
+        }
+    }
+
     /// Notes that the wait of generation `generation` on `key` is on the
     /// stored call `stamp` (its own, or the call it joined), and hands it
     /// the news that came early with that stamp.
@@ -240,6 +258,7 @@ impl Waiters {
         }
         slot.stamp = stamp;
         slot.confirmed = true;
+        slot.holds += 1;
         for (early, message) in std::mem::take(&mut slot.early) {
             if stamp.is_none_or(|stamp| stamp == early) {
                 slot.tell(message);
@@ -457,6 +476,7 @@ impl Inner {
                 generation,
                 stamp: None,
                 confirmed: false,
+                holds: 0,
                 early: Vec::new(),
                 account: call.account,
                 devices: call.devices.to_vec(),

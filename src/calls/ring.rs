@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -36,10 +37,11 @@ const LAST_WORD: std::time::Duration = std::time::Duration::from_millis(250);
 /// Rings every device of `call.sip_user_id` and waits for the first of
 /// their apps to take the call.
 ///
-/// Dropping this future (the PBX hung up) is a clean exit: the call's
-/// [`Steering`] tells the phones still ringing `cancelled`, and the wait's
-/// guard ends the call in the broker and drops the subscription; unless a
-/// PBX retry of the call still waits here, which then rings on.
+/// Dropping this future (the PBX hung up) is a clean exit: the broker ends
+/// the call, the call's [`Steering`] tells the phones still ringing
+/// `cancelled`, and the wait's guard drops the subscription; unless a PBX
+/// retry of the call still waits, here or on another instance, which then
+/// rings on.
 ///
 /// A retry joins the call, and waits no longer than it: its wait ends at
 /// the call's deadline, past which no answer counts.
@@ -244,6 +246,7 @@ fn ring_devices(
         ));
     }
     Ringing {
+        state: state.clone(),
         steering: Steering {
             call: Call::ringing(count),
             courses,
@@ -259,9 +262,11 @@ fn ring_devices(
 
 /// A call being rung: its wait in the broker and its steering. Dropped
 /// while the call still rings, it steers the hang-up
-/// ([`Steering::hang_up`]) before its wait's guard ends the call in the
-/// broker.
+/// ([`Steering::hang_up`]) and hands it to the broker
+/// ([`crate::broker::CallBroker::hang_up`]), which says whether the call
+/// is over or a PBX retry parked elsewhere rings on.
 struct Ringing {
+    state: Arc<AppState>,
     steering: Steering,
     wait: Wait,
     message_start_time: f64,
@@ -402,12 +407,7 @@ async fn end_in_broker(
     wait: &Wait,
     reason: EndReason,
 ) -> Option<crate::lifecycle::Record> {
-    let ended = tokio::time::timeout(LAST_WORD, state.broker.end(wait, reason)).await;
-    match ended.unwrap_or_else(|_| {
-        Err(BrokerError::Unavailable(format!(
-            "no answer within {LAST_WORD:?}"
-        )))
-    }) {
+    match by_last_word(state.broker.end(wait, reason)).await {
         Ok(before) => before,
         Err(e) => {
             state.metrics.error("broker");
@@ -415,6 +415,19 @@ async fn end_in_broker(
             None
         }
     }
+}
+
+/// The broker's `step`, within [`LAST_WORD`]: one that hangs fails.
+async fn by_last_word<T>(
+    step: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(LAST_WORD, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "no answer within {LAST_WORD:?}"
+            )))
+        })
 }
 
 /// The call's state machine and the devices it steers.
@@ -504,31 +517,71 @@ impl Steering {
     }
 
     /// The request is gone (the PBX hung up, and hyper dropped the call's
-    /// future mid-wait) while the call rang: steers the hang-up after
-    /// whatever news had reached the wait; `last` as for
-    /// [`Steering::leave`].
-    fn hang_up(&mut self, last: bool) {
+    /// future mid-wait) while the call rang: steers whatever news had
+    /// reached the wait, then the hang-up; `last` as for
+    /// [`Steering::leave`]. Returns the hang-up's notices, held back: the
+    /// phones are told only once the broker says that the call is over.
+    fn hang_up(&mut self, last: bool) -> Vec<(usize, Course)> {
+        let mut notices = Vec::new();
         if self.call.over().is_none() {
             let news = self.news.borrow().clone();
             let mut effects = self.absorb(&news);
             while let Ok(device) = self.died.try_recv() {
                 effects.extend(self.call.step(Event::Dead { device }));
             }
-            effects.extend(self.leave(Event::HangUp, last));
             for effect in effects {
                 if let Effect::Steer(device, course) = effect {
                     self.steer(device, course);
                 }
             }
+            for effect in self.leave(Event::HangUp, last) {
+                match effect {
+                    Effect::Steer(device, course @ Course::Tell(_)) => {
+                        notices.push((device, course));
+                    }
+                    Effect::Steer(device, course) => self.steer(device, course),
+                    Effect::Wake(_) => {}
+                }
+            }
         }
         self.steer_deferred();
+        notices
     }
 }
 
 impl Drop for Ringing {
     fn drop(&mut self) {
         let last = self.wait.stop_ringing();
-        self.steering.hang_up(last);
+        let notices = self.steering.hang_up(last);
+        if notices.is_empty() {
+            return;
+        }
+        // Over unless a PBX retry parked on another instance still rings
+        // the call; then that request's phones are not told it is.
+        let mut over = self.state.broker.hang_up(&self.wait);
+        let courses = std::mem::take(&mut self.steering.courses);
+        let state = self.state.clone();
+        let tell = move |over: Result<bool, BrokerError>| {
+            let over = over.unwrap_or_else(|e| {
+                state.metrics.error("broker");
+                tracing::warn!(error = %e, "cannot store the end of a call whose PBX hung up; its record expires by itself");
+                true
+            });
+            for (device, course) in notices {
+                if let Some(sender) = courses.get(device) {
+                    sender.send_replace(if over { course } else { Course::Stop });
+                }
+            }
+        };
+        match (&mut over).now_or_never() {
+            Some(over) => tell(over),
+            None => match tokio::runtime::Handle::try_current() {
+                // Its pushes go on meanwhile: a Redis that hangs holds
+                // them no longer than a last word.
+                Ok(runtime) => drop(runtime.spawn(async move { tell(by_last_word(over).await) })),
+                Err(_) => tell(Ok(true)),
+            },
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! `cn:{<call key>}` holds the call's record ([`Record`]'s text),
 //! `cn:{<call key>}:meta` the record's format version, the account that
 //! owns the key and the call's stamp (`1 42 1733250000000`, see [`meta`]),
-//! and
+//! `cn:{<call key>}:holders` how many instances hold a request that rings
+//! the call (see [`holders_key`]), and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
@@ -61,6 +62,17 @@ pub fn state_key(key: &str) -> String {
 /// account that owns it.
 pub fn meta_key(key: &str) -> String {
     format!("cn:{{{}}}:meta", Tag(key))
+}
+
+/// The Redis key that counts the instances whose requests ring `key`'s
+/// call: the one that opened it, and each that a PBX retry joined it on
+/// (behind a load balancer, a retry seldom reaches the first request's
+/// instance). A hang-up ends the call only when it takes the count to
+/// zero ([`END_SCRIPT`]'s `leave`): the retry rings on, and its phones are
+/// not told that the call is over. Missing (a record a release before it
+/// wrote, or one put back after Redis lost its keys), it counts one.
+pub fn holders_key(key: &str) -> String {
+    format!("cn:{{{}}}:holders", Tag(key))
 }
 
 /// The format of the records this release writes. Format 0 is the record
@@ -174,18 +186,18 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 }
 
 /// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
-/// its meta; ARGV[1] the ringing record, ARGV[2] its TTL, ARGV[3] the
-/// account, ARGV[4] the meta to store but its stamp, ARGV[5] the record's
-/// deadline. Returns `new <stamp>` (stored, under that stamp: the deadline,
-/// or one ms past the stamp of the call the key held, as
-/// [`crate::broker::next_stamp`]; so risen, the record's deadline may lie
-/// past its holder's own wait, and an answer then counts until the
-/// holder's timer ends the call), `join <stamp>` (this account's call
-/// rings there: phase `ring` with a device yet to answer, a word without
-/// `+` or `-`, every platform's name ending in a letter) or `taken`
-/// (another account's call, or a device pointer: not this call's key). A
-/// record without meta, written by a release that stored none, counts as
-/// this account's.
+/// its meta, KEYS[3] its holders ([`holders_key`]); ARGV[1] the ringing
+/// record, ARGV[2] its TTL, ARGV[3] the account, ARGV[4] the meta to store
+/// but its stamp, ARGV[5] the record's deadline. Returns `new <stamp>`
+/// (stored, under that stamp: the deadline, or one ms past the stamp of
+/// the call the key held, as [`crate::broker::next_stamp`]; so risen, the
+/// record's deadline may lie past its holder's own wait, and an answer
+/// then counts until the holder's timer ends the call), `join <stamp>`
+/// (this account's call rings there: phase `ring` with a device yet to
+/// answer, a word without `+` or `-`, every platform's name ending in a
+/// letter; one holder more) or `taken` (another account's call, or a
+/// device pointer: not this call's key). A record without meta, written by
+/// a release that stored none, counts as this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 local last
@@ -195,7 +207,11 @@ if before then
   local owner = meta and string.match(meta, '^%S+ (%S+)')
   if owner and owner ~= ARGV[3] then return 'taken' end
   local phase, deadline, devices = string.match(before, '^(%S+) (%S+) (.*)$')
-  if phase == 'ring' and string.find(devices .. ' ', '%a ') then return 'join ' .. deadline end
+  if phase == 'ring' and string.find(devices .. ' ', '%a ') then
+    local holders = tonumber(redis.call('GET', KEYS[3])) or 1
+    redis.call('SET', KEYS[3], string.format('%d', holders + 1), 'PX', ARGV[2])
+    return 'join ' .. deadline
+  end
   last = tonumber(phase ~= 'ended' and deadline or meta and string.match(meta, '^%S+ %S+ (%S+)'))
 end
 local record, stamp = ARGV[1], ARGV[5]
@@ -205,6 +221,7 @@ if last and last >= tonumber(stamp) then
 end
 redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp, 'PX', ARGV[2])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 return 'new ' .. stamp
 "#;
 
@@ -371,12 +388,22 @@ pub(super) fn split_answer(reply: &str) -> Option<(bool, &str)> {
 /// Ends a call: exactly [`Record::end`], its record (KEYS[1]) and meta
 /// (KEYS[2]) kept ARGV[2] ms as a tombstone; only the call stamped ARGV[8]
 /// when that is not empty (a newer call under the key is not the ender's):
-/// a live record's stamp is its deadline, a tombstone's is in its meta. ARGV[3] `cancel`:
-/// exactly [`Record::cancel`]: only a ringing call ends, as `cancelled`,
-/// and only when ARGV[7] is empty or its owner; the end is published
-/// (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4]) to wake its
-/// holder. Returns the record before, nil when none (or another
-/// account's, or another call's).
+/// a live record's stamp is its deadline, a tombstone's is in its meta.
+///
+/// ARGV[3] says whose end it is:
+/// - `end`: the holder's (its wait ran out, an answer won, shutdown).
+/// - `leave`: a hang-up, by an instance that counted ARGV[9] among the
+///   call's holders (KEYS[3], [`holders_key`]): a ringing call ends only if
+///   no other holder is left; else the count drops by as many and the
+///   reply is `held`, and the call rings on for a PBX retry parked on
+///   another instance.
+/// - `cancel`: exactly [`Record::cancel`]: only a ringing call ends, as
+///   `cancelled`, and only when ARGV[7] is empty or its owner; the end is
+///   published (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4])
+///   to wake its holders.
+///
+/// Returns the record before (`held`, see above), nil when none (or
+/// another account's, or another call's).
 pub(super) const END_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before or string.sub(before, 1, 3) == 'to ' then return false end
@@ -401,9 +428,16 @@ if ARGV[3] == 'cancel' then
   redis.call(ARGV[6], ARGV[4], ARGV[5] .. ' ' .. stamp)
 elseif phase == 'won' then
   reason = 'answered_elsewhere'
+elseif ARGV[3] == 'leave' then
+  local holders = (tonumber(redis.call('GET', KEYS[3])) or 1) - tonumber(ARGV[9])
+  if holders > 0 then
+    redis.call('SET', KEYS[3], string.format('%d', holders), 'KEEPTTL')
+    return 'held'
+  end
 end
 redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
 return before
 "#;
 

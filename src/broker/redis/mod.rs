@@ -60,14 +60,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
-    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, Held, Joined, Left,
+    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, HangUp, Held, Joined, Left,
     Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
 use connections::{Link, ServerConnection};
 use direct::{Direct, Sent};
-pub use keys::{channel, meta_key, set_pending, state_key, FORMAT};
+pub use keys::{channel, holders_key, meta_key, set_pending, state_key, FORMAT};
 use subscriber::{Subscriber, Subscriptions};
 
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -368,11 +368,16 @@ impl CallBroker for RedisBroker {
                 let shared = shared.clone();
                 let key: Arc<str> = Arc::from(key.as_str());
                 Release::new(move || {
-                    if let Left::Last { cancel, stamp, .. } = shared.waiters.leave(&key, generation)
+                    if let Left::Last {
+                        cancel,
+                        stamp,
+                        holds,
+                        ..
+                    } = shared.waiters.leave(&key, generation)
                     {
                         // The retirer only stops when the broker is gone, and
                         // then there is nothing left to clean.
-                        let _ = shared.retire.send((key, cancel, stamp));
+                        let _ = shared.retire.send((key, cancel.then_some(holds), stamp));
                     }
                 })
             };
@@ -415,7 +420,12 @@ impl CallBroker for RedisBroker {
                     // was among them: it ends itself, as the cancel would have.
                     Ok(true) => {
                         let before = shared
-                            .end(key, EndReason::Cancelled, Some(Some(call.account)), stamp)
+                            .end(
+                                key,
+                                EndReason::Cancelled,
+                                Ending::Cancel(Some(call.account)),
+                                stamp,
+                            )
                             .await;
                         if let Err(e) = before {
                             shared.waiters.claim_end(key, Some(generation));
@@ -502,8 +512,22 @@ impl CallBroker for RedisBroker {
             return Ok(None);
         }
         self.shared
-            .end(wait.key(), reason, None, wait.stamp())
+            .end(wait.key(), reason, Ending::End, wait.stamp())
             .await
+    }
+
+    fn hang_up(&self, wait: &Wait) -> HangUp {
+        let shared = &self.shared;
+        let holds = shared.waiters.holds(wait.key(), wait.generation());
+        if !shared
+            .waiters
+            .claim_end_as(wait.key(), wait.generation(), wait.stopped_last())
+        {
+            // Another request here rings the call on.
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        let (shared, key, stamp) = (shared.clone(), wait.key().to_owned(), wait.stamp());
+        Box::pin(async move { shared.leave(&key, holds, stamp).await })
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
@@ -526,7 +550,7 @@ impl CallBroker for RedisBroker {
         calls.extend(legs?);
         let ended = calls.iter().map(|call| async move {
             let before = shared
-                .end(call, EndReason::Cancelled, Some(account), None)
+                .end(call, EndReason::Cancelled, Ending::Cancel(account), None)
                 .await?;
             let stamp = match before.map(|b| b.phase) {
                 Some(Phase::Ringing { until }) => Some(until),
@@ -632,7 +656,9 @@ impl Shared {
     /// this one stored is taken back and the key is left to its owner.
     async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<Claimed, BrokerError> {
         let mut open = self.open.prepare_invoke();
-        open.key(state_key(key)).key(meta_key(key));
+        open.key(state_key(key))
+            .key(meta_key(key))
+            .key(keys::holders_key(key));
         for arg in keys::open_args(call.account, call.devices, call.until) {
             open.arg(arg);
         }
@@ -675,6 +701,7 @@ impl Shared {
         if opened.starts_with("new") {
             undo.cmd("DEL").arg(state_key(key)).ignore();
             undo.cmd("DEL").arg(meta_key(key)).ignore();
+            undo.cmd("DEL").arg(keys::holders_key(key)).ignore();
         }
         // Each in its own slot on a cluster: one at a time.
         for cmd in undo.cmd_iter() {
@@ -683,37 +710,80 @@ impl Shared {
         Ok(Claimed::Taken)
     }
 
-    /// Runs the end script on the call `key`: see [`keys::END_SCRIPT`].
-    /// `cancel`: the PBX's cancel, `Some(account)` for only that account's.
-    /// `stamp`: only that call under the key, when given.
+    /// Runs the end script on the call `key`: see [`keys::END_SCRIPT`],
+    /// whose record before it returns (none for `held`). `stamp`: only
+    /// that call under the key, when given.
     async fn end(
         &self,
         key: &str,
         reason: EndReason,
-        cancel: Option<Option<i64>>,
+        ending: Ending,
         stamp: Option<Stamp>,
     ) -> Result<Option<Record>, BrokerError> {
+        let before = self.end_script(key, reason, ending, stamp).await?;
+        Ok(before.as_deref().and_then(Record::decode))
+    }
+
+    /// The hang-up of the last request here that rang the call `key`,
+    /// which this process held `holds` times: ends it `cancelled` unless
+    /// another instance still holds it ([`keys::holders_key`]). Says
+    /// whether the call is over.
+    async fn leave(
+        &self,
+        key: &str,
+        holds: usize,
+        stamp: Option<Stamp>,
+    ) -> Result<bool, BrokerError> {
+        let reply = self
+            .end_script(key, EndReason::Cancelled, Ending::Leave(holds), stamp)
+            .await?;
+        Ok(reply.as_deref() != Some("held"))
+    }
+
+    async fn end_script(
+        &self,
+        key: &str,
+        reason: EndReason,
+        ending: Ending,
+        stamp: Option<Stamp>,
+    ) -> Result<Option<String>, BrokerError> {
+        let (mode, account, holds) = match ending {
+            Ending::End => ("end", None, 0),
+            Ending::Leave(holds) => ("leave", None, holds),
+            Ending::Cancel(account) => ("cancel", account, 0),
+        };
         let args = [
             reason.as_str().to_owned(),
             keys::tombstone_millis().to_string(),
-            (if cancel.is_some() { "cancel" } else { "end" }).to_owned(),
+            mode.to_owned(),
             channel(key),
             keys::encode_end(EndReason::Cancelled),
             self.publish_command().to_owned(),
-            cancel.flatten().map(|a| a.to_string()).unwrap_or_default(),
+            account.map(|a| a.to_string()).unwrap_or_default(),
             stamp.map(|stamp| stamp.to_string()).unwrap_or_default(),
+            holds.to_string(),
         ];
-        let before: Option<String> = self
-            .script(
-                &self.end,
-                &[state_key(key), meta_key(key)],
-                &args,
-                // The last word: the deadline's end (or the shutdown's).
-                cancel.is_none() && matches!(reason, EndReason::TimedOut | EndReason::Failed),
-            )
-            .await?;
-        Ok(before.as_deref().and_then(Record::decode))
+        self.script(
+            &self.end,
+            &[state_key(key), meta_key(key), keys::holders_key(key)],
+            &args,
+            // The last word: the deadline's end (or the shutdown's).
+            matches!(ending, Ending::End)
+                && matches!(reason, EndReason::TimedOut | EndReason::Failed),
+        )
+        .await
     }
+}
+
+/// Whose end [`keys::END_SCRIPT`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// The holder's: its wait ran out, an answer won, the shutdown.
+    End,
+    /// A hang-up, by a process that held the call this many times.
+    Leave(usize),
+    /// The PBX's cancel: only that account's call, when given.
+    Cancel(Option<i64>),
 }
 
 #[cfg(test)]

@@ -11,11 +11,12 @@ use super::keys::channel;
 use super::{Shared, BATCH};
 use crate::broker::Stamp;
 use crate::logs::Escaped;
-use crate::store::EndReason;
 
-/// A key whose last local waiter left, whether its call is to be ended
-/// `cancelled` (the PBX hung up), and the call's stamp.
-pub(super) type Retired = (Arc<str>, bool, Option<Stamp>);
+/// A key whose last local waiter left; whether its call is to be ended
+/// `cancelled` (the PBX hung up), with how many times this process held
+/// it (see [`super::keys::holders_key`]: a PBX retry held elsewhere rings
+/// on); and the call's stamp.
+pub(super) type Retired = (Arc<str>, Option<usize>, Option<Stamp>);
 
 pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Retired>) {
     while let Some(first) = retired.recv().await {
@@ -34,13 +35,13 @@ pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedRe
         if batch.is_empty() {
             continue;
         }
-        let hung_up = batch.iter().filter(|(_, cancel, _)| *cancel).map(|(key, _, stamp)| {
-            let shared = &shared;
-            async move {
-                if let Err(e) = shared.end(key, EndReason::Cancelled, None, *stamp).await {
+        let hung_up = batch.iter().filter_map(|(key, holds, stamp)| {
+            let (shared, holds) = (&shared, (*holds)?);
+            Some(async move {
+                if let Err(e) = shared.leave(key, holds, *stamp).await {
                     tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot end a call whose PBX hung up; its record expires by itself");
                 }
-            }
+            })
         });
         futures_util::future::join_all(hung_up).await;
         let channels = batch.iter().map(|(k, _, _)| channel(k)).collect();
