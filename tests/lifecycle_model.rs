@@ -14,6 +14,14 @@
 //! taken out of the open script, the shrunk sequence is two opens, one by
 //! each account, whose second joins the first account's call on Redis and
 //! gets a key of its own in process.
+//!
+//! A second property test holds both brokers to the hang-up rule across
+//! instances, which the first cannot (its model is one process): requests
+//! for one call reach any of three instances and hang up in any order, and
+//! the call ends, and a hang-up says so, only when none rings it any more.
+//! With the end script's `leave` taking the call's holders as none, or the
+//! open script's join not counting itself, it fails at once: a request on
+//! one instance and its retry on another, then the first's hang-up.
 
 mod common;
 
@@ -288,6 +296,25 @@ fn redis_urls() -> Vec<String> {
     urls
 }
 
+/// A Redis broker on `url`, its subscriber connection up.
+async fn connect(url: &str) -> Arc<dyn CallBroker> {
+    let broker = RedisBroker::connect(RedisOptions {
+        url: url.to_owned(),
+        acquire_timeout: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(100),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{url}: {e}"));
+    // The subscriber connection comes up in the background.
+    common::bounded("the Redis broker ready", async {
+        while broker.ping().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    Arc::new(broker) as Arc<dyn CallBroker>
+}
+
 #[test]
 #[ignore = "needs TEST_REDIS_URL and TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
 fn the_redis_scripts_follow_the_call_state_machine() {
@@ -297,25 +324,7 @@ fn the_redis_scripts_follow_the_call_state_machine() {
         .build()
         .expect("a runtime");
     for url in redis_urls() {
-        let connect = |url: String| async move {
-            let broker = RedisBroker::connect(RedisOptions {
-                url: url.clone(),
-                acquire_timeout: Duration::from_secs(2),
-                poll_interval: Duration::from_millis(100),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-            // The subscriber connection comes up in the background.
-            common::bounded("the Redis broker ready", async {
-                while broker.ping().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-            .await;
-            Arc::new(broker) as Arc<dyn CallBroker>
-        };
-        let redis = runtime
-            .block_on(async { vec![connect(url.clone()).await, connect(url.clone()).await] });
+        let redis = runtime.block_on(async { vec![connect(&url).await, connect(&url).await] });
         // What the random search once found, checked every run: a call its
         // holder ended, then a new call under its key with more devices
         // while the old wait lived; the old call's key must not answer it.
@@ -390,6 +399,163 @@ fn the_redis_scripts_follow_the_call_state_machine() {
         });
         if let Err(failure) = result {
             panic!("{url}: the Redis scripts and the model disagree: {failure}");
+        }
+    }
+}
+
+/// One step of a PBX that retries a call, behind a load balancer.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// A request for the call reaches instance `via`: it opens the call,
+    /// or joins it while it rings (a PBX retry).
+    Open { via: usize },
+    /// The PBX hangs up on the `wait`-th request still open (taken round).
+    HangUp { wait: usize },
+}
+
+fn retry() -> impl Strategy<Value = Retry> {
+    prop_oneof![
+        (0..3usize).prop_map(|via| Retry::Open { via }),
+        (0..4usize).prop_map(|wait| Retry::HangUp { wait }),
+    ]
+}
+
+/// Applies `steps` to the brokers `instances` (one in process; three
+/// instances on one Redis), and holds them to the rule of
+/// [`call_notifier::lifecycle`]: a hang-up ends the call, and says so,
+/// only when no request rings it any more, on any instance; until then
+/// the call rings, and a request joins it.
+async fn check_retries(instances: &[Arc<dyn CallBroker>], steps: &[Retry]) -> Result<(), String> {
+    let call_id = format!("retry-{}", call_notifier::calls::random_key());
+    let account = rand_account();
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut waits: Vec<(usize, Wait)> = Vec::new();
+    let mut opened = false;
+    for (n, step) in steps.iter().enumerate() {
+        let at = || format!("step {n} of {steps:?}");
+        match *step {
+            Retry::Open { via } => {
+                let via = via % instances.len();
+                let opening = Opening {
+                    key: &call_id,
+                    account,
+                    devices: &[Platform::Android, Platform::Apns],
+                    until,
+                };
+                let wait = instances[via]
+                    .open(opening)
+                    .await
+                    .map_err(|e| format!("{}: {e}", at()))?;
+                if wait.key() != call_id {
+                    return Err(format!("{}: opened under {}", at(), wait.key()));
+                }
+                waits.push((via, wait));
+                opened = true;
+            }
+            Retry::HangUp { wait } => {
+                if waits.is_empty() {
+                    continue;
+                }
+                let (via, mut wait) = waits.remove(wait % waits.len());
+                let over = if wait.stop_ringing() {
+                    instances[via]
+                        .hang_up(&wait)
+                        .await
+                        .map_err(|e| format!("{}: {e}", at()))?
+                } else {
+                    false
+                };
+                drop(wait);
+                if over != waits.is_empty() {
+                    return Err(format!(
+                        "{}: the hang-up said over: {over}, with {} requests left",
+                        at(),
+                        waits.len()
+                    ));
+                }
+            }
+        }
+        let expected = match (waits.is_empty(), opened) {
+            (false, _) => Some(Phase::Ringing { until: 0 }),
+            (true, true) => Some(Phase::Ended(EndReason::Cancelled)),
+            (true, false) => None,
+        };
+        // A Redis broker stores a hang-up's end itself, before it answers;
+        // the in-process one, as the wait is dropped.
+        let phase = instances[0]
+            .read(&call_id)
+            .await
+            .map_err(|e| format!("{}: {e}", at()))?
+            .and_then(|(stored, _)| match stored {
+                Stored::Call(record) => Some(without_deadline(record).phase),
+                Stored::Pointer { .. } => None,
+            });
+        if phase != expected {
+            return Err(format!("{}: the call is {phase:?}, not {expected:?}", at()));
+        }
+    }
+    Ok(())
+}
+
+/// The hang-up rule, on the in-process broker and on three instances of
+/// each Redis (one, and the Cluster): random sequences of requests for one
+/// call, each reaching any instance, and hang-ups of any of them. The Redis
+/// scripts count the instances that hold the call; with the end script's
+/// `leave` taking none off, the first hang-up on an instance ends a call
+/// that a request on another still rings.
+#[test]
+#[ignore = "needs TEST_REDIS_URL and TEST_REDIS_CLUSTER_URL: run with --include-ignored, as .ci/run does"]
+fn a_hang_up_ends_the_call_only_when_no_request_rings_it_on_any_instance() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let memory: Arc<dyn CallBroker> = Arc::new(MemoryBroker::new());
+    let mut sides = vec![("in process".to_owned(), vec![memory])];
+    for url in redis_urls() {
+        let instances = runtime.block_on(async {
+            let mut instances = Vec::new();
+            for _ in 0..3 {
+                instances.push(connect(&url).await);
+            }
+            instances
+        });
+        sides.push((url, instances));
+    }
+    for (name, instances) in &sides {
+        // Two instances' requests, hung up first to last and last to first.
+        for fixed in [
+            [
+                Retry::Open { via: 0 },
+                Retry::Open { via: 1 },
+                Retry::HangUp { wait: 0 },
+                Retry::HangUp { wait: 0 },
+            ],
+            [
+                Retry::Open { via: 0 },
+                Retry::Open { via: 1 },
+                Retry::HangUp { wait: 1 },
+                Retry::HangUp { wait: 0 },
+            ],
+        ] {
+            if let Err(failure) = runtime.block_on(check_retries(instances, &fixed)) {
+                panic!("{name}: {failure}");
+            }
+        }
+        let mut runner = TestRunner::new(Config {
+            cases: 48,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let sequences = prop::collection::vec(retry(), 1..10);
+        let result = runner.run(&sequences, |steps| {
+            runtime
+                .block_on(check_retries(instances, &steps))
+                .map_err(TestCaseError::fail)
+        });
+        if let Err(failure) = result {
+            panic!("{name}: {failure}");
         }
     }
 }
