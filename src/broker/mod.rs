@@ -45,7 +45,7 @@ use tokio::time::Instant;
 
 pub use crate::lifecycle::{Phase, Record, Stored, Verdict};
 use crate::store::{EndReason, Platform};
-pub(crate) use waiters::{Joined, Left, Message, Pending, Waiters};
+pub(crate) use waiters::{Holds, Joined, Left, Message, Pending, Waiters};
 
 /// How long an ended call's record stays, so an answer that comes late is
 /// told why (410 Gone) rather than 404. The contract says at least 60 s.

@@ -42,11 +42,12 @@ struct Slot {
     /// the same key.
     stamp: Option<Stamp>,
     confirmed: bool,
-    /// How many times the store counted this process among the call's
-    /// holders: once per request here whose open it confirmed (the first,
-    /// and a PBX retry that came before the first was stored). A hang-up
-    /// takes back as many (see the Redis broker's `holders_key`).
-    holds: usize,
+    /// The hold ids under which the store may count requests of this
+    /// process among the call's holders: one per request here that ran
+    /// the store's open (the first, and a PBX retry that came before the
+    /// first was stored), noted before it ran. A hang-up takes them all
+    /// back (see the Redis broker's `holders_key`).
+    holds: Vec<Arc<str>>,
     /// Stamped news that came before the stamp was confirmed: handed over
     /// if the stamp turns out to be theirs.
     early: Vec<(Stamp, Message)>,
@@ -109,14 +110,23 @@ pub(crate) enum Left {
     Others,
     /// The last waiter left: unsubscribe; `cancel` when nobody ended the
     /// call (the PBX hung up), the call `stamp`, and this process's
-    /// `holds` on it (see [`Waiters::holds`]). `push_keys`: the device
+    /// `holds` on it (see [`Waiters::hold`]). `push_keys`: the device
     /// keys it registered.
     Last {
         cancel: bool,
         stamp: Option<Stamp>,
-        holds: usize,
+        holds: Holds,
         push_keys: Vec<Arc<str>>,
     },
+}
+
+/// What a hang-up takes back of a call: this process's hold ids on it
+/// (see [`Waiters::hold`]), and the account whose call it is, so that a
+/// key another account's call holds by then is left alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Holds {
+    pub account: i64,
+    pub ids: Vec<Arc<str>>,
 }
 
 /// A call waited on here, not ended: what a broker whose backing store
@@ -187,7 +197,7 @@ impl Waiters {
         if slot.waiters > 0 {
             return Left::Others;
         }
-        let (cancel, stamp, holds) = (!slot.ended, slot.stamp, slot.holds);
+        let (cancel, stamp, holds) = (!slot.ended, slot.stamp, slot.held());
         let push_keys = inner.forget_devices(key);
         inner.slots.remove(key);
         Left::Last {
@@ -235,13 +245,25 @@ impl Waiters {
         }
     }
 
-    /// How many times the store counted this process among the holders
-    /// of the call that the wait of generation `generation` on `key` is
-    /// on: one for a call whose slot is gone or newer (its own request's).
-    pub(crate) fn holds(&self, key: &str, generation: Option<u64>) -> usize {
+    /// Notes `hold`, the id under which the store is about to count a
+    /// request of the wait of generation `generation` on `key` among the
+    /// call's holders: noted before the store runs, so a wait dropped
+    /// while it runs still takes it back.
+    pub(crate) fn hold(&self, key: &str, generation: u64, hold: Arc<str>) {
+        if let Some(slot) = self.lock().slots.get_mut(key) {
+            if slot.generation == generation {
+                slot.holds.push(hold);
+            }
+        }
+    }
+
+    /// This process's holds on the call that the wait of generation
+    /// `generation` on `key` is on, which its hang-up takes back; none
+    /// for a call whose slot is gone or newer.
+    pub(crate) fn holds(&self, key: &str, generation: Option<u64>) -> Option<Holds> {
         match self.lock().slots.get(key) {
-            Some(slot) if generation.is_none_or(|g| g == slot.generation) => slot.holds.max(1),
-            _ => 1,
+            Some(slot) if generation.is_none_or(|g| g == slot.generation) => Some(slot.held()),
+            _ => None,
         }
     }
 
@@ -258,7 +280,6 @@ impl Waiters {
         }
         slot.stamp = stamp;
         slot.confirmed = true;
-        slot.holds += 1;
         for (early, message) in std::mem::take(&mut slot.early) {
             if stamp.is_none_or(|stamp| stamp == early) {
                 slot.tell(message);
@@ -394,6 +415,14 @@ impl Waiters {
 }
 
 impl Slot {
+    /// What a hang-up of the call takes back.
+    fn held(&self) -> Holds {
+        Holds {
+            account: self.account,
+            ids: self.holds.clone(),
+        }
+    }
+
     /// Whether the call no longer rings: won, every device answered (the
     /// declines' NAK), ended from outside, or ended by its waiter: as
     /// [`crate::lifecycle::claim`] sees a stored record.
@@ -476,7 +505,7 @@ impl Inner {
                 generation,
                 stamp: None,
                 confirmed: false,
-                holds: 0,
+                holds: Vec::new(),
                 early: Vec::new(),
                 account: call.account,
                 devices: call.devices.to_vec(),

@@ -576,9 +576,18 @@ impl Drop for Ringing {
         match (&mut over).now_or_never() {
             Some(over) => tell(over),
             None => match tokio::runtime::Handle::try_current() {
-                // Its pushes go on meanwhile: a Redis that hangs holds
-                // them no longer than a last word.
-                Ok(runtime) => drop(runtime.spawn(async move { tell(by_last_word(over).await) })),
+                Ok(runtime) => {
+                    // The broker's part runs to its end; the phones wait
+                    // for it no longer than a last word (their pushes go on
+                    // meanwhile).
+                    let over = runtime.spawn(over);
+                    drop(runtime.spawn(async move {
+                        let over = over.map(|ran| {
+                            ran.unwrap_or_else(|e| Err(BrokerError::Unavailable(e.to_string())))
+                        });
+                        tell(by_last_word(over).await);
+                    }));
+                }
                 Err(_) => tell(Ok(true)),
             },
         }

@@ -5,8 +5,8 @@
 //! `cn:{<call key>}` holds the call's record ([`Record`]'s text),
 //! `cn:{<call key>}:meta` the record's format version, the account that
 //! owns the key and the call's stamp (`1 42 1733250000000`, see [`meta`]),
-//! `cn:{<call key>}:holders` how many instances hold a request that rings
-//! the call (see [`holders_key`]), and
+//! `cn:{<call key>}:holders` the hold ids of the requests that ring the
+//! call (see [`holders_key`]), and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
@@ -64,13 +64,17 @@ pub fn meta_key(key: &str) -> String {
     format!("cn:{{{}}}:meta", Tag(key))
 }
 
-/// The Redis key that counts the instances whose requests ring `key`'s
-/// call: the one that opened it, and each that a PBX retry joined it on
-/// (behind a load balancer, a retry seldom reaches the first request's
-/// instance). A hang-up ends the call only when it takes the count to
-/// zero ([`END_SCRIPT`]'s `leave`): the retry rings on, and its phones are
-/// not told that the call is over. Missing (a record a release before it
-/// wrote, or one put back after Redis lost its keys), it counts one.
+/// The Redis key (a hash) that names the requests ringing `key`'s call
+/// from their instances' stores: the one that opened it, and each PBX
+/// retry that joined it through the open script (behind a load balancer,
+/// a retry seldom reaches the first request's instance), each under a
+/// hold id of its own. A hang-up takes its instance's holds out, and ends
+/// the call only when none is left ([`END_SCRIPT`]'s `leave`): a retry
+/// held elsewhere rings on, and its phones are not told that the call is
+/// over. A hold taken back that was never stored (an open whose reply was
+/// lost, or that never ran) takes nothing. Missing (a record a release
+/// before it wrote, or one put back after Redis lost its keys), it holds
+/// only the holds stored since.
 pub fn holders_key(key: &str) -> String {
     format!("cn:{{{}}}:holders", Tag(key))
 }
@@ -188,14 +192,15 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 /// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
 /// its meta, KEYS[3] its holders ([`holders_key`]); ARGV[1] the ringing
 /// record, ARGV[2] its TTL, ARGV[3] the account, ARGV[4] the meta to store
-/// but its stamp, ARGV[5] the record's deadline. Returns `new <stamp>`
+/// but its stamp, ARGV[5] the record's deadline, ARGV[6] the request's hold
+/// id. Returns `new <stamp>`
 /// (stored, under that stamp: the deadline, or one ms past the stamp of
 /// the call the key held, as [`crate::broker::next_stamp`]; so risen, the
 /// record's deadline may lie past its holder's own wait, and an answer
 /// then counts until the holder's timer ends the call), `join <stamp>`
 /// (this account's call rings there: phase `ring` with a device yet to
 /// answer, a word without `+` or `-`, every platform's name ending in a
-/// letter; one holder more) or `taken` (another account's call, or a
+/// letter; its hold added) or `taken` (another account's call, or a
 /// device pointer: not this call's key). A record without meta, written by
 /// a release that stored none, counts as this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
@@ -208,8 +213,8 @@ if before then
   if owner and owner ~= ARGV[3] then return 'taken' end
   local phase, deadline, devices = string.match(before, '^(%S+) (%S+) (.*)$')
   if phase == 'ring' and string.find(devices .. ' ', '%a ') then
-    local holders = tonumber(redis.call('GET', KEYS[3])) or 1
-    redis.call('SET', KEYS[3], string.format('%d', holders + 1), 'PX', ARGV[2])
+    redis.call('HSET', KEYS[3], ARGV[6], '1')
+    redis.call('PEXPIRE', KEYS[3], ARGV[2])
     return 'join ' .. deadline
   end
   last = tonumber(phase ~= 'ended' and deadline or meta and string.match(meta, '^%S+ %S+ (%S+)'))
@@ -221,13 +226,20 @@ if last and last >= tonumber(stamp) then
 end
 redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp, 'PX', ARGV[2])
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], ARGV[6], '1')
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return 'new ' .. stamp
 "#;
 
-/// The arguments of [`OPEN_SCRIPT`] for `account`'s call: ARGV[1] to
-/// ARGV[5].
-pub(super) fn open_args(account: i64, devices: &[Platform], until: Instant) -> [String; 5] {
+/// The arguments of [`OPEN_SCRIPT`] for `account`'s call, opened by the
+/// request whose hold id is `hold`: ARGV[1] to ARGV[6].
+pub(super) fn open_args(
+    account: i64,
+    devices: &[Platform],
+    until: Instant,
+    hold: &str,
+) -> [String; 6] {
     let deadline = deadline_millis(until);
     [
         Record::ringing(devices, deadline).encode(),
@@ -235,6 +247,7 @@ pub(super) fn open_args(account: i64, devices: &[Platform], until: Instant) -> [
         account.to_string(),
         meta_prefix(account),
         deadline.to_string(),
+        hold.to_owned(),
     ]
 }
 
@@ -392,18 +405,17 @@ pub(super) fn split_answer(reply: &str) -> Option<(bool, &str)> {
 ///
 /// ARGV[3] says whose end it is:
 /// - `end`: the holder's (its wait ran out, an answer won, shutdown).
-/// - `leave`: a hang-up, by an instance that counted ARGV[9] among the
-///   call's holders (KEYS[3], [`holders_key`]): a ringing call ends only if
-///   no other holder is left; else the count drops by as many and the
-///   reply is `held`, and the call rings on for a PBX retry parked on
-///   another instance.
+/// - `leave`: a hang-up, by an instance whose holds on the call are
+///   ARGV[9] onwards ([`holders_key`]): they are taken out, and a ringing
+///   call ends only if no hold is left; else the reply is `held`, and the
+///   call rings on for a PBX retry parked on another instance.
 /// - `cancel`: exactly [`Record::cancel`]: only a ringing call ends, as
-///   `cancelled`, and only when ARGV[7] is empty or its owner; the end is
-///   published (ARGV[6] ARGV[5] and the call's stamp, on channel ARGV[4])
-///   to wake its holders.
+///   `cancelled`, and the end is published (ARGV[6] ARGV[5] and the call's
+///   stamp, on channel ARGV[4]) to wake its holders.
 ///
-/// Returns the record before (`held`, see above), nil when none (or
-/// another account's, or another call's).
+/// A `leave` or a `cancel` touches only the call of account ARGV[7] when
+/// that is not empty. Returns the record before (`held`, see above), nil
+/// when none (or another account's, or another call's).
 pub(super) const END_SCRIPT: &str = r#"
 local before = redis.call('GET', KEYS[1])
 if not before or string.sub(before, 1, 3) == 'to ' then return false end
@@ -417,23 +429,20 @@ if phase == 'ended' then
   return before
 end
 if ARGV[8] ~= '' and stamp ~= ARGV[8] then return false end
+if ARGV[3] ~= 'end' and ARGV[7] ~= '' then
+  local meta = redis.call('GET', KEYS[2])
+  local owner = meta and string.match(meta, '^%S+ (%S+)')
+  if owner and owner ~= ARGV[7] then return false end
+end
 local reason = ARGV[1]
 if ARGV[3] == 'cancel' then
-  if ARGV[7] ~= '' then
-    local meta = redis.call('GET', KEYS[2])
-    local owner = meta and string.match(meta, '^%S+ (%S+)')
-    if owner and owner ~= ARGV[7] then return false end
-  end
   if phase ~= 'ring' then return before end
   redis.call(ARGV[6], ARGV[4], ARGV[5] .. ' ' .. stamp)
 elseif phase == 'won' then
   reason = 'answered_elsewhere'
 elseif ARGV[3] == 'leave' then
-  local holders = (tonumber(redis.call('GET', KEYS[3])) or 1) - tonumber(ARGV[9])
-  if holders > 0 then
-    redis.call('SET', KEYS[3], string.format('%d', holders), 'KEEPTTL')
-    return 'held'
-  end
+  for i = 9, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
+  if redis.call('HLEN', KEYS[3]) > 0 then return 'held' end
 end
 redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])

@@ -50,6 +50,7 @@ mod restore;
 mod retire;
 mod subscriber;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -60,8 +61,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
-    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, HangUp, Held, Joined, Left,
-    Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
+    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, HangUp, Held, Holds,
+    Joined, Left, Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -115,6 +116,9 @@ struct Shared {
     /// Wakes the [`restore::restorer`] (a cluster's) after a sign of a
     /// failover.
     restore_due: Arc<Notify>,
+    /// This process's hold ids ([`keys::holders_key`]): a random prefix
+    /// and a count, so no two requests of any instance share one.
+    holds: (String, AtomicU64),
 }
 
 /// A Lua script and its text: sent by hash (`EVALSHA`), and whole
@@ -202,6 +206,7 @@ impl RedisBroker {
             retire,
             unsure_until: Mutex::new(None),
             restore_due: Arc::new(Notify::new()),
+            holds: (crate::calls::random_key(), AtomicU64::new(0)),
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: Lua::new(keys::ANSWER_SCRIPT),
             end: Lua::new(keys::END_SCRIPT),
@@ -386,26 +391,30 @@ impl CallBroker for RedisBroker {
                 let held = Held { generation, stamp };
                 return Ok(Wait::held(key, news, held, ringer, release));
             }
-            let claimed = async {
-                if first {
-                    shared
-                        .subscriptions
-                        .subscribe(channel(key), shared.options.acquire_timeout)
-                        .await?;
-                }
-                shared.claim(key, &call).await
-            };
-            let stamp = match claimed.await {
-                Ok(Claimed::Ours(stamp)) => stamp,
-                // Not ours (or not stored): leaving must not end the call
-                // that holds the key.
-                Ok(Claimed::Taken) => {
-                    shared.waiters.claim_end(key, Some(generation));
-                    continue;
-                }
-                Err(e) => {
+            if first {
+                let subscribed = shared
+                    .subscriptions
+                    .subscribe(channel(key), shared.options.acquire_timeout)
+                    .await;
+                if let Err(e) = subscribed {
+                    // Nothing stored: leaving must not end the call that
+                    // holds the key.
                     shared.waiters.claim_end(key, Some(generation));
                     return Err(e);
+                }
+            }
+            let hold = shared.next_hold();
+            shared.waiters.hold(key, generation, hold.clone());
+            // An error, or this future dropped, from here on: the script
+            // may have stored the call or joined it, and leaving takes the
+            // hold back (ending the call only if nobody else holds it).
+            let stamp = match shared.claim(key, &call, &hold).await? {
+                Claimed::Ours(stamp) => stamp,
+                // Not ours (or not stored): leaving must not end the call
+                // that holds the key.
+                Claimed::Taken => {
+                    shared.waiters.claim_end(key, Some(generation));
+                    continue;
                 }
             };
             shared.waiters.confirm(key, generation, stamp);
@@ -427,17 +436,11 @@ impl CallBroker for RedisBroker {
                                 stamp,
                             )
                             .await;
-                        if let Err(e) = before {
-                            shared.waiters.claim_end(key, Some(generation));
-                            return Err(e);
-                        }
+                        before?;
                         let ended = Message::Ended(EndReason::Cancelled);
                         shared.waiters.tell(key, stamp, ended);
                     }
-                    Err(e) => {
-                        shared.waiters.claim_end(key, Some(generation));
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 }
             }
             shared.waiters.opened(key, generation);
@@ -518,7 +521,10 @@ impl CallBroker for RedisBroker {
 
     fn hang_up(&self, wait: &Wait) -> HangUp {
         let shared = &self.shared;
-        let holds = shared.waiters.holds(wait.key(), wait.generation());
+        let Some(holds) = shared.waiters.holds(wait.key(), wait.generation()) else {
+            // A newer call holds the key here: this one is over.
+            return Box::pin(std::future::ready(Ok(true)));
+        };
         if !shared
             .waiters
             .claim_end_as(wait.key(), wait.generation(), wait.stopped_last())
@@ -527,7 +533,7 @@ impl CallBroker for RedisBroker {
             return Box::pin(std::future::ready(Ok(false)));
         }
         let (shared, key, stamp) = (shared.clone(), wait.key().to_owned(), wait.stamp());
-        Box::pin(async move { shared.leave(&key, holds, stamp).await })
+        Box::pin(async move { shared.leave(&key, &holds, stamp).await })
     }
 
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
@@ -648,18 +654,32 @@ async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Rec
 }
 
 impl Shared {
+    /// A hold id no request of any instance has had.
+    fn next_hold(&self) -> Arc<str> {
+        let (prefix, count) = &self.holds;
+        Arc::from(format!(
+            "{prefix}.{}",
+            count.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
     /// Stores the call's record under `key` ([`keys::OPEN_SCRIPT`]) and
     /// then, for a new call, its device pointers, each only where the key
     /// is free. Says which call the key holds for this one, by its stamp:
     /// this one, or the ringing call it joined; [`Claimed::Taken`] when
     /// another call's record or pointer stands in the way, and then what
     /// this one stored is taken back and the key is left to its owner.
-    async fn claim(&self, key: &str, call: &Opening<'_>) -> Result<Claimed, BrokerError> {
+    async fn claim(
+        &self,
+        key: &str,
+        call: &Opening<'_>,
+        hold: &str,
+    ) -> Result<Claimed, BrokerError> {
         let mut open = self.open.prepare_invoke();
         open.key(state_key(key))
             .key(meta_key(key))
             .key(keys::holders_key(key));
-        for arg in keys::open_args(call.account, call.devices, call.until) {
+        for arg in keys::open_args(call.account, call.devices, call.until, hold) {
             open.arg(arg);
         }
         let opened: String = self.invoke(&open).await?;
@@ -717,21 +737,21 @@ impl Shared {
         &self,
         key: &str,
         reason: EndReason,
-        ending: Ending,
+        ending: Ending<'_>,
         stamp: Option<Stamp>,
     ) -> Result<Option<Record>, BrokerError> {
         let before = self.end_script(key, reason, ending, stamp).await?;
         Ok(before.as_deref().and_then(Record::decode))
     }
 
-    /// The hang-up of the last request here that rang the call `key`,
-    /// which this process held `holds` times: ends it `cancelled` unless
-    /// another instance still holds it ([`keys::holders_key`]). Says
-    /// whether the call is over.
+    /// The hang-up of the last request here that rang the call `key`:
+    /// takes this process's `holds` on it back, and ends it `cancelled`
+    /// unless another instance still holds it ([`keys::holders_key`]).
+    /// Says whether the call is over.
     async fn leave(
         &self,
         key: &str,
-        holds: usize,
+        holds: &Holds,
         stamp: Option<Stamp>,
     ) -> Result<bool, BrokerError> {
         let reply = self
@@ -744,15 +764,15 @@ impl Shared {
         &self,
         key: &str,
         reason: EndReason,
-        ending: Ending,
+        ending: Ending<'_>,
         stamp: Option<Stamp>,
     ) -> Result<Option<String>, BrokerError> {
-        let (mode, account, holds) = match ending {
-            Ending::End => ("end", None, 0),
-            Ending::Leave(holds) => ("leave", None, holds),
-            Ending::Cancel(account) => ("cancel", account, 0),
+        let (mode, account, holds): (_, _, &[Arc<str>]) = match ending {
+            Ending::End => ("end", None, &[]),
+            Ending::Leave(holds) => ("leave", Some(holds.account), &holds.ids),
+            Ending::Cancel(account) => ("cancel", account, &[]),
         };
-        let args = [
+        let mut args = vec![
             reason.as_str().to_owned(),
             keys::tombstone_millis().to_string(),
             mode.to_owned(),
@@ -761,8 +781,8 @@ impl Shared {
             self.publish_command().to_owned(),
             account.map(|a| a.to_string()).unwrap_or_default(),
             stamp.map(|stamp| stamp.to_string()).unwrap_or_default(),
-            holds.to_string(),
         ];
+        args.extend(holds.iter().map(|hold| hold.to_string()));
         self.script(
             &self.end,
             &[state_key(key), meta_key(key), keys::holders_key(key)],
@@ -777,11 +797,11 @@ impl Shared {
 
 /// Whose end [`keys::END_SCRIPT`] runs.
 #[derive(Debug, Clone, Copy)]
-enum Ending {
+enum Ending<'a> {
     /// The holder's: its wait ran out, an answer won, the shutdown.
     End,
-    /// A hang-up, by a process that held the call this many times.
-    Leave(usize),
+    /// A hang-up, by a process with these holds on the call.
+    Leave(&'a Holds),
     /// The PBX's cancel: only that account's call, when given.
     Cancel(Option<i64>),
 }

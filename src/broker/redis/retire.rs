@@ -9,14 +9,14 @@ use tokio::sync::mpsc;
 
 use super::keys::channel;
 use super::{Shared, BATCH};
-use crate::broker::Stamp;
+use crate::broker::{Holds, Stamp};
 use crate::logs::Escaped;
 
-/// A key whose last local waiter left; whether its call is to be ended
-/// `cancelled` (the PBX hung up), with how many times this process held
-/// it (see [`super::keys::holders_key`]: a PBX retry held elsewhere rings
+/// A key whose last local waiter left; when its call is to be ended
+/// `cancelled` (the PBX hung up), this process's holds on it to take back
+/// (see [`super::keys::holders_key`]: a PBX retry held elsewhere rings
 /// on); and the call's stamp.
-pub(super) type Retired = (Arc<str>, Option<usize>, Option<Stamp>);
+pub(super) type Retired = (Arc<str>, Option<Holds>, Option<Stamp>);
 
 pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedReceiver<Retired>) {
     while let Some(first) = retired.recv().await {
@@ -30,13 +30,10 @@ pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedRe
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // A key somebody here started waiting on again is not ours to drop.
-        batch.retain(|(key, _, _)| !shared.waiters.contains(key));
-        if batch.is_empty() {
-            continue;
-        }
+        // A hang-up's holds are its own, even on a key that a new request
+        // here waits on again.
         let hung_up = batch.iter().filter_map(|(key, holds, stamp)| {
-            let (shared, holds) = (&shared, (*holds)?);
+            let (shared, holds) = (&shared, holds.as_ref()?);
             Some(async move {
                 if let Err(e) = shared.leave(key, holds, *stamp).await {
                     tracing::warn!(unique_key = %Escaped(key), error = %e, "cannot end a call whose PBX hung up; its record expires by itself");
@@ -44,6 +41,11 @@ pub(super) async fn retirer(shared: Weak<Shared>, mut retired: mpsc::UnboundedRe
             })
         });
         futures_util::future::join_all(hung_up).await;
+        // A key somebody here started waiting on again is not ours to drop.
+        batch.retain(|(key, _, _)| !shared.waiters.contains(key));
+        if batch.is_empty() {
+            continue;
+        }
         let channels = batch.iter().map(|(k, _, _)| channel(k)).collect();
         shared
             .subscriptions
