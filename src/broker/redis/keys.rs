@@ -64,17 +64,16 @@ pub fn meta_key(key: &str) -> String {
     format!("cn:{{{}}}:meta", Tag(key))
 }
 
-/// The Redis key (a hash) that names the requests ringing `key`'s call
-/// from their instances' stores: the one that opened it, and each PBX
-/// retry that joined it through the open script (behind a load balancer,
-/// a retry seldom reaches the first request's instance), each under a
-/// hold id of its own. A hang-up takes its instance's holds out, and ends
-/// the call only when none is left ([`END_SCRIPT`]'s `leave`): a retry
-/// held elsewhere rings on, and its phones are not told that the call is
-/// over. A hold taken back that was never stored (an open whose reply was
-/// lost, or that never ran) takes nothing. Missing (a record a release
-/// before it wrote, or one put back after Redis lost its keys), it holds
-/// only the holds stored since.
+/// The Redis key (a hash) that names the requests ringing `key`'s call:
+/// the one that opened it, and each PBX retry that joined it through the
+/// open script (behind a load balancer, a retry seldom reaches the first
+/// request's instance), each under a hold id of its own, `1` while it
+/// holds the call and `0` once taken back. A hang-up takes its instance's
+/// holds back, and ends the call only when none is left ([`END_SCRIPT`]'s
+/// `leave`): a retry held elsewhere rings on, and its phones are not told
+/// that the call is over. Missing (a record a release before it wrote, or
+/// one put back after Redis lost its keys), it holds only the holds
+/// stored since.
 pub fn holders_key(key: &str) -> String {
     format!("cn:{{{}}}:holders", Tag(key))
 }
@@ -213,8 +212,10 @@ if before then
   if owner and owner ~= ARGV[3] then return 'taken' end
   local phase, deadline, devices = string.match(before, '^(%S+) (%S+) (.*)$')
   if phase == 'ring' and string.find(devices .. ' ', '%a ') then
-    redis.call('HSET', KEYS[3], ARGV[6], '1')
-    redis.call('PEXPIRE', KEYS[3], ARGV[2])
+    redis.call('HSETNX', KEYS[3], ARGV[6], '1')
+    if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then
+      redis.call('PEXPIRE', KEYS[3], ARGV[2])
+    end
     return 'join ' .. deadline
   end
   last = tonumber(phase ~= 'ended' and deadline or meta and string.match(meta, '^%S+ %S+ (%S+)'))
@@ -406,9 +407,14 @@ pub(super) fn split_answer(reply: &str) -> Option<(bool, &str)> {
 /// ARGV[3] says whose end it is:
 /// - `end`: the holder's (its wait ran out, an answer won, shutdown).
 /// - `leave`: a hang-up, by an instance whose holds on the call are
-///   ARGV[9] onwards ([`holders_key`]): they are taken out, and a ringing
-///   call ends only if no hold is left; else the reply is `held`, and the
-///   call rings on for a PBX retry parked on another instance.
+///   ARGV[9] onwards ([`holders_key`]): they are marked taken back (`0`,
+///   so an open script that runs late, retried inside the client after
+///   its caller gave up, cannot add one again), and a ringing call ends
+///   only if no hold is left; else the reply is `held`, and the call
+///   rings on for a PBX retry parked on another instance. A leave that
+///   names no call (ARGV[8] empty: an open that failed) and took back no
+///   hold of its own ends nothing: the holds of the call's holder may have
+///   been lost with Redis's keys, and its call is not this one's to end.
 /// - `cancel`: exactly [`Record::cancel`]: only a ringing call ends, as
 ///   `cancelled`, and the end is published (ARGV[6] ARGV[5] and the call's
 ///   stamp, on channel ARGV[4]) to wake its holders.
@@ -441,8 +447,19 @@ if ARGV[3] == 'cancel' then
 elseif phase == 'won' then
   reason = 'answered_elsewhere'
 elseif ARGV[3] == 'leave' then
-  for i = 9, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
-  if redis.call('HLEN', KEYS[3]) > 0 then return 'held' end
+  local mine = false
+  for i = 9, #ARGV do
+    mine = redis.call('HGET', KEYS[3], ARGV[i]) == '1' or mine
+    redis.call('HSET', KEYS[3], ARGV[i], '0')
+  end
+  local held = not mine and ARGV[8] == ''
+  for _, hold in ipairs(redis.call('HVALS', KEYS[3])) do
+    held = held or hold == '1'
+  end
+  if held then
+    redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[1]), 1))
+    return 'held'
+  end
 end
 redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])

@@ -812,14 +812,8 @@ mod tests {
     use crate::broker::News;
     use crate::store::Platform;
 
-    /// The fallback check reads what a key holds now, which may be a newer
-    /// call under the key (the wait's own call over, its `call_id` posted
-    /// again, its news lost with the subscription): it hands a wait only
-    /// its own call's record, told by the stamp (a live record's deadline,
-    /// a tombstone's meta).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
-    async fn the_fallback_check_hands_a_wait_only_its_own_calls_record() {
+    /// A broker on `TEST_REDIS_URL`, its subscriber connection up.
+    async fn test_broker() -> RedisBroker {
         let url = std::env::var("TEST_REDIS_URL").expect("TEST_REDIS_URL");
         let broker = RedisBroker::connect(RedisOptions {
             url: url.clone(),
@@ -835,6 +829,92 @@ mod tests {
             }
         });
         up.await.expect("the broker ready within 10 s");
+        broker
+    }
+
+    /// A hang-up takes back its own holds on a call and no other's, and a
+    /// hold taken back stays so: the scripts' edges, which the property
+    /// test in tests/lifecycle_model.rs reaches seldom or never (an open
+    /// whose reply was lost, one that the client ran again late, another
+    /// account's request).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
+    async fn a_hang_up_takes_back_its_own_holds_and_no_others() {
+        let broker = test_broker().await;
+        let shared = &broker.shared;
+        let key = crate::broker::random_key();
+        let call = Opening {
+            key: &key,
+            account: 7,
+            devices: &[Platform::Android],
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        let (key, call) = (key.as_str(), &call);
+        let claim = |hold: &'static str| async move {
+            match shared.claim(key, call, hold).await {
+                Ok(Claimed::Ours(Some(stamp))) => stamp,
+                Ok(Claimed::Ours(None)) => panic!("{hold}: no stamp"),
+                Ok(Claimed::Taken) => panic!("{hold}: taken"),
+                Err(e) => panic!("{hold}: {e}"),
+            }
+        };
+        let holds = |account: i64, ids: &[&str]| Holds {
+            account,
+            ids: ids.iter().map(|id| Arc::from(*id)).collect(),
+        };
+        let phase = || async {
+            match broker.read(key).await {
+                Ok(Some((Stored::Call(record), _))) => record.phase,
+                other => panic!("{other:?}"),
+            }
+        };
+        let stamp = claim("a").await;
+        assert_eq!(claim("b").await, stamp, "the retry joined");
+
+        // An open that failed (no stamp) and held nothing ends nothing.
+        let left = shared.leave(key, &holds(7, &["lost"]), None).await;
+        assert!(!left.expect("the end script"), "held by a and b");
+        // Another account's request never touches the call.
+        let left = shared.leave(key, &holds(8, &["a", "b"]), Some(stamp)).await;
+        left.expect("the end script");
+        assert!(matches!(phase().await, Phase::Ringing { .. }));
+        // The retry hangs up; its open, run again late, holds no more.
+        let left = shared.leave(key, &holds(7, &["b"]), Some(stamp)).await;
+        assert!(!left.expect("the end script"), "held by a");
+        assert_eq!(claim("b").await, stamp);
+        // The last hold taken back ends the call.
+        let left = shared.leave(key, &holds(7, &["a"]), Some(stamp)).await;
+        assert!(left.expect("the end script"), "over");
+        assert_eq!(phase().await, Phase::Ended(EndReason::Cancelled));
+
+        // A call whose holds Redis lost (a failover): an open that failed
+        // there ends nothing, its holder's hang-up (its stamp) ends it.
+        let key = crate::broker::random_key();
+        let call = Opening { key: &key, ..*call };
+        let stamp = match shared.claim(&key, &call, "c").await {
+            Ok(Claimed::Ours(Some(stamp))) => stamp,
+            _ => panic!("c: not opened"),
+        };
+        let lost: i64 = shared
+            .query(redis::cmd("DEL").arg(keys::holders_key(&key)))
+            .await
+            .expect("DEL");
+        assert_eq!(lost, 1);
+        let left = shared.leave(&key, &holds(7, &["lost"]), None).await;
+        assert!(!left.expect("the end script"), "not the failed open's");
+        let left = shared.leave(&key, &holds(7, &["c"]), Some(stamp)).await;
+        assert!(left.expect("the end script"), "over");
+    }
+
+    /// The fallback check reads what a key holds now, which may be a newer
+    /// call under the key (the wait's own call over, its `call_id` posted
+    /// again, its news lost with the subscription): it hands a wait only
+    /// its own call's record, told by the stamp (a live record's deadline,
+    /// a tombstone's meta).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
+    async fn the_fallback_check_hands_a_wait_only_its_own_calls_record() {
+        let broker = test_broker().await;
         let key = crate::broker::random_key();
         let wait = broker
             .open(Opening {
