@@ -35,6 +35,11 @@
 //! - A cancel, a hang-up, a timeout or a shutdown tells exactly the phones
 //!   still ringing: not answered either way, token not dead (and pushed:
 //!   the device's schedule, which owns its pushes, checks that last).
+//!   Once, however many requests ring the call: each request's [`Call`]
+//!   steps the end it learns of, and the device's schedule claims the
+//!   notice in the broker before it leaves
+//!   (`broker::CallBroker::claim_notice`), so a PBX retry that joined the
+//!   call, here or on another instance, does not tell the phone again.
 //! - A key belongs to one account: a request of another account never
 //!   joins it, even once it has ended ([`claim`]).
 //! - A hang-up lets go of the call for its request alone: the call ends,

@@ -907,3 +907,106 @@ async fn the_last_request_to_hang_up_ends_the_call_on_any_instance() {
     })
     .await;
 }
+
+/// How a call that two live requests ring comes to its end.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// The first phone answers.
+    Answer,
+    /// The PBX cancels through the endpoint, at the retry's instance.
+    Cancel,
+    /// Nobody answers within the wait.
+    Timeout,
+}
+
+/// A PBX retry joins a call while the first request still waits (with
+/// Redis, on another instance): both requests ring the same two phones,
+/// and both learn of the call's end. Each phone that was still ringing is
+/// told once, whichever request's pushes reached it and however many
+/// instances heard the end; the winner is told nothing. Before, every
+/// request told the phones, so each heard the end twice: on every backend
+/// for an answer and a cancel, across instances for the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_two_live_requests_ring_tells_each_phone_once() {
+    on_every_backend(|backend| async move {
+        // A short wait, so the deadline comes soon; one push a second.
+        let short = |c: &mut call_notifier::config::Config| {
+            c.max_devices_per_account = 3;
+            c.wait_ms = 3000;
+            c.resend_interval_ms = 1000;
+        };
+        let server = start(&backend, short).await;
+        let other = match backend.redis_url() {
+            Some(_) => Some(start(&backend, short).await),
+            None => None,
+        };
+        let retrier = other.as_ref().unwrap_or(&server);
+        let rang = if other.is_some() { 1 } else { 2 };
+        for ending in [Ending::Answer, Ending::Cancel, Ending::Timeout] {
+            let name = format!("{}, {ending:?}", backend.name());
+            let tokens = [format!("live-{ending:?}-a"), format!("live-{ending:?}-b")];
+            let tokens = [tokens[0].as_str(), tokens[1].as_str()];
+            let user = account(&server, &tokens).await;
+            let key = call_id();
+            let first = server.client.park(&user, &key);
+            let push = server.call_push(tokens[0], &format!("{key}.1")).await;
+            server.call_push(tokens[1], &format!("{key}.2")).await;
+            let retry = retrier.client.park(&user, &key);
+            let joined = eventually(PUSH_BOUND, || async {
+                tokens
+                    .iter()
+                    .all(|token| first_attempts(retrier, token).len() == rang)
+            })
+            .await;
+            assert!(joined, "{name}: the retry rang both phones");
+
+            let (reply, reason) = match ending {
+                Ending::Answer => {
+                    let answer = server
+                        .client
+                        .call_response(&format!("{key}.1"), start_time_of(&push), true)
+                        .await;
+                    assert_eq!(answer.status, StatusCode::ACCEPTED, "{name}");
+                    ("status=ACK", EndReason::AnsweredElsewhere)
+                }
+                Ending::Cancel => {
+                    let cancel = retrier
+                        .client
+                        .post("/api/incoming-call/cancel/", &[("call_id", &key)])
+                        .await;
+                    assert_eq!(cancel.status, StatusCode::OK, "{name}: {}", cancel.body);
+                    ("status=NAK", EndReason::Cancelled)
+                }
+                Ending::Timeout => ("status=NAK", EndReason::TimedOut),
+            };
+            assert_eq!(
+                first.await.unwrap().body,
+                reply,
+                "{name}: the first request"
+            );
+            assert_eq!(retry.await.unwrap().body, reply, "{name}: the retry");
+            assert_no_bookkeeping(&server).await;
+            assert_no_bookkeeping(retrier).await;
+            server.running.state.parking.schedules_done().await;
+            retrier.running.state.parking.schedules_done().await;
+            let still_ringing = match ending {
+                Ending::Answer => {
+                    assert!(
+                        notices_from_both(&server, retrier, tokens[0]).is_empty(),
+                        "{name}: the phone that took the call is told nothing"
+                    );
+                    &tokens[1..]
+                }
+                Ending::Cancel | Ending::Timeout => &tokens[..],
+            };
+            for token in still_ringing {
+                assert_eq!(
+                    notices_from_both(&server, retrier, token),
+                    vec![reason],
+                    "{name}: {token} told once"
+                );
+            }
+        }
+    })
+    .await;
+}

@@ -97,6 +97,9 @@ struct Records {
     legs: Expiring<Vec<String>>,
     /// The [`cancel_mark`]s left under a Call-ID, for [`CANCEL_REACH`].
     cancels: Expiring<Vec<String>>,
+    /// The `call_ended` notices claimed, by push key and call stamp
+    /// ([`CallBroker::claim_notice`]).
+    told: Expiring<()>,
 }
 
 impl Records {
@@ -399,6 +402,16 @@ impl CallBroker for MemoryBroker {
 
     async fn resolve(&self, alias: &str) -> Result<Option<String>, BrokerError> {
         Ok(self.records().aliases.get(alias).cloned())
+    }
+
+    async fn claim_notice(&self, push_key: &str, stamp: Stamp) -> Result<bool, BrokerError> {
+        let told = &mut self.records().told;
+        let claim = format!("{push_key} {stamp}");
+        let first = told.get(&claim).is_none();
+        if first {
+            told.set(&claim, (), Instant::now() + TOMBSTONE);
+        }
+        Ok(first)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -245,6 +245,18 @@ pub trait CallBroker: Send + Sync + 'static {
     /// `cancelled` as it opens.
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
 
+    /// Claims the `call_ended` notice to the device of push key `push_key`
+    /// in the call stamped `stamp`: true for the first claim, false for
+    /// every one after it, for a tombstone's life. A call that PBX retries
+    /// joined is rung by several requests, here and on other instances,
+    /// each pushing the same phones under the same keys, and each learning
+    /// of the call's end (an answer, a cancel, the deadline); a phone is
+    /// told once, by the first to claim. By default every claim is the
+    /// first.
+    async fn claim_notice(&self, _push_key: &str, _stamp: Stamp) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
     /// What the key holds, and the account that owns it (`None` for a
     /// pointer, or a record stored without one): a key's state, read
     /// without changing it.

@@ -241,7 +241,10 @@ fn ring_devices(
             payload,
             report,
             steered,
-            caller.clone(),
+            schedule::Ending {
+                caller: caller.clone(),
+                stamp: wait.stamp(),
+            },
             state.parking.schedule(),
         ));
     }

@@ -15,7 +15,9 @@
 //! ([`crate::lifecycle::Call`]): a decline, a win or the call's end stops it
 //! between pushes, never in the middle of one, so a phone is never told the
 //! call is over before its call push has left; and only a course of
-//! [`Course::Tell`] sends the notice, to a phone that was pushed.
+//! [`Course::Tell`] sends the notice, to a phone that was pushed, once
+//! however many of the call's requests ring it (a PBX retry joins the
+//! call, here or on another instance, and pushes the same phones).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 
 use super::history::HistoryRow;
 use super::parking::Scheduled;
+use crate::broker::Stamp;
 use crate::lifecycle::Course;
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget, Reason, NOTICE_TTL};
@@ -104,17 +107,29 @@ enum Pushes {
     TokenDead,
 }
 
+/// What a schedule needs to tell its phone that the call is over.
+pub(super) struct Ending {
+    /// What the iOS notice names.
+    pub caller: String,
+    /// The call's stamp, under which the notice is claimed
+    /// ([`crate::broker::CallBroker::claim_notice`]): a PBX retry's request,
+    /// here or on another instance, rings the same phone, and the phone
+    /// hears the end once. `None` for a wait that a broker outside this
+    /// crate opened: its notice is not claimed.
+    pub stamp: Option<Stamp>,
+}
+
 /// Rings one device until its course leaves [`Course::Ring`], then tells
-/// it, if the course says so and it was pushed, why the call is over.
-/// `caller` is what the iOS notice names. `_scheduled` counts the schedule
-/// until it returns, so a draining server waits for its notice.
+/// it, if the course says so, it was pushed, and no other request of the
+/// call has told it, why the call is over. `_scheduled` counts the
+/// schedule until it returns, so a draining server waits for its notice.
 pub(super) async fn ring_device(
     state: Arc<AppState>,
     target: PushTarget,
     payload: Payload,
     mut report: Report,
     mut course: watch::Receiver<Course>,
-    caller: String,
+    ending: Ending,
     _scheduled: Scheduled,
 ) {
     let pushes = push_until_done(&state, &target, payload.clone(), &mut report, &mut course).await;
@@ -140,12 +155,33 @@ pub(super) async fn ring_device(
     let Payload::Call { unique_key, .. } = payload else {
         return;
     };
+    if !first_to_tell(&state, &unique_key, ending.stamp).await {
+        return;
+    }
     let notice = Payload::CallEnded {
         unique_key,
         reason,
-        caller,
+        caller: ending.caller,
     };
     tell(&state, &target, &notice).await;
+}
+
+/// Whether this schedule is the first of its call's to tell the phone of
+/// push key `unique_key` that the call is over. A broker that cannot say
+/// is taken for yes: a phone told twice is better than one never told.
+async fn first_to_tell(state: &AppState, unique_key: &str, stamp: Option<Stamp>) -> bool {
+    let Some(stamp) = stamp else {
+        return true;
+    };
+    state
+        .broker
+        .claim_notice(unique_key, stamp)
+        .await
+        .unwrap_or_else(|e| {
+            state.metrics.error("broker");
+            tracing::warn!(error = %e, "cannot claim a call_ended notice; telling the phone anyway");
+            true
+        })
 }
 
 /// The course once it is no longer [`Course::Ring`]. A course nobody steers

@@ -78,6 +78,14 @@ pub fn holders_key(key: &str) -> String {
     format!("cn:{{{}}}:holders", Tag(key))
 }
 
+/// The Redis key that says the `call_ended` notice to the device of push
+/// key `push_key`, in the call stamped `stamp`, is claimed: set once
+/// (`SET NX`), for a tombstone's life, by the first of the call's
+/// requests to tell that phone ([`crate::broker::CallBroker::claim_notice`]).
+pub fn told_key(push_key: &str, stamp: Stamp) -> String {
+    format!("cn:{{{}}}:told:{stamp}", Tag(push_key))
+}
+
 /// The format of the records this release writes. Format 0 is the record
 /// alone, as 0.2.0 wrote it (no meta key); format 1 adds the meta key and
 /// stores the record's text unchanged, so 0.2.0 reads format 1's records

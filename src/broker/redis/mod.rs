@@ -68,7 +68,7 @@ use crate::store::EndReason;
 use cluster::Cluster;
 use connections::{Link, ServerConnection};
 use direct::{Direct, Sent};
-pub use keys::{channel, holders_key, meta_key, set_pending, state_key, FORMAT};
+pub use keys::{channel, holders_key, meta_key, set_pending, state_key, told_key, FORMAT};
 use subscriber::{Subscriber, Subscriptions};
 
 /// Keys per `MGET`, `DEL` or `UNSUBSCRIBE`, so no single command grows without bound.
@@ -604,6 +604,17 @@ impl CallBroker for RedisBroker {
         self.shared
             .query(redis::cmd("GET").arg(keys::alias_key(alias)))
             .await
+    }
+
+    async fn claim_notice(&self, push_key: &str, stamp: Stamp) -> Result<bool, BrokerError> {
+        let mut set = redis::cmd("SET");
+        set.arg(keys::told_key(push_key, stamp))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(keys::tombstone_millis());
+        let claimed: Option<String> = self.shared.query(&set).await?;
+        Ok(claimed.is_some())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
