@@ -37,9 +37,11 @@
 //!   the device's schedule, which owns its pushes, checks that last).
 //!   Once, however many requests ring the call: each request's [`Call`]
 //!   steps the end it learns of, and the device's schedule claims the
-//!   notice in the broker before it leaves
+//!   phone's notice in the broker before it leaves
 //!   (`broker::CallBroker::claim_notice`), so a PBX retry that joined the
-//!   call, here or on another instance, does not tell the phone again.
+//!   call, here or on another instance, does not tell the phone again,
+//!   unless the push service accepted its own call push at or after the
+//!   first claim (the phone must hear last that the call is over).
 //! - A key belongs to one account: a request of another account never
 //!   joins it, even once it has ended ([`claim`]).
 //! - A hang-up lets go of the call for its request alone: the call ends,

@@ -13,6 +13,7 @@ mod common;
 
 use std::time::Duration;
 
+use call_notifier::broker::NoticeClaim;
 use call_notifier::lifecycle::{Phase, Stored};
 use call_notifier::push::recording::Recorded;
 use call_notifier::store::EndReason;
@@ -922,7 +923,7 @@ enum Ending {
 /// A PBX retry joins a call while the first request still waits (with
 /// Redis, on another instance): both requests ring the same two phones,
 /// and both learn of the call's end. Each phone that was still ringing is
-/// told once, whichever request's pushes reached it and however many
+/// told once, by the first request to claim its notice, however many
 /// instances heard the end; the winner is told nothing. Before, every
 /// request told the phones, so each heard the end twice: on every backend
 /// for an answer and a cancel, across instances for the deadline.
@@ -1006,6 +1007,65 @@ async fn a_call_two_live_requests_ring_tells_each_phone_once() {
                     "{name}: {token} told once"
                 );
             }
+        }
+    })
+    .await;
+}
+
+/// A phone's `call_ended` notice is claimed once per call: the first claim
+/// is the first, each later one says when the first was made. Another
+/// phone's notice, and the next call under the same key (another stamp),
+/// are claims of their own; a claim is kept until the call's tombstone
+/// would be gone, and a call past that keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_is_claimed_once_per_phone_and_call() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let broker = &server.running.state.broker;
+        let name = backend.name();
+        let now = || (call_notifier::calls::unix_seconds() * 1000.0) as i64;
+        let now_micros = || (call_notifier::calls::unix_seconds() * 1e6) as i64;
+        let key = call_id();
+        let stamp = now() + 8000;
+        let claim = |stamp, token: &'static str| {
+            let key = key.clone();
+            async move {
+                match NoticeClaim::new(&key, stamp, token) {
+                    Some(claim) => broker.claim_notice(&claim).await.unwrap(),
+                    None => panic!("a claim on a call that rings"),
+                }
+            }
+        };
+        let before = now_micros();
+        assert_eq!(claim(stamp, "claim-a").await, None, "{name}: the first");
+        let first = claim(stamp, "claim-a").await.expect("claimed before");
+        assert!(
+            (before - 1_000..=now_micros() + 1_000).contains(&first),
+            "{name}: the first claim's time, {first}"
+        );
+        assert_eq!(claim(stamp, "claim-a").await, Some(first), "{name}");
+        assert_eq!(claim(stamp, "claim-b").await, None, "{name}: another phone");
+        assert_eq!(
+            claim(stamp + 1, "claim-a").await,
+            None,
+            "{name}: the next call"
+        );
+        let gone = now() - 70_001;
+        assert!(
+            NoticeClaim::new(&key, gone, "claim-a").is_none(),
+            "{name}: a call whose tombstone would be gone has nothing to claim"
+        );
+        if let Some(url) = backend.redis_url() {
+            let mut redis = redis(url).await;
+            let kept: i64 = redis::cmd("PTTL")
+                .arg(call_notifier::broker::redis::told_key(&key, stamp))
+                .query_async(&mut redis)
+                .await
+                .expect("PTTL");
+            assert!(
+                (70_000..=78_000).contains(&kept),
+                "{name}: kept until the deadline plus the tombstone, {kept} ms"
+            );
         }
     })
     .await;

@@ -286,8 +286,11 @@ impl Redis {
                 .arg(&pattern)
                 .query_async(&mut conn)
                 .await?;
-            // One GET each: a cluster node refuses a multi-key command
+            // The records and pointers only (`cn:{<key>}`; not the meta,
+            // the holders or the notices claimed, some of them hashes),
+            // one GET each: a cluster node refuses a multi-key command
             // across slots.
+            let keys: Vec<String> = keys.into_iter().filter(|k| k.ends_with('}')).collect();
             for chunk in keys.chunks(1000) {
                 let mut pipe = redis::pipe();
                 for key in chunk {

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, Opening, Record, Release, Stamp,
-    Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
+    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, NoticeClaim, Opening, Record,
+    Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -31,10 +31,12 @@ struct Shared {
 }
 
 /// Values that expire, like keys with a TTL: a value past its expiry is
-/// never seen, however quiet the server, and is dropped on the next write.
+/// never seen, however quiet the server, and is dropped on the next write
+/// (where values expire in the order they were set; else once every value
+/// set before it has expired too).
 struct Expiring<V> {
     map: HashMap<String, (V, Instant)>,
-    /// Expiry times in the order they were set: the next to go first.
+    /// Expiry times in the order they were set, read from the front.
     /// Every value's expiry is set at or after its previous one, so a
     /// stale entry here (a value given a later expiry since) is skipped
     /// when its key turns out to live on.
@@ -97,9 +99,12 @@ struct Records {
     legs: Expiring<Vec<String>>,
     /// The [`cancel_mark`]s left under a Call-ID, for [`CANCEL_REACH`].
     cancels: Expiring<Vec<String>>,
-    /// The `call_ended` notices claimed, by push key and call stamp
-    /// ([`CallBroker::claim_notice`]).
-    told: Expiring<()>,
+    /// When each `call_ended` notice was first claimed, by call, stamp and
+    /// phone ([`CallBroker::claim_notice`]). Each expires by its call's
+    /// deadline, not in the order claimed: one past its expiry may stay
+    /// until every claim set before it has expired too (at most a wait
+    /// later), but is never seen.
+    told: Expiring<i64>,
 }
 
 impl Records {
@@ -404,14 +409,14 @@ impl CallBroker for MemoryBroker {
         Ok(self.records().aliases.get(alias).cloned())
     }
 
-    async fn claim_notice(&self, push_key: &str, stamp: Stamp) -> Result<bool, BrokerError> {
+    async fn claim_notice(&self, claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
         let told = &mut self.records().told;
-        let claim = format!("{push_key} {stamp}");
-        let first = told.get(&claim).is_none();
-        if first {
-            told.set(&claim, (), Instant::now() + TOMBSTONE);
+        let key = format!("{} {} {}", claim.call, claim.stamp, claim.device);
+        if let Some(first) = told.get(&key) {
+            return Ok(Some(*first));
         }
-        Ok(first)
+        told.set(&key, claim.at, Instant::now() + claim.kept);
+        Ok(None)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -177,9 +177,55 @@ pub fn device_alias(sip_user_id: i64, token: &str) -> String {
 }
 
 /// Unix milliseconds, the clock of the stored deadlines.
-fn unix_millis(at: SystemTime) -> i64 {
+pub(crate) fn unix_millis(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Unix microseconds, the clock of the notice claims: a push accepted a
+/// fraction of a millisecond before a claim is told apart from one
+/// accepted after it.
+pub(crate) fn unix_micros(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A claim, made now, of the `call_ended` notice to the phone whose push
+/// token is `device`, in the call under `call` stamped `stamp`
+/// ([`CallBroker::claim_notice`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NoticeClaim<'a> {
+    pub call: &'a str,
+    pub stamp: Stamp,
+    pub device: &'a str,
+    /// When it is made, in Unix µs ([`unix_micros`]).
+    pub at: i64,
+    /// How long it is kept: until the call's tombstone would be gone
+    /// however late the call ended (its deadline, which is its stamp, plus
+    /// [`TOMBSTONE`]), so a request that learns of the end late (at its
+    /// own deadline, its message lost) still finds it.
+    pub kept: Duration,
+}
+
+impl<'a> NoticeClaim<'a> {
+    /// The claim, now; `None` once the call's tombstone would be gone:
+    /// there is nothing left to claim.
+    pub fn new(call: &'a str, stamp: Stamp, device: &'a str) -> Option<NoticeClaim<'a>> {
+        let now = SystemTime::now();
+        let tombstone = i64::try_from(TOMBSTONE.as_millis()).unwrap_or(i64::MAX);
+        let kept = stamp
+            .saturating_add(tombstone)
+            .saturating_sub(unix_millis(now));
+        let kept = u64::try_from(kept).ok()?;
+        let at = unix_micros(now);
+        (kept > 0).then(|| NoticeClaim {
+            call,
+            stamp,
+            device,
+            at,
+            kept: Duration::from_millis(kept),
+        })
+    }
 }
 
 /// The wall-clock time of a monotonic instant, in Unix milliseconds.
@@ -245,16 +291,15 @@ pub trait CallBroker: Send + Sync + 'static {
     /// `cancelled` as it opens.
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
 
-    /// Claims the `call_ended` notice to the device of push key `push_key`
-    /// in the call stamped `stamp`: true for the first claim, false for
-    /// every one after it, for a tombstone's life. A call that PBX retries
-    /// joined is rung by several requests, here and on other instances,
-    /// each pushing the same phones under the same keys, and each learning
-    /// of the call's end (an answer, a cancel, the deadline); a phone is
-    /// told once, by the first to claim. By default every claim is the
-    /// first.
-    async fn claim_notice(&self, _push_key: &str, _stamp: Stamp) -> Result<bool, BrokerError> {
-        Ok(true)
+    /// Makes `claim`: `None` when it is the first of its phone in its
+    /// call, else when the first was made (Unix µs). A call that PBX
+    /// retries joined is rung by several requests, here and on other
+    /// instances, each pushing the same phones (under keys of its own
+    /// device list) and each learning of the call's end: the first to
+    /// claim a phone's notice tells it, the others need not (see
+    /// `calls::schedule`). By default every claim is the first.
+    async fn claim_notice(&self, _claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
+        Ok(None)
     }
 
     /// What the key holds, and the account that owns it (`None` for a

@@ -27,7 +27,28 @@ pub use ring::ring;
 pub use crate::broker::random_key;
 pub use crate::lifecycle::{NakReason, Outcome, Verdict};
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::broker::BrokerError;
+
+/// How long a call that is over waits for the broker's last word (whether
+/// an answer won it as its timer fired) before it answers NAK anyway: a
+/// Redis that hangs must not hold the PBX past its wait by more than this.
+/// A phone's `call_ended` notice waits for its claim no longer either.
+const LAST_WORD: Duration = Duration::from_millis(250);
+
+/// The broker's `step`, within [`LAST_WORD`]: one that hangs fails.
+async fn by_last_word<T>(
+    step: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(LAST_WORD, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "no answer within {LAST_WORD:?}"
+            )))
+        })
+}
 
 /// An incoming call as the PBX described it, already validated.
 #[derive(Debug, Clone)]

@@ -21,18 +21,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::log::CallLog;
-use super::{schedule, unix_seconds, IncomingCall};
+use super::{by_last_word, schedule, unix_seconds, IncomingCall};
 use crate::broker::{device_alias, push_key, BrokerError, News, Opening, Wait};
 use crate::lifecycle::{Call, Course, Effect, Event, NakReason, Outcome};
 use crate::push::{Payload, PushTarget};
 use crate::shutdown::{phase_reached, Phase};
 use crate::state::AppState;
 use crate::store::{now_millis, Device, EndReason};
-
-/// How long a call that is over waits for the broker's last word (whether
-/// an answer won it as its timer fired) before it answers NAK anyway: a
-/// Redis that hangs must not hold the PBX past its wait by more than this.
-const LAST_WORD: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Rings every device of `call.sip_user_id` and waits for the first of
 /// their apps to take the call.
@@ -213,6 +208,7 @@ fn ring_devices(
     let count = devices.len();
     let message_start_time = unix_seconds();
     let (dead_token, died) = mpsc::unbounded_channel();
+    let call_key: Arc<str> = Arc::from(wait.key());
     let mut courses = Vec::with_capacity(count);
     for (index, device) in devices.into_iter().enumerate() {
         let (attempts, attempts_seen) = watch::channel(0u32);
@@ -242,8 +238,9 @@ fn ring_devices(
             report,
             steered,
             schedule::Ending {
-                caller: caller.clone(),
+                call: call_key.clone(),
                 stamp: wait.stamp(),
+                caller: caller.clone(),
             },
             state.parking.schedule(),
         ));
@@ -403,7 +400,7 @@ impl Ringing {
 }
 
 /// Ends the call `wait` waits on in the broker for `reason`, within
-/// [`LAST_WORD`]; its record before, when the broker had one and answered
+/// [`super::LAST_WORD`]; its record before, when the broker had one and answered
 /// in time.
 async fn end_in_broker(
     state: &AppState,
@@ -418,19 +415,6 @@ async fn end_in_broker(
             None
         }
     }
-}
-
-/// The broker's `step`, within [`LAST_WORD`]: one that hangs fails.
-async fn by_last_word<T>(
-    step: impl std::future::Future<Output = Result<T, BrokerError>>,
-) -> Result<T, BrokerError> {
-    tokio::time::timeout(LAST_WORD, step)
-        .await
-        .unwrap_or_else(|_| {
-            Err(BrokerError::Unavailable(format!(
-                "no answer within {LAST_WORD:?}"
-            )))
-        })
 }
 
 /// The call's state machine and the devices it steers.

@@ -20,14 +20,15 @@
 //! call, here or on another instance, and pushes the same phones).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::by_last_word;
 use super::history::HistoryRow;
 use super::parking::Scheduled;
-use crate::broker::Stamp;
+use crate::broker::{unix_micros, NoticeClaim, Stamp};
 use crate::lifecycle::Course;
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget, Reason, NOTICE_TTL};
@@ -109,14 +110,15 @@ enum Pushes {
 
 /// What a schedule needs to tell its phone that the call is over.
 pub(super) struct Ending {
-    /// What the iOS notice names.
-    pub caller: String,
-    /// The call's stamp, under which the notice is claimed
+    /// The call's key and stamp, under which the notice is claimed
     /// ([`crate::broker::CallBroker::claim_notice`]): a PBX retry's request,
     /// here or on another instance, rings the same phone, and the phone
-    /// hears the end once. `None` for a wait that a broker outside this
-    /// crate opened: its notice is not claimed.
+    /// hears the end once. No stamp for a wait that a broker outside this
+    /// crate opened: its notices are not claimed.
+    pub call: Arc<str>,
     pub stamp: Option<Stamp>,
+    /// What the iOS notice names.
+    pub caller: String,
 }
 
 /// Rings one device until its course leaves [`Course::Ring`], then tells
@@ -132,8 +134,16 @@ pub(super) async fn ring_device(
     ending: Ending,
     _scheduled: Scheduled,
 ) {
-    let pushes = push_until_done(&state, &target, payload.clone(), &mut report, &mut course).await;
-    let pushed = *report.attempts.borrow() > 0;
+    let mut accepted = None;
+    let pushes = push_until_done(
+        &state,
+        &target,
+        payload.clone(),
+        &mut report,
+        &mut course,
+        &mut accepted,
+    )
+    .await;
     // The call pushes are over: what they came to is final, and dropping the
     // report says so to the call's history.
     drop(report);
@@ -143,10 +153,10 @@ pub(super) async fn ring_device(
     let Course::Tell(reason) = settled(&mut course).await else {
         return;
     };
-    if !pushed {
+    let Some(accepted) = accepted else {
         // Never rung: nothing to take back.
         return;
-    }
+    };
     if !target.can_be_told() {
         // An iOS device without an alert token: a VoIP push must ring, so
         // its app learns from its call-response (410).
@@ -155,7 +165,7 @@ pub(super) async fn ring_device(
     let Payload::Call { unique_key, .. } = payload else {
         return;
     };
-    if !first_to_tell(&state, &unique_key, ending.stamp).await {
+    if !to_tell(&state, &ending, &target.token, accepted).await {
         return;
     }
     let notice = Payload::CallEnded {
@@ -166,22 +176,36 @@ pub(super) async fn ring_device(
     tell(&state, &target, &notice).await;
 }
 
-/// Whether this schedule is the first of its call's to tell the phone of
-/// push key `unique_key` that the call is over. A broker that cannot say
-/// is taken for yes: a phone told twice is better than one never told.
-async fn first_to_tell(state: &AppState, unique_key: &str, stamp: Option<Stamp>) -> bool {
-    let Some(stamp) = stamp else {
+/// Whether this schedule tells its phone that the call is over, its last
+/// call push accepted at `accepted`. Every request of the call that rang
+/// the phone learns of the end; the first to claim the notice in the
+/// broker tells it. Another tells it too when its own call push was
+/// accepted at or after that claim: the phone may have had that push
+/// after the first notice, and what it hears last from us must be that
+/// the call is over. A broker that cannot say within [`super::LAST_WORD`] is
+/// taken for yes: a phone told twice is better than one never told.
+async fn to_tell(state: &AppState, ending: &Ending, token: &str, accepted: SystemTime) -> bool {
+    let Some(claim) = ending
+        .stamp
+        .and_then(|stamp| NoticeClaim::new(&ending.call, stamp, token))
+    else {
         return true;
     };
-    state
-        .broker
-        .claim_notice(unique_key, stamp)
-        .await
-        .unwrap_or_else(|e| {
+    match by_last_word(state.broker.claim_notice(&claim)).await {
+        Ok(claimed) => tells(claimed, accepted),
+        Err(e) => {
             state.metrics.error("broker");
             tracing::warn!(error = %e, "cannot claim a call_ended notice; telling the phone anyway");
             true
-        })
+        }
+    }
+}
+
+/// Whether a phone is told that the call is over, the first claim of its
+/// notice made at `claimed` (Unix µs; `None`: this claim is the first) and
+/// this schedule's last call push accepted at `accepted` (see [`to_tell`]).
+fn tells(claimed: Option<i64>, accepted: SystemTime) -> bool {
+    claimed.is_none_or(|claimed| unix_micros(accepted) >= claimed)
 }
 
 /// The course once it is no longer [`Course::Ring`]. A course nobody steers
@@ -233,13 +257,15 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
 }
 
 /// The call pushes, until the schedule is done or the course leaves
-/// [`Course::Ring`] between two pushes.
+/// [`Course::Ring`] between two pushes; `accepted`: when the push service
+/// accepted the last of them.
 async fn push_until_done(
     state: &AppState,
     target: &PushTarget,
     mut payload: Payload,
     report: &mut Report,
     course: &mut watch::Receiver<Course>,
+    accepted: &mut Option<SystemTime>,
 ) -> Pushes {
     let interval = state.config.resend_interval();
     let max_attempts = state.config.max_attempts();
@@ -266,6 +292,7 @@ async fn push_until_done(
         report.last_push = Some(LastPush::from(&outcome));
         match outcome {
             PushOutcome::Delivered => {
+                *accepted = Some(SystemTime::now());
                 report.attempts.send_replace(attempt);
                 if target.platform.is_apns() || attempt >= max_attempts {
                     return Pushes::Over;
@@ -331,6 +358,24 @@ async fn push_until_done(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first claim of a phone's notice tells it; a later one only
+    /// when its own call push was accepted at or after the first claim,
+    /// so the phone hears last that the call is over.
+    #[test]
+    fn a_phone_is_told_by_the_first_claim_and_after_a_later_push() {
+        let at = |us: u64| std::time::UNIX_EPOCH + Duration::from_micros(us);
+        assert!(tells(None, at(1_000)), "the first claim");
+        assert!(
+            !tells(Some(2_000), at(1_999)),
+            "pushed before the first claim"
+        );
+        assert!(tells(Some(2_000), at(2_000)), "pushed as it was claimed");
+        assert!(
+            tells(Some(2_000), at(2_300)),
+            "pushed after the first notice"
+        );
+    }
 
     #[test]
     fn retry_delay_doubles_to_a_second_unless_asked() {

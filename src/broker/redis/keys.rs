@@ -78,12 +78,13 @@ pub fn holders_key(key: &str) -> String {
     format!("cn:{{{}}}:holders", Tag(key))
 }
 
-/// The Redis key that says the `call_ended` notice to the device of push
-/// key `push_key`, in the call stamped `stamp`, is claimed: set once
-/// (`SET NX`), for a tombstone's life, by the first of the call's
-/// requests to tell that phone ([`crate::broker::CallBroker::claim_notice`]).
-pub fn told_key(push_key: &str, stamp: Stamp) -> String {
-    format!("cn:{{{}}}:told:{stamp}", Tag(push_key))
+/// The Redis key (a hash) of the `call_ended` notices claimed in `key`'s
+/// call stamped `stamp`: by each phone's push token, the first of the
+/// call's requests' claims of it ([`TOLD_SCRIPT`]). In the
+/// call's slot; kept until the call's tombstone would be gone
+/// ([`crate::broker::NoticeClaim::kept`]).
+pub fn told_key(key: &str, stamp: Stamp) -> String {
+    format!("cn:{{{}}}:told:{stamp}", Tag(key))
 }
 
 /// The format of the records this release writes. Format 0 is the record
@@ -473,6 +474,25 @@ redis.call('SET', KEYS[1], 'ended ' .. reason .. rest, 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 return before
+"#;
+
+/// Claims a phone's `call_ended` notice
+/// ([`crate::broker::CallBroker::claim_notice`]): in the hash KEYS[1]
+/// ([`told_key`]), the first claim for push token ARGV[1], ARGV[2] being
+/// the claim: when it was made (Unix µs) and an id of its own, spaced; the
+/// hash kept ARGV[3] ms. Returns the first claim, nil when this one is the
+/// first. A claim that finds itself is the first: the client sends a
+/// script again when the connection dropped before its reply, and that
+/// claim must not read its own run as another request's (its phone would
+/// go untold). The id tells apart two claims made in the same
+/// microsecond, as two instances whose calls time out together make them.
+pub(super) const TOLD_SCRIPT: &str = r#"
+local first = redis.call('HGET', KEYS[1], ARGV[1])
+if first == ARGV[2] then return false end
+if first then return first end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return false
 "#;
 
 /// The tombstone's life, for [`END_SCRIPT`].

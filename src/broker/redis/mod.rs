@@ -62,7 +62,8 @@ use tokio::time::Instant;
 
 use super::{
     candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, HangUp, Held, Holds,
-    Joined, Left, Message, Opening, Phase, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
+    Joined, Left, Message, NoticeClaim, Opening, Phase, Record, Release, Stamp, Stored, Verdict,
+    Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -108,6 +109,7 @@ struct Shared {
     end: Lua,
     leg: Lua,
     cancel: Lua,
+    told: Lua,
     /// The answer script's short way.
     direct: Direct,
     /// Until when messages may have been lost: the fallback check runs
@@ -116,9 +118,10 @@ struct Shared {
     /// Wakes the [`restore::restorer`] (a cluster's) after a sign of a
     /// failover.
     restore_due: Arc<Notify>,
-    /// This process's hold ids ([`keys::holders_key`]): a random prefix
-    /// and a count, so no two requests of any instance share one.
-    holds: (String, AtomicU64),
+    /// This process's ids for holds ([`keys::holders_key`]) and notice
+    /// claims ([`keys::TOLD_SCRIPT`]): a random prefix and a count, so no
+    /// two of any instance share one.
+    ids: (String, AtomicU64),
 }
 
 /// A Lua script and its text: sent by hash (`EVALSHA`), and whole
@@ -206,12 +209,13 @@ impl RedisBroker {
             retire,
             unsure_until: Mutex::new(None),
             restore_due: Arc::new(Notify::new()),
-            holds: (crate::calls::random_key(), AtomicU64::new(0)),
+            ids: (crate::calls::random_key(), AtomicU64::new(0)),
             open: redis::Script::new(keys::OPEN_SCRIPT),
             answer: Lua::new(keys::ANSWER_SCRIPT),
             end: Lua::new(keys::END_SCRIPT),
             leg: Lua::new(keys::LEG_SCRIPT),
             cancel: Lua::new(keys::CANCEL_SCRIPT),
+            told: Lua::new(keys::TOLD_SCRIPT),
             direct,
             options,
         });
@@ -403,7 +407,7 @@ impl CallBroker for RedisBroker {
                     return Err(e);
                 }
             }
-            let hold = shared.next_hold();
+            let hold = shared.next_id();
             shared.waiters.hold(key, generation, hold.clone());
             // An error, or this future dropped, from here on: the script
             // may have stored the call or joined it, and leaving takes the
@@ -606,15 +610,17 @@ impl CallBroker for RedisBroker {
             .await
     }
 
-    async fn claim_notice(&self, push_key: &str, stamp: Stamp) -> Result<bool, BrokerError> {
-        let mut set = redis::cmd("SET");
-        set.arg(keys::told_key(push_key, stamp))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(keys::tombstone_millis());
-        let claimed: Option<String> = self.shared.query(&set).await?;
-        Ok(claimed.is_some())
+    async fn claim_notice(&self, claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
+        let shared = &self.shared;
+        let keys = [keys::told_key(claim.call, claim.stamp)];
+        let args = [
+            claim.device.to_owned(),
+            format!("{} {}", claim.at, shared.next_id()),
+            claim.kept.as_millis().to_string(),
+        ];
+        let first: Option<String> = shared.script(&shared.told, &keys, &args, false).await?;
+        // The first claim's time; an unreadable one is no claim.
+        Ok(first.and_then(|first| first.split(' ').next()?.parse().ok()))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -665,9 +671,10 @@ async fn read_slot_maps(shared: std::sync::Weak<Shared>, mut stopped: watch::Rec
 }
 
 impl Shared {
-    /// A hold id no request of any instance has had.
-    fn next_hold(&self) -> Arc<str> {
-        let (prefix, count) = &self.holds;
+    /// An id (a hold's, a notice claim's) that none of any instance has
+    /// had.
+    fn next_id(&self) -> Arc<str> {
+        let (prefix, count) = &self.ids;
         Arc::from(format!(
             "{prefix}.{}",
             count.fetch_add(1, Ordering::Relaxed)
@@ -841,6 +848,37 @@ mod tests {
         });
         up.await.expect("the broker ready within 10 s");
         broker
+    }
+
+    /// The notice claim's script run twice with the same arguments (the
+    /// client sends it again when the connection dropped before the
+    /// reply) is still the first claim, or its phone would go untold;
+    /// another request's claim is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
+    async fn a_notice_claim_sent_again_is_still_the_first() {
+        let broker = test_broker().await;
+        let shared = &broker.shared;
+        let key = crate::broker::random_key();
+        let keys = [keys::told_key(&key, 7)];
+        let run = |claim: &'static str| {
+            let args = ["token".to_owned(), claim.to_owned(), "60000".to_owned()];
+            let keys = &keys;
+            async move {
+                let first: Option<String> = shared
+                    .script(&shared.told, keys, &args, false)
+                    .await
+                    .unwrap();
+                first
+            }
+        };
+        assert_eq!(run("1000 a.1").await, None, "the first claim");
+        assert_eq!(run("1000 a.1").await, None, "the first claim, sent again");
+        assert_eq!(
+            run("1000 b.1").await.as_deref(),
+            Some("1000 a.1"),
+            "another request's claim in the same microsecond"
+        );
     }
 
     /// A hang-up takes back its own holds on a call and no other's, and a
