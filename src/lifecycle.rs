@@ -40,8 +40,9 @@
 //!   phone's notice in the broker before it leaves
 //!   (`broker::CallBroker::claim_notice`), so a PBX retry that joined the
 //!   call, here or on another instance, does not tell the phone again,
-//!   unless the push service accepted its own call push at or after the
-//!   first claim (the phone must hear last that the call is over).
+//!   unless its own call push came back at or after the first claim (the
+//!   phone must hear last that the call is over) or rang the phone under
+//!   another push key.
 //! - A key belongs to one account: a request of another account never
 //!   joins it, even once it has ended ([`claim`]).
 //! - A hang-up lets go of the call for its request alone: the call ends,

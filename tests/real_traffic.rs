@@ -1013,7 +1013,8 @@ async fn a_call_two_live_requests_ring_tells_each_phone_once() {
 }
 
 /// A phone's `call_ended` notice is claimed once per call: the first claim
-/// is the first, each later one says when the first was made. Another
+/// is the first, each later one says when the first was made and under
+/// which push key its request rang the phone. Another
 /// phone's notice, and the next call under the same key (another stamp),
 /// are claims of their own; a claim is kept until the call's tombstone
 /// would be gone, and a call past that keeps none.
@@ -1027,32 +1028,41 @@ async fn a_notice_is_claimed_once_per_phone_and_call() {
         let now_micros = || (call_notifier::calls::unix_seconds() * 1e6) as i64;
         let key = call_id();
         let stamp = now() + 8000;
-        let claim = |stamp, token: &'static str| {
+        let claim = |stamp, token: &'static str, push_key: &'static str| {
             let key = key.clone();
             async move {
-                match NoticeClaim::new(&key, stamp, token) {
+                match NoticeClaim::new(&key, stamp, token, push_key) {
                     Some(claim) => broker.claim_notice(&claim).await.unwrap(),
                     None => panic!("a claim on a call that rings"),
                 }
             }
         };
         let before = now_micros();
-        assert_eq!(claim(stamp, "claim-a").await, None, "{name}: the first");
-        let first = claim(stamp, "claim-a").await.expect("claimed before");
+        let first = claim(stamp, "claim-a", "k.1").await;
+        assert_eq!(first, None, "{name}: the first");
+        let first = claim(stamp, "claim-a", "k.2")
+            .await
+            .expect("claimed before");
         assert!(
-            (before - 1_000..=now_micros() + 1_000).contains(&first),
-            "{name}: the first claim's time, {first}"
+            (before - 1_000..=now_micros() + 1_000).contains(&first.at),
+            "{name}: the first claim's time, {}",
+            first.at
         );
-        assert_eq!(claim(stamp, "claim-a").await, Some(first), "{name}");
-        assert_eq!(claim(stamp, "claim-b").await, None, "{name}: another phone");
+        assert_eq!(first.push_key, "k.1", "{name}: the first claim's push key");
+        assert_eq!(claim(stamp, "claim-a", "k.1").await, Some(first), "{name}");
         assert_eq!(
-            claim(stamp + 1, "claim-a").await,
+            claim(stamp, "claim-b", "k.2").await,
+            None,
+            "{name}: another phone"
+        );
+        assert_eq!(
+            claim(stamp + 1, "claim-a", "k.1").await,
             None,
             "{name}: the next call"
         );
         let gone = now() - 70_001;
         assert!(
-            NoticeClaim::new(&key, gone, "claim-a").is_none(),
+            NoticeClaim::new(&key, gone, "claim-a", "k.1").is_none(),
             "{name}: a call whose tombstone would be gone has nothing to claim"
         );
         if let Some(url) = backend.redis_url() {

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, Held, Joined, Left, Message, NoticeClaim, Opening, Record,
-    Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
+    Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, NoticeClaim, Opening,
+    Record, Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -36,10 +36,10 @@ struct Shared {
 /// set before it has expired too).
 struct Expiring<V> {
     map: HashMap<String, (V, Instant)>,
-    /// Expiry times in the order they were set, read from the front.
-    /// Every value's expiry is set at or after its previous one, so a
-    /// stale entry here (a value given a later expiry since) is skipped
-    /// when its key turns out to live on.
+    /// Expiry times in the order they were set, read from the front. A
+    /// key's expiry is only ever set later, so a stale entry here (a value
+    /// given a later expiry since) is skipped when its key turns out to
+    /// live on.
     expiring: VecDeque<(Instant, String)>,
 }
 
@@ -104,7 +104,7 @@ struct Records {
     /// deadline, not in the order claimed: one past its expiry may stay
     /// until every claim set before it has expired too (at most a wait
     /// later), but is never seen.
-    told: Expiring<i64>,
+    told: Expiring<FirstClaim>,
 }
 
 impl Records {
@@ -409,13 +409,20 @@ impl CallBroker for MemoryBroker {
         Ok(self.records().aliases.get(alias).cloned())
     }
 
-    async fn claim_notice(&self, claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
+    async fn claim_notice(
+        &self,
+        claim: &NoticeClaim<'_>,
+    ) -> Result<Option<FirstClaim>, BrokerError> {
         let told = &mut self.records().told;
         let key = format!("{} {} {}", claim.call, claim.stamp, claim.device);
         if let Some(first) = told.get(&key) {
-            return Ok(Some(*first));
+            return Ok(Some(first.clone()));
         }
-        told.set(&key, claim.at, Instant::now() + claim.kept);
+        let first = FirstClaim {
+            at: claim.at,
+            push_key: claim.push_key.to_owned(),
+        };
+        told.set(&key, first, Instant::now() + claim.kept);
         Ok(None)
     }
 

@@ -191,13 +191,14 @@ pub(crate) fn unix_micros(at: SystemTime) -> i64 {
 }
 
 /// A claim, made now, of the `call_ended` notice to the phone whose push
-/// token is `device`, in the call under `call` stamped `stamp`
-/// ([`CallBroker::claim_notice`]).
+/// token is `device`, in the call under `call` stamped `stamp`, by a
+/// request that pushed it under `push_key` ([`CallBroker::claim_notice`]).
 #[derive(Debug, Clone, Copy)]
 pub struct NoticeClaim<'a> {
     pub call: &'a str,
     pub stamp: Stamp,
     pub device: &'a str,
+    pub push_key: &'a str,
     /// When it is made, in Unix µs ([`unix_micros`]).
     pub at: i64,
     /// How long it is kept: until the call's tombstone would be gone
@@ -210,7 +211,12 @@ pub struct NoticeClaim<'a> {
 impl<'a> NoticeClaim<'a> {
     /// The claim, now; `None` once the call's tombstone would be gone:
     /// there is nothing left to claim.
-    pub fn new(call: &'a str, stamp: Stamp, device: &'a str) -> Option<NoticeClaim<'a>> {
+    pub fn new(
+        call: &'a str,
+        stamp: Stamp,
+        device: &'a str,
+        push_key: &'a str,
+    ) -> Option<NoticeClaim<'a>> {
         let now = SystemTime::now();
         let tombstone = i64::try_from(TOMBSTONE.as_millis()).unwrap_or(i64::MAX);
         let kept = stamp
@@ -222,10 +228,20 @@ impl<'a> NoticeClaim<'a> {
             call,
             stamp,
             device,
+            push_key,
             at,
             kept: Duration::from_millis(kept),
         })
     }
+}
+
+/// The first claim of a phone's notice in a call, as a later claim finds
+/// it: when it was made (Unix µs) and the push key its request rang the
+/// phone under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstClaim {
+    pub at: i64,
+    pub push_key: String,
 }
 
 /// The wall-clock time of a monotonic instant, in Unix milliseconds.
@@ -292,13 +308,16 @@ pub trait CallBroker: Send + Sync + 'static {
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
 
     /// Makes `claim`: `None` when it is the first of its phone in its
-    /// call, else when the first was made (Unix µs). A call that PBX
+    /// call, else that first one. A call that PBX
     /// retries joined is rung by several requests, here and on other
     /// instances, each pushing the same phones (under keys of its own
     /// device list) and each learning of the call's end: the first to
     /// claim a phone's notice tells it, the others need not (see
     /// `calls::schedule`). By default every claim is the first.
-    async fn claim_notice(&self, _claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
+    async fn claim_notice(
+        &self,
+        _claim: &NoticeClaim<'_>,
+    ) -> Result<Option<FirstClaim>, BrokerError> {
         Ok(None)
     }
 

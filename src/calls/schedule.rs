@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::by_last_word;
 use super::history::HistoryRow;
 use super::parking::Scheduled;
-use crate::broker::{unix_micros, NoticeClaim, Stamp};
+use crate::broker::{unix_micros, FirstClaim, NoticeClaim, Stamp};
 use crate::lifecycle::Course;
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget, Reason, NOTICE_TTL};
@@ -113,8 +113,9 @@ pub(super) struct Ending {
     /// The call's key and stamp, under which the notice is claimed
     /// ([`crate::broker::CallBroker::claim_notice`]): a PBX retry's request,
     /// here or on another instance, rings the same phone, and the phone
-    /// hears the end once. No stamp for a wait that a broker outside this
-    /// crate opened: its notices are not claimed.
+    /// hears the end once. No stamp where the broker gave none (one outside
+    /// this crate, or a store that did not say): then the notice is not
+    /// claimed, and is sent.
     pub call: Arc<str>,
     pub stamp: Option<Stamp>,
     /// What the iOS notice names.
@@ -122,9 +123,10 @@ pub(super) struct Ending {
 }
 
 /// Rings one device until its course leaves [`Course::Ring`], then tells
-/// it, if the course says so, it was pushed, and no other request of the
-/// call has told it, why the call is over. `_scheduled` counts the
-/// schedule until it returns, so a draining server waits for its notice.
+/// it why the call is over, if the course says so, it was pushed, and
+/// another request of the call has not claimed its notice first (see
+/// [`to_tell`]). `_scheduled` counts the schedule until it returns, so a
+/// draining server waits for its notice.
 pub(super) async fn ring_device(
     state: Arc<AppState>,
     target: PushTarget,
@@ -134,16 +136,17 @@ pub(super) async fn ring_device(
     ending: Ending,
     _scheduled: Scheduled,
 ) {
-    let mut accepted = None;
+    let mut last_sent = None;
     let pushes = push_until_done(
         &state,
         &target,
         payload.clone(),
         &mut report,
         &mut course,
-        &mut accepted,
+        &mut last_sent,
     )
     .await;
+    let pushed = *report.attempts.borrow() > 0;
     // The call pushes are over: what they came to is final, and dropping the
     // report says so to the call's history.
     drop(report);
@@ -153,7 +156,7 @@ pub(super) async fn ring_device(
     let Course::Tell(reason) = settled(&mut course).await else {
         return;
     };
-    let Some(accepted) = accepted else {
+    let Some(last_sent) = last_sent.filter(|_| pushed) else {
         // Never rung: nothing to take back.
         return;
     };
@@ -165,7 +168,7 @@ pub(super) async fn ring_device(
     let Payload::Call { unique_key, .. } = payload else {
         return;
     };
-    if !to_tell(&state, &ending, &target.token, accepted).await {
+    if !to_tell(&state, &ending, &target.token, &unique_key, last_sent).await {
         return;
     }
     let notice = Payload::CallEnded {
@@ -176,23 +179,33 @@ pub(super) async fn ring_device(
     tell(&state, &target, &notice).await;
 }
 
-/// Whether this schedule tells its phone that the call is over, its last
-/// call push accepted at `accepted`. Every request of the call that rang
-/// the phone learns of the end; the first to claim the notice in the
-/// broker tells it. Another tells it too when its own call push was
-/// accepted at or after that claim: the phone may have had that push
-/// after the first notice, and what it hears last from us must be that
-/// the call is over. A broker that cannot say within [`super::LAST_WORD`] is
-/// taken for yes: a phone told twice is better than one never told.
-async fn to_tell(state: &AppState, ending: &Ending, token: &str, accepted: SystemTime) -> bool {
+/// Whether this schedule tells its phone (push token `token`, rung under
+/// `push_key`) that the call is over, its last call push sent at
+/// `last_sent`. Every request of the call that rang the phone learns of
+/// the end; the first to claim the notice in the broker tells it, and
+/// another tells it too when its own call push left at or after that
+/// claim (the phone may have had that push after the first notice, and
+/// what it hears last from us must be that the call is over), or when it
+/// rang the phone under another push key (the account's devices changed
+/// between the requests: the first notice names a key the app may not
+/// know this push by). A broker that cannot say within
+/// [`super::LAST_WORD`] is taken for yes: a phone told twice is better
+/// than one never told.
+async fn to_tell(
+    state: &AppState,
+    ending: &Ending,
+    token: &str,
+    push_key: &str,
+    last_sent: SystemTime,
+) -> bool {
     let Some(claim) = ending
         .stamp
-        .and_then(|stamp| NoticeClaim::new(&ending.call, stamp, token))
+        .and_then(|stamp| NoticeClaim::new(&ending.call, stamp, token, push_key))
     else {
         return true;
     };
     match by_last_word(state.broker.claim_notice(&claim)).await {
-        Ok(claimed) => tells(claimed, accepted),
+        Ok(first) => tells(first.as_ref(), push_key, last_sent),
         Err(e) => {
             state.metrics.error("broker");
             tracing::warn!(error = %e, "cannot claim a call_ended notice; telling the phone anyway");
@@ -201,11 +214,11 @@ async fn to_tell(state: &AppState, ending: &Ending, token: &str, accepted: Syste
     }
 }
 
-/// Whether a phone is told that the call is over, the first claim of its
-/// notice made at `claimed` (Unix µs; `None`: this claim is the first) and
-/// this schedule's last call push accepted at `accepted` (see [`to_tell`]).
-fn tells(claimed: Option<i64>, accepted: SystemTime) -> bool {
-    claimed.is_none_or(|claimed| unix_micros(accepted) >= claimed)
+/// Whether a phone rung under `push_key`, this schedule's last call push
+/// to it sent at `last_sent`, is told that the call is over, `first` being
+/// the first claim of its notice (`None`: this claim is; see [`to_tell`]).
+fn tells(first: Option<&FirstClaim>, push_key: &str, last_sent: SystemTime) -> bool {
+    first.is_none_or(|first| first.push_key != push_key || unix_micros(last_sent) >= first.at)
 }
 
 /// The course once it is no longer [`Course::Ring`]. A course nobody steers
@@ -257,15 +270,16 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
 }
 
 /// The call pushes, until the schedule is done or the course leaves
-/// [`Course::Ring`] between two pushes; `accepted`: when the push service
-/// accepted the last of them.
+/// [`Course::Ring`] between two pushes; `last_sent`: when the last of them
+/// came back, whatever the push service said (one that timed out may
+/// have reached the phone all the same).
 async fn push_until_done(
     state: &AppState,
     target: &PushTarget,
     mut payload: Payload,
     report: &mut Report,
     course: &mut watch::Receiver<Course>,
-    accepted: &mut Option<SystemTime>,
+    last_sent: &mut Option<SystemTime>,
 ) -> Pushes {
     let interval = state.config.resend_interval();
     let max_attempts = state.config.max_attempts();
@@ -283,6 +297,7 @@ async fn push_until_done(
         }
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, &payload).await;
+        *last_sent = Some(SystemTime::now());
         state.metrics.push(
             target.platform,
             payload.kind(),
@@ -292,7 +307,6 @@ async fn push_until_done(
         report.last_push = Some(LastPush::from(&outcome));
         match outcome {
             PushOutcome::Delivered => {
-                *accepted = Some(SystemTime::now());
                 report.attempts.send_replace(attempt);
                 if target.platform.is_apns() || attempt >= max_attempts {
                     return Pushes::Over;
@@ -360,20 +374,32 @@ mod tests {
     use super::*;
 
     /// The first claim of a phone's notice tells it; a later one only
-    /// when its own call push was accepted at or after the first claim,
-    /// so the phone hears last that the call is over.
+    /// when its own call push left at or after the first claim, so the
+    /// phone hears last that the call is over, or when it rang the phone
+    /// under another push key than the first claimant's.
     #[test]
     fn a_phone_is_told_by_the_first_claim_and_after_a_later_push() {
         let at = |us: u64| std::time::UNIX_EPOCH + Duration::from_micros(us);
-        assert!(tells(None, at(1_000)), "the first claim");
+        let first = FirstClaim {
+            at: 2_000,
+            push_key: "k.1".to_owned(),
+        };
+        assert!(tells(None, "k.1", at(1_000)), "the first claim");
         assert!(
-            !tells(Some(2_000), at(1_999)),
+            !tells(Some(&first), "k.1", at(1_999)),
             "pushed before the first claim"
         );
-        assert!(tells(Some(2_000), at(2_000)), "pushed as it was claimed");
         assert!(
-            tells(Some(2_000), at(2_300)),
+            tells(Some(&first), "k.1", at(2_000)),
+            "pushed as it was claimed"
+        );
+        assert!(
+            tells(Some(&first), "k.1", at(2_300)),
             "pushed after the first notice"
+        );
+        assert!(
+            tells(Some(&first), "k.2", at(1_000)),
+            "rung under another key"
         );
     }
 

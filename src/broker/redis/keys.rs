@@ -6,7 +6,8 @@
 //! `cn:{<call key>}:meta` the record's format version, the account that
 //! owns the key and the call's stamp (`1 42 1733250000000`, see [`meta`]),
 //! `cn:{<call key>}:holders` the hold ids of the requests that ring the
-//! call (see [`holders_key`]), and
+//! call (see [`holders_key`]), `cn:{<call key>}:told:<stamp>` the first
+//! claim of each phone's `call_ended` notice (see [`told_key`]), and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
@@ -479,8 +480,8 @@ return before
 /// Claims a phone's `call_ended` notice
 /// ([`crate::broker::CallBroker::claim_notice`]): in the hash KEYS[1]
 /// ([`told_key`]), the first claim for push token ARGV[1], ARGV[2] being
-/// the claim: when it was made (Unix µs) and an id of its own, spaced; the
-/// hash kept ARGV[3] ms. Returns the first claim, nil when this one is the
+/// the claim: when it was made (Unix µs), an id of its own and the push
+/// key its request rang the phone under, spaced; the hash kept ARGV[3] ms. Returns the first claim, nil when this one is the
 /// first. A claim that finds itself is the first: the client sends a
 /// script again when the connection dropped before its reply, and that
 /// claim must not read its own run as another request's (its phone would

@@ -61,9 +61,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::{
-    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, HangUp, Held, Holds,
-    Joined, Left, Message, NoticeClaim, Opening, Phase, Record, Release, Stamp, Stored, Verdict,
-    Wait, Waiters,
+    candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, FirstClaim, HangUp, Held,
+    Holds, Joined, Left, Message, NoticeClaim, Opening, Phase, Record, Release, Stamp, Stored,
+    Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -610,17 +610,25 @@ impl CallBroker for RedisBroker {
             .await
     }
 
-    async fn claim_notice(&self, claim: &NoticeClaim<'_>) -> Result<Option<i64>, BrokerError> {
+    async fn claim_notice(
+        &self,
+        claim: &NoticeClaim<'_>,
+    ) -> Result<Option<FirstClaim>, BrokerError> {
         let shared = &self.shared;
         let keys = [keys::told_key(claim.call, claim.stamp)];
         let args = [
             claim.device.to_owned(),
-            format!("{} {}", claim.at, shared.next_id()),
+            format!("{} {} {}", claim.at, shared.next_id(), claim.push_key),
             claim.kept.as_millis().to_string(),
         ];
         let first: Option<String> = shared.script(&shared.told, &keys, &args, false).await?;
-        // The first claim's time; an unreadable one is no claim.
-        Ok(first.and_then(|first| first.split(' ').next()?.parse().ok()))
+        // An unreadable first claim is no claim.
+        Ok(first.and_then(|first| {
+            let mut words = first.splitn(3, ' ');
+            let at = words.next()?.parse().ok()?;
+            let push_key = words.nth(1)?.to_owned();
+            Some(FirstClaim { at, push_key })
+        }))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -872,11 +880,11 @@ mod tests {
                 first
             }
         };
-        assert_eq!(run("1000 a.1").await, None, "the first claim");
-        assert_eq!(run("1000 a.1").await, None, "the first claim, sent again");
+        assert_eq!(run("1000 a.1 k").await, None, "the first claim");
+        assert_eq!(run("1000 a.1 k").await, None, "the first claim, sent again");
         assert_eq!(
-            run("1000 b.1").await.as_deref(),
-            Some("1000 a.1"),
+            run("1000 b.1 k").await.as_deref(),
+            Some("1000 a.1 k"),
             "another request's claim in the same microsecond"
         );
     }
