@@ -38,7 +38,7 @@
 //!   Once, however many requests ring the call: each request's [`Call`]
 //!   steps the end it learns of, and the device's schedule claims the
 //!   phone's notice in the broker before it leaves
-//!   (`broker::CallBroker::claim_notice`), so a PBX retry that joined the
+//!   (`broker::CallBroker::claim`), so a PBX retry that joined the
 //!   call, here or on another instance, does not tell the phone again,
 //!   unless its own call push came back at or after the first claim (the
 //!   phone must hear last that the call is over) or rang the phone under

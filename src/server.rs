@@ -80,9 +80,9 @@ impl Server {
 
 /// Beyond `--push-timeout-ms`, what the last `call_ended` notices of a
 /// drain may take to be handed to the push client once their calls ended:
-/// their claims in the broker (each within the last word's 250 ms), and
-/// a little more.
-const NOTICE_MARGIN: Duration = Duration::from_millis(450);
+/// their claims in the broker (each within [`crate::calls::LAST_WORD`]),
+/// and 200 ms more for the tasks to get there.
+const NOTICE_MARGIN: Duration = crate::calls::LAST_WORD.saturating_add(Duration::from_millis(200));
 
 impl Running {
     /// The base URL to reach it, e.g. `http://127.0.0.1:40123`.

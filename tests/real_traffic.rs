@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use call_notifier::broker::NoticeClaim;
+use call_notifier::broker::PhoneClaim;
 use call_notifier::lifecycle::{Phase, Stored};
 use call_notifier::push::recording::Recorded;
 use call_notifier::store::EndReason;
@@ -642,14 +642,29 @@ async fn a_call_id_that_begins_with_a_brace_rings_answers_and_cancels() {
     .await;
 }
 
-/// The call pushes of `token` so far that are an attempt 1: one per request
-/// that rang it.
-fn first_attempts(server: &TestServer, token: &str) -> Vec<f64> {
-    server
-        .calls_to(token)
+/// Parks a PBX retry of the call `key` of `user` on `retrier`, and waits
+/// until it has joined the call: its push schedules have started, though
+/// a retry pushes nothing the first request sent.
+async fn park_retry(retrier: &TestServer, user: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
+    let state = retrier.running.state.clone();
+    let before = state.parking.schedules();
+    let retry = retrier.client.park(user, key);
+    let joined = eventually(PUSH_BOUND, || async { state.parking.schedules() > before }).await;
+    assert!(
+        joined,
+        "{}: the retry joined the call",
+        retrier.backend.name()
+    );
+    retry
+}
+
+/// The attempt numbers of the call pushes to `token` from `servers`, in
+/// the order each sent them, one server after the other.
+fn attempts_to(servers: &[&TestServer], token: &str) -> Vec<u32> {
+    servers
         .iter()
-        .filter(|push| push.payload.attempt() == Some(1))
-        .map(start_time_of)
+        .flat_map(|server| server.calls_to(token))
+        .filter_map(|push| push.payload.attempt())
         .collect()
 }
 
@@ -657,6 +672,8 @@ fn first_attempts(server: &TestServer, token: &str) -> Vec<f64> {
 /// answer counts: both requests hear NAK at the call's deadline, and each
 /// phone is told `timed_out` once, by the last request to let go. Before,
 /// each request told the phones, and the retry rang on to its own deadline.
+/// The retry rings no phone again: each gets attempts 1, 2 and 3 once,
+/// from the first request (before, the retry sent its own 1 and 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pbx_retry_times_out_with_the_call_it_joined() {
     on_every_backend(|backend| async move {
@@ -671,10 +688,9 @@ async fn a_pbx_retry_times_out_with_the_call_it_joined() {
         let key = call_id();
         let first = server.client.park(&user, &key);
         server.call_push("late-a", &format!("{key}.1")).await;
-        // The retry comes 2.5 s in: its pushes at 2.5 and 3.5 s fall within
-        // the call's 4 s; its third, at 4.5 s, would not.
+        // The retry comes 2.5 s in, after the first request's last push.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let retry = server.client.park(&user, &key);
+        let retry = park_retry(&server, &user, &key).await;
         let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
         assert_eq!(first.body, "status=NAK", "{}", backend.name());
         assert_eq!(retry.body, "status=NAK", "{}", backend.name());
@@ -682,15 +698,9 @@ async fn a_pbx_retry_times_out_with_the_call_it_joined() {
         server.running.state.parking.schedules_done().await;
         for (token, leg) in [("late-a", 1), ("late-b", 2)] {
             assert_eq!(
-                first_attempts(&server, token).len(),
-                2,
-                "{}: both requests rang {token}",
-                backend.name()
-            );
-            assert_eq!(
-                server.calls_to(token).len(),
-                5,
-                "{}: {token}: three pushes of the first request, two of the retry",
+                attempts_to(&[&server], token),
+                [1, 2, 3],
+                "{}: {token}: the first request's three pushes, once each",
                 backend.name()
             );
             assert_eq!(
@@ -717,9 +727,9 @@ async fn a_pbx_retry_times_out_with_the_call_it_joined() {
 
 /// A PBX's first request for the call on `server`, and its retry on
 /// `retrier` (with Redis, another instance: behind a load balancer a retry
-/// seldom reaches the first request's): once the retry has rung both
-/// phones of `tokens` too, the first request's PBX hangs up. Returns the
-/// first request's pushes and the retry, once the first is let go.
+/// seldom reaches the first request's): once the retry has joined the
+/// call, the first request's PBX hangs up. Returns the first request's
+/// pushes and the retry, once the first is let go.
 async fn first_and_retry(
     server: &TestServer,
     retrier: &TestServer,
@@ -732,25 +742,22 @@ async fn first_and_retry(
     for (n, token) in tokens.iter().enumerate() {
         pushes.push(server.call_push(token, &format!("{key}.{}", n + 1)).await);
     }
-    // On one instance both requests' pushes are on its pusher.
-    let rang = if std::ptr::eq(server, retrier) { 2 } else { 1 };
-    let retry = retrier.client.park(user, key);
-    let joined = eventually(PUSH_BOUND, || async {
-        tokens
-            .iter()
-            .all(|token| first_attempts(retrier, token).len() == rang)
-    })
-    .await;
-    assert!(
-        joined,
-        "{}: the retry rang both phones",
-        server.backend.name()
-    );
+    let retry = park_retry(retrier, user, key).await;
+    hang_up_first(server, retrier, first).await;
+    (pushes, retry)
+}
+
+/// The first request's PBX hangs up while its retry on `retrier` rings on:
+/// returns once the first request's instance has let go of the call, the
+/// hang-up stored (its pushes' schedules end only once the broker says
+/// whether the call is over).
+async fn hang_up_first(
+    server: &TestServer,
+    retrier: &TestServer,
+    first: tokio::task::JoinHandle<Reply>,
+) {
     first.abort();
     let _ = first.await;
-    // The first request's instance has let go of the call, the hang-up
-    // stored: its pushes' schedules end only once the broker says whether
-    // the call is over.
     let state = server.running.state.clone();
     let parked = usize::from(std::ptr::eq(server, retrier));
     let let_go = eventually(PUSH_BOUND, || async { state.parking.parked() == parked }).await;
@@ -766,7 +773,26 @@ async fn first_and_retry(
         )
         .await;
     }
-    (pushes, retry)
+}
+
+/// Waits until the PBX retry alone pushes `token` again (a push after
+/// those `servers` sent so far), and checks that the phone got each
+/// attempt number once, the first once.
+async fn retry_pushes_on(servers: &[&TestServer], token: &str) {
+    let name = servers[0].backend.name();
+    let before = attempts_to(servers, token).len();
+    let next = eventually(PUSH_BOUND, || async {
+        attempts_to(servers, token).len() > before
+    })
+    .await;
+    assert!(next, "{name}: the retry pushed {token} on");
+    let mut attempts = attempts_to(servers, token);
+    attempts.sort_unstable();
+    let mut once = attempts.clone();
+    once.dedup();
+    assert_eq!(attempts, once, "{name}: {token}: each attempt once");
+    assert_eq!(attempts[0], 1, "{name}: {token}: {attempts:?}");
+    assert!(attempts.len() > 1, "{name}: {token}: {attempts:?}");
 }
 
 /// The `call_ended` notices to `token` from both instances (one, in
@@ -794,6 +820,16 @@ async fn a_retry_rings_on_when_the_first_request_hangs_up(
     let user = account(server, &tokens).await;
     let key = call_id();
     let (pushes, retry) = first_and_retry(server, retrier, &user, &key, tokens).await;
+    // The retry's pushes go on from the next number: no phone gets a
+    // second attempt 1.
+    let both: &[&TestServer] = if std::ptr::eq(server, retrier) {
+        &[server]
+    } else {
+        &[server, retrier]
+    };
+    for token in tokens {
+        retry_pushes_on(both, token).await;
+    }
     let answer = server
         .client
         .call_response(&format!("{key}.1"), start_time_of(&pushes[0]), true)
@@ -909,6 +945,149 @@ async fn the_last_request_to_hang_up_ends_the_call_on_any_instance() {
     .await;
 }
 
+/// Two live requests on one call, with Redis on two instances: a server
+/// waiting 4 s and pushing every second (attempts 1 to 3), and the
+/// instance a PBX retry reaches (in process, the same one).
+async fn two_instances(backend: &Backend) -> (TestServer, Option<TestServer>) {
+    let short = |c: &mut call_notifier::config::Config| {
+        c.max_devices_per_account = 3;
+        c.wait_ms = 4000;
+        c.resend_interval_ms = 1000;
+    };
+    let server = start(backend, short).await;
+    let other = match backend.redis_url() {
+        Some(_) => Some(start(backend, short).await),
+        None => None,
+    };
+    (server, other)
+}
+
+/// A PBX retry that joins a ringing call rings no phone again: the iPhone
+/// gets one VoIP push (APNs accepted it, and iOS makes the app report
+/// every VoIP push to CallKit as a call), the Android phone each attempt
+/// once, from whichever request claimed it first. Before, the retry
+/// pushed both phones from attempt 1 again: a second call on the iPhone,
+/// five pushes to the Android phone where the schedule allows three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_retry_rings_no_phone_again() {
+    on_every_backend(|backend| async move {
+        let (server, other) = two_instances(&backend).await;
+        let retrier = other.as_ref().unwrap_or(&server);
+        let both: Vec<&TestServer> = [Some(&server), other.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let name = backend.name();
+        let user = sip_user_id();
+        let (iphone, android) = ("a9a1a9a1f00d", "again-android");
+        for (platform, token) in [("apns", iphone), ("android", android)] {
+            let registered = server.client.register(platform, &user, token).await;
+            assert_eq!(registered, StatusCode::CREATED, "{name}: {platform}");
+        }
+        let key = call_id();
+        let first = server.client.park(&user, &key);
+        server.call_push(iphone, &format!("{key}.1")).await;
+        let push = server.call_push(android, &format!("{key}.2")).await;
+        let retry = park_retry(retrier, &user, &key).await;
+        // Past both requests' resend ticks: the last attempt has left.
+        let last = eventually(PUSH_BOUND, || async {
+            attempts_to(&both, android).contains(&3)
+        })
+        .await;
+        assert!(last, "{name}: the Android phone's attempt 3");
+        let answer = server
+            .client
+            .call_response(&format!("{key}.2"), start_time_of(&push), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
+        assert_eq!(first.await.unwrap().body, "status=ACK", "{name}");
+        assert_eq!(retry.await.unwrap().body, "status=ACK", "{name}");
+        for server in &both {
+            server.running.state.parking.schedules_done().await;
+        }
+        assert_eq!(attempts_to(&both, iphone), [1], "{name}: one VoIP push");
+        let mut attempts = attempts_to(&both, android);
+        attempts.sort_unstable();
+        assert_eq!(attempts, [1, 2, 3], "{name}: each attempt once");
+    })
+    .await;
+}
+
+/// A phone that declined before a PBX retry joined the call on another
+/// instance stays out: the retry rings on alone once the first request's
+/// PBX hangs up, pushes the other phone from the next attempt, and neither
+/// pushes the decliner nor tells it the call is over when the other phone
+/// takes it. Before, the retry's instance never heard of the decline (it
+/// was published before it subscribed): it pushed the decliner again and
+/// told it `answered_elsewhere`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decline_before_a_retry_joined_keeps_that_phone_out() {
+    on_every_backend(|backend| async move {
+        let (server, other) = two_instances(&backend).await;
+        let retrier = other.as_ref().unwrap_or(&server);
+        let both: Vec<&TestServer> = [Some(&server), other.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let name = backend.name();
+        let tokens = ["out-a", "out-b"];
+        let user = account(&server, &tokens).await;
+        let key = call_id();
+        let first = server.client.park(&user, &key);
+        let push = server.call_push(tokens[0], &format!("{key}.1")).await;
+        let declined = server.call_push(tokens[1], &format!("{key}.2")).await;
+        let decline = server
+            .client
+            .call_response(&format!("{key}.2"), start_time_of(&declined), false)
+            .await;
+        assert_eq!(
+            decline.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            decline.body
+        );
+        // The decliner's schedule is over.
+        let state = server.running.state.clone();
+        let out = eventually(PUSH_BOUND, || async { state.parking.schedules() == 1 }).await;
+        assert!(out, "{name}: the decline taken in");
+        let retry = park_retry(retrier, &user, &key).await;
+        hang_up_first(&server, retrier, first).await;
+        // The retry, alone now, rings the phone still ringing.
+        retry_pushes_on(&both, tokens[0]).await;
+        let answer = server
+            .client
+            .call_response(&format!("{key}.1"), start_time_of(&push), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
+        assert_eq!(retry.await.unwrap().body, "status=ACK", "{name}");
+        for server in &both {
+            server.running.state.parking.schedules_done().await;
+        }
+        assert_eq!(
+            attempts_to(&both, tokens[1]),
+            [1],
+            "{name}: the decliner rang once"
+        );
+        for token in tokens {
+            assert!(
+                notices_from_both(&server, retrier, token).is_empty(),
+                "{name}: {token} answered, so it is told nothing"
+            );
+        }
+    })
+    .await;
+}
+
 /// How a call that two live requests ring comes to its end.
 #[derive(Debug, Clone, Copy)]
 enum Ending {
@@ -931,18 +1110,8 @@ enum Ending {
 async fn a_call_two_live_requests_ring_tells_each_phone_once() {
     on_every_backend(|backend| async move {
         // A short wait, so the deadline comes soon; one push a second.
-        let short = |c: &mut call_notifier::config::Config| {
-            c.max_devices_per_account = 3;
-            c.wait_ms = 3000;
-            c.resend_interval_ms = 1000;
-        };
-        let server = start(&backend, short).await;
-        let other = match backend.redis_url() {
-            Some(_) => Some(start(&backend, short).await),
-            None => None,
-        };
+        let (server, other) = two_instances(&backend).await;
         let retrier = other.as_ref().unwrap_or(&server);
-        let rang = if other.is_some() { 1 } else { 2 };
         for ending in [Ending::Answer, Ending::Cancel, Ending::Timeout] {
             let name = format!("{}, {ending:?}", backend.name());
             let tokens = [format!("live-{ending:?}-a"), format!("live-{ending:?}-b")];
@@ -952,14 +1121,7 @@ async fn a_call_two_live_requests_ring_tells_each_phone_once() {
             let first = server.client.park(&user, &key);
             let push = server.call_push(tokens[0], &format!("{key}.1")).await;
             server.call_push(tokens[1], &format!("{key}.2")).await;
-            let retry = retrier.client.park(&user, &key);
-            let joined = eventually(PUSH_BOUND, || async {
-                tokens
-                    .iter()
-                    .all(|token| first_attempts(retrier, token).len() == rang)
-            })
-            .await;
-            assert!(joined, "{name}: the retry rang both phones");
+            let retry = park_retry(retrier, &user, &key).await;
 
             let (reply, reason) = match ending {
                 Ending::Answer => {
@@ -1031,8 +1193,8 @@ async fn a_notice_is_claimed_once_per_phone_and_call() {
         let claim = |stamp, token: &'static str, push_key: &'static str| {
             let key = key.clone();
             async move {
-                match NoticeClaim::new(&key, stamp, token, push_key) {
-                    Some(claim) => broker.claim_notice(&claim).await.unwrap(),
+                match PhoneClaim::notice(&key, stamp, token, push_key) {
+                    Some(claim) => broker.claim(&claim).await.unwrap(),
                     None => panic!("a claim on a call that rings"),
                 }
             }
@@ -1062,7 +1224,7 @@ async fn a_notice_is_claimed_once_per_phone_and_call() {
         );
         let gone = now() - 70_001;
         assert!(
-            NoticeClaim::new(&key, gone, "claim-a", "k.1").is_none(),
+            PhoneClaim::notice(&key, gone, "claim-a", "k.1").is_none(),
             "{name}: a call whose tombstone would be gone has nothing to claim"
         );
         if let Some(url) = backend.redis_url() {

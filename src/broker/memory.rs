@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, NoticeClaim, Opening,
+    Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Opening, PhoneClaim,
     Record, Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
@@ -100,7 +100,7 @@ struct Records {
     /// The [`cancel_mark`]s left under a Call-ID, for [`CANCEL_REACH`].
     cancels: Expiring<Vec<String>>,
     /// When each `call_ended` notice was first claimed, by call, stamp and
-    /// phone ([`CallBroker::claim_notice`]). Each expires by its call's
+    /// phone ([`CallBroker::claim`]). Each expires by its call's
     /// deadline, not in the order claimed: one past its expiry may stay
     /// until every claim set before it has expired too (at most a wait
     /// later), but is never seen.
@@ -271,14 +271,20 @@ impl CallBroker for MemoryBroker {
             });
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: nothing to store.
-                let held = Held { generation, stamp };
+                let held = Held {
+                    generation,
+                    stamp,
+                    joined: true,
+                };
                 return Ok(Wait::held(key, news, held, ringer, release));
             }
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
             let replacing = existing.is_some();
             let existing_stamp = records.keys.get(key).map(|e| e.stamp);
-            let stamp = match claim(existing, call.account) {
+            let claimed = claim(existing, call.account);
+            let joined = claimed == Claim::Join;
+            let stamp = match claimed {
                 Claim::Join => existing_stamp,
                 Claim::New => {
                     let stored = records.store(key, &call);
@@ -302,7 +308,12 @@ impl CallBroker for MemoryBroker {
             let stamp = Some(stamp);
             self.shared.waiters.confirm(key, generation, stamp);
             self.shared.waiters.opened(key, generation);
-            let wait = Wait::held(key, news, Held { generation, stamp }, ringer, release);
+            let held = Held {
+                generation,
+                stamp,
+                joined,
+            };
+            let wait = Wait::held(key, news, held, ringer, release);
             if let Some(call_id) = leg_of {
                 let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
                 if !legs.contains(key) {
@@ -409,12 +420,9 @@ impl CallBroker for MemoryBroker {
         Ok(self.records().aliases.get(alias).cloned())
     }
 
-    async fn claim_notice(
-        &self,
-        claim: &NoticeClaim<'_>,
-    ) -> Result<Option<FirstClaim>, BrokerError> {
+    async fn claim(&self, claim: &PhoneClaim<'_>) -> Result<Option<FirstClaim>, BrokerError> {
         let told = &mut self.records().told;
-        let key = format!("{} {} {}", claim.call, claim.stamp, claim.device);
+        let key = format!("{} {} {}", claim.call, claim.stamp, claim.what);
         if let Some(first) = told.get(&key) {
             return Ok(Some(first.clone()));
         }

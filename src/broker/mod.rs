@@ -190,14 +190,18 @@ pub(crate) fn unix_micros(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-/// A claim, made now, of the `call_ended` notice to the phone whose push
-/// token is `device`, in the call under `call` stamped `stamp`, by a
-/// request that pushed it under `push_key` ([`CallBroker::claim_notice`]).
-#[derive(Debug, Clone, Copy)]
-pub struct NoticeClaim<'a> {
+/// A claim, made now, of something a phone is sent once in the call under
+/// `call` stamped `stamp`, however many of the call's requests ring it (a
+/// PBX retry joins the call, here or on another instance), by a request
+/// that pushes it under `push_key` ([`CallBroker::claim`]): `what` names
+/// it, the phone's push token for its `call_ended` notice
+/// ([`PhoneClaim::notice`]), `<token> <attempt>` for a numbered call push
+/// ([`PhoneClaim::push`]). A token holds no whitespace.
+#[derive(Debug, Clone)]
+pub struct PhoneClaim<'a> {
     pub call: &'a str,
     pub stamp: Stamp,
-    pub device: &'a str,
+    pub what: std::borrow::Cow<'a, str>,
     pub push_key: &'a str,
     /// When it is made, in Unix µs ([`unix_micros`]).
     pub at: i64,
@@ -208,15 +212,37 @@ pub struct NoticeClaim<'a> {
     pub kept: Duration,
 }
 
-impl<'a> NoticeClaim<'a> {
-    /// The claim, now; `None` once the call's tombstone would be gone:
-    /// there is nothing left to claim.
-    pub fn new(
+impl<'a> PhoneClaim<'a> {
+    /// The claim of the `call_ended` notice to the phone whose push token
+    /// is `token`; `None` once the call's tombstone would be gone: there is
+    /// nothing left to claim.
+    pub fn notice(
         call: &'a str,
         stamp: Stamp,
-        device: &'a str,
+        token: &'a str,
         push_key: &'a str,
-    ) -> Option<NoticeClaim<'a>> {
+    ) -> Option<PhoneClaim<'a>> {
+        Self::new(call, stamp, token.into(), push_key)
+    }
+
+    /// The claim of call push number `attempt` to the phone whose push
+    /// token is `token`, as [`PhoneClaim::notice`].
+    pub fn push(
+        call: &'a str,
+        stamp: Stamp,
+        token: &str,
+        attempt: u32,
+        push_key: &'a str,
+    ) -> Option<PhoneClaim<'a>> {
+        Self::new(call, stamp, format!("{token} {attempt}").into(), push_key)
+    }
+
+    fn new(
+        call: &'a str,
+        stamp: Stamp,
+        what: std::borrow::Cow<'a, str>,
+        push_key: &'a str,
+    ) -> Option<PhoneClaim<'a>> {
         let now = SystemTime::now();
         let tombstone = i64::try_from(TOMBSTONE.as_millis()).unwrap_or(i64::MAX);
         let kept = stamp
@@ -224,10 +250,10 @@ impl<'a> NoticeClaim<'a> {
             .saturating_sub(unix_millis(now));
         let kept = u64::try_from(kept).ok()?;
         let at = unix_micros(now);
-        (kept > 0).then(|| NoticeClaim {
+        (kept > 0).then(|| PhoneClaim {
             call,
             stamp,
-            device,
+            what,
             push_key,
             at,
             kept: Duration::from_millis(kept),
@@ -307,17 +333,15 @@ pub trait CallBroker: Send + Sync + 'static {
     /// `cancelled` as it opens.
     async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
 
-    /// Makes `claim`: `None` when it is the first of its phone in its
-    /// call, else that first one. A call that PBX
-    /// retries joined is rung by several requests, here and on other
-    /// instances, each pushing the same phones (under keys of its own
-    /// device list) and each learning of the call's end: the first to
-    /// claim a phone's notice tells it, the others need not (see
-    /// `calls::schedule`). By default every claim is the first.
-    async fn claim_notice(
-        &self,
-        _claim: &NoticeClaim<'_>,
-    ) -> Result<Option<FirstClaim>, BrokerError> {
+    /// Makes `claim`: `None` when it is the first of its kind for its
+    /// phone in its call, else that first one. A call that PBX retries
+    /// joined is rung by several requests, here and on other instances,
+    /// each ringing the same phones (under keys of its own device list)
+    /// and each learning of the call's end: the first to claim a call
+    /// push sends it, the first to claim a phone's notice tells it, the
+    /// others need not (see `calls::schedule`). By default every claim is
+    /// the first.
+    async fn claim(&self, _claim: &PhoneClaim<'_>) -> Result<Option<FirstClaim>, BrokerError> {
         Ok(None)
     }
 
@@ -419,6 +443,9 @@ pub(crate) struct Held {
     pub generation: u64,
     /// `None` when the store did not say (see [`Waiters::confirm`]).
     pub stamp: Option<Stamp>,
+    /// Whether the wait joined a call another request rang first (see
+    /// [`Wait::joined`]).
+    pub joined: bool,
 }
 
 impl Wait {
@@ -476,6 +503,13 @@ impl Wait {
     /// process's requests on the call to do so.
     pub(crate) fn stopped_last(&self) -> bool {
         self.ringer.0.is_none() && self.last_ringer
+    }
+
+    /// Whether this wait joined a call that another request, here or on
+    /// another instance, opened and rings (a PBX retry): that request
+    /// pushed the phones already, and pushes them on while it waits.
+    pub fn joined(&self) -> bool {
+        self.held.is_some_and(|held| held.joined)
     }
 
     /// The call's [`Stamp`], for a wait this crate's brokers opened.
@@ -562,6 +596,7 @@ mod tests {
         let held = Held {
             generation: 1,
             stamp: None,
+            joined: false,
         };
         let wait =
             |ringer: Ringer| Wait::held("k", news.clone(), held, ringer, Release::new(|| {}));

@@ -35,7 +35,7 @@ use crate::broker::BrokerError;
 /// an answer won it as its timer fired) before it answers NAK anyway: a
 /// Redis that hangs must not hold the PBX past its wait by more than this.
 /// A phone's `call_ended` notice waits for its claim no longer either.
-const LAST_WORD: Duration = Duration::from_millis(250);
+pub const LAST_WORD: Duration = Duration::from_millis(250);
 
 /// The broker's `step`, within [`LAST_WORD`]: one that hangs fails.
 async fn by_last_word<T>(

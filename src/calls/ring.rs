@@ -237,9 +237,10 @@ fn ring_devices(
             payload,
             report,
             steered,
-            schedule::Ending {
+            schedule::Joint {
                 call: call_key.clone(),
                 stamp: wait.stamp(),
+                joined: wait.joined(),
                 caller: caller.clone(),
             },
             state.parking.schedule(),
@@ -303,11 +304,8 @@ impl Ringing {
         let last = self.wait.stop_ringing();
         let mut effects = Vec::new();
         if let Some(before) = end_in_broker(state, &self.wait, reason).await {
-            for (device, stored) in before.devices.iter().enumerate() {
-                if let Some(available) = stored.answer {
-                    effects.extend(self.steering.call.step(Event::Answer { device, available }));
-                }
-            }
+            let stored = before.devices.iter().map(|device| device.answer);
+            effects.extend(answers_in_order(&mut self.steering.call, stored));
             // Cancelled elsewhere, and the message lost (a cut connection):
             // the phones hear `cancelled`, as they would have.
             if before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled) {
@@ -417,6 +415,31 @@ async fn end_in_broker(
     }
 }
 
+/// Steps each device's answer (`Some(available)`) in `answers`, by device
+/// index, into `call`: its declines first, then its take. The broker takes
+/// no answer once a phone has won the call, so a decline it holds beside
+/// the win came first; stepped after the win, the declining phone would
+/// be told `answered_elsewhere`, as if it were still ringing. Two answers
+/// reach a call at once when the subscriber reads both messages in one go,
+/// or the fallback check or the record reads them together.
+fn answers_in_order(
+    call: &mut Call,
+    answers: impl Iterator<Item = Option<bool>> + Clone,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for take in [false, true] {
+        for (device, answer) in answers.clone().enumerate() {
+            if answer == Some(take) {
+                effects.extend(call.step(Event::Answer {
+                    device,
+                    available: take,
+                }));
+            }
+        }
+    }
+    effects
+}
+
 /// The call's state machine and the devices it steers.
 struct Steering {
     call: Call,
@@ -432,19 +455,12 @@ struct Steering {
 }
 
 impl Steering {
-    /// Feeds the wait's news to the state machine: each device's answer,
-    /// then the cancel. A device's answer steps the machine once; a repeat
-    /// moves nothing.
+    /// Feeds the wait's news to the state machine: the devices' answers
+    /// ([`answers_in_order`]), then the cancel. A device's answer steps the
+    /// machine once; a repeat moves nothing.
     fn absorb(&mut self, news: &News) -> Vec<Effect> {
-        let mut effects = Vec::new();
-        for (device, answer) in news.answers.iter().enumerate() {
-            if let Some(answer) = answer {
-                effects.extend(self.call.step(Event::Answer {
-                    device,
-                    available: answer.available,
-                }));
-            }
-        }
+        let answers = news.answers.iter().map(|a| a.map(|a| a.available));
+        let mut effects = answers_in_order(&mut self.call, answers);
         if news.ended.is_some() {
             effects.extend(self.call.step(Event::Cancel));
         }
@@ -602,4 +618,35 @@ async fn within<T, E: std::fmt::Display>(
     state.metrics.error(component);
     tracing::error!(sip_user_id = call.sip_user_id, %error, "{what} failed; answering NAK");
     Err(Outcome::Nak(NakReason::Unavailable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::Course;
+
+    /// Phone 2's decline and phone 1's take reach the call together (one
+    /// read of the subscriber, the fallback check, the record): phone 2 is
+    /// out, not told that phone 1 took the call, whatever their order by
+    /// index.
+    #[test]
+    fn a_decline_that_reaches_the_call_with_the_take_is_stepped_first() {
+        for answers in [[Some(true), Some(false)], [Some(false), Some(true)]] {
+            let mut call = Call::ringing(2);
+            let effects = answers_in_order(&mut call, answers.into_iter());
+            assert!(
+                effects.contains(&Effect::Wake(Outcome::Ack)),
+                "{answers:?}: {effects:?}"
+            );
+            let decliner = answers.iter().position(|a| *a == Some(false)).unwrap();
+            let told = effects
+                .iter()
+                .any(|e| matches!(e, Effect::Steer(d, Course::Tell(_)) if *d == decliner));
+            assert!(
+                !told,
+                "{answers:?}: the decliner is told nothing: {effects:?}"
+            );
+            assert_eq!(call.winner(), answers.iter().position(|a| *a == Some(true)));
+        }
+    }
 }

@@ -17,7 +17,14 @@
 //! call is over before its call push has left; and only a course of
 //! [`Course::Tell`] sends the notice, to a phone that was pushed, once
 //! however many of the call's requests ring it (a PBX retry joins the
-//! call, here or on another instance, and pushes the same phones).
+//! call, here or on another instance, and rings the same phones).
+//!
+//! A phone gets each numbered call push once, however many requests ring
+//! it: a PBX retry that joined the call sends no first push (the request
+//! that opened the call sent it), and each later push goes from the first
+//! request to claim it in the broker ([`ours`]). So an iPhone rung by a
+//! retry gets no second VoIP push, and when the first request's PBX hangs
+//! up, the retry's pushes go on from the next number.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +35,7 @@ use tokio::time::Instant;
 use super::by_last_word;
 use super::history::HistoryRow;
 use super::parking::Scheduled;
-use crate::broker::{unix_micros, FirstClaim, NoticeClaim, Stamp};
+use crate::broker::{unix_micros, FirstClaim, PhoneClaim, Stamp};
 use crate::lifecycle::Course;
 use crate::logs::{redact, Escaped};
 use crate::push::{Payload, PushOutcome, PushTarget, Reason, NOTICE_TTL};
@@ -108,16 +115,20 @@ enum Pushes {
     TokenDead,
 }
 
-/// What a schedule needs to tell its phone that the call is over.
-pub(super) struct Ending {
-    /// The call's key and stamp, under which the notice is claimed
-    /// ([`crate::broker::CallBroker::claim_notice`]): a PBX retry's request,
-    /// here or on another instance, rings the same phone, and the phone
-    /// hears the end once. No stamp where the broker gave none (one outside
-    /// this crate, or a store that did not say): then the notice is not
-    /// claimed, and is sent.
+/// What a device's schedule has in common with the other requests that
+/// ring its call: a PBX retry joins the call, here or on another
+/// instance, and rings the same phones.
+pub(super) struct Joint {
+    /// The call's key and stamp, under which its pushes after the first
+    /// and its notice are claimed ([`crate::broker::CallBroker::claim`]),
+    /// so the phone gets each once. No stamp where the broker gave none
+    /// (one outside this crate, or a store that did not say): then nothing
+    /// is claimed, and everything is sent.
     pub call: Arc<str>,
     pub stamp: Option<Stamp>,
+    /// Whether this request joined the call another request opened
+    /// ([`crate::broker::Wait::joined`]): that one sent the first push.
+    pub joined: bool,
     /// What the iOS notice names.
     pub caller: String,
 }
@@ -133,20 +144,21 @@ pub(super) async fn ring_device(
     payload: Payload,
     mut report: Report,
     mut course: watch::Receiver<Course>,
-    ending: Ending,
+    joint: Joint,
     _scheduled: Scheduled,
 ) {
-    let mut last_sent = None;
+    let mut sent = Sent::default();
     let pushes = push_until_done(
         &state,
         &target,
         payload.clone(),
+        &joint,
         &mut report,
         &mut course,
-        &mut last_sent,
+        &mut sent,
     )
     .await;
-    let pushed = *report.attempts.borrow() > 0;
+    let pushed = *report.attempts.borrow() > 0 || sent.elsewhere;
     // The call pushes are over: what they came to is final, and dropping the
     // report says so to the call's history.
     drop(report);
@@ -156,10 +168,10 @@ pub(super) async fn ring_device(
     let Course::Tell(reason) = settled(&mut course).await else {
         return;
     };
-    let Some(last_sent) = last_sent.filter(|_| pushed) else {
+    if !pushed {
         // Never rung: nothing to take back.
         return;
-    };
+    }
     if !target.can_be_told() {
         // An iOS device without an alert token: a VoIP push must ring, so
         // its app learns from its call-response (410).
@@ -168,57 +180,128 @@ pub(super) async fn ring_device(
     let Payload::Call { unique_key, .. } = payload else {
         return;
     };
-    if !to_tell(&state, &ending, &target.token, &unique_key, last_sent).await {
+    if !to_tell(&state, &joint, &target.token, &unique_key, sent.last).await {
         return;
     }
+    // Rung only by another request, whose key the phone knows its call by.
+    let unique_key = match sent.last {
+        None => sent.key_elsewhere.unwrap_or(unique_key),
+        Some(_) => unique_key,
+    };
     let notice = Payload::CallEnded {
         unique_key,
         reason,
-        caller: ending.caller,
+        caller: joint.caller,
     };
     tell(&state, &target, &notice).await;
 }
 
 /// Whether this schedule tells its phone (push token `token`, rung under
-/// `push_key`) that the call is over, its last call push sent at
-/// `last_sent`. Every request of the call that rang the phone learns of
-/// the end; the first to claim the notice in the broker tells it, and
-/// another tells it too when its own call push left at or after that
-/// claim (the phone may have had that push after the first notice, and
-/// what it hears last from us must be that the call is over), or when it
-/// rang the phone under another push key (the account's devices changed
-/// between the requests: the first notice names a key the app may not
-/// know this push by). A broker that cannot say within
-/// [`super::LAST_WORD`] is taken for yes: a phone told twice is better
-/// than one never told.
+/// `push_key`) that the call is over, its last own call push sent at
+/// `last_sent` (`None`: it sent none, another request rang the phone).
+/// Every request of the call that rang the phone learns of the end; the
+/// first to claim the notice in the broker tells it, and another tells it
+/// too when its own call push left at or after that claim (the phone may
+/// have had that push after the first notice, and what it hears last from
+/// us must be that the call is over), or when it rang the phone under
+/// another push key (the account's devices changed between the requests:
+/// the first notice names a key the app may not know this push by). A
+/// broker that cannot say within [`super::LAST_WORD`] is taken for yes: a
+/// phone told twice is better than one never told.
 async fn to_tell(
     state: &AppState,
-    ending: &Ending,
+    joint: &Joint,
     token: &str,
     push_key: &str,
-    last_sent: SystemTime,
+    last_sent: Option<SystemTime>,
 ) -> bool {
-    let Some(claim) = ending
+    let claim = joint
         .stamp
-        .and_then(|stamp| NoticeClaim::new(&ending.call, stamp, token, push_key))
-    else {
-        return true;
+        .and_then(|stamp| PhoneClaim::notice(&joint.call, stamp, token, push_key));
+    match claimed(state, claim, "call_ended notice").await {
+        Claimed::First => true,
+        Claimed::Before(first) => tells(&first, push_key, last_sent),
+    }
+}
+
+/// What claiming something of a phone's found ([`claimed`]).
+enum Claimed {
+    /// This claim is the first, there is nothing to claim (no stamp), or
+    /// the broker could not say within [`super::LAST_WORD`].
+    First,
+    /// Another request's claim came first.
+    Before(FirstClaim),
+}
+
+/// Makes `claim` (of a `what`); a broker that fails or hangs counts as a
+/// first claim: the phone gets the thing twice rather than never.
+async fn claimed(state: &AppState, claim: Option<PhoneClaim<'_>>, what: &str) -> Claimed {
+    let Some(claim) = claim else {
+        return Claimed::First;
     };
-    match by_last_word(state.broker.claim_notice(&claim)).await {
-        Ok(first) => tells(first.as_ref(), push_key, last_sent),
+    match by_last_word(state.broker.claim(&claim)).await {
+        Ok(None) => Claimed::First,
+        Ok(Some(first)) => Claimed::Before(first),
         Err(e) => {
             state.metrics.error("broker");
-            tracing::warn!(error = %e, "cannot claim a call_ended notice; telling the phone anyway");
-            true
+            tracing::warn!(error = %e, "cannot claim a {what}; sending it anyway");
+            Claimed::First
         }
     }
 }
 
-/// Whether a phone rung under `push_key`, this schedule's last call push
-/// to it sent at `last_sent`, is told that the call is over, `first` being
-/// the first claim of its notice (`None`: this claim is; see [`to_tell`]).
-fn tells(first: Option<&FirstClaim>, push_key: &str, last_sent: SystemTime) -> bool {
-    first.is_none_or(|first| first.push_key != push_key || unix_micros(last_sent) >= first.at)
+/// Whether a phone rung under `push_key` is told that the call is over
+/// though another request claimed its notice `first`, this schedule's last
+/// own call push to it sent at `last_sent` (see [`to_tell`]). One that
+/// sent none tells nothing more: the phone heard the end from the request
+/// that rang it.
+fn tells(first: &FirstClaim, push_key: &str, last_sent: Option<SystemTime>) -> bool {
+    last_sent.is_some_and(|sent| first.push_key != push_key || unix_micros(sent) >= first.at)
+}
+
+/// Whether this request sends call push number `attempt` to the phone
+/// (push token `token`, rung under `push_key`): the first push is the
+/// opening request's, sent at once, never claimed (nothing more on the
+/// call's set-up); every later one goes from the first of the call's
+/// requests to claim it, so a phone rung by a PBX retry too gets each
+/// number once, and the retry's pushes go on from the next number when
+/// the first request stops. A broker that cannot say within
+/// [`super::LAST_WORD`] is taken for yes: a push sent twice is better than
+/// one never sent.
+async fn ours(
+    state: &AppState,
+    joint: &Joint,
+    token: &str,
+    push_key: &str,
+    attempt: u32,
+) -> Claimed {
+    if attempt == 1 {
+        return if joint.joined {
+            // Sent by the request that opened the call, when it opened it.
+            Claimed::Before(FirstClaim {
+                at: unix_micros(SystemTime::now()),
+                push_key: String::new(),
+            })
+        } else {
+            Claimed::First
+        };
+    }
+    let claim = joint
+        .stamp
+        .and_then(|stamp| PhoneClaim::push(&joint.call, stamp, token, attempt, push_key));
+    claimed(state, claim, "call push").await
+}
+
+/// The call pushes a schedule knows of.
+#[derive(Debug, Default)]
+struct Sent {
+    /// When the last of its own came back, whatever the push service said
+    /// (one that timed out may have reached the phone all the same).
+    last: Option<SystemTime>,
+    /// Whether another request of the call sent one of them (see [`ours`]).
+    elsewhere: bool,
+    /// The push key it sent the last of those under, where its claim said.
+    key_elsewhere: Option<String>,
 }
 
 /// The course once it is no longer [`Course::Ring`]. A course nobody steers
@@ -270,16 +353,15 @@ async fn tell(state: &AppState, target: &PushTarget, notice: &Payload) {
 }
 
 /// The call pushes, until the schedule is done or the course leaves
-/// [`Course::Ring`] between two pushes; `last_sent`: when the last of them
-/// came back, whatever the push service said (one that timed out may
-/// have reached the phone all the same).
+/// [`Course::Ring`] between two pushes; `sent`: what became of them.
 async fn push_until_done(
     state: &AppState,
     target: &PushTarget,
     mut payload: Payload,
+    joint: &Joint,
     report: &mut Report,
     course: &mut watch::Receiver<Course>,
-    last_sent: &mut Option<SystemTime>,
+    sent: &mut Sent,
 ) -> Pushes {
     let interval = state.config.resend_interval();
     let max_attempts = state.config.max_attempts();
@@ -289,15 +371,48 @@ async fn push_until_done(
         if *course.borrow() != Course::Ring {
             return Pushes::Over;
         }
-        if let Payload::Call {
-            attempt: number, ..
+        let Payload::Call {
+            attempt: number,
+            unique_key,
+            ..
         } = &mut payload
-        {
-            *number = attempt;
+        else {
+            unreachable!("a schedule rings with a call push");
+        };
+        *number = attempt;
+        let tick = Instant::now();
+        // A retry of a refused push keeps the number it claimed.
+        if retries == 0 {
+            if let Claimed::Before(first) =
+                ours(state, joint, &target.token, unique_key, attempt).await
+            {
+                // Another request of the call sent this one: the next is
+                // due an interval after it.
+                sent.elsewhere = true;
+                if !first.push_key.is_empty() {
+                    sent.key_elsewhere = Some(first.push_key);
+                }
+                if target.platform.is_apns() || attempt >= max_attempts {
+                    return Pushes::Over;
+                }
+                attempt += 1;
+                let ago = unix_micros(SystemTime::now()).saturating_sub(first.at);
+                let ago = Duration::from_micros(u64::try_from(ago).unwrap_or(0));
+                tokio::select! {
+                    _ = tokio::time::sleep(interval.saturating_sub(ago)) => {}
+                    _ = steered_out(course) => return Pushes::Over,
+                }
+                continue;
+            }
+            // The claim took a broker's round trip: the call may have
+            // ended meanwhile.
+            if *course.borrow() != Course::Ring {
+                return Pushes::Over;
+            }
         }
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, &payload).await;
-        *last_sent = Some(SystemTime::now());
+        sent.last = Some(SystemTime::now());
         state.metrics.push(
             target.platform,
             payload.kind(),
@@ -314,7 +429,7 @@ async fn push_until_done(
                 retries = 0;
                 attempt += 1;
                 tokio::select! {
-                    _ = tokio::time::sleep_until(sent_at + interval) => {}
+                    _ = tokio::time::sleep_until(tick + interval) => {}
                     _ = steered_out(course) => return Pushes::Over,
                 }
             }
@@ -384,22 +499,20 @@ mod tests {
             at: 2_000,
             push_key: "k.1".to_owned(),
         };
-        assert!(tells(None, "k.1", at(1_000)), "the first claim");
+        let at = |us: u64| Some(at(us));
         assert!(
-            !tells(Some(&first), "k.1", at(1_999)),
+            !tells(&first, "k.1", at(1_999)),
             "pushed before the first claim"
         );
+        assert!(tells(&first, "k.1", at(2_000)), "pushed as it was claimed");
         assert!(
-            tells(Some(&first), "k.1", at(2_000)),
-            "pushed as it was claimed"
-        );
-        assert!(
-            tells(Some(&first), "k.1", at(2_300)),
+            tells(&first, "k.1", at(2_300)),
             "pushed after the first notice"
         );
+        assert!(tells(&first, "k.2", at(1_000)), "rung under another key");
         assert!(
-            tells(Some(&first), "k.2", at(1_000)),
-            "rung under another key"
+            !tells(&first, "k.2", None),
+            "rung only by the first claimant, under its key"
         );
     }
 

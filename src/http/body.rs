@@ -224,9 +224,12 @@ impl Fields {
                 Some(at) => (&pair[..at], &pair[at + 1..]),
                 None => (pair, &b""[..]),
             };
-            let name = String::from_utf8(percent_decode(name)?)
-                .map_err(|_| ApiError::Malformed("a form field name is not UTF-8".into()))?;
-            let value = match String::from_utf8(percent_decode(value)?) {
+            // No field this service reads has such a name: ignored, as
+            // every field beyond those listed is.
+            let Ok(name) = String::from_utf8(percent_decode(name)) else {
+                continue;
+            };
+            let value = match String::from_utf8(percent_decode(value)) {
                 Ok(text) => Value::Text(text),
                 Err(_) => Value::NotUtf8,
             };
@@ -426,24 +429,29 @@ fn unix_seconds_text(text: &str) -> Option<f64> {
     in_form.then(|| unsigned.parse::<f64>().ok()).flatten()
 }
 
-/// Decodes `+` and `%XX` escapes of a form component into bytes.
-fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, ApiError> {
+/// Decodes `+` and `%XX` escapes of a form component into bytes. A `%`
+/// that begins no escape stays as it is, as the Django service read it
+/// (Python's `unquote`): a dialplan that posts a caller's name unescaped,
+/// `100% Sales`, rings as it did.
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
     let mut out = Vec::with_capacity(raw.len());
-    let mut bytes = raw.iter().copied();
-    while let Some(b) = bytes.next() {
+    let mut at = 0;
+    while let Some(&b) = raw.get(at) {
+        at += 1;
         match b {
             b'+' => out.push(b' '),
-            b'%' => {
-                let hex = |b: Option<u8>| b.and_then(|b| (b as char).to_digit(16));
-                match (hex(bytes.next()), hex(bytes.next())) {
-                    (Some(hi), Some(lo)) => out.push((hi * 16 + lo) as u8),
-                    _ => return Err(ApiError::Malformed("invalid %-escape in form body".into())),
+            b'%' => match (hex(raw.get(at)), hex(raw.get(at + 1))) {
+                (Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    at += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -533,6 +541,18 @@ mod tests {
             assert!(json(bad).optional_sip_user_id().is_err(), "{bad}");
         }
         assert!(form("sip_user_id=").optional_sip_user_id().is_err());
+    }
+
+    /// As Django read a form: a `%` that begins no escape is text, and a
+    /// field whose name is not UTF-8 is one more field nobody reads.
+    #[test]
+    fn a_stray_percent_sign_is_text() {
+        let f = form("caller_id=100%25+%zz+1%&%FF=x&phonenumber=%2");
+        assert_eq!(
+            f.text("caller_id", 255).unwrap().as_deref(),
+            Some("100% %zz 1%")
+        );
+        assert_eq!(f.text("phonenumber", 32).unwrap().as_deref(), Some("%2"));
     }
 
     #[test]

@@ -118,7 +118,10 @@ impl Shared {
     /// metas, and hands each to its waiters if it is the call they wait
     /// on: a newer call under a reused key is not (its stamp differs), nor
     /// is anything to a slot opened under the key since it was listed.
-    async fn read_stored(&self, keys: &[(Arc<str>, Option<Stamp>)]) -> Result<(), BrokerError> {
+    pub(super) async fn read_stored(
+        &self,
+        keys: &[(Arc<str>, Option<Stamp>)],
+    ) -> Result<(), BrokerError> {
         let names: Vec<String> = keys
             .iter()
             .flat_map(|(k, _)| [state_key(k), meta_key(k)])

@@ -7,7 +7,8 @@
 //! owns the key and the call's stamp (`1 42 1733250000000`, see [`meta`]),
 //! `cn:{<call key>}:holders` the hold ids of the requests that ring the
 //! call (see [`holders_key`]), `cn:{<call key>}:told:<stamp>` the first
-//! claim of each phone's `call_ended` notice (see [`told_key`]), and
+//! claim of each phone's `call_ended` notice and of each call push after
+//! the first (see [`told_key`]), and
 //! `cn:{<push key>}` a device's pointer to it (`to <n> <call key>`) when the
 //! call rings several devices; `cn:{<call key>}:answer` is the call's
 //! channel; `cn:legs:{<call_id>}` the set of leg keys opened for a Call-ID
@@ -79,11 +80,12 @@ pub fn holders_key(key: &str) -> String {
     format!("cn:{{{}}}:holders", Tag(key))
 }
 
-/// The Redis key (a hash) of the `call_ended` notices claimed in `key`'s
-/// call stamped `stamp`: by each phone's push token, the first of the
-/// call's requests' claims of it ([`TOLD_SCRIPT`]). In the
+/// The Redis key (a hash) of the `call_ended` notices and numbered call
+/// pushes claimed in `key`'s call stamped `stamp`: by each phone's push
+/// token (and the push's number), the first of the call's requests'
+/// claims of it ([`TOLD_SCRIPT`]). In the
 /// call's slot; kept until the call's tombstone would be gone
-/// ([`crate::broker::NoticeClaim::kept`]).
+/// ([`crate::broker::PhoneClaim::kept`]).
 pub fn told_key(key: &str, stamp: Stamp) -> String {
     format!("cn:{{{}}}:told:{stamp}", Tag(key))
 }
@@ -477,9 +479,10 @@ redis.call('DEL', KEYS[3])
 return before
 "#;
 
-/// Claims a phone's `call_ended` notice
-/// ([`crate::broker::CallBroker::claim_notice`]): in the hash KEYS[1]
-/// ([`told_key`]), the first claim for push token ARGV[1], ARGV[2] being
+/// Claims a phone's `call_ended` notice, or one numbered call push to it
+/// ([`crate::broker::CallBroker::claim`]): in the hash KEYS[1]
+/// ([`told_key`]), the first claim of ARGV[1] (the push token, or
+/// `<token> <attempt>`; [`crate::broker::PhoneClaim`]), ARGV[2] being
 /// the claim: when it was made (Unix µs), an id of its own and the push
 /// key its request rang the phone under, spaced; the hash kept ARGV[3] ms. Returns the first claim, nil when this one is the
 /// first. A claim that finds itself is the first: the client sends a

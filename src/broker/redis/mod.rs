@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 use super::{
     candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, FirstClaim, HangUp, Held,
-    Holds, Joined, Left, Message, NoticeClaim, Opening, Phase, Record, Release, Stamp, Stored,
+    Holds, Joined, Left, Message, Opening, Phase, PhoneClaim, Record, Release, Stamp, Stored,
     Verdict, Wait, Waiters,
 };
 use crate::store::EndReason;
@@ -392,7 +392,11 @@ impl CallBroker for RedisBroker {
             };
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: stored already.
-                let held = Held { generation, stamp };
+                let held = Held {
+                    generation,
+                    stamp,
+                    joined: true,
+                };
                 return Ok(Wait::held(key, news, held, ringer, release));
             }
             if first {
@@ -412,8 +416,9 @@ impl CallBroker for RedisBroker {
             // An error, or this future dropped, from here on: the script
             // may have stored the call or joined it, and leaving takes the
             // hold back (ending the call only if nobody else holds it).
-            let stamp = match shared.claim(key, &call, &hold).await? {
-                Claimed::Ours(stamp) => stamp,
+            let (stamp, joined) = match shared.claim(key, &call, &hold).await? {
+                Claimed::Ours(stamp) => (stamp, false),
+                Claimed::Joined(stamp) => (stamp, true),
                 // Not ours (or not stored): leaving must not end the call
                 // that holds the key.
                 Claimed::Taken => {
@@ -422,6 +427,16 @@ impl CallBroker for RedisBroker {
                 }
             };
             shared.waiters.confirm(key, generation, stamp);
+            if joined {
+                // What reached the call before this process subscribed (a
+                // phone's decline, above all) is only in its record.
+                if let Err(e) = shared
+                    .read_stored(&[(Arc::from(key.as_str()), stamp)])
+                    .await
+                {
+                    tracing::warn!(unique_key = %crate::logs::Escaped(key), error = %e, "cannot read the answers of the call a PBX retry joined; its declines reach this retry only by a later answer or its end");
+                }
+            }
             if let Some(call_id) = leg_of {
                 let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
                 match shared
@@ -448,7 +463,11 @@ impl CallBroker for RedisBroker {
                 }
             }
             shared.waiters.opened(key, generation);
-            let held = Held { generation, stamp };
+            let held = Held {
+                generation,
+                stamp,
+                joined,
+            };
             return Ok(Wait::held(key, news, held, ringer, release));
         }
         Err(unavailable("no free key for the call"))
@@ -610,14 +629,11 @@ impl CallBroker for RedisBroker {
             .await
     }
 
-    async fn claim_notice(
-        &self,
-        claim: &NoticeClaim<'_>,
-    ) -> Result<Option<FirstClaim>, BrokerError> {
+    async fn claim(&self, claim: &PhoneClaim<'_>) -> Result<Option<FirstClaim>, BrokerError> {
         let shared = &self.shared;
         let keys = [keys::told_key(claim.call, claim.stamp)];
         let args = [
-            claim.device.to_owned(),
+            claim.what.to_string(),
             format!("{} {} {}", claim.at, shared.next_id(), claim.push_key),
             claim.kept.as_millis().to_string(),
         ];
@@ -650,10 +666,13 @@ impl CallBroker for RedisBroker {
 
 /// What [`Shared::claim`] found.
 enum Claimed {
-    /// The key holds this call, or the ringing call it joined, under this
-    /// stamp (`None`: unreadable, a reply the open script never gives;
-    /// the wait then takes any news on the key, as before stamps).
+    /// The key holds this call under this stamp (`None`: unreadable, a
+    /// reply the open script never gives; the wait then takes any news on
+    /// the key, as before stamps).
     Ours(Option<Stamp>),
+    /// The key holds the ringing call this one joined (a PBX retry), under
+    /// this stamp.
+    Joined(Option<Stamp>),
     /// Another call's record or pointer holds the key.
     Taken,
 }
@@ -714,7 +733,7 @@ impl Shared {
         }
         if let Some(joined) = opened.strip_prefix("join ") {
             // Joined as it is, pointers and all.
-            return Ok(Claimed::Ours(keys::parse_stamp(joined)));
+            return Ok(Claimed::Joined(keys::parse_stamp(joined)));
         }
         let stamp = opened.strip_prefix("new ").and_then(keys::parse_stamp);
         let count = call.devices.len();
@@ -909,8 +928,8 @@ mod tests {
         let (key, call) = (key.as_str(), &call);
         let claim = |hold: &'static str| async move {
             match shared.claim(key, call, hold).await {
-                Ok(Claimed::Ours(Some(stamp))) => stamp,
-                Ok(Claimed::Ours(None)) => panic!("{hold}: no stamp"),
+                Ok(Claimed::Ours(Some(stamp)) | Claimed::Joined(Some(stamp))) => stamp,
+                Ok(Claimed::Ours(None) | Claimed::Joined(None)) => panic!("{hold}: no stamp"),
                 Ok(Claimed::Taken) => panic!("{hold}: taken"),
                 Err(e) => panic!("{hold}: {e}"),
             }
