@@ -798,11 +798,21 @@ async fn retry_pushes_on(servers: &[&TestServer], token: &str) {
 /// The `call_ended` notices to `token` from both instances (one, in
 /// process).
 fn notices_from_both(server: &TestServer, other: &TestServer, token: &str) -> Vec<EndReason> {
-    let mut notices: Vec<EndReason> = server.notices_to(token).into_iter().map(|n| n.1).collect();
-    if !std::ptr::eq(server, other) {
-        notices.extend(other.notices_to(token).into_iter().map(|n| n.1));
+    instances(server, other)
+        .iter()
+        .flat_map(|instance| instance.notices_to(token))
+        .map(|notice| notice.1)
+        .collect()
+}
+
+/// The instances a call's requests are on: `server`, the first request's,
+/// and `retrier`, the retry's, when it is another.
+fn instances<'a>(server: &'a TestServer, retrier: &'a TestServer) -> Vec<&'a TestServer> {
+    if std::ptr::eq(server, retrier) {
+        vec![server]
+    } else {
+        vec![server, retrier]
     }
-    notices
 }
 
 /// A PBX retry (a second request for the ringing call, same account and
@@ -822,13 +832,8 @@ async fn a_retry_rings_on_when_the_first_request_hangs_up(
     let (pushes, retry) = first_and_retry(server, retrier, &user, &key, tokens).await;
     // The retry's pushes go on from the next number: no phone gets a
     // second attempt 1.
-    let both: &[&TestServer] = if std::ptr::eq(server, retrier) {
-        &[server]
-    } else {
-        &[server, retrier]
-    };
     for token in tokens {
-        retry_pushes_on(both, token).await;
+        retry_pushes_on(&instances(server, retrier), token).await;
     }
     let answer = server
         .client
@@ -973,10 +978,7 @@ async fn a_pbx_retry_rings_no_phone_again() {
     on_every_backend(|backend| async move {
         let (server, other) = two_instances(&backend).await;
         let retrier = other.as_ref().unwrap_or(&server);
-        let both: Vec<&TestServer> = [Some(&server), other.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let both = instances(&server, retrier);
         let name = backend.name();
         let user = sip_user_id();
         let (iphone, android) = ("a9a1a9a1f00d", "again-android");
@@ -1030,10 +1032,7 @@ async fn a_decline_before_a_retry_joined_keeps_that_phone_out() {
     on_every_backend(|backend| async move {
         let (server, other) = two_instances(&backend).await;
         let retrier = other.as_ref().unwrap_or(&server);
-        let both: Vec<&TestServer> = [Some(&server), other.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let both = instances(&server, retrier);
         let name = backend.name();
         let tokens = ["out-a", "out-b"];
         let user = account(&server, &tokens).await;
