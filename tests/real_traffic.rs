@@ -997,16 +997,7 @@ async fn a_pbx_retry_rings_no_phone_again() {
         })
         .await;
         assert!(last, "{name}: the Android phone's attempt 3");
-        let answer = server
-            .client
-            .call_response(&format!("{key}.2"), start_time_of(&push), true)
-            .await;
-        assert_eq!(
-            answer.status,
-            StatusCode::ACCEPTED,
-            "{name}: {}",
-            answer.body
-        );
+        server.answer_accepted(&format!("{key}.2"), &push).await;
         assert_eq!(first.await.unwrap().body, "status=ACK", "{name}");
         assert_eq!(retry.await.unwrap().body, "status=ACK", "{name}");
         for server in &both {
@@ -1058,16 +1049,7 @@ async fn a_decline_before_a_retry_joined_keeps_that_phone_out() {
         hang_up_first(&server, retrier, first).await;
         // The retry, alone now, rings the phone still ringing.
         retry_pushes_on(&both, tokens[0]).await;
-        let answer = server
-            .client
-            .call_response(&format!("{key}.1"), start_time_of(&push), true)
-            .await;
-        assert_eq!(
-            answer.status,
-            StatusCode::ACCEPTED,
-            "{name}: {}",
-            answer.body
-        );
+        server.answer_accepted(&format!("{key}.1"), &push).await;
         assert_eq!(retry.await.unwrap().body, "status=ACK", "{name}");
         for server in &both {
             server.running.state.parking.schedules_done().await;
