@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::fault::MARGIN;
 use common::fcm::{fcm_accepts, FcmServer};
+use common::stand_in::{Answer, Received};
 use common::*;
 use hyper::StatusCode;
 
@@ -129,4 +130,82 @@ async fn connections_a_slow_fcm_made_are_closed_once_it_is_fast_again() {
         connections_to(port),
         busiest
     );
+}
+
+// ---------------------------------------------------------------------------
+// A call push that got no answer.
+
+/// A call push that FCM took but did not answer within the push timeout
+/// may have reached the phone: when the call is over, the phone is told,
+/// as one whose push FCM answered would be. One that FCM refused outright
+/// (503, on every try) rang nothing, and hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_whose_push_got_no_answer_is_told_the_call_is_over() {
+    let server = FcmServer::start(&Backend::embedded(), |c| {
+        c.push_timeout_ms = 300;
+        c.wait_ms = 6000;
+        c.resend_interval_ms = 5000;
+    })
+    .await;
+    let kind = |request: &Received| {
+        request.json()["message"]["data"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let notices_for = |key: &str| {
+        server
+            .fcm
+            .received()
+            .into_iter()
+            .filter(|p| p.json()["message"]["data"]["unique_key"] == key && kind(p) == "call_ended")
+            .map(|p| p.json()["message"]["data"]["reason"].clone())
+            .collect::<Vec<_>>()
+    };
+    let user = server.registered("android", "fcm-token-no-answer").await;
+    let state = server.running.state.clone();
+    for (fcm, told) in [
+        (fcm_accepts().after(Duration::from_secs(2)), true),
+        (Answer::status(503), false),
+    ] {
+        // Call pushes get `fcm`; the notice, an answer at once.
+        server.fcm.answer_with(move |request| {
+            if kind(request) == "call" {
+                fcm.clone()
+            } else {
+                fcm_accepts()
+            }
+        });
+        let key = call_id();
+        let pbx = server.ring(&user, &key);
+        // The first try and the retry after it: the first came to nothing.
+        let tried = eventually(Duration::from_secs(5), || async {
+            server
+                .fcm
+                .received()
+                .iter()
+                .filter(|p| p.json()["message"]["data"]["unique_key"] == key.as_str())
+                .count()
+                >= 2
+        })
+        .await;
+        assert!(tried, "told {told}: no retry of the first push");
+        server.cancel_ringing(&key).await;
+        let reply = bounded("the PBX's answer", pbx)
+            .await
+            .expect("the PBX task");
+        assert_eq!(reply.body, "status=NAK");
+        // The schedule is over once its notice, if any, has had its answer.
+        let over = eventually(Duration::from_secs(5), || async {
+            state.parking.schedules() == 0
+        })
+        .await;
+        assert!(over, "told {told}: the schedule did not end");
+        let expected = if told {
+            vec![serde_json::json!("cancelled")]
+        } else {
+            vec![]
+        };
+        assert_eq!(notices_for(&key), expected, "told {told}");
+    }
 }

@@ -40,6 +40,22 @@ fn with<'a>(
     fields
 }
 
+/// The proxy's `DELETE` of `user`'s APNs registration (fields in the
+/// query string).
+async fn proxy_deletes(server: &TestServer, user: &str) -> Reply {
+    let query = serde_urlencoded::to_string([
+        ("sip_user_id", user),
+        ("pn_provider", "apns"),
+        ("pn_prid", VOIP),
+        ("pn_param", APNS_PARAM),
+    ])
+    .expect("a query");
+    server
+        .client
+        .send(Method::DELETE, &format!("{PATH}?{query}"), None, Vec::new())
+        .await
+}
+
 /// Asserts the device JSON a registration answered, and that the store
 /// holds it expiring `expires` seconds (plus the grace) from about now.
 async fn assert_stored(server: &TestServer, reply: &Reply, user: &str, expires: i64) -> NewDevice {
@@ -203,17 +219,7 @@ async fn expires_0_and_delete_remove_the_device() {
         );
 
         assert_eq!(register().await.status, StatusCode::CREATED);
-        let query = serde_urlencoded::to_string([
-            ("sip_user_id", user.as_str()),
-            ("pn_provider", "apns"),
-            ("pn_prid", VOIP),
-            ("pn_param", APNS_PARAM),
-        ])
-        .expect("a query");
-        let deleted = server
-            .client
-            .send(Method::DELETE, &format!("{PATH}?{query}"), None, Vec::new())
-            .await;
+        let deleted = proxy_deletes(&server, &user).await;
         assert_eq!(deleted.status, StatusCode::OK, "{what}: {}", deleted.body);
         assert_eq!(deleted.json(), json!({"removed": true}));
         assert_eq!(server.device(&user).await, None, "{what}");
@@ -477,18 +483,34 @@ async fn the_register_of_a_ringing_device_answers_its_call() {
             .expect("the PBX task");
         assert_eq!(answered.body, "status=ACK", "{what}");
         // Its app's call-response that follows is a repeat of it.
-        let repeat = server
-            .client
-            .call_response(&key, start_time_of(&push), true)
-            .await;
-        assert_eq!(
-            repeat.status,
-            StatusCode::ACCEPTED,
-            "{what}: {}",
-            repeat.body
-        );
+        server.answer_accepted(&key, &push).await;
     })
     .await;
+}
+
+/// The app registers `user`'s iPhone itself (`/api/apns-device/`): the
+/// VoIP token a proxy binds in these tests, its alert token and a name.
+async fn app_registers_alices_iphone(server: &TestServer, user: &str) {
+    let app = server
+        .client
+        .post(
+            "/api/apns-device/",
+            &[
+                ("sip_user_id", user),
+                ("token", VOIP),
+                ("app", APP),
+                ("alert_token", REMOTE),
+                ("name", "Alice's iPhone"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        app.status,
+        StatusCode::CREATED,
+        "{}: {}",
+        server.backend.name(),
+        app.body
+    );
 }
 
 /// Issue #23: a proxy binding the token an app registered itself refreshes
@@ -500,20 +522,7 @@ async fn a_proxy_binding_an_app_registered_device_keeps_what_the_app_gave() {
     on_every_backend(|backend| async move {
         let server = start(&backend, |_| {}).await;
         let user = sip_user_id();
-        let app = server
-            .client
-            .post(
-                "/api/apns-device/",
-                &[
-                    ("sip_user_id", &user),
-                    ("token", VOIP),
-                    ("app", APP),
-                    ("alert_token", REMOTE),
-                    ("name", "Alice's iPhone"),
-                ],
-            )
-            .await;
-        assert_eq!(app.status, StatusCode::CREATED, "{}", app.body);
+        app_registers_alices_iphone(&server, &user).await;
         let bound = server.client.post(PATH, &apns(&user, "apns", "600")).await;
         assert_eq!(
             bound.status,
@@ -564,6 +573,74 @@ async fn a_proxy_binding_an_app_registered_device_keeps_what_the_app_gave() {
         assert_eq!(register.status, StatusCode::OK, "{}", register.body);
         assert_eq!(pbx.await.unwrap().body, "status=ACK", "{}", backend.name());
         assert_eq!(server.device(&user).await.and_then(|d| d.expires_at), None);
+    })
+    .await;
+}
+
+/// An explicit de-REGISTER (`expires` 0, or the proxy's `DELETE`) of a
+/// device its app registered ends only the proxy's binding, as its lapse
+/// would: the app's device stays with what the app gave, and its calls are
+/// pushed and answered as before. The proxy's own devices go
+/// (`expires_0_and_delete_remove_the_device`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_de_register_of_an_app_registered_device_ends_only_the_binding() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |_| {}).await;
+        let what = backend.name();
+        let user = sip_user_id();
+        app_registers_alices_iphone(&server, &user).await;
+        for unbind in ["expires 0", "DELETE"] {
+            let bound = server.client.post(PATH, &apns(&user, "apns", "600")).await;
+            assert_eq!(bound.status, StatusCode::OK, "{what}: {}", bound.body);
+            assert!(server
+                .device(&user)
+                .await
+                .is_some_and(|d| d.proxy_bound(now_millis())));
+            let removed = match unbind {
+                "DELETE" => proxy_deletes(&server, &user).await,
+                _ => server.client.post(PATH, &apns(&user, "apns", "0")).await,
+            };
+            assert_eq!(
+                removed.status,
+                StatusCode::OK,
+                "{what}, {unbind}: {}",
+                removed.body
+            );
+            assert_eq!(removed.json(), json!({"removed": true}), "{what}, {unbind}");
+            let device = server.device(&user).await;
+            let device =
+                device.unwrap_or_else(|| panic!("{what}, {unbind}: the app's device went"));
+            assert!(
+                !device.proxy_bound(now_millis()),
+                "{what}, {unbind}: still bound"
+            );
+            assert_eq!(device.expires_at, None, "{what}, {unbind}");
+            assert_eq!(
+                device.alert_token.as_deref(),
+                Some(REMOTE),
+                "{what}, {unbind}"
+            );
+            assert_eq!(
+                device.name.as_deref(),
+                Some("Alice's iPhone"),
+                "{what}, {unbind}"
+            );
+        }
+
+        // Still the account's device: its call is pushed, and its app's
+        // answer takes it.
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let push = server.call_push(VOIP, &key).await;
+        server.answer_accepted(&key, &push).await;
+        let answered = bounded("the PBX's answer", pbx)
+            .await
+            .expect("the PBX task");
+        assert_eq!(answered.body, "status=ACK", "{what}");
+        // The app's own DELETE takes it away.
+        let deleted = server.client.unregister("apns", &user, VOIP).await;
+        assert_eq!(deleted.status, StatusCode::OK, "{what}: {}", deleted.body);
+        assert_eq!(server.device(&user).await, None, "{what}");
     })
     .await;
 }

@@ -158,7 +158,7 @@ pub(super) async fn ring_device(
         &mut sent,
     )
     .await;
-    let pushed = *report.attempts.borrow() > 0 || sent.elsewhere;
+    let pushed = sent.reached || sent.elsewhere;
     // The call pushes are over: what they came to is final, and dropping the
     // report says so to the call's history.
     drop(report);
@@ -298,6 +298,10 @@ struct Sent {
     /// When the last of its own came back, whatever the push service said
     /// (one that timed out may have reached the phone all the same).
     last: Option<SystemTime>,
+    /// Whether one of its own may have reached the phone
+    /// ([`PushOutcome::may_have_reached`]): taken by the push service, or
+    /// sent with no answer back.
+    reached: bool,
     /// Whether another request of the call sent one of them (see [`ours`]).
     elsewhere: bool,
     /// The push key it sent the last of those under, where its claim said.
@@ -413,6 +417,7 @@ async fn push_until_done(
         let sent_at = Instant::now();
         let outcome = state.pusher.send(target, &payload).await;
         sent.last = Some(SystemTime::now());
+        sent.reached |= outcome.may_have_reached();
         state.metrics.push(
             target.platform,
             payload.kind(),

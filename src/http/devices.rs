@@ -16,7 +16,7 @@ use crate::auth::{AuthError, Authorized};
 use crate::logs::{is_invisible_format, redact};
 use crate::push::{Payload, PushOutcome, PushTarget};
 use crate::state::AppState;
-use crate::store::{NewDevice, Platform, Registration};
+use crate::store::{NewDevice, Platform, Registration, Removal, Remover};
 
 /// What the phone that lost its SIP account to another device is told.
 const TAKEN_OVER: &str = "Another device has been registered for your account; this device will no longer receive calls.";
@@ -249,10 +249,19 @@ pub(super) async fn unregister(
     let sip_user_id = fields.sip_user_id()?;
     let token = token(platform, &fields)?;
     let app_id = fields.required_string("app", 255)?;
-    delete_device(state, sip_user_id, platform, &token, &app_id, "deleted").await
+    delete_device(
+        state,
+        sip_user_id,
+        platform,
+        &token,
+        &app_id,
+        Remover::App,
+        "deleted",
+    )
+    .await
 }
 
-/// Deletes the one device named (the app's, or a SIP proxy's): 200 with
+/// Removes the one device named, as `by` may ([`Remover`]): 200 with
 /// `{said: true}` (each API has its word), 404 when the account has no
 /// such device.
 pub(super) async fn delete_device(
@@ -261,16 +270,17 @@ pub(super) async fn delete_device(
     platform: Platform,
     token: &str,
     app_id: &str,
+    by: Remover,
     said: &'static str,
 ) -> Result<Response<Body>, ApiError> {
-    if state
+    match state
         .store
-        .delete_device(sip_user_id, platform, token, app_id)
+        .delete_device(sip_user_id, platform, token, app_id, by)
         .await?
     {
-        state.metrics.deletion(platform);
-        Ok(json(StatusCode::OK, &serde_json::json!({ said: true })))
-    } else {
-        Err(ApiError::NotFound("no such device"))
+        Removal::Missing => return Err(ApiError::NotFound("no such device")),
+        Removal::Deleted => state.metrics.deletion(platform),
+        Removal::Unbound => {}
     }
+    Ok(json(StatusCode::OK, &serde_json::json!({ said: true })))
 }

@@ -22,7 +22,7 @@ use crate::calls::{self, Verdict};
 use crate::logs::redact;
 use crate::push::fcm;
 use crate::state::AppState;
-use crate::store::{now_millis, Credentials, NewDevice, Platform};
+use crate::store::{now_millis, Credentials, NewDevice, Platform, Remover};
 
 /// How long a proxy-registered device outlives its SIP registration, in ms.
 ///
@@ -321,7 +321,10 @@ pub(super) async fn unregister(
     remove(state, device).await
 }
 
-/// Removes the device at once: 200 `{"removed": true}`, or 404 when the
+/// Removes the proxy's registration at once: the device, when the proxy
+/// registered it; when its app did, only the binding (the app's device
+/// stays, and its calls are pushed as before: an explicit de-REGISTER is
+/// the binding lapsing early). 200 `{"removed": true}`, or 404 when the
 /// account has no such device (a de-REGISTER of a registration already
 /// gone: the proxy ignores it).
 async fn remove(state: &AppState, device: ProxyDevice) -> Result<Response<Body>, ApiError> {
@@ -331,6 +334,7 @@ async fn remove(state: &AppState, device: ProxyDevice) -> Result<Response<Body>,
         device.provider.platform(),
         &device.token,
         &device.app_id,
+        Remover::Proxy,
         "removed",
     )
     .await

@@ -370,6 +370,14 @@ pub fn outcome(result: Result<a2::Response, a2::Error>, topic: &Topic) -> PushOu
     let response = match result {
         Ok(_) => return PushOutcome::Delivered,
         Err(a2::Error::ResponseError(response)) => response,
+        // Refused before the request left.
+        Err(a2::Error::ClientError(e)) if e.is_connect() => {
+            return PushOutcome::Retry {
+                after: None,
+                refusal: Refusal::unanswered(format!("APNs unreachable: {e}")),
+            }
+        }
+        // Sent, and lost on the way back (or not: a2 cannot tell).
         Err(
             e @ (a2::Error::RequestTimeout(_)
             | a2::Error::ConnectionError(_)
@@ -377,7 +385,7 @@ pub fn outcome(result: Result<a2::Response, a2::Error>, topic: &Topic) -> PushOu
         ) => {
             return PushOutcome::Retry {
                 after: None,
-                refusal: Refusal::unanswered(format!("APNs unreachable: {e}")),
+                refusal: Refusal::in_doubt(format!("no answer from APNs: {e}")),
             }
         }
         Err(e) => {

@@ -164,10 +164,17 @@ impl FcmApp {
         };
         let response = match self.endpoint.http.request(request).await {
             Ok(response) => response,
-            Err(e) => {
+            // Refused before the request left, or lost once it had.
+            Err(e) if e.is_connect() => {
                 return PushOutcome::Retry {
                     after: None,
                     refusal: Refusal::unanswered(format!("FCM unreachable: {e}")),
+                }
+            }
+            Err(e) => {
+                return PushOutcome::Retry {
+                    after: None,
+                    refusal: Refusal::in_doubt(format!("no answer from FCM: {e}")),
                 }
             }
         };

@@ -229,6 +229,19 @@ impl PushOutcome {
         }
     }
 
+    /// Whether the phone may have had the push: the service took it, or it
+    /// left and no answer came back. Such a phone is told when its call is
+    /// over: a phone left ringing for a call that is over is worse than a
+    /// notice for a push that never came (the app drops a notice for a key
+    /// it does not know).
+    pub fn may_have_reached(&self) -> bool {
+        match self {
+            PushOutcome::Delivered => true,
+            PushOutcome::Retry { refusal, .. } => refusal.in_doubt,
+            PushOutcome::TokenDead(_) | PushOutcome::Failed(_) => false,
+        }
+    }
+
     /// The push service's reason, [`Reason::NONE`] for a delivered push.
     pub fn reason(&self) -> Reason {
         match self {
@@ -247,6 +260,10 @@ impl PushOutcome {
 pub struct Refusal {
     pub reason: Reason,
     pub detail: String,
+    /// The push left and no answer came back (it timed out, or the
+    /// connection broke once it was sent): the service may have taken it,
+    /// and the phone had it, all the same ([`PushOutcome::may_have_reached`]).
+    pub in_doubt: bool,
 }
 
 impl Refusal {
@@ -254,13 +271,23 @@ impl Refusal {
         Refusal {
             reason,
             detail: detail.into(),
+            in_doubt: false,
         }
     }
 
-    /// A refusal no push service gave: the push got no answer (unreachable,
-    /// timed out) or never left (unknown app, unusable credentials).
+    /// A refusal no push service gave: the push never left (unknown app,
+    /// unusable credentials, the service unreachable).
     pub fn unanswered(detail: impl Into<String>) -> Self {
         Refusal::new(Reason::NONE, detail)
+    }
+
+    /// A push that left and got no answer: timed out, or its connection
+    /// broke once it was sent.
+    pub fn in_doubt(detail: impl Into<String>) -> Self {
+        Refusal {
+            in_doubt: true,
+            ..Refusal::unanswered(detail)
+        }
     }
 
     /// Why a notice for an iOS device without an `alert_token` never left

@@ -272,7 +272,7 @@ impl Pusher for PushRouter {
             Ok(outcome) => outcome,
             Err(_) => PushOutcome::Retry {
                 after: None,
-                refusal: Refusal::unanswered(format!(
+                refusal: Refusal::in_doubt(format!(
                     "no answer within {} ms",
                     self.timeout.as_millis()
                 )),

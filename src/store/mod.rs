@@ -21,7 +21,7 @@ pub use batch::{BatchWriter, Promise};
 pub use call_history::{history_cutoff, purge_periodically, CallHistory, PURGE_EVERY};
 pub use models::{
     App, CallHistoryEntry, CalledDevice, Credentials, Device, EndReason, HangupReason, NewDevice,
-    Platform, Registration, ResponseLogEntry,
+    Platform, Registration, Removal, Remover, ResponseLogEntry,
 };
 pub use response_log::ResponseLog;
 pub use sql::{migrate, open, PoolOptions};
@@ -86,15 +86,18 @@ pub trait Store: Send + Sync + 'static {
         max_devices: usize,
     ) -> Result<Registration, StoreError>;
 
-    /// Deletes the one device of `sip_user_id` with this platform, token and
-    /// app. Says whether a row went.
+    /// Removes the one device of `sip_user_id` with this platform, token
+    /// and app, as `by` may: the app deletes it; a SIP proxy deletes a
+    /// device it registered, and of one the app registered only its own
+    /// binding (the app's device stays, and is pushed as before).
     async fn delete_device(
         &self,
         sip_user_id: i64,
         platform: Platform,
         token: &str,
         app_id: &str,
-    ) -> Result<bool, StoreError>;
+        by: Remover,
+    ) -> Result<Removal, StoreError>;
 
     /// Deletes the device of `sip_user_id` that has `token`, and no other: a
     /// push service declared the token dead, but the phone may have

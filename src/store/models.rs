@@ -209,6 +209,29 @@ pub enum Registration {
     },
 }
 
+/// Who removes a device ([`super::Store::delete_device`]): what each may
+/// take away follows from who registered it ([`NewDevice::merged_over`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remover {
+    /// The app (its `DELETE`): the device, whoever registered it.
+    App,
+    /// A SIP proxy whose REGISTER ended (RFC 8599: `expires` 0, or its
+    /// `DELETE`): a device it registered; of one the app registered, only
+    /// the proxy's binding, as when the binding lapses.
+    Proxy,
+}
+
+/// What [`super::Store::delete_device`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The account has no such device.
+    Missing,
+    /// The row went.
+    Deleted,
+    /// The app's device stays; the SIP proxy's binding of it went.
+    Unbound,
+}
+
 /// Why a call ended, as every phone still ringing for it is told
 /// (`call_ended` notices) and as a late answer hears it (410 Gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

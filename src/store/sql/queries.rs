@@ -199,26 +199,45 @@ macro_rules! diesel_store {
                 platform: Platform,
                 token: &str,
                 app_id: &str,
-            ) -> Result<bool, StoreError> {
+                by: Remover,
+            ) -> Result<Removal, StoreError> {
                 let mut conn = checkout(&self.reach, &self.write).await?;
-                let mut delete = diesel::delete(devices::table)
+                let mut matching = devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
                     .filter(devices::platform.eq(platform.as_str()))
                     .filter(devices::app_id.eq(app_id))
+                    .select(devices::id)
                     .into_boxed();
                 // Either case of an APNs token (rows stored before tokens
                 // were normalised keep theirs): the account's few rows are
                 // found by the index first, so `lower()` costs nothing.
-                delete = if platform.is_apns() {
-                    delete.filter(lower(devices::token).eq(token.to_ascii_lowercase()))
+                matching = if platform.is_apns() {
+                    matching.filter(lower(devices::token).eq(token.to_ascii_lowercase()))
                 } else {
-                    delete.filter(devices::token.eq(token))
+                    matching.filter(devices::token.eq(token))
                 };
-                let deleted = delete
-                .execute(&mut conn)
-                .await
-                .map_err(query_error)?;
-                Ok(deleted > 0)
+                let ids: Vec<i64> = matching.load(&mut conn).await.map_err(query_error)?;
+                if ids.is_empty() {
+                    return Ok(Removal::Missing);
+                }
+                let rows = || devices::table.filter(devices::id.eq_any(&ids));
+                if by == Remover::Proxy {
+                    // The statement checks who owns the row as it writes, so
+                    // a device its app registers meanwhile stays.
+                    let unbound = diesel::update(rows().filter(devices::expires_at.is_null()))
+                        .set(devices::proxy_expires_at.eq(None::<i64>))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(query_error)?;
+                    if unbound > 0 {
+                        return Ok(Removal::Unbound);
+                    }
+                }
+                diesel::delete(rows())
+                    .execute(&mut conn)
+                    .await
+                    .map_err(query_error)?;
+                Ok(Removal::Deleted)
             }
 
             async fn forget_token(
