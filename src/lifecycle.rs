@@ -30,8 +30,10 @@
 //! - A device's first answer stands. A repeat is accepted while the call
 //!   rings; once it is over, only the winner's repeat is, and every other
 //!   device hears the call's reason (410).
-//! - An answer that comes after the deadline, or whose push is older than
-//!   the wait (stale), is refused with `timed_out` and changes nothing.
+//! - An answer that comes after the deadline, whose push is older than
+//!   the wait (stale), or whose push was sent before the call opened (the
+//!   call before's under the same key: `broker::Pushed`), is refused with
+//!   `timed_out` and changes nothing.
 //! - A cancel, a hang-up, a timeout or a shutdown tells exactly the phones
 //!   still ringing: not answered either way, token not dead (and pushed:
 //!   the device's schedule, which owns its pushes, checks that last).

@@ -3,11 +3,12 @@
 //! directly; the Redis broker runs them as Lua. A property test applies the
 //! same random sequences of events (opens and joins by two accounts sharing
 //! one Call-ID, with one to three devices each, some with their deadline
-//! already past; answers, declines and stale
-//! answers to any of the keys in play; ends by the holder of any wait
-//! opened, the old calls' under a reused key among them; cancels by the
-//! Call-ID, with and without an account, whose marks end the legs opened
-//! after them) to both, and compares every verdict and every stored
+//! already past; answers, declines, stale answers and answers to a push
+//! sent before every call to any of the keys in play; ends by the holder
+//! of any wait opened, the old calls' under a reused key among them;
+//! cancels by the Call-ID, with and without an account, whose marks end
+//! the legs opened after them and a call under the Call-ID where none was
+//! before) to both, and compares every verdict and every stored
 //! record, step by step, on one Redis and on the Cluster.
 //!
 //! Changing a transition in either copy makes it fail: with the owner check
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use call_notifier::broker::memory::MemoryBroker;
 use call_notifier::broker::redis::{RedisBroker, RedisOptions};
-use call_notifier::broker::{leg_key, CallBroker, Opening, Wait};
+use call_notifier::broker::{leg_key, CallBroker, Opening, Pushed, Wait};
 use call_notifier::lifecycle::{Phase, Record, Stored};
 use call_notifier::store::{EndReason, Platform};
 use proptest::prelude::*;
@@ -48,10 +49,12 @@ enum Op {
         lapsed: bool,
     },
     /// An app answers the `key`-th of [`keys`], through instance `via`.
+    /// `pushed`: what the answer says of its push (stale, sent before
+    /// every call, sent after every call opened, or nothing).
     Answer {
         key: usize,
         available: bool,
-        stale: bool,
+        pushed: Pushed,
         via: usize,
     },
     /// The holder of the `wait`-th wait opened (of those so far, taken
@@ -68,11 +71,24 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..2usize, 1..=3usize, prop::bool::weighted(0.2))
             .prop_map(|(account, devices, lapsed)| Op::Open { account, devices, lapsed }),
-        4 => (0..12usize, any::<bool>(), prop::bool::weighted(0.15), 0..2usize)
-            .prop_map(|(key, available, stale, via)| Op::Answer { key, available, stale, via }),
+        4 => (0..12usize, any::<bool>(), pushed(), 0..2usize)
+            .prop_map(|(key, available, pushed, via)| Op::Answer { key, available, pushed, via }),
         1 => (0..4usize, reason).prop_map(|(wait, reason)| Op::End { wait, reason }),
         1 => (prop::option::of(0..2usize), 0..2usize)
             .prop_map(|(account, via)| Op::Cancel { account, via }),
+    ]
+}
+
+/// What an answer says of its push: mostly a push of the call it answers
+/// (sent after any call here opened), sometimes stale, one sent before
+/// every call (the call before's, under a reused key), or nothing (a
+/// REGISTER's answer).
+fn pushed() -> impl Strategy<Value = Pushed> {
+    prop_oneof![
+        14 => Just(Pushed::At(i64::MAX / 2)),
+        3 => Just(Pushed::Stale),
+        2 => Just(Pushed::At(0)),
+        1 => Just(Pushed::Unsaid),
     ]
 }
 
@@ -192,12 +208,12 @@ impl Side {
             Op::Answer {
                 key,
                 available,
-                stale,
+                pushed,
                 via,
             } => format!(
                 "{:?}",
                 self.instance(*via)
-                    .answer(&keys[*key], *available, *stale)
+                    .answer(&keys[*key], *available, *pushed)
                     .await
                     .map_err(|e| e.to_string())
             ),
@@ -272,7 +288,7 @@ fn answer(key: usize, available: bool, via: usize) -> Op {
     Op::Answer {
         key,
         available,
-        stale: false,
+        pushed: Pushed::At(i64::MAX / 2),
         via,
     }
 }

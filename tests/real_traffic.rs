@@ -333,6 +333,163 @@ async fn a_leg_that_crosses_the_cancel_ends_cancelled_and_rings_no_phone() {
     .await;
 }
 
+/// An answer to the call before under a reused `call_id` (it echoes that
+/// call's push's `message_start_time`) is that call's: once the PBX posts
+/// the `call_id` again, a late decline or accept to the first call's push
+/// is refused 410 and changes nothing of the new call, which rings on and
+/// is taken by its own push's answer, on any instance. Before, both
+/// counted (a black-box probe): the late decline took its phone out of the
+/// new call, and the late accept ACKed a call no phone had answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_the_call_before_under_a_reused_call_id_counts_not() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let what = backend.name();
+        let user = account(&server, &["reused-1", "reused-2"]).await;
+        let call = call_id();
+        let (one, two) = (format!("{call}.1"), format!("{call}.2"));
+        let pbx = server.client.park(&user, &call);
+        let first = server.call_push("reused-1", &one).await;
+        server.answer_accepted(&one, &first).await;
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{what}");
+
+        // The PBX posts the same call_id again: a new call, rung anew.
+        let pbx = server.client.park(&user, &call);
+        let rung = |token: &'static str, key: &str| {
+            server
+                .calls_to(token)
+                .into_iter()
+                .filter(|p| p.payload.to_json()["unique_key"] == key)
+                .collect::<Vec<_>>()
+        };
+        let anew = eventually(PUSH_BOUND, || async {
+            rung("reused-1", &one).len() >= 2 && rung("reused-2", &two).len() >= 2
+        })
+        .await;
+        assert!(anew, "{what}: the new call did not ring both phones");
+
+        // Late answers to the first call's pushes, through either instance.
+        for (client, key, available) in [
+            (&second.client, &two, false),
+            (&second.client, &one, true),
+            (&server.client, &two, true),
+        ] {
+            let late = client
+                .call_response(key, start_time_of(&first), available)
+                .await;
+            assert_eq!(
+                late.status,
+                StatusCode::GONE,
+                "{what}, {key}: {}",
+                late.body
+            );
+            assert_eq!(late.json()["reason"], "timed_out", "{what}, {key}");
+        }
+
+        // The new call rang on; the second phone's answer to its own push
+        // takes it.
+        let fresh = rung("reused-2", &two).pop().expect("a push");
+        assert!(start_time_of(&fresh) > start_time_of(&first), "{what}");
+        server.answer_accepted(&two, &fresh).await;
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{what}");
+        let told = eventually(PUSH_BOUND, || async {
+            server.notices_to("reused-1") == [(one.clone(), EndReason::AnsweredElsewhere)]
+        })
+        .await;
+        assert!(
+            told,
+            "{what}: {:?} (the first phone, told once, by the new call)",
+            server.notices_to("reused-1")
+        );
+    })
+    .await;
+}
+
+/// The PBX's cancel (`fields`) of a call `server` does not know yet: 404,
+/// and its mark left for the call that crosses it.
+async fn cancel_of_nothing(server: &TestServer, fields: &[(&str, &str)]) {
+    let cancel = server
+        .client
+        .post("/api/incoming-call/cancel/", fields)
+        .await;
+    assert_eq!(
+        cancel.status,
+        StatusCode::NOT_FOUND,
+        "{}: {}",
+        server.backend.name(),
+        cancel.body
+    );
+}
+
+/// A call whose request crossed the PBX's cancel by its `call_id` (the
+/// cancel reached call-notifier first, found nothing to end and answered
+/// 404) ends `cancelled` as it opens and rings no phone, on any instance;
+/// before, it rang to its wait, the caller long gone, and its phone heard
+/// `timed_out` (a Kamailio probe: a CANCEL right after the INVITE's 100,
+/// 7 calls in 12). A cancel limited to another account does not reach it,
+/// and a call the PBX posts again under a `call_id` whose ringing call it
+/// cancelled is a new call that rings: the key holds the cancelled call's
+/// tombstone then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_crosses_its_cancel_ends_cancelled_and_rings_no_phone() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let other = other_instance(&backend).await;
+        let second = other.as_ref().unwrap_or(&server);
+        let what = backend.name();
+        let user = account(&server, &["crossed"]).await;
+        let call = call_id();
+        cancel_of_nothing(second, &[("call_id", &call)]).await;
+        let crossed = server.client.incoming_call(&user, &call).await;
+        assert_eq!(crossed.body, "status=NAK", "{what}");
+        assert!(
+            server.calls_to("crossed").is_empty() && second.calls_to("crossed").is_empty(),
+            "{what}: the call that crossed its cancel rang"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
+        let late = server.client.call_response(&call, now, true).await;
+        assert_eq!(late.status, StatusCode::GONE, "{what}: {}", late.body);
+        assert_eq!(late.json()["reason"], "cancelled", "{what}");
+
+        // Another account's cancel of a `call_id` leaves this account's
+        // call under it ringing.
+        let next = call_id();
+        let other_user = (user.parse::<i64>().expect("a number") + 1).to_string();
+        cancel_of_nothing(second, &[("call_id", &next), ("sip_user_id", &other_user)]).await;
+        let pbx = server.client.park(&user, &next);
+        let push = server.call_push("crossed", &next).await;
+        server.answer_accepted(&next, &push).await;
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{what}");
+
+        // A ringing call cancelled, then posted again: a new call.
+        let again = call_id();
+        let pbx = server.client.park(&user, &again);
+        server.call_push("crossed", &again).await;
+        server.cancel_ringing(&again).await;
+        assert_eq!(pbx.await.unwrap().body, "status=NAK", "{what}");
+        let pbx = server.client.park(&user, &again);
+        let rung = || {
+            server
+                .calls_to("crossed")
+                .into_iter()
+                .filter(|p| p.payload.to_json()["unique_key"] == again.as_str())
+                .collect::<Vec<_>>()
+        };
+        let rung_again = eventually(PUSH_BOUND, || async { rung().len() >= 2 }).await;
+        assert!(rung_again, "{what}: the call posted again did not ring");
+        let push = rung().pop().expect("a call push");
+        assert_eq!(push.payload.attempt(), Some(1), "{what}");
+        server.answer_accepted(&again, &push).await;
+        assert_eq!(pbx.await.unwrap().body, "status=ACK", "{what}");
+    })
+    .await;
+}
+
 /// `K1.1` is the push key of the first device of call `K1` rung on two
 /// devices; a call of another account whose `call_id` is `K1.1` must not
 /// take that device's answers, nor lose its own, whichever parks first.

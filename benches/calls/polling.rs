@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use call_notifier::broker::redis::{set_pending, state_key};
 use call_notifier::broker::{
-    Answer, BrokerError, CallBroker, News, Opening, Record, Stored, Verdict, Wait,
+    Answer, BrokerError, CallBroker, News, Opening, Pushed, Record, Stored, Verdict, Wait,
 };
 use call_notifier::store::EndReason;
 use redis::aio::MultiplexedConnection;
@@ -110,9 +110,9 @@ impl CallBroker for PollingBroker {
         &self,
         key: &str,
         available: bool,
-        stale: bool,
+        pushed: Pushed,
     ) -> Result<Verdict, BrokerError> {
-        self.inner.answer(key, available, stale).await
+        self.inner.answer(key, available, pushed).await
     }
 
     async fn end(&self, wait: &Wait, reason: EndReason) -> Result<Option<Record>, BrokerError> {

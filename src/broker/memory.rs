@@ -11,9 +11,10 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, unix_millis,
-    Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Opening, PhoneClaim,
-    Record, Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH, TOMBSTONE,
+    cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, pushed_before,
+    unix_millis, Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Opening,
+    PhoneClaim, Pushed, Record, Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH,
+    TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -87,6 +88,8 @@ struct Entry {
     stored: Stored,
     owner: i64,
     stamp: Stamp,
+    /// When its call opened, Unix ms ([`pushed_before`]).
+    opened: i64,
 }
 
 #[derive(Default)]
@@ -184,6 +187,7 @@ impl Records {
         }
         let last = self.keys.get(key).map(|entry| entry.stamp);
         let stamp = next_stamp(deadline_millis(call.until), last);
+        let opened = unix_millis(SystemTime::now());
         let expires = call.until + TOMBSTONE;
         let record = Record::ringing(call.devices, stamp);
         let owner = call.account;
@@ -196,6 +200,7 @@ impl Records {
                 stored: pointer,
                 owner,
                 stamp,
+                opened,
             };
             self.keys.set(push, entry, expires);
         }
@@ -203,6 +208,7 @@ impl Records {
             stored: Stored::Call(record),
             owner,
             stamp,
+            opened,
         };
         self.keys.set(key, entry, expires);
         Some(stamp)
@@ -314,18 +320,24 @@ impl CallBroker for MemoryBroker {
                 joined,
             };
             let wait = Wait::held(key, news, held, ringer, release);
-            if let Some(call_id) = leg_of {
-                let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
-                if !legs.contains(key) {
-                    legs.push(key.clone());
+            // Where a cancel crossed this call's request, ended as it opens.
+            let crossed = match leg_of {
+                Some(call_id) => {
+                    let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
+                    if !legs.contains(key) {
+                        legs.push(key.clone());
+                    }
+                    records.legs.set(call_id, legs, call.until + TOMBSTONE);
+                    records.cancels.get(call_id)
                 }
-                records.legs.set(call_id, legs, call.until + TOMBSTONE);
-                let marks = records.cancels.get(call_id).map(Vec::as_slice);
-                if cancelled_by(marks.unwrap_or_default(), call.account) && records.cancel(key) {
-                    drop(records);
-                    let ended = Message::Ended(EndReason::Cancelled);
-                    self.shared.waiters.tell(key, stamp, ended);
-                }
+                None if !replacing => records.cancels.get(key),
+                None => None,
+            };
+            let marks = crossed.map(Vec::as_slice).unwrap_or_default();
+            if cancelled_by(marks, call.account) && records.cancel(key) {
+                drop(records);
+                let ended = Message::Ended(EndReason::Cancelled);
+                self.shared.waiters.tell(key, stamp, ended);
             }
             return Ok(wait);
         }
@@ -338,13 +350,15 @@ impl CallBroker for MemoryBroker {
         &self,
         key: &str,
         available: bool,
-        stale: bool,
+        pushed: Pushed,
     ) -> Result<Verdict, BrokerError> {
         let (call, stamp, index, verdict) = {
             let mut records = self.records();
             let Some((call, index)) = records.call_of(key) else {
                 return Ok(Verdict::Unknown);
             };
+            let opened = records.keys.get(&call).map_or(0, |entry| entry.opened);
+            let stale = pushed == Pushed::Stale || pushed_before(pushed, opened);
             let Some((record, stamp)) = records.record_mut(&call) else {
                 return Ok(Verdict::Unknown);
             };
@@ -475,13 +489,19 @@ mod tests {
         drop(wait);
         tokio::time::advance(TOMBSTONE - std::time::Duration::from_secs(1)).await;
         assert_eq!(
-            broker.answer("k", true, false).await.expect("answered"),
+            broker
+                .answer("k", true, Pushed::Unsaid)
+                .await
+                .expect("answered"),
             Verdict::Gone(EndReason::TimedOut),
             "410 while the tombstone lives"
         );
         tokio::time::advance(std::time::Duration::from_secs(2)).await;
         assert_eq!(
-            broker.answer("k", true, false).await.expect("answered"),
+            broker
+                .answer("k", true, Pushed::Unsaid)
+                .await
+                .expect("answered"),
             Verdict::Unknown,
             "404 once it is past"
         );

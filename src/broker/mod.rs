@@ -71,6 +71,36 @@ pub(crate) fn next_stamp(deadline: i64, last: Option<Stamp>) -> Stamp {
     last.map_or(deadline, |last| deadline.max(last.saturating_add(1)))
 }
 
+/// What an app's answer says of the push it answers: its
+/// `message_start_time`, which every call push carries and the app echoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Older than the wait: the answer never counts.
+    Stale,
+    /// Sent at this time, Unix ms. The answer counts only for a call opened
+    /// by then ([`pushed_before`]): one to a push of the call before it
+    /// under the same key (a PBX that posts a `call_id` again) is that
+    /// call's, never this one's.
+    At(i64),
+    /// Not said: a REGISTER's answer names no push.
+    Unsaid,
+}
+
+/// How much earlier than its call's opening an answer's push may say it
+/// was sent and still count for that call. The call's request sets the
+/// push's `message_start_time` after it opened the call, on the same
+/// clock, and the app echoes it unchanged (README, API), so an answer to
+/// it never says earlier; the margin is the millisecond the time is read
+/// in, and its floating point. The call before under the same key ended
+/// before this one opened, a PBX round trip at least.
+pub const ECHO_MARGIN_MS: i64 = 1;
+
+/// Whether an answer that says its push was sent `pushed` answers a call
+/// opened before the call opened at `opened` (Unix ms).
+pub(crate) fn pushed_before(pushed: Pushed, opened: i64) -> bool {
+    matches!(pushed, Pushed::At(at) if at.saturating_add(ECHO_MARGIN_MS) < opened)
+}
+
 /// What went wrong in the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -130,8 +160,11 @@ pub fn leg_key(call_id: &str, account: i64) -> String {
 /// after its read of the legs) ends `cancelled` at once, where it would
 /// otherwise ring to its wait. 32 s is SIP's INVITE transaction timeout
 /// (64·T1, RFC 3261 Timer B): no fork of a cancelled INVITE starts later.
-/// The call under the `call_id` itself is not held to it: a PBX may post
-/// the same `call_id` again for a new call of the same account.
+/// The call under the `call_id` itself is held to it only where the key
+/// held no call before (its request crossed the cancel, which found
+/// nothing to end): a PBX may post the same `call_id` again for a new call
+/// of the same account after the one it cancelled, whose tombstone the key
+/// then holds.
 pub const CANCEL_REACH: Duration = Duration::from_secs(32);
 
 /// What a cancel by `call_id` leaves under it, for [`CANCEL_REACH`]: the
@@ -299,10 +332,15 @@ pub trait CallBroker: Send + Sync + 'static {
     async fn open(&self, call: Opening<'_>) -> Result<Wait, BrokerError>;
 
     /// Takes an app's answer to the push key `key` ([`Record::take`]; a
-    /// `stale` answer never counts), and wakes whoever waits on its call,
-    /// here at once and elsewhere through the broker.
-    async fn answer(&self, key: &str, available: bool, stale: bool)
-        -> Result<Verdict, BrokerError>;
+    /// stale answer, or one to a push sent before the call opened, never
+    /// counts: see [`Pushed`]), and wakes whoever waits on its call, here
+    /// at once and elsewhere through the broker.
+    async fn answer(
+        &self,
+        key: &str,
+        available: bool,
+        pushed: Pushed,
+    ) -> Result<Verdict, BrokerError>;
 
     /// Ends the call `wait` waits on, for `reason` (its tombstone from now
     /// on), and returns its record before, `None` when it had none. Ends

@@ -3,7 +3,7 @@
 //! request wherever it is parked; a REGISTER that answers; and the PBX's
 //! cancel of a call.
 
-use crate::broker::{device_alias, BrokerError};
+use crate::broker::{device_alias, BrokerError, Pushed};
 use crate::lifecycle::Verdict;
 use crate::state::AppState;
 use crate::store::{now_millis, ResponseLogEntry};
@@ -21,7 +21,9 @@ pub struct CallResponse {
 
 /// Hands the app's answer to the call's wait. An answer to a push older
 /// than the wait is stale: it never counts, and hears `timed_out` while the
-/// call rings on for its other phones and newer pushes. A device's first
+/// call rings on for its other phones and newer pushes; so does one to a
+/// push sent before the call opened, the call before it under the same
+/// key's ([`Pushed::At`]). A device's first
 /// answer counts for the metrics and the response log; a repeat is
 /// accepted without either.
 ///
@@ -30,13 +32,19 @@ pub struct CallResponse {
 pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict, BrokerError> {
     let roundtrip = super::unix_seconds() - response.message_start_time;
     let stale = roundtrip > state.config.wait().as_secs_f64();
+    let pushed = if stale {
+        Pushed::Stale
+    } else {
+        // Validated as a time (`http::calls`): the cast cannot wrap.
+        Pushed::At((response.message_start_time * 1000.0).floor() as i64)
+    };
     // In place before the answer can wake the call: the call's task may run
     // on the other worker at once.
     let handoff = (response.available && !stale && state.broker.holds(&response.unique_key))
         .then(|| state.handoffs.expect(&response.unique_key));
     let verdict = state
         .broker
-        .answer(&response.unique_key, response.available, stale)
+        .answer(&response.unique_key, response.available, pushed)
         .await?;
     let_the_call_go_first(state, &verdict, handoff).await;
     if let Verdict::Taken { platform } = verdict {
@@ -71,7 +79,7 @@ pub async fn registered(
     let Some(key) = state.broker.resolve(&alias).await? else {
         return Ok(None);
     };
-    let verdict = state.broker.answer(&key, true, false).await?;
+    let verdict = state.broker.answer(&key, true, Pushed::Unsaid).await?;
     let_the_call_go_first(state, &verdict, None).await;
     Ok((verdict != Verdict::Unknown).then_some(verdict))
 }

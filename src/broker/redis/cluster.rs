@@ -464,7 +464,7 @@ mod tests {
         // short way knows the slot map, so its pool holds a connection.
         let device = crate::broker::push_key(&key, 1, 2);
         broker
-            .answer(&device, true, false)
+            .answer(&device, true, crate::broker::Pushed::Unsaid)
             .await
             .expect("the answer counts");
         bounded("the short way's slot map", async {
@@ -474,7 +474,7 @@ mod tests {
         })
         .await;
         broker
-            .answer(&device, true, false)
+            .answer(&device, true, crate::broker::Pushed::Unsaid)
             .await
             .expect("the repeat");
         assert!(

@@ -27,7 +27,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{deadline_millis, Answer, Message, Phase, Record, Stamp, Stored, TOMBSTONE};
+use crate::broker::{
+    deadline_millis, unix_millis, Answer, Message, Phase, Record, Stamp, Stored, TOMBSTONE,
+};
 use crate::store::{EndReason, Platform};
 
 /// Put before a key that begins with `}`: see [`Tag`].
@@ -103,6 +105,9 @@ pub const FORMAT: u32 = 1;
 /// The meta key's value: the format, the owning account and the call's
 /// stamp, its record's deadline: kept with the tombstone, so the next
 /// call's open knows the stamp it must pass ([`crate::broker::next_stamp`]).
+/// [`OPEN_SCRIPT`] adds a fourth word, when the call opened; a meta
+/// without it (a restored one, or one a release before wrote) holds no
+/// answer to that rule.
 pub fn meta(account: i64, stamp: Stamp) -> String {
     format!("{FORMAT} {account} {stamp}")
 }
@@ -201,14 +206,20 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 }
 
 /// Opens a call ([`crate::lifecycle::claim`]): KEYS[1] the record, KEYS[2]
-/// its meta, KEYS[3] its holders ([`holders_key`]); ARGV[1] the ringing
+/// its meta, KEYS[3] its holders ([`holders_key`]), KEYS[4] the cancel
+/// marks left under the key ([`cancels_key`]); ARGV[1] the ringing
 /// record, ARGV[2] its TTL, ARGV[3] the account, ARGV[4] the meta to store
 /// but its stamp, ARGV[5] the record's deadline, ARGV[6] the request's hold
-/// id. Returns `new <stamp>`
-/// (stored, under that stamp: the deadline, or one ms past the stamp of
-/// the call the key held, as [`crate::broker::next_stamp`]; so risen, the
-/// record's deadline may lie past its holder's own wait, and an answer
-/// then counts until the holder's timer ends the call), `join <stamp>`
+/// id, ARGV[7] `1` when the key is the one the call asked for (its
+/// `call_id`; a leg's key is checked by [`LEG_SCRIPT`]), ARGV[8] when the
+/// call opens (Unix ms, the meta's last word: see [`ANSWER_SCRIPT`]). Returns `new
+/// <stamp>` (stored, under that stamp: the deadline, or one ms past the
+/// stamp of the call the key held, as [`crate::broker::next_stamp`]; so
+/// risen, the record's deadline may lie past its holder's own wait, and an
+/// answer then counts until the holder's timer ends the call), `new <stamp>
+/// cancelled` (stored where the key held nothing, and a cancel for every
+/// account or this one marked it: the request crossed the cancel, and the
+/// call is to end as it opens, see [`crate::broker::CANCEL_REACH`]), `join <stamp>`
 /// (this account's call rings there: phase `ring` with a device yet to
 /// answer, a word without `+` or `-`, every platform's name ending in a
 /// letter; its hold added) or `taken` (another account's call, or a
@@ -238,21 +249,27 @@ if last and last >= tonumber(stamp) then
   record = 'ring ' .. stamp .. string.sub(record, #ARGV[5] + 6)
 end
 redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp, 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp .. ' ' .. ARGV[8], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], ARGV[6], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if not before and ARGV[7] == '1' and (redis.call('SISMEMBER', KEYS[4], '*') == 1
+    or redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1) then
+  return 'new ' .. stamp .. ' cancelled'
+end
 return 'new ' .. stamp
 "#;
 
 /// The arguments of [`OPEN_SCRIPT`] for `account`'s call, opened by the
-/// request whose hold id is `hold`: ARGV[1] to ARGV[6].
+/// request whose hold id is `hold`, under the key it asked for (`asked`)
+/// or a leg's: ARGV[1] to ARGV[8].
 pub(super) fn open_args(
     account: i64,
     devices: &[Platform],
     until: Instant,
     hold: &str,
-) -> [String; 6] {
+    asked: bool,
+) -> [String; 8] {
     let deadline = deadline_millis(until);
     [
         Record::ringing(devices, deadline).encode(),
@@ -261,6 +278,8 @@ pub(super) fn open_args(
         meta_prefix(account),
         deadline.to_string(),
         hold.to_owned(),
+        (if asked { "1" } else { "0" }).to_owned(),
+        unix_millis(SystemTime::now()).to_string(),
     ]
 }
 
@@ -358,7 +377,10 @@ pub(super) fn cancel(call_id: &str, account: Option<i64>) -> ([String; 2], [Stri
 /// through its devices' keys). ARGV[7] `1`: the answer is stale and never
 /// counts. ARGV[8]: now, the answering instance's clock in Unix ms, held
 /// against the deadline the opening instance wrote, as the in-process
-/// broker does. Returns `1` or `0` (counted or not) followed by the record
+/// broker does. ARGV[9]: when the answer's push says it was sent, plus
+/// [`crate::broker::ECHO_MARGIN_MS`] (empty: not said); earlier than the
+/// call's opening, the last word of its meta (KEYS[2]), and the answer is
+/// another call's under the same key, which never counts. Returns `1` or `0` (counted or not) followed by the record
 /// before, `0` and the pointer for a pointer, nil when there is nothing.
 ///
 /// It runs between the app's answer and the PBX's ACK, and Redis runs it
@@ -393,6 +415,11 @@ local mark = string.sub(before, last, last)
 if mark == '+' or mark == '-' or ARGV[7] == '1' then return '0' .. before end
 if tonumber(ARGV[8]) >= tonumber(string.sub(before, phase_end + 1, deadline_end - 1)) then
   return '0' .. before
+end
+if ARGV[9] ~= '' then
+  local meta = redis.call('GET', KEYS[2])
+  local opened = meta and string.match(meta, '^%S+ %S+ %S+ (%S+)')
+  if opened and tonumber(ARGV[9]) < tonumber(opened) then return '0' .. before end
 end
 local phase = ARGV[2] == '+' and 'won' or 'ring'
 redis.call('SET', KEYS[1], phase .. string.sub(before, phase_end, last) .. ARGV[2]

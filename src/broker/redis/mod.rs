@@ -62,8 +62,8 @@ use tokio::time::Instant;
 
 use super::{
     candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, FirstClaim, HangUp, Held,
-    Holds, Joined, Left, Message, Opening, Phase, PhoneClaim, Record, Release, Stamp, Stored,
-    Verdict, Wait, Waiters,
+    Holds, Joined, Left, Message, Opening, Phase, PhoneClaim, Pushed, Record, Release, Stamp,
+    Stored, Verdict, Wait, Waiters, ECHO_MARGIN_MS,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -416,9 +416,9 @@ impl CallBroker for RedisBroker {
             // An error, or this future dropped, from here on: the script
             // may have stored the call or joined it, and leaving takes the
             // hold back (ending the call only if nobody else holds it).
-            let (stamp, joined) = match shared.claim(key, &call, &hold).await? {
-                Claimed::Ours(stamp) => (stamp, false),
-                Claimed::Joined(stamp) => (stamp, true),
+            let (stamp, joined, crossed) = match shared.claim(key, &call, &hold, n == 0).await? {
+                Claimed::Ours { stamp, crossed } => (stamp, false, crossed),
+                Claimed::Joined(stamp) => (stamp, true, false),
                 // Not ours (or not stored): leaving must not end the call
                 // that holds the key.
                 Claimed::Taken => {
@@ -437,30 +437,28 @@ impl CallBroker for RedisBroker {
                     tracing::warn!(unique_key = %crate::logs::Escaped(key), error = %e, "cannot read the answers of the call a PBX retry joined; its declines reach this retry only by a later answer or its end");
                 }
             }
-            if let Some(call_id) = leg_of {
-                let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
-                match shared
-                    .script::<bool>(&shared.leg, &leg_keys, &args, false)
-                    .await
-                {
-                    Ok(false) => {}
-                    // A cancel by the Call-ID read the legs before this one
-                    // was among them: it ends itself, as the cancel would have.
-                    Ok(true) => {
-                        let before = shared
-                            .end(
-                                key,
-                                EndReason::Cancelled,
-                                Ending::Cancel(Some(call.account)),
-                                stamp,
-                            )
-                            .await;
-                        before?;
-                        let ended = Message::Ended(EndReason::Cancelled);
-                        shared.waiters.tell(key, stamp, ended);
-                    }
-                    Err(e) => return Err(e),
+            let crossed = match leg_of {
+                Some(call_id) => {
+                    let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
+                    shared
+                        .script::<bool>(&shared.leg, &leg_keys, &args, false)
+                        .await?
                 }
+                None => crossed,
+            };
+            if crossed {
+                // A cancel read the key (or the Call-ID's legs) before this
+                // call was there: it ends itself, as the cancel would have.
+                shared
+                    .end(
+                        key,
+                        EndReason::Cancelled,
+                        Ending::Cancel(Some(call.account)),
+                        stamp,
+                    )
+                    .await?;
+                let ended = Message::Ended(EndReason::Cancelled);
+                shared.waiters.tell(key, stamp, ended);
             }
             shared.waiters.opened(key, generation);
             let held = Held {
@@ -477,7 +475,7 @@ impl CallBroker for RedisBroker {
         &self,
         key: &str,
         available: bool,
-        stale: bool,
+        pushed: Pushed,
     ) -> Result<Verdict, BrokerError> {
         let shared = &self.shared;
         // A call held here names its device at once; any other key is
@@ -495,12 +493,15 @@ impl CallBroker for RedisBroker {
                 keys::encode_answer(index, available, received_at),
                 shared.publish_command().to_owned(),
                 (if as_given { "1" } else { "0" }).to_owned(),
-                (if stale { "1" } else { "0" }).to_owned(),
+                (if pushed == Pushed::Stale { "1" } else { "0" }).to_owned(),
                 unix_millis(received_at).to_string(),
+                match pushed {
+                    Pushed::At(at) => at.saturating_add(ECHO_MARGIN_MS).to_string(),
+                    Pushed::Stale | Pushed::Unsaid => String::new(),
+                },
             ];
-            let reply: Option<String> = shared
-                .script(&shared.answer, &[state_key(&call)], &args, true)
-                .await?;
+            let keys = [state_key(&call), meta_key(&call)];
+            let reply: Option<String> = shared.script(&shared.answer, &keys, &args, true).await?;
             let Some((counted, before)) = reply.as_deref().and_then(keys::split_answer) else {
                 return Ok(Verdict::Unknown);
             };
@@ -669,7 +670,12 @@ enum Claimed {
     /// The key holds this call under this stamp (`None`: unreadable, a
     /// reply the open script never gives; the wait then takes any news on
     /// the key, as before stamps).
-    Ours(Option<Stamp>),
+    Ours {
+        stamp: Option<Stamp>,
+        /// A cancel marked the key before the call was there: the call's
+        /// request crossed it ([`keys::OPEN_SCRIPT`]).
+        crossed: bool,
+    },
     /// The key holds the ringing call this one joined (a PBX retry), under
     /// this stamp.
     Joined(Option<Stamp>),
@@ -714,17 +720,20 @@ impl Shared {
     /// this one, or the ringing call it joined; [`Claimed::Taken`] when
     /// another call's record or pointer stands in the way, and then what
     /// this one stored is taken back and the key is left to its owner.
+    /// `asked`: the key is the one the call asked for, not a leg's.
     async fn claim(
         &self,
         key: &str,
         call: &Opening<'_>,
         hold: &str,
+        asked: bool,
     ) -> Result<Claimed, BrokerError> {
         let mut open = self.open.prepare_invoke();
         open.key(state_key(key))
             .key(meta_key(key))
-            .key(keys::holders_key(key));
-        for arg in keys::open_args(call.account, call.devices, call.until, hold) {
+            .key(keys::holders_key(key))
+            .key(keys::cancels_key(key));
+        for arg in keys::open_args(call.account, call.devices, call.until, hold, asked) {
             open.arg(arg);
         }
         let opened: String = self.invoke(&open).await?;
@@ -735,10 +744,18 @@ impl Shared {
             // Joined as it is, pointers and all.
             return Ok(Claimed::Joined(keys::parse_stamp(joined)));
         }
-        let stamp = opened.strip_prefix("new ").and_then(keys::parse_stamp);
+        let new = opened.strip_prefix("new ").unwrap_or_default();
+        let (stamp, crossed) = match new.strip_suffix(" cancelled") {
+            Some(stamp) => (stamp, true),
+            None => (new, false),
+        };
+        let ours = Claimed::Ours {
+            stamp: keys::parse_stamp(stamp),
+            crossed,
+        };
         let count = call.devices.len();
         if count == 1 {
-            return Ok(Claimed::Ours(stamp));
+            return Ok(ours);
         }
         // Every pointer lives in its own slot: one command each, all at once.
         let pointers = (0..count).map(|index| {
@@ -755,7 +772,7 @@ impl Shared {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         if pointers.iter().all(|(_, _, ours)| *ours) {
-            return Ok(Claimed::Ours(stamp));
+            return Ok(ours);
         }
         let mut undo = redis::pipe();
         for (push, stored, _) in &pointers {
@@ -927,9 +944,16 @@ mod tests {
         };
         let (key, call) = (key.as_str(), &call);
         let claim = |hold: &'static str| async move {
-            match shared.claim(key, call, hold).await {
-                Ok(Claimed::Ours(Some(stamp)) | Claimed::Joined(Some(stamp))) => stamp,
-                Ok(Claimed::Ours(None) | Claimed::Joined(None)) => panic!("{hold}: no stamp"),
+            match shared.claim(key, call, hold, true).await {
+                Ok(
+                    Claimed::Ours {
+                        stamp: Some(stamp), ..
+                    }
+                    | Claimed::Joined(Some(stamp)),
+                ) => stamp,
+                Ok(Claimed::Ours { stamp: None, .. } | Claimed::Joined(None)) => {
+                    panic!("{hold}: no stamp")
+                }
                 Ok(Claimed::Taken) => panic!("{hold}: taken"),
                 Err(e) => panic!("{hold}: {e}"),
             }
@@ -967,8 +991,10 @@ mod tests {
         // there ends nothing, its holder's hang-up (its stamp) ends it.
         let key = crate::broker::random_key();
         let call = Opening { key: &key, ..*call };
-        let stamp = match shared.claim(&key, &call, "c").await {
-            Ok(Claimed::Ours(Some(stamp))) => stamp,
+        let stamp = match shared.claim(&key, &call, "c", true).await {
+            Ok(Claimed::Ours {
+                stamp: Some(stamp), ..
+            }) => stamp,
             _ => panic!("c: not opened"),
         };
         let lost: i64 = shared
