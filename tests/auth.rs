@@ -44,14 +44,17 @@ async fn the_account_api_decides_and_its_answers_map_to_statuses() {
     .await;
     let user = sip_user_id();
 
-    // No header: 401 with a Basic challenge, and the account API is not asked.
-    let reply = register_as(&server.client, None, &user, "t").await;
-    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
-    assert!(reply.headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .starts_with("Basic"));
-    assert_eq!(api.hits(), 0);
+    // No header, or an empty one: 401 with a Basic challenge, and the
+    // account API is not asked.
+    for authorization in [None, Some(""), Some("  ")] {
+        let reply = register_as(&server.client, authorization, &user, "t").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{authorization:?}");
+        assert!(reply.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic"));
+        assert_eq!(api.hits(), 0, "{authorization:?}");
+    }
 
     for (answer, expected) in [
         (Answer::status(200), StatusCode::CREATED),

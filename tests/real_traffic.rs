@@ -407,6 +407,54 @@ async fn an_answer_to_the_call_before_under_a_reused_call_id_counts_not() {
     .await;
 }
 
+/// A device deleted while its call rings (its app logged out), or
+/// replaced (another phone took the one-device account over, and this one
+/// was just told so), gets no further call push for that call; it was
+/// rung, so it hears when the call is over. Before, it got every resend (a
+/// black-box probe: the phone told of the takeover rang again a second
+/// later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_deleted_or_replaced_while_its_call_rings_gets_no_resend() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| {
+            c.wait_ms = 3000;
+            c.resend_interval_ms = 1000;
+        })
+        .await;
+        let what = backend.name();
+        for (token, replaced) in [("deleted", false), ("replaced", true)] {
+            let user = server.registered("android", token).await;
+            let key = call_id();
+            let pbx = server.client.park(&user, &key);
+            server.call_push(token, &key).await;
+            if replaced {
+                let taken_over = server.client.register("android", &user, "taker").await;
+                assert_eq!(taken_over, StatusCode::OK, "{what}");
+            } else {
+                let deleted = server.client.unregister("android", &user, token).await;
+                assert_eq!(deleted.status, StatusCode::OK, "{what}: {}", deleted.body);
+            }
+            let reply = bounded("the PBX's answer", pbx)
+                .await
+                .expect("the PBX task");
+            assert_eq!(reply.body, "status=NAK", "{what}, {token}");
+            let attempts: Vec<_> = server
+                .calls_to(token)
+                .iter()
+                .filter_map(|push| push.payload.attempt())
+                .collect();
+            assert_eq!(attempts, [1], "{what}, {token}: the call pushes");
+            let told = eventually(PUSH_BOUND, || async {
+                server.notices_to(token) == [(key.clone(), EndReason::TimedOut)]
+            })
+            .await;
+            assert!(told, "{what}, {token}: {:?}", server.notices_to(token));
+            assert!(server.calls_to("taker").is_empty(), "{what}");
+        }
+    })
+    .await;
+}
+
 /// The PBX's cancel (`fields`) of a call `server` does not know yet: 404,
 /// and its mark left for the call that crosses it.
 async fn cancel_of_nothing(server: &TestServer, fields: &[(&str, &str)]) {

@@ -144,9 +144,7 @@ impl Access {
         let Some(accounts) = &self.accounts else {
             return Ok(Authorized::Open);
         };
-        let header = headers
-            .get(hyper::header::AUTHORIZATION)
-            .ok_or(AuthError::Missing)?;
+        let header = credentials(headers).ok_or(AuthError::Missing)?;
         self.logins.attempt(client, sip_user_id)?;
         let verdict = accounts.authorize(header, sip_user_id, client).await;
         match &verdict {
@@ -164,4 +162,13 @@ impl Access {
     pub fn requires_credentials(&self) -> bool {
         self.accounts.is_some()
     }
+}
+
+/// A request's credentials: its `Authorization` header, unless it has
+/// none or an empty one (which the account API is not asked about, nor
+/// counted as a failed login).
+pub fn credentials(headers: &HeaderMap) -> Option<&hyper::header::HeaderValue> {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .filter(|value| !value.as_bytes().iter().all(u8::is_ascii_whitespace))
 }

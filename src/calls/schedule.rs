@@ -292,6 +292,27 @@ async fn ours(
     claimed(state, claim, "call push").await
 }
 
+/// Whether `target` is still a device of its account: one deleted while
+/// its call rings (its app logged out), replaced (another phone took a
+/// one-device account over, and this one was just told so) or lapsed (its
+/// SIP registration) gets no further call push for it. A store that cannot
+/// say within [`super::LAST_WORD`] is taken for yes: a resend too many is
+/// better than a phone that stops ringing.
+async fn still_registered(state: &AppState, target: &PushTarget) -> bool {
+    match tokio::time::timeout(super::LAST_WORD, state.store.devices(target.sip_user_id)).await {
+        Ok(Ok(devices)) => devices.iter().any(|device| {
+            let device = &device.registration;
+            device.platform == target.platform
+                && device.platform.same_token(&device.token, &target.token)
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!(sip_user_id = target.sip_user_id, error = %e, "cannot read the account's devices before a resend; resending");
+            true
+        }
+        Err(_) => true,
+    }
+}
+
 /// The call pushes a schedule knows of.
 #[derive(Debug, Default)]
 struct Sent {
@@ -384,6 +405,10 @@ async fn push_until_done(
             unreachable!("a schedule rings with a call push");
         };
         *number = attempt;
+        // A resend goes only to a device still its account's.
+        if attempt > 1 && retries == 0 && !still_registered(state, target).await {
+            return Pushes::Over;
+        }
         let tick = Instant::now();
         // A retry of a refused push keeps the number it claimed.
         if retries == 0 {

@@ -5,14 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 
 use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, Body};
-use crate::auth::{AuthError, Authorized};
+use crate::auth::{credentials, AuthError, Authorized};
 use crate::logs::{is_invisible_format, redact};
 use crate::push::{Payload, PushOutcome, PushTarget};
 use crate::state::AppState;
@@ -79,7 +78,7 @@ pub(super) async fn read_authorized(
     request: Request<Incoming>,
     source: Source,
 ) -> Result<(Parts, Fields), ApiError> {
-    if state.access.requires_credentials() && !request.headers().contains_key(AUTHORIZATION) {
+    if state.access.requires_credentials() && credentials(request.headers()).is_none() {
         return Err(AuthError::Missing.into());
     }
     let client = state.access.network.client_ip(peer.ip(), request.headers());
