@@ -173,8 +173,20 @@ impl Proxy {
         &self,
         scenario: &str,
         user: &str,
-        (signer, password): (&str, &str),
+        signer: (&str, &str),
         project: &str,
+        contact: (u16, &str),
+    ) -> Child {
+        self.register_token(scenario, user, signer, (project, TOKEN), contact)
+    }
+
+    /// [`Proxy::register`] with the push token `token`.
+    fn register_token(
+        &self,
+        scenario: &str,
+        user: &str,
+        (signer, password): (&str, &str),
+        (project, token): (&str, &str),
         (contact_port, expires): (u16, &str),
     ) -> Child {
         let contact_port = contact_port.to_string();
@@ -191,7 +203,7 @@ impl Proxy {
                 &contact_port,
                 "-key",
                 "token",
-                TOKEN,
+                token,
                 "-key",
                 "project",
                 project,
@@ -280,6 +292,11 @@ async fn kamailio_wakes_the_phone_and_relays_the_call() {
     let pushes = server.pushes(1, Duration::from_secs(10)).await;
     let push = pushes.last().expect("a push");
     assert_eq!(push.json()["message"]["token"], TOKEN, "{:?}", push.json());
+    // The display name without SIP's quotes. (The caller's own
+    // X-Push-Call-Id is removed: phone.xml checks the one it gets.)
+    let data = &push.json()["message"]["data"];
+    assert_eq!(data["caller_id"], "Alice", "{data}");
+    assert_eq!(data["phonenumber"], "0612345678", "{data}");
 
     // The phone wakes: listens, REGISTERs again (that answers the call), and
     // its app posts call-response (a repeat by then).
@@ -572,9 +589,9 @@ async fn kamailio_refuses_a_register_call_notifier_did_not_take() {
 /// linphone-daemon (Debian's `linphone-cli`) as `user`'s phone: a real SIP
 /// user agent registering through the proxy with digest credentials and
 /// RFC 8599 parameters (liblinphone's `contact_uri_parameters`), listening
-/// on `port`, answering calls itself when `answers`. Its files live in the
-/// proxy's directory.
-async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool) -> Child {
+/// on `port`, answering calls itself when `answers`, registering for
+/// `expires` seconds. Its files live in the proxy's directory.
+async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool, expires: u32) -> Child {
     let home = proxy.dir.join("linphone");
     // Where liblinphone keeps its database: without it, the core never
     // gets to its "on" state, and answers every INVITE 503.
@@ -586,7 +603,7 @@ async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool) -> Child 
             "[sip]\nsip_port={port}\nsip_tcp_port=-1\nsip_tls_port=-1\ndefault_proxy=0\n\
              register_only_when_network_is_up=0\n\
              [proxy_0]\nreg_proxy=<sip:127.0.0.1:{proxy_port};transport=udp>\n\
-             reg_identity=sip:{user}@sip.example.com\nreg_expires=2\nreg_sendregister=1\n\
+             reg_identity=sip:{user}@sip.example.com\nreg_expires={expires}\nreg_sendregister=1\n\
              contact_uri_parameters=pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}\n\
              [auth_info_0]\nusername={user}\nuserid={user}\npasswd={password}\n\
              realm=sip.example.com\n",
@@ -632,6 +649,21 @@ async fn linphone(proxy: &Proxy, user: &str, port: u16, answers: bool) -> Child 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "Kamailio + SIPp + linphonec: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
 async fn kamailio_wakes_a_real_linphone() {
+    linphone_woken(2).await;
+}
+
+/// The same with a registration that has not lapsed when the call comes
+/// (60 s): the proxy holds a binding with push parameters, and still pushes
+/// before it relays (RFC 8599), rather than relaying to a phone asleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp + linphonec: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_wakes_a_real_linphone_whose_binding_has_not_lapsed() {
+    linphone_woken(60).await;
+}
+
+/// linphone registers for `expires` seconds, is killed (asleep: its binding
+/// lapses after 2 s, or stays), is pushed for a call, wakes and answers it.
+async fn linphone_woken(expires: u32) {
     requires_kamailio();
     let backend = Backend::embedded();
     let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
@@ -642,7 +674,7 @@ async fn kamailio_wakes_a_real_linphone() {
         std::fs::read_to_string(proxy.dir.join("linphone").join(name)).unwrap_or_default()
     };
 
-    let mut first = linphone(&proxy, &user, port, false).await;
+    let mut first = linphone(&proxy, &user, port, false, expires).await;
     let stored = eventually(Duration::from_secs(10), || async {
         server.device(&user).await.is_some()
     })
@@ -657,14 +689,16 @@ async fn kamailio_wakes_a_real_linphone() {
     assert_eq!(device.token, TOKEN);
     // Its User-Agent (liblinphone's daemon says "Unknown").
     assert!(device.client_version.is_some(), "{device:?}");
-    // Asleep: gone without a word, its registration lapses.
+    // Asleep: gone without a word; a 2 s registration lapses.
     first.start_kill().expect("linphonec killed");
     let _ = first.wait().await;
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    if expires < 3 {
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+    }
 
     let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
     server.pushes(1, Duration::from_secs(10)).await;
-    let _woken = linphone(&proxy, &user, port, true).await;
+    let _woken = linphone(&proxy, &user, port, true, expires).await;
     let answered = call.wait_with_output();
     let out = bounded("the caller's call answered by linphone", answered)
         .await
@@ -676,4 +710,467 @@ async fn kamailio_wakes_a_real_linphone() {
         proxy.log(),
         linphone_log("woken.log")
     );
+}
+
+/// RFC 8599: a binding with push parameters that has not lapsed is no
+/// sign of an awake phone. The call pushes it first, and is relayed once
+/// its REGISTER refreshed the binding; an account whose only contact has
+/// no push parameters (a desk phone) is rung at once, with no push, and
+/// its hang-up (a BYE from the callee's side) goes back through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_pushes_a_phone_whose_binding_has_not_lapsed() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let (user, desk) = (sip_user_id(), sip_user_id());
+    let proxy = Proxy::start(server.client.base(), &[&user, &desk]).await;
+
+    // The desk phone: registered without push parameters, rung directly.
+    let desk_port = free_udp_port();
+    let desk_secret = password(&desk);
+    let registered = proxy.register(
+        "register-plain.xml",
+        &desk,
+        (&desk, &desk_secret),
+        PROJECT,
+        (desk_port, "60"),
+    );
+    proxy
+        .succeeds("the desk phone's REGISTER", registered)
+        .await;
+    assert_eq!(server.device(&desk).await, None);
+    let rung = proxy.sipp("desk-bye.xml", Side::Listening(desk_port), &desk, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let call = proxy.sipp("caller-hungup.xml", Side::Pbx, &desk, &[]);
+    proxy
+        .succeeds("the desk phone answering, then hanging up", rung)
+        .await;
+    proxy
+        .succeeds("the caller's call to the desk phone, ended by it", call)
+        .await;
+    assert_eq!(server.fcm.hits(), 0, "a desk phone is not pushed");
+
+    // The mobile phone registers for 60 s and falls asleep at once.
+    let phone_port = free_udp_port();
+    let secret = password(&user);
+    let register = || {
+        proxy.register(
+            "register.xml",
+            &user,
+            (&user, &secret),
+            PROJECT,
+            (phone_port, "60"),
+        )
+    };
+    proxy.succeeds("the phone's REGISTER", register()).await;
+    assert!(server.device(&user).await.is_some(), "{}", proxy.log());
+
+    // A call: pushed, although its binding is alive (nobody listens there).
+    let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
+    let pushes = server.pushes(1, Duration::from_secs(10)).await;
+    assert_eq!(pushes[0].json()["message"]["token"], TOKEN);
+    // Woken, it listens and REGISTERs: that releases the call to it.
+    let phone = proxy.sipp("phone.xml", Side::Listening(phone_port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .succeeds("the REGISTER of the woken phone", register())
+        .await;
+    proxy
+        .succeeds("the phone answering the INVITE", phone)
+        .await;
+    proxy.succeeds("the caller's call answered 200", call).await;
+    assert_eq!(
+        server.fcm.hits(),
+        1,
+        "one push: {:?}",
+        server.fcm.received()
+    );
+}
+
+/// call-notifier down when a call comes: nobody can be pushed, and the
+/// phone may be awake, so the INVITE goes to its binding unpushed (as a
+/// proxy without push would), not to a 480.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_rings_the_binding_when_call_notifier_is_down() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let port = free_udp_port();
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (port, "60"),
+    );
+    proxy.succeeds("the phone's REGISTER", registered).await;
+    let FcmServer { server, .. } = server;
+    bounded("call-notifier stopping", server.running.stop()).await;
+
+    let rung = proxy.sipp("desk-bye.xml", Side::Listening(port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let call = proxy.sipp("caller-hungup.xml", Side::Pbx, &user, &[]);
+    proxy.succeeds("the awake phone answering", rung).await;
+    proxy.succeeds("the caller's call answered", call).await;
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("incoming-call for {user} failed")),
+        "the log says why:\n{}",
+        proxy.log()
+    );
+}
+
+/// An outsider with a forged To-tag and a Route (or an ACK naming another
+/// host) does not get the proxy to relay anything: only the in-dialog
+/// requests of dialogs it set up are relayed (the other tests' ACKs and
+/// BYEs, both ways).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_relays_no_request_outside_its_dialogs() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let proxy = Proxy::start(server.client.base(), &[]).await;
+    // The host the outsider aims at: it must hear nothing.
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a target socket");
+    target.set_nonblocking(true).expect("non-blocking");
+    let target_addr = target.local_addr().expect("its address").to_string();
+
+    let outsider = proxy.sipp(
+        "outsider-relay.xml",
+        Side::Listening(free_udp_port()),
+        "victim",
+        &["-key", "target", &target_addr],
+    );
+    proxy
+        .succeeds("the outsider's forged in-dialog requests get 404", outsider)
+        .await;
+    // The last 404 came after the ACKs were read; a relayed ACK would be on
+    // its way by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut buffer = [0u8; 65_535];
+    if let Ok((n, from)) = target.recv_from(&mut buffer) {
+        panic!(
+            "relayed to the target from {from}:\n{}\n{}",
+            String::from_utf8_lossy(&buffer[..n]),
+            proxy.log()
+        );
+    }
+}
+
+/// A ring group: one Call-ID forked to two accounts. The caller cancelling
+/// one leg ends that account's call only (the cancel names the account);
+/// the other's phone, woken, takes its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_cancels_only_the_cancelled_accounts_leg() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let (first, second) = (sip_user_id(), sip_user_id());
+    let proxy = Proxy::start(server.client.base(), &[&first, &second]).await;
+    let (first_token, second_token) = ("first-fcm-token", "second-fcm-token");
+    let second_port = free_udp_port();
+    let second_secret = password(&second);
+    let register_second = |expires| {
+        proxy.register_token(
+            "register.xml",
+            &second,
+            (&second, &second_secret),
+            (PROJECT, second_token),
+            (second_port, expires),
+        )
+    };
+    let first_secret = password(&first);
+    let registered = proxy.register_token(
+        "register.xml",
+        &first,
+        (&first, &first_secret),
+        (PROJECT, first_token),
+        (free_udp_port(), "1"),
+    );
+    proxy
+        .succeeds("the first account's REGISTER", registered)
+        .await;
+    proxy
+        .succeeds("the second account's REGISTER", register_second("1"))
+        .await;
+    // Both asleep: their bindings lapse.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+
+    let sip_call_id = format!("group-{}@caller.invalid", call_id());
+    let cid = ["-cid_str", sip_call_id.as_str()];
+    let cancelled = proxy.sipp("caller-cancel.xml", Side::Pbx, &first, &cid);
+    let taken = proxy.sipp("caller.xml", Side::Pbx, &second, &cid);
+    server.pushes(2, Duration::from_secs(10)).await;
+    proxy
+        .succeeds("the first leg's CANCEL answered 487", cancelled)
+        .await;
+
+    // The second phone wakes after that CANCEL: its call still rings.
+    let phone = proxy.sipp("phone.xml", Side::Listening(second_port), &second, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .succeeds("the second phone's REGISTER", register_second("60"))
+        .await;
+    proxy.succeeds("the second phone answering", phone).await;
+    proxy
+        .succeeds("the second leg answered 200, not cancelled", taken)
+        .await;
+    let cancelled_to = |token: &str| {
+        server.fcm.received().iter().any(|p| {
+            let json = p.json();
+            json["message"]["token"] == token
+                && json["message"]["data"]["type"] == "call_ended"
+                && json["message"]["data"]["reason"] == "cancelled"
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cancelled_to(first_token)
+        })
+        .await,
+        "the first phone is told its call was cancelled: {:?}",
+        server.fcm.received()
+    );
+    assert!(!cancelled_to(second_token), "{:?}", server.fcm.received());
+}
+
+/// The value of the last `header` line SIPp sent, as its message logs
+/// (`-trace_msg`) in `dir` for scenarios named `scenario` recorded it.
+fn last_sent_header(dir: &std::path::Path, scenario: &str, header: &str) -> String {
+    let mut found = None;
+    for entry in std::fs::read_dir(dir).expect("the trace dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(&format!("{scenario}_")) && name.ends_with("_messages.log")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix(&format!("{header}:")) {
+                found = Some(value.trim().to_owned());
+            }
+        }
+    }
+    found.unwrap_or_else(|| panic!("no {header} in {scenario}'s message log"))
+}
+
+/// A captured REGISTER digest replayed, with a new Call-ID and the
+/// eavesdropper's push token, or with the phone's own Call-ID: challenged
+/// afresh (nonce counts), and the device stays the phone's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_refuses_a_replayed_register_digest() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (free_udp_port(), "60"),
+    );
+    proxy.succeeds("the phone's REGISTER", registered).await;
+    let authorization = format!(
+        "Authorization: {}",
+        last_sent_header(&proxy.dir, "register", "Authorization")
+    );
+    let phone_call_id = last_sent_header(&proxy.dir, "register", "Call-ID");
+    assert!(authorization.contains("nc="), "qop=auth: {authorization}");
+
+    for call_id in [format!("replay-{}", call_id()), phone_call_id] {
+        let replayed = proxy.sipp(
+            "register-replay.xml",
+            Side::Listening(free_udp_port()),
+            &user,
+            &[
+                "-key",
+                "auth",
+                &authorization,
+                "-key",
+                "project",
+                PROJECT,
+                "-cid_str",
+                &call_id,
+            ],
+        );
+        proxy
+            .succeeds(
+                &format!("the digest replayed with Call-ID {call_id} is challenged"),
+                replayed,
+            )
+            .await;
+    }
+    let device = server.device(&user).await.expect("the phone's device");
+    assert_eq!(device.token, TOKEN);
+}
+
+/// Values beyond the API's limits do not fail the call or the
+/// registration: a User-Agent over 255 characters is cut to 255, a display
+/// name too (without its quotes), and a From number of 40 digits, no phone
+/// number the API takes, is posted as a withheld caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_trims_what_the_api_would_refuse() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 1_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let user_agent = format!("Phone/{}", "9".repeat(300));
+    let contact = format!(
+        "<sip:{user}@127.0.0.1:{};pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}>",
+        free_udp_port()
+    );
+    let registered = proxy.sipp(
+        "register-any.xml",
+        Side::Signed {
+            user: &user,
+            password: &secret,
+        },
+        &user,
+        &[
+            "-key",
+            "contact",
+            &contact,
+            "-key",
+            "expires_header",
+            "Expires: 60",
+            "-key",
+            "user_agent",
+            &user_agent,
+        ],
+    );
+    proxy
+        .succeeds("a REGISTER with a long User-Agent gets 200", registered)
+        .await;
+    let device = server.device(&user).await.expect("a device");
+    assert_eq!(
+        device.client_version.as_deref(),
+        Some(&user_agent[..255]),
+        "cut to 255"
+    );
+
+    let name = "N".repeat(300);
+    let number = "1".repeat(40);
+    let from = format!("\"{name}\" <sip:{number}@127.0.0.2>");
+    let call = proxy.sipp(
+        "caller-from-480.xml",
+        Side::Pbx,
+        &user,
+        &["-key", "from", &from],
+    );
+    let push = server.pushes(1, Duration::from_secs(10)).await[0].clone();
+    let data = &push.json()["message"]["data"];
+    assert_eq!(data["caller_id"], name[..255], "{data}");
+    assert_eq!(data["phonenumber"], "anonymous", "{data}");
+    // Not answered within the wait: 480.
+    proxy.succeeds("the unanswered call gets 480", call).await;
+}
+
+/// `Contact: *` removes the devices of the account's bindings with push
+/// parameters; so does a Contact whose `EXPIRES=0` is upper case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_removes_the_device_of_a_deregistration() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let port = free_udp_port();
+    let contact =
+        format!("<sip:{user}@127.0.0.1:{port};pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}>");
+    let upper = format!("{contact};EXPIRES=0");
+    for (what, contact, expires) in [
+        ("Contact: * with Expires: 0", "*", "Expires: 0"),
+        (
+            "a Contact with ;EXPIRES=0",
+            upper.as_str(),
+            "X-No-Expires: 1",
+        ),
+    ] {
+        let registered = proxy.register(
+            "register.xml",
+            &user,
+            (&user, &secret),
+            PROJECT,
+            (port, "60"),
+        );
+        proxy.succeeds("the REGISTER", registered).await;
+        assert!(server.device(&user).await.is_some(), "{}", proxy.log());
+        let removed = proxy.sipp(
+            "register-any.xml",
+            Side::Signed {
+                user: &user,
+                password: &secret,
+            },
+            &user,
+            &[
+                "-key",
+                "contact",
+                contact,
+                "-key",
+                "expires_header",
+                expires,
+                "-key",
+                "user_agent",
+                "SIPp-phone/3.6",
+            ],
+        );
+        proxy.succeeds(what, removed).await;
+        assert_eq!(
+            server.device(&user).await,
+            None,
+            "{what} leaves the device:\n{}",
+            proxy.log()
+        );
+    }
+}
+
+/// A slow call-notifier: the phone retransmits its REGISTER while the
+/// proxy waits for the post, and the retransmissions are absorbed (one
+/// post), not posted again, each holding a SIP worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_posts_a_retransmitted_register_once() {
+    requires_kamailio();
+    // call-notifier, answering a registration after 1.5 s: the phone
+    // (retransmitting after 0.5 s, then 1 s) sends it three times.
+    let slow = common::stand_in::StandIn::start(|_| {
+        common::stand_in::Answer::json(200, serde_json::json!({}))
+            .after(Duration::from_millis(1_500))
+    })
+    .await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(&slow.url(), &[&user]).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (free_udp_port(), "60"),
+    );
+    proxy
+        .succeeds("the REGISTER, answered after the slow post", registered)
+        .await;
+    let posts = slow
+        .received()
+        .iter()
+        .filter(|r| r.uri.starts_with("/api/sip-registration"))
+        .count();
+    assert_eq!(posts, 1, "{}", proxy.log());
 }
