@@ -91,7 +91,8 @@ pub enum NakReason {
     Overloaded,
     /// The store or the broker could not be reached.
     Unavailable,
-    /// The server was shutting down and out of time to wait.
+    /// The server was shutting down: out of time to wait, or (in process,
+    /// where no other instance could take it) draining when the call came.
     Shutdown,
 }
 

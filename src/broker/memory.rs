@@ -456,6 +456,10 @@ impl CallBroker for MemoryBroker {
         true
     }
 
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn waiting(&self) -> usize {
         self.shared.waiters.len()
     }

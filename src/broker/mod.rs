@@ -402,6 +402,15 @@ pub trait CallBroker: Send + Sync + 'static {
     /// How many keys this process waits on: the parked calls.
     fn waiting(&self) -> usize;
 
+    /// Whether other instances share this broker's calls (Redis): an
+    /// answer that reaches one of them reaches a call parked here. A
+    /// draining server whose calls no other instance shares (in process)
+    /// takes their answers itself until they are done
+    /// ([`crate::http::serve`]).
+    fn shared(&self) -> bool {
+        true
+    }
+
     /// Whether [`CallBroker::answer`] has already woken the call's wait
     /// when the call is held here (in process), rather than through a
     /// message that another task reads (Redis's publish, which comes in

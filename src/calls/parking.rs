@@ -13,26 +13,52 @@ use tokio::sync::Notify;
 /// while they tell the phones it is over).
 #[derive(Debug, Default)]
 pub struct Parking {
-    parked: AtomicUsize,
-    schedules: Arc<Schedules>,
+    parked: Count,
+    schedules: Arc<Count>,
 }
 
+/// A count, and who waits for it to reach zero.
 #[derive(Debug, Default)]
-struct Schedules {
+struct Count {
     running: AtomicUsize,
-    /// Notified when the last schedule returns.
+    /// Notified when the last one counted goes.
     idle: Notify,
+}
+
+impl Count {
+    fn add(&self) {
+        self.running.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn sub(&self) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the count is zero.
+    async fn zero(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.get() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 /// One running push schedule; counted until dropped.
 #[derive(Debug)]
-pub struct Scheduled(Arc<Schedules>);
+pub struct Scheduled(Arc<Count>);
 
 impl Drop for Scheduled {
     fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.sub();
     }
 }
 
@@ -43,6 +69,7 @@ impl Parking {
     /// Takes a place, unless `max` are taken.
     pub fn try_park(&self, max: usize) -> Option<Parked<'_>> {
         self.parked
+            .running
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -51,35 +78,34 @@ impl Parking {
     }
 
     pub fn parked(&self) -> usize {
-        self.parked.load(Ordering::Acquire)
+        self.parked.get()
+    }
+
+    /// Resolves once no call is parked.
+    pub async fn calls_done(&self) {
+        self.parked.zero().await
     }
 
     /// Counts one more push schedule, until the guard is dropped.
     pub fn schedule(&self) -> Scheduled {
-        self.schedules.running.fetch_add(1, Ordering::AcqRel);
+        self.schedules.add();
         Scheduled(self.schedules.clone())
     }
 
     /// The push schedules still running.
     pub fn schedules(&self) -> usize {
-        self.schedules.running.load(Ordering::Acquire)
+        self.schedules.get()
     }
 
     /// Resolves once no push schedule runs: a draining server's last
     /// `call_ended` notices have left.
     pub async fn schedules_done(&self) {
-        loop {
-            let idle = self.schedules.idle.notified();
-            if self.schedules() == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.schedules.zero().await
     }
 }
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.0.parked.fetch_sub(1, Ordering::AcqRel);
+        self.0.parked.sub();
     }
 }

@@ -42,6 +42,12 @@ use crate::store::{now_millis, Device, EndReason};
 /// the call's deadline, past which no answer counts.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let mut log = CallLog::start(state, call.sip_user_id);
+    // A draining server whose calls no other instance shares (in process)
+    // still takes answers for its parked calls (`http::serve`), and no new
+    // call: the drain would last as long as calls kept coming.
+    if !state.broker.shared() && *state.phase.borrow() != Phase::Serving {
+        return log.end(Outcome::Nak(NakReason::Shutdown));
+    }
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
         tracing::warn!(
             max = state.config.max_pending_calls,

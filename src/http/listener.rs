@@ -153,6 +153,12 @@ async fn settled(activity: &Arc<watch::Sender<Activity>>) {
 /// stops accepting and waits for the open connections: parked calls keep
 /// their full wait. At `--shutdown-timeout-secs` (or [`Phase::Aborting`])
 /// the calls still parked are answered NAK, and the wait ends soon after.
+///
+/// Where no other instance shares the calls (the in-process broker), an
+/// answer can reach a parked call only here: the server goes on accepting
+/// connections until its parked calls are done (or it aborts), answering
+/// each new call `status=NAK` at once (`calls::ring`), so a drain gives
+/// every parked call its real answer there too.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
     let limits = Limits {
         header: state.config.header_timeout(),
@@ -175,8 +181,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
     // Every connection task holds a sender; `recv` says `None` once the last
     // one has finished (mini-redis's shutdown-complete channel).
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    // Set once this loop stops accepting: the connections then close as
+    // soon as nothing is in flight on them.
+    let (closing, closed) = watch::channel(false);
     let mut phase = state.phase.subscribe();
     let mut failures = AcceptFailures::default();
+    let timeout = Duration::from_secs(state.config.shutdown_timeout_secs);
+    // When the drain must end: `--shutdown-timeout-secs` after it began.
+    let mut deadline = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -189,11 +201,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
                     let pause = failures.record(&e);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
-                        _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => break,
+                        _ = stop_accepting(&state, &mut phase, (&mut deadline, timeout)) => break,
                     }
                 }
             },
-            _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => break,
+            _ = stop_accepting(&state, &mut phase, (&mut deadline, timeout)) => break,
         };
         let connection = connection(
             builder.clone(),
@@ -201,7 +213,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
             peer,
             state.clone(),
             limits,
-            open.clone(),
+            (open.clone(), closed.clone()),
         );
         // Self-wakes polled in place: in process only (see poll_again).
         if state.broker.wakes_in_place() {
@@ -211,13 +223,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
         }
     }
     drop(listener);
+    closing.send_replace(true);
     drop(open);
     let drained = all_closed.recv();
     tokio::pin!(drained);
-    let timeout = Duration::from_secs(state.config.shutdown_timeout_secs);
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
     tokio::select! {
         _ = &mut drained => return,
-        _ = tokio::time::sleep(timeout) => {
+        _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!(parked_calls = state.parking.parked(), "shutdown timeout: answering parked calls NAK");
             state.phase.send_replace(Phase::Aborting);
         }
@@ -228,15 +241,37 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
     let _ = tokio::time::timeout(ABORT_GRACE, drained).await;
 }
 
+/// Resolves when [`serve`] is to stop accepting connections: once the
+/// server drains; where no other instance shares its calls, once its
+/// parked calls are done too, it aborts, or the drain's `deadline` (set
+/// as it begins, `timeout` later) has come.
+async fn stop_accepting(
+    state: &AppState,
+    phase: &mut watch::Receiver<Phase>,
+    (deadline, timeout): (&mut Option<Instant>, Duration),
+) {
+    phase_reached(phase, |p| *p != Phase::Serving).await;
+    let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+    if state.broker.shared() {
+        return;
+    }
+    tokio::select! {
+        _ = state.parking.calls_done() => {}
+        _ = phase_reached(phase, |p| *p == Phase::Aborting) => {}
+        _ = tokio::time::sleep_until(deadline) => {}
+    }
+}
+
 /// Serves one connection until it ends, idles past its limit, or the
-/// server drains it. `_open` tells [`serve`] the connection still lives.
+/// server drains it (`closed`: [`serve`] stopped accepting). `_open` tells
+/// [`serve`] the connection still lives.
 async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
     limits: Limits,
-    _open: mpsc::Sender<()>,
+    (_open, mut closed): (mpsc::Sender<()>, watch::Receiver<bool>),
 ) {
     let _ = stream.set_nodelay(true);
     let (activity, watched) = watch::channel(Activity {
@@ -261,14 +296,13 @@ async fn connection(
     };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let mut phase = state.phase.subscribe();
     let ended = tokio::select! {
         ended = conn.as_mut() => Some(ended),
         _ = idle_too_long(watched, limits) => {
             tracing::debug!(%peer, "closing a connection idle past its limit");
             return;
         }
-        _ = phase_reached(&mut phase, |p| *p != Phase::Serving) => None,
+        _ = closed.wait_for(|closed| *closed) => None,
     };
     let ended = match ended {
         Some(ended) => ended,
