@@ -79,15 +79,18 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The answering instance's wait that answers carry ([`Pushed::At`]).
+const WAIT_MS: i64 = 4_000;
+
 /// What an answer says of its push: mostly a push of the call it answers
 /// (sent after any call here opened), sometimes stale, one sent before
 /// every call (the call before's, under a reused key), or nothing (a
 /// REGISTER's answer).
 fn pushed() -> impl Strategy<Value = Pushed> {
     prop_oneof![
-        14 => Just(Pushed::At(i64::MAX / 2)),
+        14 => Just(Pushed::At { at: i64::MAX / 4, wait: WAIT_MS }),
         3 => Just(Pushed::Stale),
-        2 => Just(Pushed::At(0)),
+        2 => Just(Pushed::At { at: 0, wait: WAIT_MS }),
         1 => Just(Pushed::Unsaid),
     ]
 }
@@ -288,7 +291,10 @@ fn answer(key: usize, available: bool, via: usize) -> Op {
     Op::Answer {
         key,
         available,
-        pushed: Pushed::At(i64::MAX / 2),
+        pushed: Pushed::At {
+            at: i64::MAX / 4,
+            wait: WAIT_MS,
+        },
         via,
     }
 }

@@ -9,7 +9,8 @@ A.rs and B.rs are two copies of `src/broker/redis/keys.rs` (say
 order, on a fresh ringing record of three devices (and its meta), after 0
 to 200 ms idle (Redis runs a script cold after an idle spell, as it does
 between a call's set-up and its answer), by `EVALSHA`, with a subscriber
-on the call's channel as a server has. Redis's own log of how long each
+on the call's channel as a server has; a script that takes when the
+answer's push was sent (ARGV[9], ARGV[10]) is told the call's own push's. Redis's own log of how long each
 command ran (SLOWLOG, every command logged while this runs, then the
 settings put back) gives each script's run time; printed: runs, p50 and
 p25-p75 in microseconds. Two copies of one script (one with a comment
@@ -90,12 +91,17 @@ def main():
     try:
         for _ in range(rounds):
             for path in random.sample(paths, 2):
-                until = int(time.time() * 1000) + 60_000
+                opened = int(time.time() * 1000)
+                until = opened + 60_000
                 redis.command("SET", key, f"ring {until} android android apns", "PX", 120_000)
-                redis.command("SET", meta, f"1 42 {until}", "PX", 120_000)
+                redis.command("SET", meta, f"1 42 {until} {opened}", "PX", 120_000)
                 time.sleep(random.uniform(0, 0.2))
                 now = int(time.time() * 1000)
                 args = ["2", "+", channel, "2 1 1700000000000000", "PUBLISH", "0", "0", now]
+                if "ARGV[10]" in scripts[path]:
+                    # An answer to the call's own push, sent as it opened
+                    # (plus the margin, and that plus a 60 s wait).
+                    args += [opened + 1, opened + 1 + 60_000]
                 keys = [key, meta] if "KEYS[2]" in scripts[path] else [key]
                 reply = redis.command("EVALSHA", sha[path], len(keys), *keys, *args)
                 assert reply.startswith("1"), (path, reply)

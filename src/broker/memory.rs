@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, pushed_before,
     unix_millis, Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Opening,
-    PhoneClaim, Pushed, Record, Release, Stamp, Stored, Verdict, Wait, Waiters, CANCEL_REACH,
-    TOMBSTONE,
+    Phase, PhoneClaim, Pushed, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
+    CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
 use crate::store::EndReason;
@@ -281,6 +281,7 @@ impl CallBroker for MemoryBroker {
                     generation,
                     stamp,
                     joined: true,
+                    opened: None,
                 };
                 return Ok(Wait::held(key, news, held, ringer, release));
             }
@@ -314,10 +315,12 @@ impl CallBroker for MemoryBroker {
             let stamp = Some(stamp);
             self.shared.waiters.confirm(key, generation, stamp);
             self.shared.waiters.opened(key, generation);
+            // One clock: nothing to say of the opening.
             let held = Held {
                 generation,
                 stamp,
                 joined,
+                opened: None,
             };
             let wait = Wait::held(key, news, held, ringer, release);
             // Where a cancel crossed this call's request, ended as it opens.
@@ -358,10 +361,14 @@ impl CallBroker for MemoryBroker {
                 return Ok(Verdict::Unknown);
             };
             let opened = records.keys.get(&call).map_or(0, |entry| entry.opened);
-            let stale = pushed == Pushed::Stale || pushed_before(pushed, opened);
             let Some((record, stamp)) = records.record_mut(&call) else {
                 return Ok(Verdict::Unknown);
             };
+            let deadline = match record.phase {
+                Phase::Ringing { until } | Phase::Won { until } => until,
+                Phase::Ended(_) => i64::MAX,
+            };
+            let stale = pushed == Pushed::Stale || pushed_before(pushed, deadline, opened);
             let before = record.clone();
             let now = unix_millis(SystemTime::now());
             let counted = record.take(index, available, now, stale);

@@ -77,28 +77,40 @@ pub(crate) fn next_stamp(deadline: i64, last: Option<Stamp>) -> Stamp {
 pub enum Pushed {
     /// Older than the wait: the answer never counts.
     Stale,
-    /// Sent at this time, Unix ms. The answer counts only for a call opened
-    /// by then ([`pushed_before`]): one to a push of the call before it
-    /// under the same key (a PBX that posts a `call_id` again) is that
-    /// call's, never this one's.
-    At(i64),
+    /// Sent at `at`, Unix ms; `wait`: the answering instance's wait, ms.
+    /// The answer counts only for a call begun by then ([`pushed_before`]):
+    /// one to a push of the call before it under the same key (a PBX that
+    /// posts a `call_id` again) is that call's, never this one's.
+    At { at: i64, wait: i64 },
     /// Not said: a REGISTER's answer names no push.
     Unsaid,
 }
 
-/// How much earlier than its call's opening an answer's push may say it
+/// How much earlier than its call's beginning an answer's push may say it
 /// was sent and still count for that call. The call's request sets the
 /// push's `message_start_time` after it opened the call, on the same
 /// clock, and the app echoes it unchanged (README, API), so an answer to
 /// it never says earlier; the margin is the millisecond the time is read
 /// in, and its floating point. The call before under the same key ended
-/// before this one opened, a PBX round trip at least.
+/// before this one began, a PBX round trip at least.
 pub const ECHO_MARGIN_MS: i64 = 1;
 
 /// Whether an answer that says its push was sent `pushed` answers a call
-/// opened before the call opened at `opened` (Unix ms).
-pub(crate) fn pushed_before(pushed: Pushed, opened: i64) -> bool {
-    matches!(pushed, Pushed::At(at) if at.saturating_add(ECHO_MARGIN_MS) < opened)
+/// begun before the call whose record has the deadline `deadline` and was
+/// opened at `opened` (Unix ms): sent before the call was opened, and
+/// before its deadline less the wait (the request's arrival, on the
+/// opening instance, for instances that share one wait). The Redis answer
+/// script reads the opening time (a key of its own) only where the
+/// deadline says the answer may be earlier: never, for an answer to a
+/// push of the call.
+pub(crate) fn pushed_before(pushed: Pushed, deadline: i64, opened: i64) -> bool {
+    match pushed {
+        Pushed::At { at, wait } => {
+            let at = at.saturating_add(ECHO_MARGIN_MS);
+            at.saturating_add(wait) < deadline && at < opened
+        }
+        Pushed::Stale | Pushed::Unsaid => false,
+    }
 }
 
 /// What went wrong in the broker.
@@ -493,6 +505,9 @@ pub(crate) struct Held {
     /// Whether the wait joined a call another request rang first (see
     /// [`Wait::joined`]).
     pub joined: bool,
+    /// When the call opened (Unix ms), where another instance opened it
+    /// and said (see [`Wait::opened`]).
+    pub opened: Option<i64>,
 }
 
 impl Wait {
@@ -557,6 +572,15 @@ impl Wait {
     /// pushed the phones already, and pushes them on while it waits.
     pub fn joined(&self) -> bool {
         self.held.is_some_and(|held| held.joined)
+    }
+
+    /// When the call opened (Unix ms) on another instance's clock, for a
+    /// PBX retry that joined it there: the retry's pushes say they were
+    /// sent no earlier, so an instance whose clock runs behind the
+    /// opener's never has its phones' answers taken for the call before's
+    /// ([`pushed_before`]).
+    pub fn opened(&self) -> Option<i64> {
+        self.held.and_then(|held| held.opened)
     }
 
     /// The call's [`Stamp`], for a wait this crate's brokers opened.
@@ -644,6 +668,7 @@ mod tests {
             generation: 1,
             stamp: None,
             joined: false,
+            opened: None,
         };
         let wait =
             |ringer: Ringer| Wait::held("k", news.clone(), held, ringer, Release::new(|| {}));

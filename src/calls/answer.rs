@@ -23,7 +23,7 @@ pub struct CallResponse {
 /// than the wait is stale: it never counts, and hears `timed_out` while the
 /// call rings on for its other phones and newer pushes; so does one to a
 /// push sent before the call opened, the call before it under the same
-/// key's ([`Pushed::At`]). A device's first
+/// key's ([`Pushed::At`], [`crate::broker::pushed_before`]). A device's first
 /// answer counts for the metrics and the response log; a repeat is
 /// accepted without either.
 ///
@@ -36,7 +36,10 @@ pub async fn answer(state: &AppState, response: CallResponse) -> Result<Verdict,
         Pushed::Stale
     } else {
         // Validated as a time (`http::calls`): the cast cannot wrap.
-        Pushed::At((response.message_start_time * 1000.0).floor() as i64)
+        Pushed::At {
+            at: (response.message_start_time * 1000.0).floor() as i64,
+            wait: i64::try_from(state.config.wait().as_millis()).unwrap_or(i64::MAX),
+        }
     };
     // In place before the answer can wake the call: the call's task may run
     // on the other worker at once.

@@ -42,12 +42,6 @@ use crate::store::{now_millis, Device, EndReason};
 /// the call's deadline, past which no answer counts.
 pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
     let mut log = CallLog::start(state, call.sip_user_id);
-    // A draining server whose calls no other instance shares (in process)
-    // still takes answers for its parked calls (`http::serve`), and no new
-    // call: the drain would last as long as calls kept coming.
-    if !state.broker.shared() && *state.phase.borrow() != Phase::Serving {
-        return log.end(Outcome::Nak(NakReason::Shutdown));
-    }
     let Some(_parked) = state.parking.try_park(state.config.max_pending_calls) else {
         tracing::warn!(
             max = state.config.max_pending_calls,
@@ -55,6 +49,14 @@ pub async fn ring(state: &Arc<AppState>, call: IncomingCall) -> Outcome {
         );
         return log.end(Outcome::Nak(NakReason::Overloaded));
     };
+    // A draining server whose calls no other instance shares (in process)
+    // still takes answers for its parked calls (`http::serve`), and no new
+    // call: the drain would last as long as calls kept coming. Parked
+    // first, so a drain that counts no parked call has seen this one's
+    // answer here.
+    if !state.broker.shared() && *state.phase.borrow() != Phase::Serving {
+        return log.end(Outcome::Nak(NakReason::Shutdown));
+    }
     // Nothing waits past the wait (see `within`); a database or Redis that
     // refuses fails at once.
     let deadline = Instant::from_std(log.started) + state.config.wait();
@@ -212,7 +214,11 @@ fn ring_devices(
         call.caller_id.clone()
     };
     let count = devices.len();
-    let message_start_time = unix_seconds();
+    // Never before the call opened, on whichever instance's clock opened
+    // it: an answer to a push sent earlier is the call before's.
+    let message_start_time = wait.opened().map_or(unix_seconds(), |opened| {
+        unix_seconds().max(opened as f64 / 1000.0)
+    });
     let (dead_token, died) = mpsc::unbounded_channel();
     let call_key: Arc<str> = Arc::from(wait.key());
     let mut courses = Vec::with_capacity(count);

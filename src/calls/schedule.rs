@@ -405,8 +405,9 @@ async fn push_until_done(
             unreachable!("a schedule rings with a call push");
         };
         *number = attempt;
-        // A resend goes only to a device still its account's.
-        if attempt > 1 && retries == 0 && !still_registered(state, target).await {
+        // Every push but the first (a resend, or a refused push tried
+        // again) goes only to a device still its account's.
+        if (attempt > 1 || retries > 0) && !still_registered(state, target).await {
             return Pushes::Over;
         }
         let tick = Instant::now();

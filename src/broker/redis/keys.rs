@@ -222,7 +222,8 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 /// call is to end as it opens, see [`crate::broker::CANCEL_REACH`]), `join <stamp>`
 /// (this account's call rings there: phase `ring` with a device yet to
 /// answer, a word without `+` or `-`, every platform's name ending in a
-/// letter; its hold added) or `taken` (another account's call, or a
+/// letter; its hold added; followed by ` <opened>` where the meta says when
+/// the call opened) or `taken` (another account's call, or a
 /// device pointer: not this call's key). A record without meta, written by
 /// a release that stored none, counts as this account's.
 pub(super) const OPEN_SCRIPT: &str = r#"
@@ -239,7 +240,8 @@ if before then
     if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then
       redis.call('PEXPIRE', KEYS[3], ARGV[2])
     end
-    return 'join ' .. deadline
+    local opened = meta and string.match(meta, '^%S+ %S+ %S+ (%S+)')
+    return 'join ' .. deadline .. (opened and ' ' .. opened or '')
   end
   last = tonumber(phase ~= 'ended' and deadline or meta and string.match(meta, '^%S+ %S+ (%S+)'))
 end
@@ -377,10 +379,12 @@ pub(super) fn cancel(call_id: &str, account: Option<i64>) -> ([String; 2], [Stri
 /// through its devices' keys). ARGV[7] `1`: the answer is stale and never
 /// counts. ARGV[8]: now, the answering instance's clock in Unix ms, held
 /// against the deadline the opening instance wrote, as the in-process
-/// broker does. ARGV[9]: when the answer's push says it was sent, plus
-/// [`crate::broker::ECHO_MARGIN_MS`] (empty: not said); earlier than the
-/// call's opening, the last word of its meta (KEYS[2]), and the answer is
-/// another call's under the same key, which never counts. Returns `1` or `0` (counted or not) followed by the record
+/// broker does. ARGV[9] (absent: not said): when the answer's push says it
+/// was sent, plus [`crate::broker::ECHO_MARGIN_MS`], and ARGV[10] that
+/// plus the answering instance's wait; before the record's deadline, and
+/// ARGV[9] before the call's opening too (the last word of its meta,
+/// KEYS[2], read only then), the answer is another call's under the same
+/// key and never counts ([`crate::broker::pushed_before`]). Returns `1` or `0` (counted or not) followed by the record
 /// before, `0` and the pointer for a pointer, nil when there is nothing.
 ///
 /// It runs between the app's answer and the PBX's ACK, and Redis runs it
@@ -413,10 +417,9 @@ last = last and last - 1 or #before
 if last < first or string.sub(before, 1, phase_end - 1) ~= 'ring' then return '0' .. before end
 local mark = string.sub(before, last, last)
 if mark == '+' or mark == '-' or ARGV[7] == '1' then return '0' .. before end
-if tonumber(ARGV[8]) >= tonumber(string.sub(before, phase_end + 1, deadline_end - 1)) then
-  return '0' .. before
-end
-if ARGV[9] ~= '' then
+local deadline = tonumber(string.sub(before, phase_end + 1, deadline_end - 1))
+if tonumber(ARGV[8]) >= deadline then return '0' .. before end
+if ARGV[10] and tonumber(ARGV[10]) < deadline then
   local meta = redis.call('GET', KEYS[2])
   local opened = meta and string.match(meta, '^%S+ %S+ %S+ (%S+)')
   if opened and tonumber(ARGV[9]) < tonumber(opened) then return '0' .. before end

@@ -392,10 +392,12 @@ impl CallBroker for RedisBroker {
             };
             if let Some(stamp) = joined {
                 // A retry of a call this process rings: stored already.
+                // Opened by this process: one clock.
                 let held = Held {
                     generation,
                     stamp,
                     joined: true,
+                    opened: None,
                 };
                 return Ok(Wait::held(key, news, held, ringer, release));
             }
@@ -416,16 +418,17 @@ impl CallBroker for RedisBroker {
             // An error, or this future dropped, from here on: the script
             // may have stored the call or joined it, and leaving takes the
             // hold back (ending the call only if nobody else holds it).
-            let (stamp, joined, crossed) = match shared.claim(key, &call, &hold, n == 0).await? {
-                Claimed::Ours { stamp, crossed } => (stamp, false, crossed),
-                Claimed::Joined(stamp) => (stamp, true, false),
-                // Not ours (or not stored): leaving must not end the call
-                // that holds the key.
-                Claimed::Taken => {
-                    shared.waiters.claim_end(key, Some(generation));
-                    continue;
-                }
-            };
+            let (stamp, joined, crossed, opened) =
+                match shared.claim(key, &call, &hold, n == 0).await? {
+                    Claimed::Ours { stamp, crossed } => (stamp, false, crossed, None),
+                    Claimed::Joined { stamp, opened } => (stamp, true, false, opened),
+                    // Not ours (or not stored): leaving must not end the call
+                    // that holds the key.
+                    Claimed::Taken => {
+                        shared.waiters.claim_end(key, Some(generation));
+                        continue;
+                    }
+                };
             shared.waiters.confirm(key, generation, stamp);
             if joined {
                 // What reached the call before this process subscribed (a
@@ -465,6 +468,7 @@ impl CallBroker for RedisBroker {
                 generation,
                 stamp,
                 joined,
+                opened,
             };
             return Ok(Wait::held(key, news, held, ringer, release));
         }
@@ -495,11 +499,16 @@ impl CallBroker for RedisBroker {
                 (if as_given { "1" } else { "0" }).to_owned(),
                 (if pushed == Pushed::Stale { "1" } else { "0" }).to_owned(),
                 unix_millis(received_at).to_string(),
-                match pushed {
-                    Pushed::At(at) => at.saturating_add(ECHO_MARGIN_MS).to_string(),
-                    Pushed::Stale | Pushed::Unsaid => String::new(),
-                },
             ];
+            let args = match pushed {
+                Pushed::At { at, wait } => {
+                    let at = at.saturating_add(ECHO_MARGIN_MS);
+                    let mut with = args.to_vec();
+                    with.extend([at.to_string(), at.saturating_add(wait).to_string()]);
+                    with
+                }
+                Pushed::Stale | Pushed::Unsaid => args.to_vec(),
+            };
             let keys = [state_key(&call), meta_key(&call)];
             let reply: Option<String> = shared.script(&shared.answer, &keys, &args, true).await?;
             let Some((counted, before)) = reply.as_deref().and_then(keys::split_answer) else {
@@ -677,8 +686,11 @@ enum Claimed {
         crossed: bool,
     },
     /// The key holds the ringing call this one joined (a PBX retry), under
-    /// this stamp.
-    Joined(Option<Stamp>),
+    /// this stamp, opened then (Unix ms, where its meta says).
+    Joined {
+        stamp: Option<Stamp>,
+        opened: Option<i64>,
+    },
     /// Another call's record or pointer holds the key.
     Taken,
 }
@@ -742,7 +754,11 @@ impl Shared {
         }
         if let Some(joined) = opened.strip_prefix("join ") {
             // Joined as it is, pointers and all.
-            return Ok(Claimed::Joined(keys::parse_stamp(joined)));
+            let (stamp, opened) = joined.split_once(' ').unwrap_or((joined, ""));
+            return Ok(Claimed::Joined {
+                stamp: keys::parse_stamp(stamp),
+                opened: opened.parse().ok(),
+            });
         }
         let new = opened.strip_prefix("new ").unwrap_or_default();
         let (stamp, crossed) = match new.strip_suffix(" cancelled") {
@@ -925,6 +941,37 @@ mod tests {
         );
     }
 
+    /// A request that joins a call another instance opened learns when the
+    /// call opened, on that instance's clock ([`Wait::opened`]): its pushes
+    /// say they were sent no earlier, so an instance whose clock runs
+    /// behind never has its phones' answers taken for the call before's.
+    /// One opened in this process says nothing (one clock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_REDIS_URL: run with --include-ignored, as .ci/run does"]
+    async fn a_join_on_another_instance_learns_when_the_call_opened() {
+        let (here, elsewhere) = (test_broker().await, test_broker().await);
+        let key = crate::broker::random_key();
+        let call = || Opening {
+            key: &key,
+            account: 7,
+            devices: &[Platform::Android],
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        let before = unix_millis(SystemTime::now());
+        let first = here.open(call()).await.expect("opened");
+        let after = unix_millis(SystemTime::now());
+        assert_eq!((first.joined(), first.opened()), (false, None));
+        let local = here.open(call()).await.expect("joined here");
+        assert_eq!((local.joined(), local.opened()), (true, None));
+        let retry = elsewhere.open(call()).await.expect("joined elsewhere");
+        assert!(retry.joined());
+        let opened = retry.opened().expect("the opening time");
+        assert!(
+            (before..=after).contains(&opened),
+            "{before} {opened} {after}"
+        );
+    }
+
     /// A hang-up takes back its own holds on a call and no other's, and a
     /// hold taken back stays so: the scripts' edges, which the property
     /// test in tests/lifecycle_model.rs reaches seldom or never (an open
@@ -949,9 +996,11 @@ mod tests {
                     Claimed::Ours {
                         stamp: Some(stamp), ..
                     }
-                    | Claimed::Joined(Some(stamp)),
+                    | Claimed::Joined {
+                        stamp: Some(stamp), ..
+                    },
                 ) => stamp,
-                Ok(Claimed::Ours { stamp: None, .. } | Claimed::Joined(None)) => {
+                Ok(Claimed::Ours { stamp: None, .. } | Claimed::Joined { stamp: None, .. }) => {
                     panic!("{hold}: no stamp")
                 }
                 Ok(Claimed::Taken) => panic!("{hold}: taken"),

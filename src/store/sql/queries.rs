@@ -206,7 +206,7 @@ macro_rules! diesel_store {
                     .filter(devices::sip_user_id.eq(sip_user_id))
                     .filter(devices::platform.eq(platform.as_str()))
                     .filter(devices::app_id.eq(app_id))
-                    .select(devices::id)
+                    .select((devices::id, devices::token))
                     .into_boxed();
                 // Either case of an APNs token (rows stored before tokens
                 // were normalised keep theirs): the account's few rows are
@@ -216,28 +216,51 @@ macro_rules! diesel_store {
                 } else {
                     matching.filter(devices::token.eq(token))
                 };
-                let ids: Vec<i64> = matching.load(&mut conn).await.map_err(query_error)?;
-                if ids.is_empty() {
-                    return Ok(Removal::Missing);
-                }
-                let rows = || devices::table.filter(devices::id.eq_any(&ids));
-                if by == Remover::Proxy {
-                    // The statement checks who owns the row as it writes, so
-                    // a device its app registers meanwhile stays.
-                    let unbound = diesel::update(rows().filter(devices::expires_at.is_null()))
-                        .set(devices::proxy_expires_at.eq(None::<i64>))
-                        .execute(&mut conn)
-                        .await
-                        .map_err(query_error)?;
-                    if unbound > 0 {
-                        return Ok(Removal::Unbound);
+                let found: Vec<(i64, String)> =
+                    matching.load(&mut conn).await.map_err(query_error)?;
+                let mut removal = Removal::Missing;
+                for (id, stored) in &found {
+                    // The row as found, token and all: one a registration
+                    // rewrote meanwhile (another phone's token on a
+                    // one-device account) is not this device any more.
+                    let row = || {
+                        devices::table
+                            .filter(devices::id.eq(id))
+                            .filter(devices::token.eq(stored))
+                    };
+                    let app_owned = devices::expires_at.is_null();
+                    // A proxy unbinds a device its app registered, and
+                    // deletes one it registered itself; each statement
+                    // checks who owns the row as it writes, and the first
+                    // again if the app took the row over in between.
+                    let unbind = || {
+                        diesel::update(row().filter(app_owned))
+                            .set(devices::proxy_expires_at.eq(None::<i64>))
+                    };
+                    if by == Remover::Proxy
+                        && unbind().execute(&mut conn).await.map_err(query_error)? > 0
+                    {
+                        removal = Removal::Unbound;
+                        continue;
+                    }
+                    let deleted = match by {
+                        Remover::App => diesel::delete(row()).execute(&mut conn).await,
+                        Remover::Proxy => {
+                            diesel::delete(row().filter(devices::expires_at.is_not_null()))
+                                .execute(&mut conn)
+                                .await
+                        }
+                    }
+                    .map_err(query_error)?;
+                    if deleted > 0 {
+                        removal = Removal::Deleted;
+                    } else if by == Remover::Proxy
+                        && unbind().execute(&mut conn).await.map_err(query_error)? > 0
+                    {
+                        removal = Removal::Unbound;
                     }
                 }
-                diesel::delete(rows())
-                    .execute(&mut conn)
-                    .await
-                    .map_err(query_error)?;
-                Ok(Removal::Deleted)
+                Ok(removal)
             }
 
             async fn forget_token(
