@@ -1174,3 +1174,290 @@ async fn kamailio_posts_a_retransmitted_register_once() {
         .count();
     assert_eq!(posts, 1, "{}", proxy.log());
 }
+
+/// A contact that sleeps: a loopback UDP port that never answers, and
+/// tells whether anything reached it.
+struct Asleep {
+    socket: std::net::UdpSocket,
+    port: u16,
+}
+
+impl Asleep {
+    fn new() -> Asleep {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a sleeping contact");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let port = socket.local_addr().expect("its address").port();
+        Asleep { socket, port }
+    }
+
+    /// The first message that reached it, if any.
+    fn heard(&self) -> Option<String> {
+        let mut buffer = [0u8; 65_535];
+        self.socket
+            .recv_from(&mut buffer)
+            .ok()
+            .map(|(n, _)| String::from_utf8_lossy(&buffer[..n]).into_owned())
+    }
+}
+
+/// `user`'s phone registered with push parameters from the sleeping
+/// contact `asleep` (60 s, so the binding lives on), and a call from the
+/// PBX to it that has been pushed: the call, and the push.
+async fn pushed_call_to_sleeping_binding(
+    proxy: &Proxy,
+    server: &FcmServer,
+    user: &str,
+    asleep: &Asleep,
+    scenario: &str,
+) -> (Child, common::stand_in::Received) {
+    let secret = password(user);
+    let registered = proxy.register(
+        "register.xml",
+        user,
+        (user, &secret),
+        PROJECT,
+        (asleep.port, "60"),
+    );
+    proxy
+        .succeeds("the phone's REGISTER before it slept", registered)
+        .await;
+    let call = proxy.sipp(scenario, Side::Pbx, user, &[]);
+    let push = server.pushes(1, Duration::from_secs(10)).await[0].clone();
+    (call, push)
+}
+
+/// The woken phone REGISTERs from a new address (a new Contact, no
+/// +sip.instance): the INVITE reaches that contact, and the account's desk
+/// phone beside it, not the binding it
+/// left asleep, which lives on for its 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_rings_only_the_contact_the_wake_refreshed() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let desk_port = free_udp_port();
+    let desk_secret = password(&user);
+    let registered = proxy.register(
+        "register-plain.xml",
+        &user,
+        (&user, &desk_secret),
+        PROJECT,
+        (desk_port, "60"),
+    );
+    proxy
+        .succeeds("the desk phone's REGISTER", registered)
+        .await;
+    let desk = proxy.sipp("desk-rung.xml", Side::Listening(desk_port), &user, &[]);
+    let asleep = Asleep::new();
+    let (call, _) =
+        pushed_call_to_sleeping_binding(&proxy, &server, &user, &asleep, "caller.xml").await;
+
+    let woken_port = free_udp_port();
+    let phone = proxy.sipp("phone.xml", Side::Listening(woken_port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (woken_port, "60"),
+    );
+    proxy
+        .succeeds(
+            "the woken phone's REGISTER from its new address",
+            registered,
+        )
+        .await;
+    proxy
+        .succeeds("the phone answering at its new address", phone)
+        .await;
+    proxy.succeeds("the caller's call answered 200", call).await;
+    proxy.succeeds("the desk phone rung beside it", desk).await;
+    if let Some(message) = asleep.heard() {
+        panic!(
+            "the sleeping binding got the call:\n{message}\n{}",
+            proxy.log()
+        );
+    }
+}
+
+/// The woken phone answers 486: the caller gets it at once, not after
+/// tm's fr_timer (30 s) of a branch to a sleeping contact that never
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_passes_the_woken_phones_busy_on_at_once() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let asleep = Asleep::new();
+    let (call, _) =
+        pushed_call_to_sleeping_binding(&proxy, &server, &user, &asleep, "caller-486.xml").await;
+
+    let woken_port = free_udp_port();
+    let phone = proxy.sipp("phone-486.xml", Side::Listening(woken_port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (woken_port, "60"),
+    );
+    proxy
+        .succeeds("the woken phone's REGISTER", registered)
+        .await;
+    proxy.succeeds("the woken phone answering 486", phone).await;
+    let busy = tokio::time::timeout(
+        Duration::from_secs(10),
+        proxy.succeeds("the caller gets 486", call),
+    )
+    .await;
+    assert!(
+        busy.is_ok(),
+        "the 486 was held back (an unanswered branch):\n{}",
+        proxy.log()
+    );
+    assert_eq!(asleep.heard(), None, "the sleeping binding got the call");
+}
+
+/// The app answers (call-response) before its phone's REGISTER reaches
+/// the proxy, which comes 1 s after: the call waits for it and goes to
+/// the fresh contact, not to the binding the phone left asleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_waits_for_the_register_of_a_phone_its_app_answered() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let asleep = Asleep::new();
+    let (call, push) =
+        pushed_call_to_sleeping_binding(&proxy, &server, &user, &asleep, "caller.xml").await;
+
+    let answer = server.answer(&push, true).await;
+    assert!(answer.status.is_success(), "{}", answer.body);
+    let ack = format!("incoming-call for {user}: 200 status=ACK");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            proxy.log().contains(&ack)
+        })
+        .await,
+        "the app's answer ACKed the call:\n{}",
+        proxy.log()
+    );
+    let woken_port = free_udp_port();
+    let phone = proxy.sipp("phone.xml", Side::Listening(woken_port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (woken_port, "60"),
+    );
+    proxy
+        .succeeds("the woken phone's REGISTER, after the ACK", registered)
+        .await;
+    proxy
+        .succeeds("the phone answering at its fresh contact", phone)
+        .await;
+    proxy.succeeds("the caller's call answered 200", call).await;
+    assert_eq!(asleep.heard(), None, "the sleeping binding got the call");
+}
+
+/// The phone is not woken (NAK): the account's desk phone rings, and the
+/// phone's binding with push parameters, asleep, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_rings_only_the_desk_phone_of_a_phone_not_woken() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 1_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let desk_port = free_udp_port();
+    let registered = proxy.register(
+        "register-plain.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (desk_port, "60"),
+    );
+    proxy
+        .succeeds("the desk phone's REGISTER", registered)
+        .await;
+    let rung = proxy.sipp("desk-bye.xml", Side::Listening(desk_port), &user, &[]);
+    let asleep = Asleep::new();
+    let (call, _) =
+        pushed_call_to_sleeping_binding(&proxy, &server, &user, &asleep, "caller-hungup.xml").await;
+    proxy
+        .succeeds("the desk phone answering after the NAK", rung)
+        .await;
+    proxy
+        .succeeds("the caller's call, ended by the desk", call)
+        .await;
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("incoming-call for {user}: 200 status=NAK")),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(asleep.heard(), None, "the sleeping binding got the call");
+}
+
+/// A REGISTER signed with a nonce already used up is challenged with
+/// stale=true: the password was right, and a client without qop signs
+/// again rather than taking it for a wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_challenges_a_used_nonce_as_stale() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (free_udp_port(), "60"),
+    );
+    proxy.succeeds("the phone's REGISTER", registered).await;
+    let authorization = format!(
+        "Authorization: {}",
+        last_sent_header(&proxy.dir, "register", "Authorization")
+    );
+    let phone_call_id = last_sent_header(&proxy.dir, "register", "Call-ID");
+    let again = proxy.sipp(
+        "register-stale.xml",
+        Side::Listening(free_udp_port()),
+        &user,
+        &[
+            "-key",
+            "auth",
+            &authorization,
+            "-key",
+            "project",
+            PROJECT,
+            "-cid_str",
+            &phone_call_id,
+        ],
+    );
+    proxy
+        .succeeds("the used nonce is challenged with stale=true", again)
+        .await;
+}
