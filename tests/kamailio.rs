@@ -180,6 +180,15 @@ impl Proxy {
         self.register_token(scenario, user, signer, (project, TOKEN), contact)
     }
 
+    /// The phone `user` REGISTERs (`register.xml`, the test project's push
+    /// parameters) with its own credentials from `contact` (port, expires),
+    /// and is answered 200.
+    async fn phone_registers(&self, what: &str, user: &str, contact: (u16, &str)) {
+        let secret = password(user);
+        let registered = self.register("register.xml", user, (user, &secret), PROJECT, contact);
+        self.succeeds(what, registered).await;
+    }
+
     /// [`Proxy::register`] with the push token `token`.
     fn register_token(
         &self,
@@ -465,15 +474,9 @@ async fn kamailio_hides_the_call_id_and_passes_a_cancel_on() {
     let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
-    let registered = proxy.register(
-        "register.xml",
-        &user,
-        (&user, &secret),
-        PROJECT,
-        (free_udp_port(), "1"),
-    );
-    proxy.succeeds("the REGISTER", registered).await;
+    proxy
+        .phone_registers("the REGISTER", &user, (free_udp_port(), "1"))
+        .await;
     tokio::time::sleep(Duration::from_millis(2_000)).await;
 
     let sip_call_id = format!("cancel-{}@caller.invalid", call_id());
@@ -800,15 +803,9 @@ async fn kamailio_rings_the_binding_when_call_notifier_is_down() {
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
     let port = free_udp_port();
-    let secret = password(&user);
-    let registered = proxy.register(
-        "register.xml",
-        &user,
-        (&user, &secret),
-        PROJECT,
-        (port, "60"),
-    );
-    proxy.succeeds("the phone's REGISTER", registered).await;
+    proxy
+        .phone_registers("the phone's REGISTER", &user, (port, "60"))
+        .await;
     let FcmServer { server, .. } = server;
     bounded("call-notifier stopping", server.running.stop()).await;
 
@@ -961,6 +958,22 @@ fn last_sent_header(dir: &std::path::Path, scenario: &str, header: &str) -> Stri
     found.unwrap_or_else(|| panic!("no {header} in {scenario}'s message log"))
 }
 
+/// The phone `user` REGISTERs through `proxy`, signed: the `Authorization`
+/// header line it sent and its Call-ID, as an eavesdropper would keep them.
+async fn signed_register(proxy: &Proxy, user: &str) -> (String, String) {
+    proxy
+        .phone_registers("the phone's REGISTER", user, (free_udp_port(), "60"))
+        .await;
+    let authorization = format!(
+        "Authorization: {}",
+        last_sent_header(&proxy.dir, "register", "Authorization")
+    );
+    (
+        authorization,
+        last_sent_header(&proxy.dir, "register", "Call-ID"),
+    )
+}
+
 /// A captured REGISTER digest replayed, with a new Call-ID and the
 /// eavesdropper's push token, or with the phone's own Call-ID: challenged
 /// afresh (nonce counts), and the device stays the phone's.
@@ -972,20 +985,7 @@ async fn kamailio_refuses_a_replayed_register_digest() {
     let server = FcmServer::start(&backend, |_| {}).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
-    let registered = proxy.register(
-        "register.xml",
-        &user,
-        (&user, &secret),
-        PROJECT,
-        (free_udp_port(), "60"),
-    );
-    proxy.succeeds("the phone's REGISTER", registered).await;
-    let authorization = format!(
-        "Authorization: {}",
-        last_sent_header(&proxy.dir, "register", "Authorization")
-    );
-    let phone_call_id = last_sent_header(&proxy.dir, "register", "Call-ID");
+    let (authorization, phone_call_id) = signed_register(&proxy, &user).await;
     assert!(authorization.contains("nc="), "qop=auth: {authorization}");
 
     for call_id in [format!("replay-{}", call_id()), phone_call_id] {
@@ -1102,14 +1102,9 @@ async fn kamailio_removes_the_device_of_a_deregistration() {
             "X-No-Expires: 1",
         ),
     ] {
-        let registered = proxy.register(
-            "register.xml",
-            &user,
-            (&user, &secret),
-            PROJECT,
-            (port, "60"),
-        );
-        proxy.succeeds("the REGISTER", registered).await;
+        proxy
+            .phone_registers("the REGISTER", &user, (port, "60"))
+            .await;
         assert!(server.device(&user).await.is_some(), "{}", proxy.log());
         let removed = proxy.sipp(
             "register-any.xml",
@@ -1428,20 +1423,7 @@ async fn kamailio_challenges_a_used_nonce_as_stale() {
     let server = FcmServer::start(&backend, |_| {}).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
-    let registered = proxy.register(
-        "register.xml",
-        &user,
-        (&user, &secret),
-        PROJECT,
-        (free_udp_port(), "60"),
-    );
-    proxy.succeeds("the phone's REGISTER", registered).await;
-    let authorization = format!(
-        "Authorization: {}",
-        last_sent_header(&proxy.dir, "register", "Authorization")
-    );
-    let phone_call_id = last_sent_header(&proxy.dir, "register", "Call-ID");
+    let (authorization, phone_call_id) = signed_register(&proxy, &user).await;
     let again = proxy.sipp(
         "register-stale.xml",
         Side::Listening(free_udp_port()),
