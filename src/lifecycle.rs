@@ -435,6 +435,9 @@ pub enum Event {
     Shutdown,
     /// The PBX closed its request: nobody to answer.
     HangUp,
+    /// The broker has ended the call that every device left (see
+    /// [`Effect::Confirm`]), with no take the holder had not seen.
+    Confirmed,
 }
 
 /// What a transition makes happen.
@@ -444,6 +447,13 @@ pub enum Effect {
     Wake(Outcome),
     /// Device `n` follows this course from now on.
     Steer(usize, Course),
+    /// Every device is out (declined, or its token died): end the call in
+    /// the broker for this reason, whose record has the last word, then
+    /// step its answers and [`Event::Confirmed`]. A device whose token
+    /// the push service declared dead after its push reached the phone may
+    /// have taken the call there meanwhile: the broker does not know of
+    /// dead tokens, so it counted the take and told the app 202.
+    Confirm(NakReason),
 }
 
 /// A call as its holder sees it: each device's [`Fate`], and how the call
@@ -488,9 +498,14 @@ impl Call {
         }
         match event {
             Event::Answer { device, available } => {
-                let Some(fate @ Fate::Ringing) = self.fates.get_mut(device) else {
+                // A device whose token died after its push reached the
+                // phone still takes the call: the broker counted the take.
+                let Some(fate @ (Fate::Ringing | Fate::Dead)) = self.fates.get_mut(device) else {
                     return Vec::new();
                 };
+                if *fate == Fate::Dead && !available {
+                    return Vec::new();
+                }
                 if available {
                     *fate = Fate::Won;
                     let mut effects = vec![Effect::Steer(device, Course::Stop)];
@@ -515,21 +530,31 @@ impl Call {
             Event::Timeout => self.finish(Some(Outcome::Nak(NakReason::Timeout))),
             Event::Shutdown => self.finish(Some(Outcome::Nak(NakReason::Shutdown))),
             Event::HangUp => self.finish(None),
+            Event::Confirmed => match self.out() {
+                Some(reason) => self.finish(Some(Outcome::Nak(reason))),
+                None => Vec::new(),
+            },
         }
     }
 
-    /// Ends the call NAK once no device rings any more: `not_available` when
-    /// one declined, `token_dead` when every token died.
+    /// Once no device rings any more, asks for the call's end in the
+    /// broker ([`Effect::Confirm`]) before it ends NAK.
     fn settle(&mut self) -> Vec<Effect> {
+        self.out().map(Effect::Confirm).into_iter().collect()
+    }
+
+    /// Why the call ends NAK when no device rings any more: `not_available`
+    /// when one declined, `token_dead` when every token died; `None` while
+    /// one rings.
+    fn out(&self) -> Option<NakReason> {
         if self.fates.contains(&Fate::Ringing) {
-            return Vec::new();
+            return None;
         }
-        let reason = if self.fates.contains(&Fate::Declined) {
+        Some(if self.fates.contains(&Fate::Declined) {
             NakReason::NotAvailable
         } else {
             NakReason::TokenDead
-        };
-        self.finish(Some(Outcome::Nak(reason)))
+        })
     }
 
     /// Ends the call: wakes the PBX (unless it hung up) and tells every
@@ -713,7 +738,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Effect::Steer(n, course) => Some((*n, *course)),
-                Effect::Wake(_) => None,
+                Effect::Wake(_) | Effect::Confirm(_) => None,
             })
             .collect()
     }
@@ -721,7 +746,7 @@ mod tests {
     fn woke(effects: &[Effect]) -> Option<Outcome> {
         effects.iter().find_map(|e| match e {
             Effect::Wake(outcome) => Some(*outcome),
-            Effect::Steer(..) => None,
+            Effect::Steer(..) | Effect::Confirm(_) => None,
         })
     }
 
@@ -779,18 +804,92 @@ mod tests {
     }
 
     #[test]
-    fn a_call_with_no_device_left_ends_nak() {
+    fn a_call_with_no_device_left_ends_nak_once_the_broker_confirms() {
         let mut call = Call::ringing(2);
         call.step(Event::Dead { device: 0 });
         let effects = call.step(Event::Answer {
             device: 1,
             available: false,
         });
+        assert_eq!(
+            effects,
+            vec![
+                Effect::Steer(1, Course::Stop),
+                Effect::Confirm(NakReason::NotAvailable)
+            ],
+            "the broker first"
+        );
+        assert_eq!(call.over(), None);
+        let effects = call.step(Event::Confirmed);
         assert_eq!(woke(&effects), Some(Outcome::Nak(NakReason::NotAvailable)));
         let mut dead = Call::ringing(1);
         let effects = dead.step(Event::Dead { device: 0 });
+        assert_eq!(
+            effects,
+            vec![
+                Effect::Steer(0, Course::Stop),
+                Effect::Confirm(NakReason::TokenDead)
+            ]
+        );
+        let effects = dead.step(Event::Confirmed);
         assert_eq!(woke(&effects), Some(Outcome::Nak(NakReason::TokenDead)));
-        assert_eq!(steer(&effects), vec![(0, Course::Stop)], "nobody to tell");
+        assert!(steer(&effects).is_empty(), "nobody to tell");
+    }
+
+    /// The broker knows nothing of dead tokens: a phone whose token died
+    /// after its push reached it may still take the call there, and its
+    /// app hears 202. The holder follows the broker, before and after the
+    /// other devices are out.
+    #[test]
+    fn a_device_whose_token_died_still_takes_the_call_it_was_pushed() {
+        let mut call = Call::ringing(2);
+        call.step(Event::Dead { device: 0 });
+        let effects = call.step(Event::Answer {
+            device: 0,
+            available: true,
+        });
+        assert_eq!(woke(&effects), Some(Outcome::Ack));
+        assert_eq!(
+            steer(&effects),
+            vec![
+                (0, Course::Stop),
+                (1, Course::Tell(EndReason::AnsweredElsewhere))
+            ]
+        );
+        assert_eq!(call.winner(), Some(0));
+
+        // Its take reaches the holder after the last decline made it ask
+        // the broker, with the broker's record.
+        let mut call = Call::ringing(2);
+        call.step(Event::Dead { device: 0 });
+        call.step(Event::Answer {
+            device: 1,
+            available: false,
+        });
+        let effects = call.step(Event::Answer {
+            device: 0,
+            available: true,
+        });
+        assert_eq!(woke(&effects), Some(Outcome::Ack));
+        assert!(call.step(Event::Confirmed).is_empty(), "over is over");
+        assert_eq!(call.winner(), Some(0));
+        assert_eq!(
+            call.fates()[1],
+            Fate::Declined,
+            "the decliner is told nothing"
+        );
+
+        let mut call = Call::ringing(2);
+        call.step(Event::Dead { device: 0 });
+        assert!(
+            call.step(Event::Answer {
+                device: 0,
+                available: false,
+            })
+            .is_empty(),
+            "a dead device's decline changes nothing"
+        );
+        assert_eq!(call.fates(), [Fate::Dead, Fate::Ringing]);
     }
 
     #[test]

@@ -291,8 +291,13 @@ impl Ringing {
         let mut phase = state.phase.subscribe();
         let mut effects = self.steering.absorb(&self.wait.news());
         loop {
-            if let Some(outcome) = self.steering.apply(effects) {
-                return outcome;
+            match self.steering.apply(effects) {
+                Some(Effect::Wake(outcome)) => return outcome,
+                Some(Effect::Confirm(reason)) => {
+                    effects = self.confirm(state, reason).await;
+                    continue;
+                }
+                _ => {}
             }
             effects = tokio::select! {
                 news = self.wait.changed() => self.steering.absorb(&news),
@@ -314,17 +319,40 @@ impl Ringing {
         // Whether a PBX retry of the call still rings it here: then this
         // request neither ends the call nor tells the phones.
         let last = self.wait.stop_ringing();
-        let mut effects = Vec::new();
-        if let Some(before) = end_in_broker(state, &self.wait, reason).await {
-            let stored = before.devices.iter().map(|device| device.answer);
-            effects.extend(answers_in_order(&mut self.steering.call, stored));
-            // Cancelled elsewhere, and the message lost (a cut connection):
-            // the phones hear `cancelled`, as they would have.
-            if before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled) {
-                effects.extend(self.steering.call.step(Event::Cancel));
-            }
-        }
+        let mut effects = self.stored_end(state, reason).await;
         effects.extend(self.steering.leave(event, last));
+        effects
+    }
+
+    /// Every device is out (declined, or its token died): ends the call in
+    /// the broker first, for a device whose token died after its push
+    /// reached the phone may have taken it there meanwhile (and its app
+    /// was told 202); then NAK, for `reason` (see [`Effect::Confirm`]).
+    async fn confirm(&mut self, state: &AppState, reason: NakReason) -> Vec<Effect> {
+        let ended = Outcome::Nak(reason).end_reason();
+        let mut effects = self.stored_end(state, ended).await;
+        effects.extend(self.steering.call.step(Event::Confirmed));
+        effects
+    }
+
+    /// Ends the call in the broker for `reason`; steps what its record
+    /// held that had not reached the call yet: the answers, and a cancel.
+    /// The end confirms a NAK those answers leave ([`Effect::Confirm`]).
+    async fn stored_end(&mut self, state: &AppState, reason: EndReason) -> Vec<Effect> {
+        let Some(before) = end_in_broker(state, &self.wait, reason).await else {
+            return Vec::new();
+        };
+        let call = &mut self.steering.call;
+        let stored = before.devices.iter().map(|device| device.answer);
+        let mut effects = answers_in_order(call, stored);
+        if effects.iter().any(|e| matches!(e, Effect::Confirm(_))) {
+            effects.extend(call.step(Event::Confirmed));
+        }
+        // Cancelled elsewhere, and the message lost (a cut connection):
+        // the phones hear `cancelled`, as they would have.
+        if before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled) {
+            effects.extend(call.step(Event::Cancel));
+        }
         effects
     }
 
@@ -365,8 +393,9 @@ impl Ringing {
         Outcome::Ack
     }
 
-    /// Step 4 for a call that ended NAK: its tombstone (already stored when
-    /// the wait ran out), and the log line.
+    /// Step 4 for a call that ended NAK: its tombstone (stored already
+    /// when the wait ran out or every device was out; stored again for a
+    /// cancel), and the log line.
     async fn finish_unanswered(
         self,
         state: &AppState,
@@ -374,10 +403,7 @@ impl Ringing {
         outcome: Outcome,
     ) -> Outcome {
         self.observe_wakeup(state, &mut log, outcome);
-        if !matches!(
-            outcome,
-            Outcome::Nak(NakReason::Timeout | NakReason::Shutdown)
-        ) {
+        if outcome == Outcome::Nak(NakReason::Cancelled) {
             end_in_broker(state, &self.wait, outcome.end_reason()).await;
         }
         log.end(outcome)
@@ -480,13 +506,21 @@ impl Steering {
         effects
     }
 
-    /// Steers the devices; returns the outcome to wake the PBX with, if
-    /// the effects say so. After an ACK the steering waits
-    /// ([`Steering::steer_deferred`]): nothing comes before the PBX's ACK.
-    fn apply(&mut self, effects: Vec<Effect>) -> Option<Outcome> {
+    /// Steers the devices; returns what is left for the call's holder to
+    /// do, if the effects say so: the PBX to wake ([`Effect::Wake`]), else
+    /// the end to confirm ([`Effect::Confirm`]). After an ACK the steering
+    /// waits ([`Steering::steer_deferred`]): nothing comes before the
+    /// PBX's ACK.
+    fn apply(&mut self, effects: Vec<Effect>) -> Option<Effect> {
         let outcome = effects.iter().find_map(|effect| match effect {
             Effect::Wake(outcome) => Some(*outcome),
-            Effect::Steer(..) => None,
+            _ => None,
+        });
+        let next = outcome.map(Effect::Wake).or_else(|| {
+            effects
+                .iter()
+                .find(|effect| matches!(effect, Effect::Confirm(_)))
+                .copied()
         });
         for effect in effects {
             if let Effect::Steer(device, course) = effect {
@@ -497,7 +531,7 @@ impl Steering {
                 }
             }
         }
-        outcome
+        next
     }
 
     fn steer(&self, device: usize, course: Course) {
@@ -555,7 +589,7 @@ impl Steering {
                         notices.push((device, course));
                     }
                     Effect::Steer(device, course) => self.steer(device, course),
-                    Effect::Wake(_) => {}
+                    Effect::Wake(_) | Effect::Confirm(_) => {}
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! A pusher that records every push and answers from a script: for tests
 //! and benchmarks, which assert on what was sent and how often.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -29,6 +29,8 @@ struct Shared {
     sent: Mutex<Vec<Recorded>>,
     /// Outcomes to answer with, in order; `Delivered` once it runs dry.
     script: Mutex<VecDeque<PushOutcome>>,
+    /// Outcomes for one token's pushes, in order, before [`Shared::script`].
+    scripts_for: Mutex<HashMap<String, VecDeque<PushOutcome>>>,
     arrived: Notify,
 }
 
@@ -43,6 +45,18 @@ impl RecordingPusher {
             .script
             .lock()
             .expect("script lock")
+            .extend(outcomes);
+    }
+
+    /// Answers the next sends to `token` with these outcomes, in order,
+    /// whatever the other tokens' pushes meanwhile.
+    pub fn script_for(&self, token: &str, outcomes: impl IntoIterator<Item = PushOutcome>) {
+        self.shared
+            .scripts_for
+            .lock()
+            .expect("script lock")
+            .entry(token.to_owned())
+            .or_default()
             .extend(outcomes);
     }
 
@@ -85,11 +99,10 @@ impl Pusher for RecordingPusher {
                 at: Instant::now(),
             });
         self.shared.arrived.notify_waiters();
-        self.shared
-            .script
-            .lock()
-            .expect("script lock")
-            .pop_front()
+        let own = (self.shared.scripts_for.lock().expect("script lock"))
+            .get_mut(&target.token)
+            .and_then(VecDeque::pop_front);
+        own.or_else(|| self.shared.script.lock().expect("script lock").pop_front())
             .unwrap_or(PushOutcome::Delivered)
     }
 }
