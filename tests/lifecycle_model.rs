@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use call_notifier::broker::memory::MemoryBroker;
 use call_notifier::broker::redis::{RedisBroker, RedisOptions};
-use call_notifier::broker::{leg_key, CallBroker, Opening, Pushed, Wait};
+use call_notifier::broker::{leg_key, CallBroker, Named, Opening, Pushed, Wait};
 use call_notifier::lifecycle::{Phase, Record, Stored};
 use call_notifier::store::{EndReason, Platform};
 use proptest::prelude::*;
@@ -237,7 +237,7 @@ impl Side {
             Op::Cancel { account, via } => format!(
                 "{:?}",
                 self.instance(*via)
-                    .cancel(call_id, account.map(|a| accounts[a]))
+                    .cancel(call_id, account.map(|a| accounts[a]), Named::CallId)
                     .await
                     .map_err(|e| e.to_string())
             ),

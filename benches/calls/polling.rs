@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use call_notifier::broker::redis::{set_pending, state_key};
 use call_notifier::broker::{
-    Answer, BrokerError, CallBroker, News, Opening, Pushed, Record, Stored, Verdict, Wait,
+    Answer, BrokerError, CallBroker, Named, News, Opening, Pushed, Record, Stored, Verdict, Wait,
 };
 use call_notifier::store::EndReason;
 use redis::aio::MultiplexedConnection;
@@ -119,8 +119,13 @@ impl CallBroker for PollingBroker {
         self.inner.end(wait, reason).await
     }
 
-    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
-        self.inner.cancel(key, account).await
+    async fn cancel(
+        &self,
+        key: &str,
+        account: Option<i64>,
+        by: Named,
+    ) -> Result<bool, BrokerError> {
+        self.inner.cancel(key, account, by).await
     }
 
     async fn read(&self, key: &str) -> Result<Option<(Stored, Option<i64>)>, BrokerError> {

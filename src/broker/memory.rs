@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::{
     cancel_mark, cancelled_by, candidates, deadline_millis, next_stamp, push_key, pushed_before,
-    unix_millis, Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Opening,
-    Phase, PhoneClaim, Pushed, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
+    unix_millis, Answer, BrokerError, CallBroker, FirstClaim, Held, Joined, Left, Message, Named,
+    Opening, Phase, PhoneClaim, Pushed, Record, Release, Stamp, Stored, Verdict, Wait, Waiters,
     CANCEL_REACH, TOMBSTONE,
 };
 use crate::lifecycle::{claim, Claim};
@@ -217,10 +217,13 @@ impl Records {
     /// The calls that `key` names for a cancel: the call under it (or
     /// whose device key it is), and the legs opened for it as a Call-ID;
     /// only `account`'s when given.
-    fn named_by(&self, key: &str, account: Option<i64>) -> Vec<String> {
+    fn named_by(&self, key: &str, account: Option<i64>, by: Named) -> Vec<String> {
         let mut calls = Vec::new();
         match self.keys.get(key).map(|e| &e.stored) {
-            Some(Stored::Pointer { call, .. }) => calls.push(call.clone()),
+            Some(Stored::Pointer { call, .. }) if by == Named::UniqueKey => {
+                calls.push(call.clone());
+            }
+            Some(Stored::Pointer { .. }) => {}
             Some(Stored::Call(_)) => calls.push(key.to_owned()),
             None => {}
         }
@@ -254,7 +257,7 @@ impl CallBroker for MemoryBroker {
                 joined,
                 ringer,
                 ..
-            } = self.shared.waiters.join(key, &call, leg_of)
+            } = self.shared.waiters.join_opened(key, &call, leg_of).await
             else {
                 continue;
             };
@@ -323,7 +326,10 @@ impl CallBroker for MemoryBroker {
                 opened: None,
             };
             let wait = Wait::held(key, news, held, ringer, release);
-            // Where a cancel crossed this call's request, ended as it opens.
+            // Where a cancel crossed this call's request, ended as it opens:
+            // only where the key held no call before, which the cancel
+            // would have found (a call posted again after its cancel is a
+            // new call, and rings).
             let crossed = match leg_of {
                 Some(call_id) => {
                     let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
@@ -331,7 +337,7 @@ impl CallBroker for MemoryBroker {
                         legs.push(key.clone());
                     }
                     records.legs.set(call_id, legs, call.until + TOMBSTONE);
-                    records.cancels.get(call_id)
+                    (!replacing).then(|| records.cancels.get(call_id)).flatten()
                 }
                 None if !replacing => records.cancels.get(key),
                 None => None,
@@ -396,7 +402,12 @@ impl CallBroker for MemoryBroker {
         Ok(self.records().end(wait.key(), reason, wait.stamp()))
     }
 
-    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
+    async fn cancel(
+        &self,
+        key: &str,
+        account: Option<i64>,
+        by: Named,
+    ) -> Result<bool, BrokerError> {
         let cancelled: Vec<(String, Stamp)> = {
             let mut records = self.records();
             let mut marks = records.cancels.get(key).cloned().unwrap_or_default();
@@ -407,7 +418,7 @@ impl CallBroker for MemoryBroker {
             records
                 .cancels
                 .set(key, marks, Instant::now() + CANCEL_REACH);
-            let calls = records.named_by(key, account);
+            let calls = records.named_by(key, account, by);
             calls
                 .into_iter()
                 .filter_map(|call| {

@@ -113,6 +113,18 @@ pub(crate) fn pushed_before(pushed: Pushed, deadline: i64, opened: i64) -> bool 
     }
 }
 
+/// What a PBX's cancel names a call by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// The `call_id` it posted the call with: the call under that key, and
+    /// every leg opened for it. Never a call whose device key or leg key
+    /// happens to read the same (`<call_id>.1`, `<call_id>~<account>`
+    /// posted as a Call-ID of its own): that one has another Call-ID.
+    CallId,
+    /// A `unique_key` of a push: the call's own, or a device's.
+    UniqueKey,
+}
+
 /// What went wrong in the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -375,13 +387,14 @@ pub trait CallBroker: Send + Sync + 'static {
     }
 
     /// Ends as `cancelled`, from any instance, every ringing call that
-    /// `key` names: the call under the key (or whose device key it is),
-    /// and every leg opened for it as a `call_id` ([`leg_key`]); only
-    /// `account`'s when given. Wakes their waits. Says whether it ended
-    /// any. Leaves its [`cancel_mark`] under the `call_id`, in one step
-    /// with its read of the legs, so a leg opened after that read ends
-    /// `cancelled` as it opens.
-    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError>;
+    /// `key` names: the call under the key (or, `by` a `unique_key`, whose
+    /// device key it is), and every leg opened for it as a `call_id`
+    /// ([`leg_key`]); only `account`'s when given. Wakes their waits. Says
+    /// whether it ended any. Leaves its [`cancel_mark`] under the
+    /// `call_id`, in one step with its read of the legs, so a leg opened
+    /// after that read ends `cancelled` as it opens.
+    async fn cancel(&self, key: &str, account: Option<i64>, by: Named)
+        -> Result<bool, BrokerError>;
 
     /// Makes `claim`: `None` when it is the first of its kind for its
     /// phone in its call, else that first one. A call that PBX retries

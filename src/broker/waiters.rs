@@ -85,10 +85,18 @@ pub(crate) enum Message {
 /// device and an end, and then some.
 const EARLY_MAX: usize = 16;
 
+/// How long an open waits before it looks again at a key another
+/// account's call is being opened under ([`Waiters::join_opened`]).
+const OPENING_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// What joining a key found.
 pub(crate) enum Joined {
     /// Another account's call is waited on here under the key.
     Taken,
+    /// Another account's call is being opened here under the key: its
+    /// open says whether the key is that call's (see
+    /// [`Waiters::join_opened`]).
+    Opening,
     /// Waiting on the key: its news, whether this is the first wait here
     /// (the process must subscribe), the wait's generation (for
     /// [`Waiters::leave`]), and whether it joined a call this process has
@@ -163,7 +171,11 @@ impl Waiters {
         let mut inner = self.lock();
         if let Some(slot) = inner.slots.get_mut(key) {
             if slot.account != call.account {
-                return Joined::Taken;
+                return if slot.opened {
+                    Joined::Taken
+                } else {
+                    Joined::Opening
+                };
             }
             if !slot.over() {
                 slot.waiters += 1;
@@ -182,6 +194,26 @@ impl Waiters {
             return inner.insert(key, call, leg_of, false);
         }
         inner.insert(key, call, leg_of, true)
+    }
+
+    /// [`Waiters::join`], once no other account's call is being opened
+    /// under `key` here. Such an open may find the key another's (the
+    /// Call-ID's own call, of the account that posted it first) and let
+    /// it go: this call, of that account, then takes the key it asked
+    /// for, not a leg's, which a cancel by the Call-ID may have marked.
+    /// The wait is one open's (a store round trip).
+    pub(crate) async fn join_opened(
+        &self,
+        key: &str,
+        call: &Opening<'_>,
+        leg_of: Option<&str>,
+    ) -> Joined {
+        loop {
+            match self.join(key, call, leg_of) {
+                Joined::Opening => tokio::time::sleep(OPENING_PAUSE).await,
+                joined => return joined,
+            }
+        }
     }
 
     /// Removes one waiter of generation `generation` from `key`.
@@ -566,7 +598,7 @@ mod tests {
                 generation,
                 ..
             } => (news, first, generation),
-            Joined::Taken => panic!("taken"),
+            Joined::Taken | Joined::Opening => panic!("taken"),
         }
     }
 
@@ -607,6 +639,14 @@ mod tests {
         let (mut a, first_a, gen) = waiting(waiters.join("k", &opening(42, &devices), None));
         let (mut b, first_b, _) = waiting(waiters.join("k", &opening(42, &devices), None));
         assert!(first_a && !first_b);
+        assert!(
+            matches!(
+                waiters.join("k", &opening(43, &devices), None),
+                Joined::Opening
+            ),
+            "another account waits for the open, which may give the key up"
+        );
+        waiters.opened("k", gen);
         assert!(matches!(
             waiters.join("k", &opening(43, &devices), None),
             Joined::Taken

@@ -3,7 +3,7 @@
 //! request wherever it is parked; a REGISTER that answers; and the PBX's
 //! cancel of a call.
 
-use crate::broker::{device_alias, BrokerError, Pushed};
+use crate::broker::{device_alias, BrokerError, Named, Pushed};
 use crate::lifecycle::Verdict;
 use crate::state::AppState;
 use crate::store::{now_millis, ResponseLogEntry};
@@ -130,6 +130,7 @@ pub async fn cancel(
     state: &AppState,
     key: &str,
     account: Option<i64>,
+    by: Named,
 ) -> Result<bool, BrokerError> {
-    state.broker.cancel(key, account).await
+    state.broker.cancel(key, account, by).await
 }

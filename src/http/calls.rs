@@ -11,7 +11,7 @@ use super::body::{self, Fields, Source};
 use super::error::ApiError;
 use super::{json, text, Body};
 use crate::auth::AuthError;
-use crate::broker::PUSH_KEY_MAX;
+use crate::broker::{Named, PUSH_KEY_MAX};
 use crate::calls::{self, CallResponse, IncomingCall, Outcome, Verdict};
 use crate::state::AppState;
 
@@ -139,14 +139,15 @@ pub(super) async fn cancel_call(
 ) -> Result<Response<Body>, ApiError> {
     pbx_only(state, peer, &request, "call cancel")?;
     let (_, fields) = body::read(request, Source::Body).await?;
-    let key = match fields.call_id()? {
-        Some(call_id) => call_id,
+    let (key, by) = match fields.call_id()? {
+        Some(call_id) => (call_id, Named::CallId),
         None => fields
             .optional_text("unique_key", PUSH_KEY_MAX)?
+            .map(|key| (key, Named::UniqueKey))
             .ok_or_else(|| ApiError::invalid("call_id", "call_id or unique_key is required"))?,
     };
     let account = fields.optional_sip_user_id()?;
-    if calls::cancel(state, &key, account).await? {
+    if calls::cancel(state, &key, account, by).await? {
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "cancelled": true }),

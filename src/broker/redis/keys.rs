@@ -219,7 +219,9 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 /// answer then counts until the holder's timer ends the call), `new <stamp>
 /// cancelled` (stored where the key held nothing, and a cancel for every
 /// account or this one marked it: the request crossed the cancel, and the
-/// call is to end as it opens, see [`crate::broker::CANCEL_REACH`]), `join <stamp>`
+/// call is to end as it opens, see [`crate::broker::CANCEL_REACH`]), `new
+/// <stamp> anew` (stored where the key held a call before: no cancel mark
+/// reaches it, a leg's neither), `join <stamp>`
 /// (this account's call rings there: phase `ring` with a device yet to
 /// answer, a word without `+` or `-`, every platform's name ending in a
 /// letter; its hold added; followed by ` <opened>` where the meta says when
@@ -255,7 +257,8 @@ redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp .. ' ' .. ARGV[8], 'PX', ARGV
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], ARGV[6], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-if not before and ARGV[7] == '1' and (redis.call('SISMEMBER', KEYS[4], '*') == 1
+if before then return 'new ' .. stamp .. ' anew' end
+if ARGV[7] == '1' and (redis.call('SISMEMBER', KEYS[4], '*') == 1
     or redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1) then
   return 'new ' .. stamp .. ' cancelled'
 end

@@ -62,8 +62,8 @@ use tokio::time::Instant;
 
 use super::{
     candidates, push_key, unix_millis, Answer, BrokerError, CallBroker, FirstClaim, HangUp, Held,
-    Holds, Joined, Left, Message, Opening, Phase, PhoneClaim, Pushed, Record, Release, Stamp,
-    Stored, Verdict, Wait, Waiters, ECHO_MARGIN_MS,
+    Holds, Joined, Left, Message, Named, Opening, Phase, PhoneClaim, Pushed, Record, Release,
+    Stamp, Stored, Verdict, Wait, Waiters, ECHO_MARGIN_MS,
 };
 use crate::store::EndReason;
 use cluster::Cluster;
@@ -369,7 +369,7 @@ impl CallBroker for RedisBroker {
                 generation,
                 joined,
                 ringer,
-            } = shared.waiters.join(key, &call, leg_of)
+            } = shared.waiters.join_opened(key, &call, leg_of).await
             else {
                 continue;
             };
@@ -421,7 +421,7 @@ impl CallBroker for RedisBroker {
             let (stamp, joined, crossed, opened) =
                 match shared.claim(key, &call, &hold, n == 0).await? {
                     Claimed::Ours { stamp, crossed } => (stamp, false, crossed, None),
-                    Claimed::Joined { stamp, opened } => (stamp, true, false, opened),
+                    Claimed::Joined { stamp, opened } => (stamp, true, Crossed::No, opened),
                     // Not ours (or not stored): leaving must not end the call
                     // that holds the key.
                     Claimed::Taken => {
@@ -443,11 +443,13 @@ impl CallBroker for RedisBroker {
             let crossed = match leg_of {
                 Some(call_id) => {
                     let (leg_keys, args) = keys::add_leg(call_id, key, call.account, call.until);
-                    shared
+                    let marked = shared
                         .script::<bool>(&shared.leg, &leg_keys, &args, false)
-                        .await?
+                        .await?;
+                    // A cancel would have found a call the key held.
+                    marked && crossed != Crossed::Anew
                 }
-                None => crossed,
+                None => crossed == Crossed::Yes,
             };
             if crossed {
                 // A cancel read the key (or the Call-ID's legs) before this
@@ -569,9 +571,17 @@ impl CallBroker for RedisBroker {
         Box::pin(async move { shared.leave(&key, &holds, stamp).await })
     }
 
-    async fn cancel(&self, key: &str, account: Option<i64>) -> Result<bool, BrokerError> {
+    async fn cancel(
+        &self,
+        key: &str,
+        account: Option<i64>,
+        by: Named,
+    ) -> Result<bool, BrokerError> {
         let shared = &self.shared;
         let named = async {
+            if by == Named::CallId {
+                return Ok(key.to_owned());
+            }
             if let Some((call, _)) = shared.waiters.device_of(key) {
                 return Ok(call.to_string());
             }
@@ -674,6 +684,20 @@ impl CallBroker for RedisBroker {
     }
 }
 
+/// Whether a call stored under its key crossed a PBX cancel
+/// ([`keys::OPEN_SCRIPT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crossed {
+    /// A cancel marked the key before the call was there: the call's
+    /// request crossed it.
+    Yes,
+    /// No cancel marked the key, or it is a leg's (checked apart).
+    No,
+    /// The key held a call before, which a cancel would have found: no
+    /// mark reaches this one, a leg's neither.
+    Anew,
+}
+
 /// What [`Shared::claim`] found.
 enum Claimed {
     /// The key holds this call under this stamp (`None`: unreadable, a
@@ -681,9 +705,7 @@ enum Claimed {
     /// the key, as before stamps).
     Ours {
         stamp: Option<Stamp>,
-        /// A cancel marked the key before the call was there: the call's
-        /// request crossed it ([`keys::OPEN_SCRIPT`]).
-        crossed: bool,
+        crossed: Crossed,
     },
     /// The key holds the ringing call this one joined (a PBX retry), under
     /// this stamp, opened then (Unix ms, where its meta says).
@@ -761,9 +783,10 @@ impl Shared {
             });
         }
         let new = opened.strip_prefix("new ").unwrap_or_default();
-        let (stamp, crossed) = match new.strip_suffix(" cancelled") {
-            Some(stamp) => (stamp, true),
-            None => (new, false),
+        let (stamp, crossed) = match new.split_once(' ') {
+            Some((stamp, "cancelled")) => (stamp, Crossed::Yes),
+            Some((stamp, "anew")) => (stamp, Crossed::Anew),
+            _ => (new, Crossed::No),
         };
         let ours = Claimed::Ours {
             stamp: keys::parse_stamp(stamp),
