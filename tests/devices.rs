@@ -607,3 +607,53 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
     })
     .await;
 }
+
+/// `android` and `gcm` both push through FCM HTTP v1 (`gcm` is the legacy
+/// name): an app that moves from one endpoint to the other with its token
+/// is one phone, updated in place, rung once a resend and never told that
+/// another device took the call it took. Before, it was a second device:
+/// every push went to the phone twice, and it heard `answered_elsewhere`
+/// for the key it had not answered under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fcm_token_under_android_and_gcm_is_one_device() {
+    on_every_backend(|backend| async move {
+        let server = start(&backend, |c| c.max_devices_per_account = 3).await;
+        let name = backend.name();
+        let user = sip_user_id();
+        let token = format!("fcm-{user}");
+        let first = server.client.register("gcm", &user, &token).await;
+        assert_eq!(first, StatusCode::CREATED, "{name}");
+        let moved = server.client.register("android", &user, &token).await;
+        assert_eq!(moved, StatusCode::OK, "{name}: an update, not a new device");
+        assert_eq!(server.tokens(&user).await, [token.as_str()], "{name}");
+        let stored = server.device(&user).await.expect("the device");
+        assert_eq!(stored.platform, Platform::Android, "{name}");
+        assert!(
+            server.pusher.sent_to(&token).is_empty(),
+            "{name}: no takeover notice"
+        );
+
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        let push = server.call_push(&token, &key).await;
+        let answer = server
+            .client
+            .call_response(&key, start_time_of(&push), true)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{name}: {}",
+            answer.body
+        );
+        assert_eq!(
+            pbx.await.expect("the PBX task").body,
+            "status=ACK",
+            "{name}"
+        );
+        assert_eq!(server.calls_to(&token).len(), 1, "{name}: rung once");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(server.notices_to(&token).is_empty(), "{name}: told nothing");
+    })
+    .await;
+}

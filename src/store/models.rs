@@ -60,6 +60,15 @@ impl Platform {
         }
     }
 
+    /// Whether a device of this platform with token `a` and one of `other`
+    /// with token `b` are one phone: the same token of the same push
+    /// service. `android` and `gcm` both push through FCM HTTP v1 (`gcm`
+    /// is the legacy name), so an app that moved from one endpoint to the
+    /// other is one phone, rung once, not two.
+    pub fn same_phone(self, a: &str, other: Platform, b: &str) -> bool {
+        self.is_apns() == other.is_apns() && self.same_token(a, b)
+    }
+
     /// Whether two tokens of this platform name one device: APNs tokens
     /// compare without case, since rows stored before tokens were
     /// normalised may hold upper case.

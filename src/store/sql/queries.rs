@@ -98,8 +98,8 @@ macro_rules! diesel_store {
                         .await?;
                     let is_same = |d: &Device| {
                         let d = &d.registration;
-                        (d.platform, &d.app_id) == (device.platform, &device.app_id)
-                            && d.platform.same_token(&d.token, &device.token)
+                        d.app_id == device.app_id
+                            && d.platform.same_phone(&d.token, device.platform, &device.token)
                     };
                     // A device whose SIP registration lapsed holds no place:
                     // it goes quietly (it is not told of a takeover) before
