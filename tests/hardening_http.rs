@@ -204,6 +204,47 @@ async fn first_line_on(stream: &mut TcpStream, what: &'static str) -> String {
     text.lines().next().unwrap_or_default().to_owned()
 }
 
+/// A body in a transfer coding besides `chunked` (`gzip, chunked`, which
+/// hyper unchunks and passes on compressed) gets 501 naming the coding
+/// (RFC 9112, 6.1), and changes nothing. Before, it was parsed as it came
+/// and refused for a field it seemed to lack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_a_transfer_coding_besides_chunked_is_refused_naming_it() {
+    let backend = Backend::embedded();
+    let server = start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let body = format!("sip_user_id={user}&token=t&app={APP}");
+    for (coding, named) in [
+        ("gzip, chunked", "gzip"),
+        ("x-custom;q=1, chunked", "x-custom"),
+    ] {
+        let mut stream = TcpStream::connect(server.running.addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /api/android-device/ HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Connection: close\r\nTransfer-Encoding: {coding}\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write the request");
+        let mut answer = Vec::new();
+        bounded("the refusal", stream.read_to_end(&mut answer))
+            .await
+            .expect("read the refusal");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 501"), "{coding}: {answer}");
+        assert!(
+            answer.contains("transfer coding") && answer.contains(named),
+            "{coding}: {answer}"
+        );
+    }
+    assert!(server.tokens(&user).await.is_empty());
+}
+
 /// A client that waits for `100 Continue` before its body hears a refusal
 /// instead when the head alone settles it: 413 for a declared length over
 /// the limit, 415 for a content type no endpoint reads. Before, it was

@@ -11,7 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use hyper::header::{
+    HeaderMap, HeaderName, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT,
+    TRANSFER_ENCODING,
+};
 use hyper::http::request::Parts;
 use hyper::Request;
 
@@ -91,20 +94,34 @@ pub async fn read(request: Request<Incoming>, source: Source) -> Result<(Parts, 
 /// Refuses a body in a content coding (`gzip`, `br`...): none is decoded
 /// here, since no PBX or app compresses a few hundred bytes of form. Only
 /// `identity`, or no `Content-Encoding` at all, is read (RFC 9110, 8.4).
+/// So is a body in a transfer coding other than `chunked`, which hyper
+/// takes off (`gzip, chunked`): 501, as RFC 9112, 6.1 says.
 fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
-    for value in headers.get_all(CONTENT_ENCODING) {
+    if let Some(coding) = coding_besides(headers, CONTENT_ENCODING, "identity") {
+        return Err(ApiError::UnsupportedEncoding(coding));
+    }
+    if let Some(coding) = coding_besides(headers, TRANSFER_ENCODING, "chunked") {
+        return Err(ApiError::UnsupportedTransferCoding(coding));
+    }
+    Ok(())
+}
+
+/// The first coding the `header` lists that is not `read` (the one coding
+/// read), `(not text)` for a value that is not text.
+fn coding_besides(headers: &HeaderMap, header: HeaderName, read: &str) -> Option<String> {
+    for value in headers.get_all(header) {
         let Ok(text) = value.to_str() else {
-            return Err(ApiError::UnsupportedEncoding("(not text)".to_owned()));
+            return Some("(not text)".to_owned());
         };
         let coding = text
             .split(',')
-            .map(str::trim)
-            .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
+            .map(|coding| coding.split(';').next().unwrap_or_default().trim())
+            .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(read));
         if let Some(coding) = coding {
-            return Err(ApiError::UnsupportedEncoding(coding.to_owned()));
+            return Some(coding.to_owned());
         }
     }
-    Ok(())
+    None
 }
 
 /// Whether the request waits for `100 Continue` before its body.

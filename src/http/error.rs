@@ -40,6 +40,11 @@ pub enum ApiError {
     /// response's `Accept-Encoding: identity` says what it reads.
     #[error("unsupported content encoding {0:?}; send the body unencoded (no Content-Encoding, or identity)")]
     UnsupportedEncoding(String),
+    /// A body in a transfer coding other than `chunked` (RFC 9112, 6.1).
+    #[error(
+        "unsupported transfer coding {0:?}; send the body with a Content-Length, or chunked alone"
+    )]
+    UnsupportedTransferCoding(String),
     #[error("request body not received in time")]
     Timeout,
     /// Who sent the request may not do this, or not now (a limit: 429).
@@ -72,6 +77,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) | ApiError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
+            ApiError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Auth(AuthError::Missing | AuthError::Rejected) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
