@@ -1443,3 +1443,240 @@ async fn kamailio_challenges_a_used_nonce_as_stale() {
         .succeeds("the used nonce is challenged with stale=true", again)
         .await;
 }
+
+/// A ring group: one Call-ID forked to two accounts. Each leg's push
+/// carries its own call_id (the hash takes the account in), so the second
+/// account's phone, which sees its push's call_id, cannot answer or
+/// decline the first account's call with it: declining with it ends the
+/// second leg only, and the first phone, woken, takes its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_gives_each_ring_group_leg_its_own_call_id() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let (first, second) = (sip_user_id(), sip_user_id());
+    let proxy = Proxy::start(server.client.base(), &[&first, &second]).await;
+    let (first_token, second_token) = ("first-fcm-token", "second-fcm-token");
+    let first_port = free_udp_port();
+    let first_secret = password(&first);
+    let register_first = |expires| {
+        proxy.register_token(
+            "register.xml",
+            &first,
+            (&first, &first_secret),
+            (PROJECT, first_token),
+            (first_port, expires),
+        )
+    };
+    proxy
+        .succeeds("the first account's REGISTER", register_first("1"))
+        .await;
+    let second_secret = password(&second);
+    let registered = proxy.register_token(
+        "register.xml",
+        &second,
+        (&second, &second_secret),
+        (PROJECT, second_token),
+        (free_udp_port(), "1"),
+    );
+    proxy
+        .succeeds("the second account's REGISTER", registered)
+        .await;
+    // Both asleep: their bindings lapse.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+
+    // The first leg opens first, so a call_id shared by both legs would be
+    // the first leg's push key.
+    let sip_call_id = format!("group-{}@caller.invalid", call_id());
+    let cid = ["-cid_str", sip_call_id.as_str()];
+    let taken = proxy.sipp("caller.xml", Side::Pbx, &first, &cid);
+    server.pushes(1, Duration::from_secs(10)).await;
+    let declined = proxy.sipp("caller-480.xml", Side::Pbx, &second, &cid);
+    let pushes = server.pushes(2, Duration::from_secs(10)).await;
+    let push_to = |token: &str| {
+        pushes
+            .iter()
+            .find(|p| p.json()["message"]["token"] == token)
+            .unwrap_or_else(|| panic!("no push to {token}: {pushes:?}"))
+            .json()["message"]["data"]
+            .clone()
+    };
+    let (first_data, second_data) = (push_to(first_token), push_to(second_token));
+    let call_id_of = |data: &serde_json::Value| {
+        data["call_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a call_id: {data}"))
+            .to_owned()
+    };
+    let (first_call_id, second_call_id) = (call_id_of(&first_data), call_id_of(&second_data));
+    assert_ne!(
+        first_call_id, second_call_id,
+        "both legs' pushes carry one call_id:\n{first_data}\n{second_data}"
+    );
+    assert_ne!(second_call_id, first_data["unique_key"], "{first_data}");
+
+    // The second phone declines with the call_id its push carried: its
+    // own leg ends (480 to its caller), not the first account's.
+    let start = second_data["message_start_time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a message_start_time: {second_data}"));
+    let reply = server
+        .client
+        .post(
+            "/api/call-response/",
+            &[
+                ("unique_key", second_call_id.as_str()),
+                ("message_start_time", start),
+                ("available", "false"),
+            ],
+        )
+        .await;
+    assert!(reply.status.is_success(), "{}", reply.body);
+    proxy
+        .succeeds("the second leg, declined, gets 480", declined)
+        .await;
+
+    // The first phone wakes: its call still rings, and it takes it.
+    let phone = proxy.sipp("phone.xml", Side::Listening(first_port), &first, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .succeeds("the first phone's REGISTER", register_first("60"))
+        .await;
+    proxy.succeeds("the first phone answering", phone).await;
+    proxy
+        .succeeds("the first leg answered 200, not declined", taken)
+        .await;
+}
+
+/// A Request-URI user with a leading zero (`0042`) is no account
+/// call-notifier knows by that name (it would read 42, while the location
+/// lookup is for AOR 0042): 404, and nobody is pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_pushes_no_account_for_a_leading_zero() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 1_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    proxy
+        .phone_registers("the phone's REGISTER", &user, (free_udp_port(), "60"))
+        .await;
+    let padded = format!("0{user}");
+    let refused = proxy.sipp("caller-404.xml", Side::Pbx, &padded, &[]);
+    proxy
+        .succeeds("a call to the zero-padded account gets 404", refused)
+        .await;
+    assert_eq!(
+        server.fcm.hits(),
+        0,
+        "pushed: {:?}\n{}",
+        server.fcm.received(),
+        proxy.log()
+    );
+}
+
+/// Push parameters outside <> in a Contact (header parameters, which the
+/// registrar does not store with the URI), in the only Contact header or
+/// in a second one: the REGISTER is refused 400 and no device is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_refuses_push_parameters_outside_angle_brackets() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let port = free_udp_port();
+    let params = format!("pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}");
+    let bare = format!("sip:{user}@127.0.0.1:{port};{params}");
+    let after = format!("<sip:{user}@127.0.0.1:{port}>;{params}");
+    let plain = format!("<sip:{user}@127.0.0.1:{port}>");
+    let second = format!("Contact: sip:{user}@127.0.0.1:{};{params}", free_udp_port());
+    for (what, contact, more) in [
+        ("a bare URI", bare.as_str(), "Expires: 60"),
+        ("after the <>", after.as_str(), "Expires: 60"),
+        ("a second Contact header", plain.as_str(), second.as_str()),
+    ] {
+        let refused = proxy.sipp(
+            "register-bare.xml",
+            Side::Signed {
+                user: &user,
+                password: &secret,
+            },
+            &user,
+            &[
+                "-key",
+                "contact",
+                contact,
+                "-key",
+                "expires_header",
+                more,
+                "-key",
+                "user_agent",
+                "SIPp-phone/3.6",
+            ],
+        );
+        proxy
+            .succeeds(&format!("push parameters in {what} get 400"), refused)
+            .await;
+        assert_eq!(
+            server.device(&user).await,
+            None,
+            "{what} stored a device:\n{}",
+            proxy.log()
+        );
+    }
+}
+
+/// Push parameters %-escaped in the Contact URI (`pn-param=test%2Dproject`)
+/// reach call-notifier unescaped: the device is stored with the project's
+/// app and the token the phone meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_unescapes_push_parameters() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let secret = password(&user);
+    let escape = |text: &str| text.replace('-', "%2D");
+    let contact = format!(
+        "<sip:{user}@127.0.0.1:{};pn-provider=fcm;pn-prid={};pn-param={}>",
+        free_udp_port(),
+        escape(TOKEN),
+        escape(PROJECT)
+    );
+    let registered = proxy.sipp(
+        "register-any.xml",
+        Side::Signed {
+            user: &user,
+            password: &secret,
+        },
+        &user,
+        &[
+            "-key",
+            "contact",
+            &contact,
+            "-key",
+            "expires_header",
+            "Expires: 60",
+            "-key",
+            "user_agent",
+            "SIPp-phone/3.6",
+        ],
+    );
+    proxy
+        .succeeds(
+            "a REGISTER with escaped push parameters gets 200",
+            registered,
+        )
+        .await;
+    let device = server.device(&user).await;
+    let device = device.unwrap_or_else(|| panic!("no device stored:\n{}", proxy.log()));
+    assert_eq!(device.token, TOKEN);
+    assert_eq!(device.app_id, APP);
+}
