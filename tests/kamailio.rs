@@ -1370,6 +1370,58 @@ async fn kamailio_waits_for_the_register_of_a_phone_its_app_answered() {
     assert_eq!(asleep.heard(), None, "the sleeping binding got the call");
 }
 
+/// An app that registered its device through the HTTP API, its phone with
+/// no binding: woken, the phone REGISTERs without push parameters, then its
+/// app answers. That new binding is the woken phone's: the INVITE reaches
+/// it at once, not after REGISTER_WAIT_MS of waiting for a binding with
+/// push parameters that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_rings_the_plain_register_of_a_phone_its_app_registered() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    assert!(server
+        .client
+        .register("android", &user, TOKEN)
+        .await
+        .is_success());
+
+    let call = proxy.sipp("caller.xml", Side::Pbx, &user, &[]);
+    let push = server.pushes(1, Duration::from_secs(10)).await[0].clone();
+    let woken_port = free_udp_port();
+    let phone = proxy.sipp("phone.xml", Side::Listening(woken_port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secret = password(&user);
+    let registered = proxy.register(
+        "register-plain.xml",
+        &user,
+        (&user, &secret),
+        PROJECT,
+        (woken_port, "60"),
+    );
+    proxy
+        .succeeds("the woken phone's plain REGISTER", registered)
+        .await;
+    let answer = server.answer(&push, true).await;
+    assert!(answer.status.is_success(), "{}", answer.body);
+    proxy
+        .succeeds("the phone answering the INVITE", phone)
+        .await;
+    proxy.succeeds("the caller's call answered 200", call).await;
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("incoming-call for {user}: 200 status=ACK")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("no REGISTER of its phone came"),
+        "the call waited for a REGISTER with push parameters:\n{log}"
+    );
+}
+
 /// The phone is not woken (NAK): the account's desk phone rings, and the
 /// phone's binding with push parameters, asleep, gets nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
