@@ -1135,6 +1135,39 @@ async fn kamailio_removes_the_device_of_a_deregistration() {
     }
 }
 
+/// A phone moving its binding as pjsip's contact rewrite does (the old
+/// Contact unregistered, a new one registered with the same push token)
+/// keeps its device while the other binding lives; removing the last
+/// binding with the token removes the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_keeps_the_device_another_binding_still_uses() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |_| {}).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let (old, new) = (free_udp_port(), free_udp_port());
+    proxy
+        .phone_registers("the binding at the old address", &user, (old, "60"))
+        .await;
+    proxy
+        .phone_registers("the binding at the new address", &user, (new, "600"))
+        .await;
+    proxy
+        .phone_registers("the old binding unregistered", &user, (old, "0"))
+        .await;
+    assert!(
+        server.device(&user).await.is_some(),
+        "the device went with the old binding, the new one lives:\n{}",
+        proxy.log()
+    );
+    proxy
+        .phone_registers("the last binding unregistered", &user, (new, "0"))
+        .await;
+    assert_eq!(server.device(&user).await, None, "{}", proxy.log());
+}
+
 /// A slow call-notifier: the phone retransmits its REGISTER while the
 /// proxy waits for the post, and the retransmissions are absorbed (one
 /// post), not posted again, each holding a SIP worker.
