@@ -939,6 +939,62 @@ async fn kamailio_cancels_only_the_cancelled_accounts_leg() {
     assert!(!cancelled_to(second_token), "{:?}", server.fcm.received());
 }
 
+/// Two INVITEs of one Call-ID for one account (an upstream fork, a retry
+/// with a new branch), which call-notifier joins into one call: the
+/// caller cancelling one leg ends that leg only (487), the phone is not
+/// told the call was cancelled, and the other leg, woken, is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_cancels_only_the_cancelled_leg_of_one_account() {
+    requires_kamailio();
+    let backend = Backend::embedded();
+    let server = FcmServer::start(&backend, |c| c.wait_ms = 8_000).await;
+    let user = sip_user_id();
+    let proxy = Proxy::start(server.client.base(), &[&user]).await;
+    let port = free_udp_port();
+    proxy
+        .phone_registers("the phone's REGISTER", &user, (port, "1"))
+        .await;
+    // Asleep: its binding lapses.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+
+    let sip_call_id = format!("fork-{}@caller.invalid", call_id());
+    let cid = ["-cid_str", sip_call_id.as_str()];
+    let taken = proxy.sipp("caller.xml", Side::Pbx, &user, &cid);
+    let cancelled = proxy.sipp("caller-cancel.xml", Side::Pbx, &user, &cid);
+    server.pushes(1, Duration::from_secs(10)).await;
+    // The CANCEL reached the proxy (0.5 s after the 100).
+    let cancel = format!("incoming-call cancel for {user}: ");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            proxy.log().contains(&cancel)
+        })
+        .await,
+        "no CANCEL:\n{}",
+        proxy.log()
+    );
+
+    let phone = proxy.sipp("phone.xml", Side::Listening(port), &user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .phone_registers("the woken phone's REGISTER", &user, (port, "60"))
+        .await;
+    proxy.succeeds("the phone answering", phone).await;
+    proxy
+        .succeeds("the other leg answered 200, not cancelled", taken)
+        .await;
+    proxy
+        .succeeds("the cancelled leg answered 487", cancelled)
+        .await;
+    let told = server.fcm.received().iter().any(|p| {
+        let data = &p.json()["message"]["data"];
+        data["type"] == "call_ended" && data["reason"] == "cancelled"
+    });
+    assert!(!told, "the phone was told the call was cancelled");
+    let not_posted = format!("incoming-call cancel for {user}: another leg waits");
+    assert!(proxy.log().contains(&not_posted), "{}", proxy.log());
+}
+
 /// The value of the last `header` line SIPp sent, as its message logs
 /// (`-trace_msg`) in `dir` for scenarios named `scenario` recorded it.
 fn last_sent_header(dir: &std::path::Path, scenario: &str, header: &str) -> String {
