@@ -100,6 +100,12 @@ impl Proxy {
     /// `accounts` (each with [`password`]); registrations of 1 s are taken,
     /// so a test can let one lapse.
     async fn start(server: &str, accounts: &[&str]) -> Proxy {
+        Proxy::start_with(server, accounts, "1").await
+    }
+
+    /// [`Proxy::start`] taking registrations of `min_expires` seconds and
+    /// longer.
+    async fn start_with(server: &str, accounts: &[&str], min_expires: &str) -> Proxy {
         requires_kamailio();
         let dir = tempfile::tempdir().expect("a temp dir").keep();
         let db = credentials(&dir, accounts);
@@ -114,7 +120,7 @@ impl Proxy {
             .args(["-A", &format!("PBX_NETWORK=\"{PBX_IP}/32\"")])
             .args(["-A", &format!("CALL_KEY_SECRET=\"{SECRET}\"")])
             .args(["-A", "HTTP_TIMEOUT=10"])
-            .args(["-A", "MIN_EXPIRES=1"])
+            .args(["-A", &format!("MIN_EXPIRES={min_expires}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1222,6 +1228,37 @@ async fn kamailio_keeps_the_device_another_binding_still_uses() {
         .phone_registers("the last binding unregistered", &user, (new, "0"))
         .await;
     assert_eq!(server.device(&user).await, None, "{}", proxy.log());
+}
+
+/// A REGISTER asking for less than the registrar's `min_expires` is
+/// granted `min_expires`: call-notifier gets the expiry granted, so the
+/// device does not lapse before its binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Kamailio + SIPp: TEST_KAMAILIO=1 and --include-ignored, as .ci/run does"]
+async fn kamailio_posts_the_expiry_the_registrar_granted() {
+    requires_kamailio();
+    let registrations = common::stand_in::StandIn::start(|_| {
+        common::stand_in::Answer::json(200, serde_json::json!({}))
+    })
+    .await;
+    let user = sip_user_id();
+    let proxy = Proxy::start_with(&registrations.url(), &[&user], "60").await;
+    proxy
+        .phone_registers("a REGISTER for 10 s", &user, (free_udp_port(), "10"))
+        .await;
+    let posted: Vec<String> = registrations
+        .received()
+        .iter()
+        .filter(|r| r.uri.starts_with("/api/sip-registration"))
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    // 60 s from the save, read back within the second or the next.
+    assert!(
+        posted[0].contains("&expires=60&") || posted[0].contains("&expires=59&"),
+        "not the 60 s granted: {posted:?}\n{}",
+        proxy.log()
+    );
 }
 
 /// A slow call-notifier: the phone retransmits its REGISTER while the
