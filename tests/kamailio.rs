@@ -190,8 +190,52 @@ impl Proxy {
     /// parameters) with its own credentials from `contact` (port, expires),
     /// and is answered 200.
     async fn phone_registers(&self, what: &str, user: &str, contact: (u16, &str)) {
+        self.phone_registers_token(what, user, TOKEN, contact).await;
+    }
+
+    /// A REGISTER of `user`'s phone (`scenario`, as register-any.xml),
+    /// signed with its own credentials, with this `Contact` value, this
+    /// expiry header line (`Expires: 60`, or a second `Contact:` line) and
+    /// `User-Agent`.
+    fn register_any(
+        &self,
+        scenario: &str,
+        user: &str,
+        contact: &str,
+        expires_header: &str,
+        user_agent: &str,
+    ) -> Child {
         let secret = password(user);
-        let registered = self.register("register.xml", user, (user, &secret), PROJECT, contact);
+        let signer = Side::Signed {
+            user,
+            password: &secret,
+        };
+        let keys = [
+            "-key",
+            "contact",
+            contact,
+            "-key",
+            "expires_header",
+            expires_header,
+            "-key",
+            "user_agent",
+            user_agent,
+        ];
+        self.sipp(scenario, signer, user, &keys)
+    }
+
+    /// [`Proxy::phone_registers`] with the push token `token`.
+    async fn phone_registers_token(
+        &self,
+        what: &str,
+        user: &str,
+        token: &str,
+        contact: (u16, &str),
+    ) {
+        let secret = password(user);
+        let signer = (user, secret.as_str());
+        let registered =
+            self.register_token("register.xml", user, signer, (PROJECT, token), contact);
         self.succeeds(what, registered).await;
     }
 
@@ -867,6 +911,35 @@ async fn kamailio_relays_no_request_outside_its_dialogs() {
     }
 }
 
+/// The phone (account, push token, contact port) wakes: it REGISTERs, and
+/// answers the INVITE relayed to it, so that its leg's caller, `leg`,
+/// hears 200 (`what`).
+async fn wakes_and_takes(
+    proxy: &Proxy,
+    (user, token, port): (&str, &str, u16),
+    leg: Child,
+    what: &str,
+) {
+    let phone = proxy.sipp("phone.xml", Side::Listening(port), user, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy
+        .phone_registers_token("the woken phone's REGISTER", user, token, (port, "60"))
+        .await;
+    proxy.succeeds("the woken phone answering", phone).await;
+    proxy.succeeds(what, leg).await;
+}
+
+/// Each phone of `phones` (account, push token, contact port) REGISTERs
+/// with push parameters for a second, then sleeps: its binding lapses.
+async fn asleep<const N: usize>(proxy: &Proxy, phones: [(&str, &str, u16); N]) {
+    for (user, token, port) in phones {
+        proxy
+            .phone_registers_token(&format!("{user}'s REGISTER"), user, token, (port, "1"))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+}
+
 /// A ring group: one Call-ID forked to two accounts. The caller cancelling
 /// one leg ends that account's call only (the cancel names the account);
 /// the other's phone, woken, takes its call.
@@ -880,32 +953,14 @@ async fn kamailio_cancels_only_the_cancelled_accounts_leg() {
     let proxy = Proxy::start(server.client.base(), &[&first, &second]).await;
     let (first_token, second_token) = ("first-fcm-token", "second-fcm-token");
     let second_port = free_udp_port();
-    let second_secret = password(&second);
-    let register_second = |expires| {
-        proxy.register_token(
-            "register.xml",
-            &second,
-            (&second, &second_secret),
-            (PROJECT, second_token),
-            (second_port, expires),
-        )
-    };
-    let first_secret = password(&first);
-    let registered = proxy.register_token(
-        "register.xml",
-        &first,
-        (&first, &first_secret),
-        (PROJECT, first_token),
-        (free_udp_port(), "1"),
-    );
-    proxy
-        .succeeds("the first account's REGISTER", registered)
-        .await;
-    proxy
-        .succeeds("the second account's REGISTER", register_second("1"))
-        .await;
-    // Both asleep: their bindings lapse.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    asleep(
+        &proxy,
+        [
+            (&first, first_token, free_udp_port()),
+            (&second, second_token, second_port),
+        ],
+    )
+    .await;
 
     let sip_call_id = format!("group-{}@caller.invalid", call_id());
     let cid = ["-cid_str", sip_call_id.as_str()];
@@ -916,16 +971,15 @@ async fn kamailio_cancels_only_the_cancelled_accounts_leg() {
         .succeeds("the first leg's CANCEL answered 487", cancelled)
         .await;
 
-    // The second phone wakes after that CANCEL: its call still rings.
-    let phone = proxy.sipp("phone.xml", Side::Listening(second_port), &second, &[]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy
-        .succeeds("the second phone's REGISTER", register_second("60"))
-        .await;
-    proxy.succeeds("the second phone answering", phone).await;
-    proxy
-        .succeeds("the second leg answered 200, not cancelled", taken)
-        .await;
+    // The second phone wakes: its call still rings, and it takes it.
+    let phone = (&second as &str, second_token, second_port);
+    wakes_and_takes(
+        &proxy,
+        phone,
+        taken,
+        "the second leg answered 200, not cancelled",
+    )
+    .await;
     let cancelled_to = |token: &str| {
         server.fcm.received().iter().any(|p| {
             let json = p.json();
@@ -1089,30 +1143,17 @@ async fn kamailio_trims_what_the_api_would_refuse() {
     let server = FcmServer::start(&backend, |c| c.wait_ms = 1_000).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
     let user_agent = format!("Phone/{}", "9".repeat(300));
     let contact = format!(
         "<sip:{user}@127.0.0.1:{};pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}>",
         free_udp_port()
     );
-    let registered = proxy.sipp(
+    let registered = proxy.register_any(
         "register-any.xml",
-        Side::Signed {
-            user: &user,
-            password: &secret,
-        },
         &user,
-        &[
-            "-key",
-            "contact",
-            &contact,
-            "-key",
-            "expires_header",
-            "Expires: 60",
-            "-key",
-            "user_agent",
-            &user_agent,
-        ],
+        &contact,
+        "Expires: 60",
+        &user_agent,
     );
     proxy
         .succeeds("a REGISTER with a long User-Agent gets 200", registered)
@@ -1151,7 +1192,6 @@ async fn kamailio_removes_the_device_of_a_deregistration() {
     let server = FcmServer::start(&backend, |_| {}).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
     let port = free_udp_port();
     let contact =
         format!("<sip:{user}@127.0.0.1:{port};pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}>");
@@ -1168,24 +1208,12 @@ async fn kamailio_removes_the_device_of_a_deregistration() {
             .phone_registers("the REGISTER", &user, (port, "60"))
             .await;
         assert!(server.device(&user).await.is_some(), "{}", proxy.log());
-        let removed = proxy.sipp(
+        let removed = proxy.register_any(
             "register-any.xml",
-            Side::Signed {
-                user: &user,
-                password: &secret,
-            },
             &user,
-            &[
-                "-key",
-                "contact",
-                contact,
-                "-key",
-                "expires_header",
-                expires,
-                "-key",
-                "user_agent",
-                "SIPp-phone/3.6",
-            ],
+            contact,
+            expires,
+            "SIPp-phone/3.6",
         );
         proxy.succeeds(what, removed).await;
         assert_eq!(
@@ -1637,32 +1665,14 @@ async fn kamailio_gives_each_ring_group_leg_its_own_call_id() {
     let proxy = Proxy::start(server.client.base(), &[&first, &second]).await;
     let (first_token, second_token) = ("first-fcm-token", "second-fcm-token");
     let first_port = free_udp_port();
-    let first_secret = password(&first);
-    let register_first = |expires| {
-        proxy.register_token(
-            "register.xml",
-            &first,
-            (&first, &first_secret),
-            (PROJECT, first_token),
-            (first_port, expires),
-        )
-    };
-    proxy
-        .succeeds("the first account's REGISTER", register_first("1"))
-        .await;
-    let second_secret = password(&second);
-    let registered = proxy.register_token(
-        "register.xml",
-        &second,
-        (&second, &second_secret),
-        (PROJECT, second_token),
-        (free_udp_port(), "1"),
-    );
-    proxy
-        .succeeds("the second account's REGISTER", registered)
-        .await;
-    // Both asleep: their bindings lapse.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    asleep(
+        &proxy,
+        [
+            (&first, first_token, first_port),
+            (&second, second_token, free_udp_port()),
+        ],
+    )
+    .await;
 
     // The first leg opens first, so a call_id shared by both legs would be
     // the first leg's push key.
@@ -1716,15 +1726,14 @@ async fn kamailio_gives_each_ring_group_leg_its_own_call_id() {
         .await;
 
     // The first phone wakes: its call still rings, and it takes it.
-    let phone = proxy.sipp("phone.xml", Side::Listening(first_port), &first, &[]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy
-        .succeeds("the first phone's REGISTER", register_first("60"))
-        .await;
-    proxy.succeeds("the first phone answering", phone).await;
-    proxy
-        .succeeds("the first leg answered 200, not declined", taken)
-        .await;
+    let phone = (&first as &str, first_token, first_port);
+    wakes_and_takes(
+        &proxy,
+        phone,
+        taken,
+        "the first leg answered 200, not declined",
+    )
+    .await;
 }
 
 /// A Request-URI user with a leading zero (`0042`) is no account
@@ -1766,7 +1775,6 @@ async fn kamailio_refuses_push_parameters_outside_angle_brackets() {
     let server = FcmServer::start(&backend, |_| {}).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
     let port = free_udp_port();
     let params = format!("pn-provider=fcm;pn-prid={TOKEN};pn-param={PROJECT}");
     let bare = format!("sip:{user}@127.0.0.1:{port};{params}");
@@ -1778,25 +1786,8 @@ async fn kamailio_refuses_push_parameters_outside_angle_brackets() {
         ("after the <>", after.as_str(), "Expires: 60"),
         ("a second Contact header", plain.as_str(), second.as_str()),
     ] {
-        let refused = proxy.sipp(
-            "register-bare.xml",
-            Side::Signed {
-                user: &user,
-                password: &secret,
-            },
-            &user,
-            &[
-                "-key",
-                "contact",
-                contact,
-                "-key",
-                "expires_header",
-                more,
-                "-key",
-                "user_agent",
-                "SIPp-phone/3.6",
-            ],
-        );
+        let refused =
+            proxy.register_any("register-bare.xml", &user, contact, more, "SIPp-phone/3.6");
         proxy
             .succeeds(&format!("push parameters in {what} get 400"), refused)
             .await;
@@ -1820,7 +1811,6 @@ async fn kamailio_unescapes_push_parameters() {
     let server = FcmServer::start(&backend, |_| {}).await;
     let user = sip_user_id();
     let proxy = Proxy::start(server.client.base(), &[&user]).await;
-    let secret = password(&user);
     let escape = |text: &str| text.replace('-', "%2D");
     let contact = format!(
         "<sip:{user}@127.0.0.1:{};pn-provider=fcm;pn-prid={};pn-param={}>",
@@ -1828,24 +1818,12 @@ async fn kamailio_unescapes_push_parameters() {
         escape(TOKEN),
         escape(PROJECT)
     );
-    let registered = proxy.sipp(
+    let registered = proxy.register_any(
         "register-any.xml",
-        Side::Signed {
-            user: &user,
-            password: &secret,
-        },
         &user,
-        &[
-            "-key",
-            "contact",
-            &contact,
-            "-key",
-            "expires_header",
-            "Expires: 60",
-            "-key",
-            "user_agent",
-            "SIPp-phone/3.6",
-        ],
+        &contact,
+        "Expires: 60",
+        "SIPp-phone/3.6",
     );
     proxy
         .succeeds(
