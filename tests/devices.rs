@@ -610,8 +610,9 @@ async fn apns_tokens_differing_only_in_case_are_one_device() {
 
 /// `android` and `gcm` both push through FCM HTTP v1 (`gcm` is the legacy
 /// name): an app that moves from one endpoint to the other with its token
-/// is one phone, updated in place, rung once a resend and never told that
-/// another device took the call it took. Before, it was a second device:
+/// is one phone, updated in place, rung on by the call ringing as it moves,
+/// once a resend, never told that another device took the call it took,
+/// and deleted through either endpoint. Before, it was a second device:
 /// every push went to the phone twice, and it heard `answered_elsewhere`
 /// for the key it had not answered under.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,19 +624,20 @@ async fn one_fcm_token_under_android_and_gcm_is_one_device() {
         let token = format!("fcm-{user}");
         let first = server.client.register("gcm", &user, &token).await;
         assert_eq!(first, StatusCode::CREATED, "{name}");
+        let key = call_id();
+        let pbx = server.client.park(&user, &key);
+        server.call_push(&token, &key).await;
+
+        // The app moves as its call rings.
         let moved = server.client.register("android", &user, &token).await;
         assert_eq!(moved, StatusCode::OK, "{name}: an update, not a new device");
         assert_eq!(server.tokens(&user).await, [token.as_str()], "{name}");
         let stored = server.device(&user).await.expect("the device");
         assert_eq!(stored.platform, Platform::Android, "{name}");
-        assert!(
-            server.pusher.sent_to(&token).is_empty(),
-            "{name}: no takeover notice"
-        );
-
-        let key = call_id();
-        let pbx = server.client.park(&user, &key);
-        let push = server.call_push(&token, &key).await;
+        let resent = eventually(PUSH_BOUND, || async { server.calls_to(&token).len() == 2 }).await;
+        assert!(resent, "{name}: the resend after the move");
+        let push = server.calls_to(&token).pop().expect("a push");
+        assert_eq!(push.payload.attempt(), Some(2), "{name}");
         let answer = server
             .client
             .call_response(&key, start_time_of(&push), true)
@@ -651,9 +653,17 @@ async fn one_fcm_token_under_android_and_gcm_is_one_device() {
             "status=ACK",
             "{name}"
         );
-        assert_eq!(server.calls_to(&token).len(), 1, "{name}: rung once");
+        assert_eq!(
+            server.calls_to(&token).len(),
+            2,
+            "{name}: rung once a resend"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(server.notices_to(&token).is_empty(), "{name}: told nothing");
+
+        let deleted = server.client.unregister("gcm", &user, &token).await;
+        assert_eq!(deleted.status, StatusCode::OK, "{name}: {}", deleted.body);
+        assert!(server.tokens(&user).await.is_empty(), "{name}");
     })
     .await;
 }

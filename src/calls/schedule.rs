@@ -302,8 +302,9 @@ async fn still_registered(state: &AppState, target: &PushTarget) -> bool {
     match tokio::time::timeout(super::LAST_WORD, state.store.devices(target.sip_user_id)).await {
         Ok(Ok(devices)) => devices.iter().any(|device| {
             let device = &device.registration;
-            device.platform == target.platform
-                && device.platform.same_token(&device.token, &target.token)
+            device
+                .platform
+                .same_phone(&device.token, target.platform, &target.token)
         }),
         Ok(Err(e)) => {
             tracing::warn!(sip_user_id = target.sip_user_id, error = %e, "cannot read the account's devices before a resend; resending");

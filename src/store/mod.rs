@@ -73,7 +73,8 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a device of a SIP account, which holds at most
     /// `max_devices` (at least one).
     ///
-    /// A device is its (platform, app, token): registering one the account
+    /// A device is its (push service, app, token), `android` and `gcm` one
+    /// service ([`Platform::same_phone`]): registering one the account
     /// has updates it; one it has not is added, and when the account is full
     /// the devices registered or updated longest ago are deleted to make
     /// room. With `max_devices` 1 the account's one device is replaced

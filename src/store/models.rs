@@ -66,7 +66,17 @@ impl Platform {
     /// is the legacy name), so an app that moved from one endpoint to the
     /// other is one phone, rung once, not two.
     pub fn same_phone(self, a: &str, other: Platform, b: &str) -> bool {
-        self.is_apns() == other.is_apns() && self.same_token(a, b)
+        self.one_service().contains(&other) && self.same_token(a, b)
+    }
+
+    /// The platforms that push through this one's push service: a token
+    /// under any of them is one device ([`Platform::same_phone`]).
+    pub fn one_service(self) -> &'static [Platform] {
+        if self.is_apns() {
+            &[Platform::Apns]
+        } else {
+            &[Platform::Android, Platform::Gcm]
+        }
     }
 
     /// Whether two tokens of this platform name one device: APNs tokens

@@ -204,7 +204,7 @@ macro_rules! diesel_store {
                 let mut conn = checkout(&self.reach, &self.write).await?;
                 let mut matching = devices::table
                     .filter(devices::sip_user_id.eq(sip_user_id))
-                    .filter(devices::platform.eq(platform.as_str()))
+                    .filter(devices::platform.eq_any(platform.one_service().iter().map(|p| p.as_str())))
                     .filter(devices::app_id.eq(app_id))
                     .select((devices::id, devices::token))
                     .into_boxed();
