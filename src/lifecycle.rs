@@ -24,9 +24,11 @@
 //!
 //! The rules, in one place:
 //!
-//! - The first `available=true` answer wins the call; a decline takes only
+//! - The first `available=true` answer wins the call, a device's whose
+//!   token died after its push reached the phone too; a decline takes only
 //!   its device out, at once (no further call push, no notice), and when
-//!   every device is out the call ends NAK.
+//!   every device is out the call ends NAK, once the broker has ended it
+//!   ([`Effect::Confirm`]): a take counted there meanwhile wins it.
 //! - A device's first answer stands. A repeat is accepted while the call
 //!   rings; once it is over, only the winner's repeat is, and every other
 //!   device hears the call's reason (410).

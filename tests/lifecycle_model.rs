@@ -7,8 +7,8 @@
 //! sent before every call to any of the keys in play; ends by the holder
 //! of any wait opened, the old calls' under a reused key among them;
 //! cancels by the Call-ID, with and without an account, whose marks end
-//! the legs opened after them and a call under the Call-ID where none was
-//! before) to both, and compares every verdict and every stored
+//! the legs opened after them and a call under the Call-ID, but where the
+//! key held a call a cancel ended) to both, and compares every verdict and every stored
 //! record, step by step, on one Redis and on the Cluster.
 //!
 //! Changing a transition in either copy makes it fail: with the owner check

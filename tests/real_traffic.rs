@@ -380,6 +380,40 @@ async fn a_ring_group_posted_again_after_its_cancel_rings_every_leg() {
     .await;
 }
 
+/// A leg whose key held a call that ended otherwise (its phone declined)
+/// is still held to a cancel it crossed: that cancel found nothing of it
+/// to end. Only a key whose call a cancel ended lets the next call under
+/// it ring (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leg_over_a_declined_legs_tombstone_is_held_to_the_cancel_it_crossed() {
+    on_every_backend(|backend| async move {
+        let server = server(&backend).await;
+        let what = backend.name();
+        let u1 = account(&server, &["held-1"]).await;
+        let u2 = account(&server, &["held-2"]).await;
+        let call = call_id();
+        let leg = leg_key(&call, u2.parse().expect("an account id"));
+        let pbx1 = server.client.park(&u1, &call);
+        server.call_push("held-1", &call).await;
+        let pbx2 = server.client.park(&u2, &call);
+        let declined = server.call_push("held-2", &leg).await;
+        let decline = server
+            .client
+            .call_response(&leg, start_time_of(&declined), false)
+            .await;
+        assert_eq!(decline.status, StatusCode::ACCEPTED, "{what}");
+        assert_eq!(pbx2.await.unwrap().body, "status=NAK", "{what}");
+        server.cancel_ringing(&call).await;
+        assert_eq!(pbx1.await.unwrap().body, "status=NAK", "{what}");
+
+        // The second account's leg, its request crossing that cancel.
+        let crossed = server.client.incoming_call(&u2, &call).await;
+        assert_eq!(crossed.body, "status=NAK", "{what}");
+        assert_eq!(server.calls_to("held-2").len(), 1, "{what}: rang no phone");
+    })
+    .await;
+}
+
 /// A ring-group leg whose request crossed the PBX's cancel by its Call-ID
 /// (sent before the cancel, opened after the cancel read the legs) ends
 /// `cancelled` as it opens and rings no phone, on any instance; a cancel

@@ -214,9 +214,9 @@ impl Records {
         Some(stamp)
     }
 
-    /// The calls that `key` names for a cancel: the call under it (or
-    /// whose device key it is), and the legs opened for it as a Call-ID;
-    /// only `account`'s when given.
+    /// The calls that `key` names for a cancel: the call under it (or,
+    /// `by` a `unique_key`, whose device key it is), and the legs opened
+    /// for it as a Call-ID; only `account`'s when given.
     fn named_by(&self, key: &str, account: Option<i64>, by: Named) -> Vec<String> {
         let mut calls = Vec::new();
         match self.keys.get(key).map(|e| &e.stored) {
@@ -291,6 +291,12 @@ impl CallBroker for MemoryBroker {
             let mut records = self.records();
             let existing = records.keys.get(key).map(|e| (&e.stored, Some(e.owner)));
             let replacing = existing.is_some();
+            // A call the PBX's cancel ended: the cancel found it, so its
+            // mark is not for the call that follows it under the key.
+            let after_cancel = matches!(
+                existing,
+                Some((Stored::Call(record), _)) if record.phase == Phase::Ended(EndReason::Cancelled)
+            );
             let existing_stamp = records.keys.get(key).map(|e| e.stamp);
             let claimed = claim(existing, call.account);
             let joined = claimed == Claim::Join;
@@ -327,9 +333,11 @@ impl CallBroker for MemoryBroker {
             };
             let wait = Wait::held(key, news, held, ringer, release);
             // Where a cancel crossed this call's request, ended as it opens:
-            // only where the key held no call before, which the cancel
-            // would have found (a call posted again after its cancel is a
-            // new call, and rings).
+            // unless the call under the key before ended by a cancel, which
+            // found it (a call posted again after its cancel is a new call,
+            // and rings), or this request joins the ringing call (which the
+            // cancel would have found).
+            let marked = !joined && !after_cancel;
             let crossed = match leg_of {
                 Some(call_id) => {
                     let mut legs = records.legs.get(call_id).cloned().unwrap_or_default();
@@ -337,9 +345,9 @@ impl CallBroker for MemoryBroker {
                         legs.push(key.clone());
                     }
                     records.legs.set(call_id, legs, call.until + TOMBSTONE);
-                    (!replacing).then(|| records.cancels.get(call_id)).flatten()
+                    marked.then(|| records.cancels.get(call_id)).flatten()
                 }
-                None if !replacing => records.cancels.get(key),
+                None if marked => records.cancels.get(key),
                 None => None,
             };
             let marks = crossed.map(Vec::as_slice).unwrap_or_default();

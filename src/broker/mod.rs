@@ -117,9 +117,10 @@ pub(crate) fn pushed_before(pushed: Pushed, deadline: i64, opened: i64) -> bool 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Named {
     /// The `call_id` it posted the call with: the call under that key, and
-    /// every leg opened for it. Never a call whose device key or leg key
-    /// happens to read the same (`<call_id>.1`, `<call_id>~<account>`
-    /// posted as a Call-ID of its own): that one has another Call-ID.
+    /// every leg opened for it. Never a call whose device key reads the
+    /// same (`<call_id>.1`): that one has another Call-ID. (A leg's key,
+    /// `<call_id>~<account>`, posted as a Call-ID of its own, is still
+    /// read as that leg's: nothing stored tells the two apart.)
     CallId,
     /// A `unique_key` of a push: the call's own, or a device's.
     UniqueKey,
@@ -184,11 +185,13 @@ pub fn leg_key(call_id: &str, account: i64) -> String {
 /// after its read of the legs) ends `cancelled` at once, where it would
 /// otherwise ring to its wait. 32 s is SIP's INVITE transaction timeout
 /// (64·T1, RFC 3261 Timer B): no fork of a cancelled INVITE starts later.
-/// The call under the `call_id` itself is held to it only where the key
-/// held no call before (its request crossed the cancel, which found
-/// nothing to end): a PBX may post the same `call_id` again for a new call
-/// of the same account after the one it cancelled, whose tombstone the key
-/// then holds.
+/// The call under the `call_id` itself is held to it too (its request
+/// crossed the cancel, which found nothing to end). Neither is where its
+/// key held a call that a cancel ended: a PBX may post the same `call_id`
+/// again, to every account of a ring group, for a new call after the one
+/// it cancelled, whose tombstones the keys then hold. A request that joins
+/// a ringing call (a PBX retry) is not held to it either: the cancel found
+/// that call.
 pub const CANCEL_REACH: Duration = Duration::from_secs(32);
 
 /// What a cancel by `call_id` leaves under it, for [`CANCEL_REACH`]: the

@@ -8,8 +8,11 @@
 //! 3. **settle**: feed everything that reaches the call (answers, dead
 //!    tokens, the cancel, the deadline, shutdown) to its state machine
 //!    ([`crate::lifecycle::Call`]) and steer the devices as it says, until
-//!    it wakes the PBX;
-//! 4. **finish**: store the call's end, and tell the phones still ringing.
+//!    it wakes the PBX; a NAK ends the call in the broker first, whose
+//!    record has the last word (the deadline's, the shutdown's, and when
+//!    every device is out);
+//! 4. **finish**: store the call's end (an ACK's, a cancel's), and tell the
+//!    phones still ringing.
 //!
 //! The state machine decides; this file only carries its events in and its
 //! effects out.
@@ -331,6 +334,10 @@ impl Ringing {
     async fn confirm(&mut self, state: &AppState, reason: NakReason) -> Vec<Effect> {
         let ended = Outcome::Nak(reason).end_reason();
         let mut effects = self.stored_end(state, ended).await;
+        // What reached the wait meanwhile, which the end's record does not
+        // show where the broker did not end the call (a PBX retry rings it
+        // here too) or did not answer in time.
+        effects.extend(self.steering.absorb(&self.wait.news()));
         effects.extend(self.steering.call.step(Event::Confirmed));
         effects
     }
@@ -344,14 +351,12 @@ impl Ringing {
         };
         let call = &mut self.steering.call;
         let stored = before.devices.iter().map(|device| device.answer);
-        let mut effects = answers_in_order(call, stored);
-        if effects.iter().any(|e| matches!(e, Effect::Confirm(_))) {
-            effects.extend(call.step(Event::Confirmed));
-        }
         // Cancelled elsewhere, and the message lost (a cut connection):
         // the phones hear `cancelled`, as they would have.
-        if before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled) {
-            effects.extend(call.step(Event::Cancel));
+        let cancelled = before.phase == crate::lifecycle::Phase::Ended(EndReason::Cancelled);
+        let mut effects = step_answers(call, stored, cancelled);
+        if effects.iter().any(|e| matches!(e, Effect::Confirm(_))) {
+            effects.extend(call.step(Event::Confirmed));
         }
         effects
     }
@@ -478,6 +483,20 @@ fn answers_in_order(
     effects
 }
 
+/// Steps the devices' answers ([`answers_in_order`]), then the call's
+/// cancel if `cancelled`: what news, or a stored record, brings a call.
+fn step_answers(
+    call: &mut Call,
+    answers: impl Iterator<Item = Option<bool>> + Clone,
+    cancelled: bool,
+) -> Vec<Effect> {
+    let mut effects = answers_in_order(call, answers);
+    if cancelled {
+        effects.extend(call.step(Event::Cancel));
+    }
+    effects
+}
+
 /// The call's state machine and the devices it steers.
 struct Steering {
     call: Call,
@@ -498,10 +517,7 @@ impl Steering {
     /// machine once; a repeat moves nothing.
     fn absorb(&mut self, news: &News) -> Vec<Effect> {
         let answers = news.answers.iter().map(|a| a.map(|a| a.available));
-        let mut effects = answers_in_order(&mut self.call, answers);
-        if news.ended.is_some() {
-            effects.extend(self.call.step(Event::Cancel));
-        }
+        let effects = step_answers(&mut self.call, answers, news.ended.is_some());
         self.seen = news.clone();
         effects
     }

@@ -217,11 +217,12 @@ pub fn set_pending(key: &str, devices: &[Platform], until: Instant) -> redis::Cm
 /// stamp of the call the key held, as [`crate::broker::next_stamp`]; so
 /// risen, the record's deadline may lie past its holder's own wait, and an
 /// answer then counts until the holder's timer ends the call), `new <stamp>
-/// cancelled` (stored where the key held nothing, and a cancel for every
+/// cancelled` (stored where the key held no call a cancel ended, and a cancel for every
 /// account or this one marked it: the request crossed the cancel, and the
 /// call is to end as it opens, see [`crate::broker::CANCEL_REACH`]), `new
-/// <stamp> anew` (stored where the key held a call before: no cancel mark
-/// reaches it, a leg's neither), `join <stamp>`
+/// <stamp> anew` (stored where the key held a call the PBX's cancel ended:
+/// that cancel found it, so no mark reaches the call after it, a leg's
+/// neither), `join <stamp>`
 /// (this account's call rings there: phase `ring` with a device yet to
 /// answer, a word without `+` or `-`, every platform's name ending in a
 /// letter; its hold added; followed by ` <opened>` where the meta says when
@@ -257,7 +258,7 @@ redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. stamp .. ' ' .. ARGV[8], 'PX', ARGV
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], ARGV[6], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-if before then return 'new ' .. stamp .. ' anew' end
+if before and string.find(before, '^ended cancelled ') then return 'new ' .. stamp .. ' anew' end
 if ARGV[7] == '1' and (redis.call('SISMEMBER', KEYS[4], '*') == 1
     or redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1) then
   return 'new ' .. stamp .. ' cancelled'

@@ -421,7 +421,7 @@ impl CallBroker for RedisBroker {
             let (stamp, joined, crossed, opened) =
                 match shared.claim(key, &call, &hold, n == 0).await? {
                     Claimed::Ours { stamp, crossed } => (stamp, false, crossed, None),
-                    Claimed::Joined { stamp, opened } => (stamp, true, Crossed::No, opened),
+                    Claimed::Joined { stamp, opened } => (stamp, true, Crossed::Anew, opened),
                     // Not ours (or not stored): leaving must not end the call
                     // that holds the key.
                     Claimed::Taken => {
@@ -693,8 +693,9 @@ enum Crossed {
     Yes,
     /// No cancel marked the key, or it is a leg's (checked apart).
     No,
-    /// The key held a call before, which a cancel would have found: no
-    /// mark reaches this one, a leg's neither.
+    /// The key held a call a cancel ended, or this request joins the
+    /// ringing call: the cancel found that call, and no mark reaches this
+    /// one, a leg's neither.
     Anew,
 }
 
