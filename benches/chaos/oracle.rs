@@ -16,7 +16,7 @@ pub const RULES: [&str; 6] = [
     "ACK if and only if a phone's available answer counted before the end; a counted answer is never lost",
     "every phone pushed and not answering got exactly one call_ended with the end's reason, after its last call push; none to a phone that answered; no call push after a decline or a call_ended",
     "every answer got the status the contract gives it",
-    "once healed and idle: every key has a TTL, none outlives its call's tombstone, no channel is left on a master, no parked call, RSS and descriptors back to their level after warm-up, every drain clean",
+    "once healed and idle: every key has a TTL, none outlives its call's tombstone, no channel is left on a master, no parked call, RSS within 10% and descriptors within 6 of their level after warm-up, every drain clean",
     "the instances' call counts by outcome add up to what the oracle counted",
 ];
 
@@ -32,6 +32,14 @@ const REPLICATION_LAG: Ms = 1_000;
 /// How much an instance's resident memory may grow past its level after
 /// warm-up.
 pub const RSS_GROWTH: f64 = 0.10;
+/// How many more descriptors an instance may hold at the end than after
+/// warm-up: the warm-up reading falls where a fault holds some of its
+/// pooled connections closed as it is taken (a paused Redis master's,
+/// PostgreSQL's behind the cut proxy), which are open again by the end
+/// (seed 8716556214081027383: one instance read 35 after warm-up, where
+/// the others read 39, and 38 at the end). A leak of one a call, over the
+/// run's hundreds of calls, is far past it.
+pub const FD_SLACK: u64 = 6;
 
 /// One broken promise.
 #[derive(Debug, Clone)]
@@ -589,7 +597,7 @@ impl<'a> Index<'a> {
                         warm.anon_bytes / 1024
                     ));
                 }
-                if now.fds > warm.fds {
+                if now.fds > warm.fds + FD_SLACK {
                     violation(format!(
                         "{name}: {} open descriptors, {} after warm-up",
                         now.fds, warm.fds

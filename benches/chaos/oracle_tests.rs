@@ -9,7 +9,7 @@ use crate::events::{
     Answer, Call, Cancel, Fault, FaultKind, Key, Kind, Lifetime, Ms, Observations, PbxEnd, Push,
     Usage,
 };
-use crate::oracle::{judge, Verdict};
+use crate::oracle::{judge, Verdict, FD_SLACK};
 
 fn call(kind: Kind, sip_user_id: i64, call_id: &str, end: PbxEnd) -> Call {
     Call {
@@ -372,13 +372,19 @@ fn an_instance_that_kept_calls_memory_or_descriptors_is_named() {
     assert_eq!(grown((10 << 20) + allowed), [] as [usize; 0]);
     assert_eq!(grown((10 << 20) + allowed + 1024), [5]);
     assert_eq!(grown(12 << 20), [5]);
-    let mut obs = clean();
-    obs.lifetimes[0].end = Some(Usage {
-        anon_bytes: 10 << 20,
-        file_bytes: 8 << 20,
-        fds: 45,
-    });
-    assert_eq!(rules(&judge(&obs)), [5]);
+    // 40 descriptors after warm-up: FD_SLACK more is allowed, one past it
+    // is not.
+    let opened = |fds| {
+        let mut obs = clean();
+        obs.lifetimes[0].end = Some(Usage {
+            anon_bytes: 10 << 20,
+            file_bytes: 8 << 20,
+            fds,
+        });
+        rules(&judge(&obs))
+    };
+    assert_eq!(opened(40 + FD_SLACK), [] as [usize; 0]);
+    assert_eq!(opened(40 + FD_SLACK + 1), [5]);
     let mut obs = clean();
     obs.lifetimes[0].signalled = Some(9_000);
     obs.lifetimes[0].exit = Some(Some(1));
